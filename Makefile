@@ -1,0 +1,53 @@
+# The two commands a new user runs: `make run` and `make test`. Both build .venv first if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+export INTELLIGENTOPS_HOME ?= $(CURDIR)/.intelligentops
+export DAGSTER_HOME := $(INTELLIGENTOPS_HOME)/dagster
+# Models ship inside packages; nothing is fetched from a hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM := false
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
+
+PIPELINE ?= credit_risk
+
+.PHONY: setup run test ui lock dagster-home clean
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+dagster-home:
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+run: setup dagster-home
+	$(BIN)/dagster asset materialize -m orchestration.definitions --select 'key:"$(PIPELINE)/*"'
+	@echo
+	@echo "Materialized $(PIPELINE). Look at it with 'make ui' (http://127.0.0.1:3000, asset group data),"
+	@echo "or the files under $(INTELLIGENTOPS_HOME)."
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+ui: setup dagster-home
+	$(BIN)/dagster dev -w workspace.yaml
+
+# Re-resolve the lock from requirements.in (needs the registries).
+lock:
+	rm -rf /tmp/intelligentops-lock && $(PYTHON) -m venv /tmp/intelligentops-lock
+	/tmp/intelligentops-lock/bin/pip install --quiet -r requirements.in
+	/tmp/intelligentops-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.txt
+
+clean:
+	rm -rf $(INTELLIGENTOPS_HOME)

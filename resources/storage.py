@@ -1,0 +1,141 @@
+"""Where local state lives, atomic writes, and the Parquet IO manager.
+
+Everything a run writes sits under `$INTELLIGENTOPS_HOME` (default `.intelligentops/` at the repository
+root). Paths are `UPath`s, so a home of `s3://bucket/prefix` works with the same code once `s3fs` is
+installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+from upath import UPath
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def intelligentops_home() -> str:
+    """`$INTELLIGENTOPS_HOME`, else `.intelligentops/` at the repository root."""
+    env = os.environ.get("INTELLIGENTOPS_HOME")
+    if env:
+        return env if "://" in env else str(Path(env).expanduser().resolve())
+    return str(REPO_ROOT / ".intelligentops")
+
+
+def _is_local(path: UPath) -> bool:
+    return getattr(path, "protocol", "") in ("", "file", "local")
+
+
+def atomic_write_bytes(path: UPath | Path, data: bytes) -> None:
+    """Write all of `data` or nothing: a reader never sees a half-written file.
+
+    Locally the bytes go to a temporary file beside the target, are flushed to disk, then renamed over it.
+    Object stores put whole objects, so there a plain write already has that property.
+    """
+    path = UPath(path)
+    if not _is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return
+    local = Path(path.path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, local)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: UPath | Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def frame_to_parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def frame_hash(df: pd.DataFrame) -> str:
+    """Content hash of a frame: its column names, dtypes and every value, independent of the index."""
+    h = hashlib.sha256()
+    h.update(json.dumps([[str(c), str(t)] for c, t in df.dtypes.items()]).encode())
+    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The root of all local state and the paths under it, one folder per spec and concern."""
+
+    home: str
+
+    @property
+    def root(self) -> UPath:
+        return UPath(self.home)
+
+    def path(self, *parts: str) -> UPath:
+        return self.root.joinpath(*parts)
+
+    def spec_dir(self, spec_name: str, concern: str) -> UPath:
+        """e.g. spec_dir("credit_risk", "validation") -> <home>/credit_risk/validation"""
+        p = self.path(spec_name, concern)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def local_dir(self, *parts: str) -> Path:
+        """A local folder for tools that need a filesystem path (MLflow's SQLite, LanceDB, checkpoints)."""
+        if not _is_local(self.root):
+            raise ValueError(f"{self.home} is not a local path; configure a server or object store for this")
+        p = Path(self.root.path).joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+class ParquetIOManager(dg.ConfigurableIOManager):
+    """Stores each asset's output under `<base_path>/<asset key>.parquet` (data frames) or `.json`.
+
+    Writes are atomic, so a failed or cancelled step leaves the last good version in place.
+    """
+
+    base_path: str
+
+    def _path(self, key: dg.AssetKey, suffix: str) -> UPath:
+        return UPath(self.base_path).joinpath(*key.path[:-1], f"{key.path[-1]}{suffix}")
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        key = context.asset_key
+        if isinstance(obj, pd.DataFrame):
+            path = self._path(key, ".parquet")
+            atomic_write_bytes(path, frame_to_parquet_bytes(obj))
+        else:
+            path = self._path(key, ".json")
+            atomic_write_json(path, obj)
+        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        key = context.asset_key
+        parquet, js = self._path(key, ".parquet"), self._path(key, ".json")
+        if parquet.exists():
+            with parquet.open("rb") as fh:
+                return pd.read_parquet(fh)
+        if js.exists():
+            return json.loads(js.read_text())
+        raise FileNotFoundError(
+            f"{key.to_user_string()} has not been materialized under {self.base_path}; "
+            f"materialize it first (dagster asset materialize --select '{key.to_user_string()}')"
+        )
