@@ -1,0 +1,36 @@
+"""Helpers for tests (importable as `support`: pyproject puts tests/ on pytest's path)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = REPO / "pipelines"
+
+
+def shipped_spec(name: str) -> dict:
+    return yaml.safe_load((PIPELINES / f"{name}.yaml").read_text())
+
+
+def write_spec(folder: Path, spec: dict, file_name: str | None = None) -> Path:
+    path = folder / (file_name or f"{spec['name']}.yaml")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def copy_shipped(folder: Path, *names: str) -> None:
+    for n in names:
+        shutil.copy(PIPELINES / f"{n}.yaml", folder / f"{n}.yaml")
+
+
+def materialize(defs: dg.Definitions, instance, selection: str | dg.AssetSelection, raise_on_error: bool = False,
+                run_config: dict | None = None) -> dg.ExecuteInProcessResult:
+    """Materialize a selection of `defs` (assets plus their checks) on a real instance."""
+    sel = dg.AssetSelection.from_string(selection) if isinstance(selection, str) else selection
+    all_defs = [*defs.assets, *(defs.asset_checks or [])]
+    return dg.materialize(all_defs, selection=sel, resources=defs.resources, instance=instance,
+                          raise_on_error=raise_on_error, run_config=run_config)
