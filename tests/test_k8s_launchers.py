@@ -389,3 +389,17 @@ def test_importing_the_launchers_stays_light() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_helm_values_run_the_code_location_on_kubernetes() -> None:
+    values = yaml.safe_load((REPO / "deploy" / "helm" / "values.yaml").read_text())
+    assert values["runLauncher"]["type"] == "K8sRunLauncher" and values["postgresql"]["enabled"]
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    assert deployment["dagsterApiGrpcArgs"] == ["--module-name", "orchestration.definitions"]
+    env = {e["name"]: e["value"] for e in deployment["env"]}
+    assert env["INTELLIGENTOPS_DEPLOYMENT"] == "kubernetes" and env["INTELLIGENTOPS_TRAIN_IMAGE"]
+    # The run pods' service account is the one deploy/k8s/rbac.yaml lets launch training.
+    rbac = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "rbac.yaml").read_text()))
+    bound = {s["name"] for d in rbac if d["kind"] == "RoleBinding" for s in d["subjects"]}
+    assert values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]["podSpecConfig"][
+        "serviceAccountName"] in bound
