@@ -20,7 +20,13 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
         raise ValueError(f"INTELLIGENTOPS_DEPLOYMENT={deployment!r}; expected one of {', '.join(DEPLOYMENTS)}")
     home = intelligentops_home()
     # On a cluster the home is an object-store URL (s3://...), shared by every pod; locally a folder.
-    return {
+    resources: dict[str, Any] = {
         "storage": StorageResource(home=home),
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
     }
+    if deployment == "kubernetes":
+        # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.
+        from resources.k8s import kubernetes_launchers
+
+        resources.update(kubernetes_launchers())
+    return resources
