@@ -141,5 +141,14 @@ MODEL_GATES = (fairness_gate, performance_gate, explainability_gate, robustness_
 
 
 def evaluate_gates(ev: dict[str, Any], spec: PipelineSpec) -> list[GateOutcome]:
-    """Every gate but documentation, which needs the written report."""
+    """Every gate but documentation, which needs the written report.
+
+    A model that did not load has no measurements: every gate that needs them fails and says why.
+    """
+    if ev.get("test") is None:
+        reason = (ev.get("integrity") or {}).get("load_error") or "no test metrics recorded"
+        skipped = [GateOutcome(g.__name__.replace("_gate", "").replace("governance", "data_governance"), False,
+                               f"not evaluated: the model did not load ({reason})")
+                   for g in MODEL_GATES if g not in (governance_gate, integrity_gate)]
+        return [*skipped, governance_gate(ev, spec), integrity_gate(ev, spec)]
     return [gate(ev, spec) for gate in MODEL_GATES]
