@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from resources.storage import ParquetIOManager, StorageResource, intelligentops_home
+from resources.vectors import VectorIndexResource
 
 DEPLOYMENTS = ("local", "kubernetes")
 
@@ -23,4 +24,5 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
     return {
         "storage": StorageResource(home=home),
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
+        "vectors": VectorIndexResource(home=home),
     }
