@@ -43,7 +43,8 @@ def materialize(names: tuple[str, ...]) -> dict:
     assert result.success
     mats = result.asset_materializations_for_node("credit_risk__text_embeddings")
     meta = {k: v.value for k, v in mats[-1].metadata.items()} if mats else {}
-    return {"seconds": seconds, "rows_embedded": meta.get("rows_embedded"), "rows_reused": meta.get("rows_reused")}
+    return {"seconds": seconds, "asset_seconds": meta.get("seconds"), "rows_embedded": meta.get("rows_embedded"),
+            "rows_reused": meta.get("rows_reused")}
 
 
 def in_fresh_process(env: dict, names: tuple[str, ...]) -> dict:
@@ -110,13 +111,20 @@ def main() -> None:
                 materialize(ASSETS[:2])
                 incremental = materialize(ASSETS[2:])
             report[mode] = {"full": full, "incremental": incremental, "changed_rows": n,
-                            "share": incremental["seconds"] / full["seconds"]}
-            print(f"{mode:14s} full {full['seconds']:6.2f} s ({full['rows_embedded']} rows embedded)  "
-                  f"after {n} changed rows {incremental['seconds']:5.2f} s ({incremental['rows_embedded']} embedded, "
-                  f"{incremental['rows_reused']} reused)  share {100 * report[mode]['share']:4.1f}%"
-                  + (f"  [process wall: full {full['process_seconds']:.2f} s, incremental "
-                     f"{incremental['process_seconds']:.2f} s]" if "process_seconds" in full else ""))
-    print(json.dumps(report, indent=1, default=str))
+                            "share_run": incremental["seconds"] / full["seconds"],
+                            "share_asset": incremental["asset_seconds"] / full["asset_seconds"]}
+            print(f"{mode:14s} {n} of {full['rows_embedded']} rows changed; {incremental['rows_embedded']} embedded, "
+                  f"{incremental['rows_reused']} reused")
+            print(f"  asset body     full {full['asset_seconds']:6.2f} s  incremental {incremental['asset_seconds']:5.2f} s"
+                  f"  share {100 * report[mode]['share_asset']:4.1f}%")
+            print(f"  Dagster run    full {full['seconds']:6.2f} s  incremental {incremental['seconds']:5.2f} s"
+                  f"  share {100 * report[mode]['share_run']:4.1f}%")
+            if "process_seconds" in full:
+                print(f"  whole process  full {full['process_seconds']:6.2f} s  incremental "
+                      f"{incremental['process_seconds']:5.2f} s  share "
+                      f"{100 * incremental['process_seconds'] / full['process_seconds']:4.1f}%")
+    if os.environ.get("BENCH_JSON"):
+        print(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":
