@@ -175,15 +175,15 @@ def test_checks_catch_bad_vectors():
 
 def test_specs_without_text_get_no_embedding_assets(pipelines: Path):
     copy_shipped(pipelines, "credit_scoring", "credit_risk")
-    keys = {k.to_user_string() for k in build_definitions(pipelines).resolve_asset_graph().get_all_asset_keys()}
-    assert "credit_risk/text_embeddings" in keys and "credit_risk/vector_index" in keys
-    assert not any(k.startswith("credit_scoring/") and k.split("/")[1] in ("text_embeddings", "vector_index")
-                   for k in keys)
-    assert build_embedding_assets(load_spec(pipelines / "credit_scoring.yaml")) == []
-    groups = {k.to_user_string(): n.group_name for k, n in
-              ((k, build_definitions(pipelines).resolve_asset_graph().get(k))
-               for k in build_definitions(pipelines).resolve_asset_graph().get_all_asset_keys())}
+    graph = build_definitions(pipelines).resolve_asset_graph()
+    groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups["credit_risk/text_embeddings"] == groups["credit_risk/vector_index"] == "embeddings"
+    assert not {"credit_scoring/text_embeddings", "credit_scoring/vector_index"} & set(groups)
+    assert build_embedding_assets(load_spec(pipelines / "credit_scoring.yaml")) == []
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
+    assert parents["credit_risk/text_embeddings"] == {"credit_risk/validated_dataset"}
+    assert "credit_risk/text_embeddings" in parents["credit_risk/vector_index"]
 
 
 def test_configured_model_that_is_not_a_model_names_the_spec(home: Path, instance, pipelines: Path,
