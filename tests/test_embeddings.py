@@ -1,0 +1,223 @@
+"""The embeddings stage on the real all-MiniLM-L6-v2: vectors, the content-hash cache, checks, the factory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from assets.checks.embedding_checks import evaluate
+from assets.embeddings import build_embedding_assets
+from assets.spec import load_spec
+from orchestration.definitions import build_definitions
+from resources.embedder import (SHIPPED_MODEL_NAME, EmbeddingCache, EmbeddingModelError, embed_with_cache,
+                                encode, resolve_model)
+from support import REPO, copy_shipped, materialize, write_spec
+
+@pytest.fixture
+def instance(home: Path):
+    """conftest's `instance`, with the folder it needs created first (instance_for_test does not create it)."""
+    (home / "dagster").mkdir(exist_ok=True)
+    with dg.instance_for_test(temp_dir=str(home / "dagster")) as inst:
+        yield inst
+
+
+# --- a small text spec: a CSV in the test's folder and a `kind: file` spec over it ---------------------------
+
+ADJECTIVES = ["senior", "junior", "lead", "assistant", "chief", "staff", "principal", "associate", "head",
+              "deputy", "regional", "night", "part-time", "trainee", "certified"]
+ROLES = ["software engineer", "registered nurse", "truck driver", "school teacher", "accountant", "electrician",
+         "store manager", "police officer", "dental hygienist", "sales representative", "pharmacist", "welder",
+         "bank teller", "chef", "paralegal", "carpenter", "social worker", "web developer", "mechanic",
+         "librarian"]
+
+
+def titles(n: int) -> list[str]:
+    """n distinct, realistic job titles."""
+    out = [f"{a} {r}" for r in ROLES for a in ADJECTIVES]
+    if n > len(out):
+        raise ValueError(f"at most {len(out)} distinct titles")
+    return out[:n]
+
+
+def write_text_spec(pipelines: Path, data_dir: Path, name: str = "jobs", rows: int = 80,
+                    texts: list[str] | None = None, **extra) -> tuple[Path, pd.DataFrame]:
+    """A spec with one numeric and one text feature over a CSV of `rows` rows; returns (csv path, frame)."""
+    texts = texts if texts is not None else titles(rows)
+    frame = pd.DataFrame({
+        "id": [f"r{i:04d}" for i in range(rows)],
+        "amount": [float(1000 + 37 * i % 900) for i in range(rows)],
+        "title": texts,
+        "outcome": ["bad" if i % 3 == 0 else "good" for i in range(rows)],
+    })
+    csv = data_dir / f"{name}.csv"
+    frame.to_csv(csv, index=False)
+    spec = {"name": name, "source": {"kind": "file", "path": str(csv)}, "id_column": "id",
+            "target": {"column": "outcome", "positive": ["bad"]},
+            "features": {"numeric": ["amount"], "text": ["title"]}, **extra}
+    write_spec(pipelines, spec)
+    return csv, frame
+
+
+def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
+    mats = result.asset_materializations_for_node(key.replace("/", "__"))
+    assert mats, f"{key} was not materialized"
+    return {k: v.value for k, v in mats[-1].metadata.items()}
+
+
+def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_near_duplicates_are_closer_than_unrelated_texts():
+    ref = resolve_model(None, "test")
+    assert ref.name == SHIPPED_MODEL_NAME and len(ref.weights_hash) == 64
+    v = encode(ref, ["Senior software engineer", "Sr. Software Engineer", "registered nurse", "truck driver",
+                     "The cat sat on the mat.", "A cat was sitting on the mat."], batch_size=4)
+    assert v.dtype == np.float32 and v.shape == (6, 384)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    sim = v @ v.T
+    assert sim[0, 1] > 0.6 and sim[4, 5] > 0.6
+    assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[0, 3] + 0.3
+    assert sim[4, 5] > max(sim[4, 0], sim[4, 2]) + 0.3
+
+
+def test_cache_embeds_each_new_text_once(tmp_path: Path):
+    ref = resolve_model(None, "test")
+    cache = EmbeddingCache(tmp_path / "cache")
+    first = embed_with_cache(ref, ["nurse", "welder", "nurse", ""], cache, batch_size=8)
+    assert (first.texts_embedded, first.rows_embedded, first.rows_reused) == (3, 4, 0)
+    np.testing.assert_array_equal(first.vectors[0], first.vectors[2])
+    second = embed_with_cache(ref, ["welder", "chef", "nurse"], cache, batch_size=8)
+    assert (second.texts_embedded, second.rows_embedded, second.rows_reused) == (1, 1, 2)
+    np.testing.assert_array_equal(second.vectors[0], first.vectors[1])
+    np.testing.assert_allclose(second.vectors[1], encode(ref, ["chef"], 8)[0], atol=1e-6)
+    assert len(cache) == 4
+
+
+def test_text_embeddings_asset_contract(home: Path, instance, pipelines: Path, tmp_path: Path):
+    _, frame = write_text_spec(pipelines, tmp_path, rows=60)
+    defs = build_definitions(pipelines)
+    started = time.perf_counter()
+    result = materialize(defs, instance, 'key:"jobs/*"')
+    assert result.success, result.all_events
+    assert all(_checks(result).values()) and {"embedding_dimension", "embedding_finite", "embedding_unit_norm",
+                                               "embedding_covers_validated_rows"} <= set(_checks(result))
+
+    stored = pd.read_parquet(home / "assets" / "jobs" / "text_embeddings.parquet")
+    validated = pd.read_parquet(home / "assets" / "jobs" / "validated_dataset.parquet")
+    assert list(stored.columns) == ["row_id", "title__embedding"]
+    assert stored["row_id"].tolist() == validated["row_id"].tolist() == frame["id"].tolist()
+    matrix = np.stack(stored["title__embedding"].to_numpy())
+    assert matrix.dtype == np.float32 and matrix.shape == (60, 384)
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
+
+    meta = _metadata(result, "jobs/text_embeddings")
+    assert meta["model"] == SHIPPED_MODEL_NAME and meta["dimension"] == 384
+    assert meta["weights_hash"] == resolve_model(None, "jobs").weights_hash
+    assert meta["rows_embedded"] == 60 and meta["rows_reused"] == 0 and len(meta["embeddings_version"]) == 64
+    assert meta["throughput_texts_per_s"] > 0 and "title" in meta["preview"]
+    assert _metadata(result, "jobs/vector_index")["embeddings_version"] == meta["embeddings_version"]
+    assert time.perf_counter() - started < 120
+
+
+def test_second_materialization_embeds_exactly_the_ten_changed_rows(home: Path, instance, pipelines: Path,
+                                                                     tmp_path: Path):
+    csv, frame = write_text_spec(pipelines, tmp_path, rows=120)
+    defs = build_definitions(pipelines)
+    first = materialize(defs, instance, 'key:"jobs/*"')
+    assert first.success
+    before = pd.read_parquet(home / "assets" / "jobs" / "text_embeddings.parquet")
+
+    changed = frame.index[5:105:10]
+    frame.loc[changed, "title"] = [f"apprentice beekeeper number {i}" for i in range(10)]
+    frame.to_csv(csv, index=False)
+    second = materialize(defs, instance, 'key:"jobs/*"')
+    assert second.success and all(_checks(second).values())
+
+    meta = _metadata(second, "jobs/text_embeddings")
+    assert (meta["rows_embedded"], meta["texts_embedded"], meta["rows_reused"]) == (10, 10, 110)
+    assert meta["embeddings_version"] != _metadata(first, "jobs/text_embeddings")["embeddings_version"]
+    after = pd.read_parquet(home / "assets" / "jobs" / "text_embeddings.parquet")
+    same = ~after.index.isin(changed)
+    np.testing.assert_array_equal(np.stack(after.loc[same, "title__embedding"]),
+                                  np.stack(before.loc[same, "title__embedding"]))
+    assert not np.allclose(np.stack(after.loc[changed, "title__embedding"]),
+                           np.stack(before.loc[changed, "title__embedding"]))
+
+    third = materialize(defs, instance, 'key:"jobs/text_embeddings"')
+    meta3 = _metadata(third, "jobs/text_embeddings")
+    assert (meta3["rows_embedded"], meta3["rows_reused"]) == (0, 120)
+    assert meta3["embeddings_version"] == meta["embeddings_version"]
+
+
+def test_checks_catch_bad_vectors():
+    validated = pd.DataFrame({"row_id": ["a", "b", "c"]})
+    good = np.eye(3, dtype=np.float32)
+    ok = pd.DataFrame({"row_id": ["a", "b", "c"], "t__embedding": list(good)})
+    assert all(passed for passed, _, _ in evaluate(ok, validated, {"t": "t__embedding"}).values())
+
+    bad = pd.DataFrame({"row_id": ["a", "b", "b"],
+                        "t__embedding": [good[0], np.array([np.nan, 0, 0], np.float32), good[1] * 2]})
+    out = evaluate(bad, validated, {"t": "t__embedding"})
+    assert not out["embedding_finite"][0] and "row_id ['b']" in out["embedding_finite"][1]
+    assert not out["embedding_unit_norm"][0]
+    assert not out["embedding_covers_validated_rows"][0] and "['c']" in out["embedding_covers_validated_rows"][1]
+    mixed = pd.DataFrame({"row_id": ["a", "b", "c"], "t__embedding": [good[0], good[1], np.ones(4) / 2]})
+    assert not evaluate(mixed, validated, {"t": "t__embedding"})["embedding_dimension"][0]
+
+
+def test_specs_without_text_get_no_embedding_assets(pipelines: Path):
+    copy_shipped(pipelines, "credit_scoring", "credit_risk")
+    graph = build_definitions(pipelines).resolve_asset_graph()
+    groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert groups["credit_risk/text_embeddings"] == groups["credit_risk/vector_index"] == "embeddings"
+    assert not {"credit_scoring/text_embeddings", "credit_scoring/vector_index"} & set(groups)
+    assert build_embedding_assets(load_spec(pipelines / "credit_scoring.yaml")) == []
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
+    assert parents["credit_risk/text_embeddings"] == {"credit_risk/validated_dataset"}
+    assert "credit_risk/text_embeddings" in parents["credit_risk/vector_index"]
+
+
+def test_configured_model_that_is_not_a_model_names_the_spec(home: Path, instance, pipelines: Path,
+                                                             tmp_path: Path):
+    write_text_spec(pipelines, tmp_path, rows=60, embeddings={"model": "models/nowhere"})
+    with pytest.raises(EmbeddingModelError, match=r"jobs: embeddings.model 'models/nowhere'.*nowhere"):
+        materialize(build_definitions(pipelines), instance, 'key:"jobs/*"', raise_on_error=True)
+
+
+def test_code_location_load_imports_no_ml_stack():
+    code = ("import sys, orchestration.definitions as d; "
+            "heavy = [m for m in ('torch', 'sentence_transformers', 'transformers', 'lancedb', 'sklearn') "
+            "if m in sys.modules]; print(heavy); assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_credit_risk_embeddings_end_to_end(home: Path, instance, pipelines: Path):
+    """The shipped spec: 10,000 loans, emp_title embedded for real (about 4,400 distinct titles)."""
+    copy_shipped(pipelines, "credit_risk")
+    defs = build_definitions(pipelines)
+    started = time.perf_counter()
+    result = materialize(defs, instance, dg.AssetSelection.assets(
+        *(dg.AssetKey(["credit_risk", n]) for n in ("raw_dataset", "validated_dataset", "text_embeddings",
+                                                     "vector_index"))))
+    assert result.success and all(_checks(result).values())
+    meta = _metadata(result, "credit_risk/text_embeddings")
+    validated = pd.read_parquet(home / "assets" / "credit_risk" / "validated_dataset.parquet")
+    assert meta["dagster/row_count"] == len(validated) and meta["rows_embedded"] == len(validated)
+    assert meta["texts_embedded"] < len(validated) * 0.6  # repeated job titles are embedded once
+    from resources.vectors import VectorIndexResource
+
+    found = VectorIndexResource(home=str(home)).similar("credit_risk", "registered nurse", k=5)
+    assert found["text"].str.lower().str.contains("nurse").all()
+    assert time.perf_counter() - started < 180
