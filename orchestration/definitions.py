@@ -12,12 +12,15 @@ import dagster as dg
 
 from assets.data import build_data_assets
 from assets.spec import LoadedSpec, load_specs
+from assets.training import build_training_assets
 from resources import resources_for
 
 
 def build_assets(spec: LoadedSpec) -> list:
     """Every asset and check one spec contributes to the graph."""
-    return build_data_assets(spec)
+    out = build_data_assets(spec)
+    out += build_training_assets(spec)
+    return out
 
 
 def build_definitions(pipelines: Path | str | None = None, deployment: str | None = None) -> dg.Definitions:

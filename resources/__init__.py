@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from resources.launchers import LocalTorchrunLauncher
+from resources.mlflow import MlflowResource
 from resources.storage import ParquetIOManager, StorageResource, intelligentops_home
 
 DEPLOYMENTS = ("local", "kubernetes")
@@ -23,4 +25,8 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
     return {
         "storage": StorageResource(home=home),
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
+        # Tracking on SQLite under the home unless MLFLOW_TRACKING_URI names a server.
+        "mlflow": MlflowResource(home=home, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None),
+        # TODO(k8s launcher): for "kubernetes", bind the Kubernetes launcher (PipesK8sClient / TrainJob) here.
+        "launcher": LocalTorchrunLauncher(),
     }
