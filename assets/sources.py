@@ -30,7 +30,7 @@ def _read_file(loaded: LoadedSpec, source: FileSource) -> tuple[pd.DataFrame, st
         elif fmt == "parquet":
             df = pd.read_parquet(path)
         else:
-            df = pd.read_json(path, lines=True)
+            df = pd.read_json(path, lines=True, precise_float=True)
     except pd.errors.EmptyDataError:
         df = pd.DataFrame()
     except Exception as exc:  # every reader raises its own family of errors

@@ -177,6 +177,7 @@ class Compliance(_Strict):
     min_auc: float = Field(0.70, ge=0, le=1)
     max_auc_regression: float = Field(0.01, ge=0, le=1)
     max_prediction_shift: float = Field(0.05, ge=0, le=1)
+    max_missing_text_shift: float = Field(0.15, ge=0, le=1)
     allow_sensitive_inputs: bool = False
 
 

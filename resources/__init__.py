@@ -22,7 +22,7 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
         raise ValueError(f"INTELLIGENTOPS_DEPLOYMENT={deployment!r}; expected one of {', '.join(DEPLOYMENTS)}")
     home = intelligentops_home()
     # On a cluster the home is an object-store URL (s3://...), shared by every pod; locally a folder.
-    return {
+    resources: dict[str, Any] = {
         "storage": StorageResource(home=home),
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
         # Tracking on SQLite under the home unless MLFLOW_TRACKING_URI names a server.
@@ -30,3 +30,9 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
         # TODO(k8s launcher): for "kubernetes", bind the Kubernetes launcher (PipesK8sClient / TrainJob) here.
         "launcher": LocalTorchrunLauncher(),
     }
+    if deployment == "kubernetes":
+        # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.
+        from resources.k8s import kubernetes_launchers
+
+        resources.update(kubernetes_launchers())
+    return resources

@@ -27,6 +27,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def instance(home: Path):
     """A real (SQLite) Dagster instance in a temporary folder."""
+    (home / "dagster").mkdir(exist_ok=True)
     with dg.instance_for_test(temp_dir=str(home / "dagster")) as inst:
         yield inst
 

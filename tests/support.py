@@ -34,3 +34,16 @@ def materialize(defs: dg.Definitions, instance, selection: str | dg.AssetSelecti
     all_defs = [*defs.assets, *(defs.asset_checks or [])]
     return dg.materialize(all_defs, selection=sel, resources=defs.resources, instance=instance,
                           raise_on_error=raise_on_error, run_config=run_config)
+
+
+def failure_text(result: dg.ExecuteInProcessResult) -> str:
+    """Every step failure's message, with the chain of causes, as one string."""
+    parts: list[str] = []
+    for event in result.all_events:
+        if event.event_type_value != "STEP_FAILURE":
+            continue
+        err = event.event_specific_data.error
+        while err is not None:
+            parts.append(err.message)
+            err = err.cause
+    return "\n".join(parts)
