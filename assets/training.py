@@ -162,6 +162,7 @@ def build_training_assets(loaded: LoadedSpec) -> list[Any]:
         config = {
             "data": str(run_dir / "data.npz"), "preprocessing": str(run_dir / "preprocessing.json"),
             "output_dir": str(run_dir / "model"), "checkpoint_dir": str(checkpoint_dir),
+            "checkpoint_subdir": f"{spec.name}/{key}",
             "hidden": list(t.hidden), "dropout": t.dropout, "epochs": t.epochs, "learning_rate": t.learning_rate,
             "weight_decay": t.weight_decay, "early_stopping_patience": t.early_stopping_patience,
             "checkpoint_every_steps": t.checkpoint_every_steps, "zero_stage": t.deepspeed.zero_stage,

@@ -27,7 +27,7 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
         # Tracking on SQLite under the home unless MLFLOW_TRACKING_URI names a server.
         "mlflow": MlflowResource(home=home, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None),
-        # TODO(k8s launcher): for "kubernetes", bind the Kubernetes launcher (PipesK8sClient / TrainJob) here.
+        # torchrun on this machine; the "kubernetes" deployment replaces it below.
         "launcher": LocalTorchrunLauncher(),
     }
     if deployment == "kubernetes":

@@ -57,17 +57,30 @@ class MlflowResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def activated(self) -> Iterator[Any]:
-        """Point mlflow's fluent API (log_model, register_model) at this store for the duration."""
-        import mlflow
+        """Point mlflow's fluent API (log_model, register_model) at this store for the duration.
 
-        before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+        `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; putting back what `get_tracking_uri()`
+        returned would pin the process (and every subprocess) to a default `./mlflow.db`, so the exact
+        previous state, unset included, is restored.
+        """
+        import mlflow
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        saved_uris = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+        saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(self.resolved_tracking_uri())
         mlflow.set_registry_uri(self.resolved_registry_uri())
         try:
             yield mlflow
         finally:
-            mlflow.set_tracking_uri(before[0])
-            mlflow.set_registry_uri(before[1])
+            mlflow.set_tracking_uri(saved_uris[0])
+            registry_utils._registry_uri = saved_uris[1]
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     # --- experiments and runs ------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:

@@ -49,3 +49,16 @@ def test_experiment_register_alias_and_load_without_pickle(home: Path, tmp_path:
     model = ml.load_model("toy", "challenger")
     assert model.predict(pd.DataFrame({"a": [1.0, 2.0]}))["a"].tolist() == [2.0, 4.0]
     assert not list((home / "mlflow" / "artifacts").rglob("*.pkl"))
+
+
+def test_activated_leaves_no_global_state_behind(home: Path, monkeypatch) -> None:
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = tracking_utils._tracking_uri
+    with MlflowResource(home=str(home)).activated() as m:
+        assert m.get_tracking_uri().startswith(f"sqlite:///{home}")
+    assert tracking_utils._tracking_uri == before
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
+    assert not mlflow.tracking._tracking_service.utils.is_tracking_uri_set() or before

@@ -144,12 +144,17 @@ def test_prune_keeps_the_newest_complete(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step15", "global_step20"]
 
 
-def test_config_from_file_and_flags(tmp_path: Path) -> None:
+def test_config_from_file_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"data": "d.npz", "output_dir": "o", "checkpoint_dir": "c", "epochs": 3}))
     cfg = train.TrainConfig.from_args(["--config", str(cfg_file), "--epochs", "5", "--hidden", "[8]",
                                        "--bf16", "false"])
     assert (cfg.epochs, cfg.hidden, cfg.bf16, cfg.data) == (5, [8], "false", "d.npz")
+    pod = train.TrainConfig.from_args(["--config", str(cfg_file), "--checkpoint-subdir", "toy/k1"])
+    assert pod.checkpoint_dir == "c"
+    monkeypatch.setenv("INTELLIGENTOPS_CHECKPOINT_DIR", "/checkpoints")  # set by the Kubernetes launchers
+    pod = train.TrainConfig.from_args(["--config", str(cfg_file), "--checkpoint-subdir", "toy/k1"])
+    assert pod.checkpoint_dir == "/checkpoints/toy/k1"
     cfg_file.write_text(json.dumps({"data": "d", "output_dir": "o", "checkpoint_dir": "c", "epoch": 3}))
     with pytest.raises(SystemExit, match="unknown config key"):
         train.TrainConfig.from_args(["--config", str(cfg_file)])

@@ -67,6 +67,8 @@ class TrainConfig:
     data: str = ""                          # the .npz with x_train, y_train, x_val, y_val
     output_dir: str = ""                    # where the exported model goes (replaced atomically)
     checkpoint_dir: str = ""                # persists across launches of the same inputs
+    checkpoint_subdir: str = ""             # with $INTELLIGENTOPS_CHECKPOINT_DIR set (a pod's mounted volume),
+                                            # checkpoints go to $INTELLIGENTOPS_CHECKPOINT_DIR/<checkpoint_subdir>
     preprocessing: str = ""                 # JSON copied beside the weights
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.1
@@ -116,6 +118,8 @@ class TrainConfig:
         values.setdefault("kill_rank", int(env.get("INTELLIGENTOPS_TRAIN_KILL_RANK", "-1") or -1))
         values.setdefault("step_delay_s", float(env.get("INTELLIGENTOPS_TRAIN_STEP_DELAY_S", "0") or 0))
         cfg = cls(**values)
+        if env.get("INTELLIGENTOPS_CHECKPOINT_DIR") and cfg.checkpoint_subdir:
+            cfg.checkpoint_dir = str(Path(env["INTELLIGENTOPS_CHECKPOINT_DIR"]) / cfg.checkpoint_subdir)
         for name in ("data", "output_dir", "checkpoint_dir"):
             if not getattr(cfg, name):
                 raise SystemExit(f"train.py: config field {name!r} is required (--{name.replace('_', '-')} or --config)")
