@@ -178,7 +178,12 @@ def build_training_assets(loaded: LoadedSpec) -> list[Any]:
                          f"{prepared['n_features']} features; checkpoints in {checkpoint_dir}")
         request = TrainRequest(spec_name=spec.name, args=["--config", str(run_dir / "config.json")],
                                extras={"spec": spec.name, "run_dir": str(run_dir)}, nproc_per_node=t.nproc_per_node)
-        invocation = launcher.launch(context, request)
+        try:
+            invocation = launcher.launch(context, request)
+        except Exception as exc:
+            raise TrainingError(
+                f"{spec.name}: training failed ({type(exc).__name__}: {exc}); complete checkpoints in "
+                f"{checkpoint_dir} stay in place and the next materialization resumes from the newest one") from exc
 
         model_dir = run_dir / "model"
         result_path = model_dir / "result.json"

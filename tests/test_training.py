@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from support import materialize
+from support import failure_text, materialize
 from training_support import SPEC_NAME, write_small_spec
 
 CHECKPOINT = dg.AssetKey([SPEC_NAME, "model_checkpoint"])
@@ -97,6 +97,7 @@ def test_sigkilled_rank_then_next_materialization_resumes(home: Path, instance, 
     monkeypatch.setenv(KILL_ENV, "7")  # rank 1 SIGKILLs itself after optimizer step 7; checkpoints every 4
     failed = materialize(defs, instance, dg.AssetSelection.keys(CHECKPOINT).upstream())
     assert not failed.success
+    assert "next materialization resumes" in failure_text(failed)
     assert not [e for e in failed.get_asset_materialization_events()
                 if e.materialization.asset_key == CHECKPOINT]
     _, complete = _checkpoint_tags(home)
