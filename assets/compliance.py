@@ -117,7 +117,8 @@ def build_compliance_assets(loaded: LoadedSpec) -> list[Any]:
             "preview": dg.MetadataValue.md(open(md_path).read()[:4000]),
         })
 
-    check_specs = [dg.AssetCheckSpec(name=name, asset=report_key, blocking=True, description=doc)
+    check_specs = [dg.AssetCheckSpec(name=name, asset=report_key, blocking=True, description=doc,
+                                     additional_deps=[eval_key])
                    for name, doc in GATES.items()]
 
     @dg.multi_asset_check(specs=check_specs, name=f"{spec.name}__compliance_gates",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from resources.launchers import LocalTorchrunLauncher
+from resources.mlflow import MlflowResource
 from resources.storage import ParquetIOManager, StorageResource, intelligentops_home
 from resources.vectors import VectorIndexResource
 
@@ -25,6 +27,10 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
         "storage": StorageResource(home=home),
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
         "vectors": VectorIndexResource(home=home),
+        # Tracking on SQLite under the home unless MLFLOW_TRACKING_URI names a server.
+        "mlflow": MlflowResource(home=home, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None),
+        # torchrun on this machine; the "kubernetes" deployment replaces it below.
+        "launcher": LocalTorchrunLauncher(),
     }
     if deployment == "kubernetes":
         # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.

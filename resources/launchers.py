@@ -6,8 +6,10 @@ deployment configured; the launcher starts `workloads/train.py` and relays its D
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -32,3 +34,37 @@ class TrainingLauncher(dg.ConfigurableResource):
 
     def launch(self, context: dg.AssetExecutionContext, request: TrainRequest) -> dg.PipesClientCompletedInvocation:
         raise NotImplementedError(f"{type(self).__name__} does not implement launch()")
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LocalTorchrunLauncher(TrainingLauncher):
+    """Runs `torchrun --standalone --nproc_per_node N workloads/train.py ...` on this machine through
+    `dg.PipesSubprocessClient`: DeepSpeed on the CPU accelerator with gloo unless configured otherwise.
+
+    Every rank inherits the Pipes environment; the workload lets only global rank 0 open it.
+    """
+
+    workload: str = "workloads/train.py"  # relative to the repository root
+    accelerator: str = "cpu"  # DS_ACCELERATOR for the ranks; "" lets DeepSpeed detect a GPU
+    backend: str = "gloo"
+    omp_num_threads: int = 1  # the ranks share this machine's cores
+
+    def command(self, request: TrainRequest) -> list[str]:
+        script = Path(self.workload)
+        script = script if script.is_absolute() else REPO_ROOT / script
+        if not script.is_file():
+            raise FileNotFoundError(f"{request.spec_name}: training workload {script} does not exist")
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", str(request.nproc_per_node), str(script), *request.args,
+                "--backend", self.backend]
+
+    def launch(self, context: dg.AssetExecutionContext, request: TrainRequest) -> dg.PipesClientCompletedInvocation:
+        env = {"OMP_NUM_THREADS": str(self.omp_num_threads), "PYTHONUNBUFFERED": "1", **request.env}
+        if self.accelerator:
+            env["DS_ACCELERATOR"] = self.accelerator
+        command = self.command(request)
+        context.log.info(f"{request.spec_name}: launching {' '.join(command)}")
+        client = dg.PipesSubprocessClient(cwd=str(REPO_ROOT))
+        return client.run(context=context, command=command, env=env, extras=dict(request.extras))

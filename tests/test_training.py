@@ -1,0 +1,146 @@
+"""model_checkpoint and registered_model on real components: torchrun + DeepSpeed on CPU (gloo), MLflow on
+SQLite under a temporary $INTELLIGENTOPS_HOME."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from support import failure_text, materialize
+from training_support import SPEC_NAME, write_small_spec
+
+CHECKPOINT = dg.AssetKey([SPEC_NAME, "model_checkpoint"])
+REGISTERED = dg.AssetKey([SPEC_NAME, "registered_model"])
+KILL_ENV = "INTELLIGENTOPS_TRAIN_KILL_AT_STEP"
+
+pytestmark = pytest.mark.slow
+
+
+def _defs() -> dg.Definitions:
+    from orchestration.definitions import build_definitions
+
+    return build_definitions()
+
+
+def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, Any]:
+    [event] = [e for e in result.get_asset_materialization_events() if e.materialization.asset_key == key]
+    return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+
+
+def _checkpoint_tags(home: Path) -> tuple[Path, list[str]]:
+    [key_dir] = list((home / SPEC_NAME / "training" / "checkpoints").iterdir())
+    complete = sorted(d.name for d in key_dir.iterdir() if (d / "COMPLETE.json").exists())
+    return key_dir, complete
+
+
+def test_small_spec_trains_and_registers_a_challenger(home: Path, instance, pipelines: Path, tmp_path: Path) -> None:
+    from resources.mlflow import MlflowResource
+
+    write_small_spec(pipelines, tmp_path / "data")
+    result = materialize(_defs(), instance, f'key:"{SPEC_NAME}/*"')
+    assert result.success
+    ck = _metadata(result, CHECKPOINT)
+    reg = _metadata(result, REGISTERED)
+    validated_meta = _metadata(result, dg.AssetKey([SPEC_NAME, "validated_dataset"]))
+    splits_meta = _metadata(result, dg.AssetKey([SPEC_NAME, "training_splits"]))
+
+    assert ck["resumed_from_step"] == 0 and ck["steps"] > 0 and ck["epochs"] >= 1
+    assert ck["best_val_auc"] > 0.75
+    assert Path(ck["checkpoint_path"]).is_dir() and (Path(ck["checkpoint_path"]) / "COMPLETE.json").exists()
+    model_dir = Path(ck["model_dir"])
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "preprocessing.json"}
+    assert manifest["files"]["model.safetensors"] == ck["weights_sha256"]
+
+    ml = MlflowResource(home=str(home))
+    assert ml.resolved_tracking_uri() == f"sqlite:///{home}/mlflow/mlflow.db"
+    version = ml.get_version(SPEC_NAME, "challenger")
+    assert str(version.version) == reg["model_version"] == "1"
+    tags = version.tags
+    assert tags["dataset_hash"] == validated_meta["content_hash"]
+    assert tags["splits_hash"] == splits_meta["splits_hash"]
+    assert tags["embeddings_version"] == "none"
+    assert tags["checkpoint_sha256"] == ck["weights_sha256"]
+    assert len(tags["spec_hash"]) == 64 and tags["code_revision"]
+
+    # The training run got its params once and one batch of metrics per epoch.
+    client = ml.client()
+    run = client.get_run(ck["mlflow_run_id"])
+    assert run.data.params["zero_stage"] == "1" and run.data.params["world_size"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "val_auc")) == ck["epochs"]
+
+    # Served from the registry with pickle refused: raw validated values in, probabilities out.
+    validated = pd.read_parquet(home / "assets" / SPEC_NAME / "validated_dataset.parquet")
+    splits = pd.read_parquet(home / "assets" / SPEC_NAME / "training_splits.parquet")
+    test = validated[splits["split"].to_numpy() == "test"]
+    model = ml.load_model(SPEC_NAME, "challenger")
+    out = model.predict(test[["income", "debt", "age", "home", "purpose"]])
+    assert list(out.columns) == ["probability"] and len(out) == len(test)
+    assert out["probability"].between(0, 1).all()
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(test["label"], out["probability"]) > 0.75
+    artifacts = list((home / "mlflow" / "artifacts").rglob("*"))
+    assert not [p for p in artifacts if p.suffix in (".pkl", ".pickle", ".cloudpickle", ".pt")]
+
+
+def test_sigkilled_rank_then_next_materialization_resumes(home: Path, instance, pipelines: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    write_small_spec(pipelines, tmp_path / "data")
+    defs = _defs()
+    monkeypatch.setenv(KILL_ENV, "7")  # rank 1 SIGKILLs itself after optimizer step 7; checkpoints every 4
+    failed = materialize(defs, instance, dg.AssetSelection.keys(CHECKPOINT).upstream())
+    assert not failed.success
+    assert "next materialization resumes" in failure_text(failed)
+    assert not [e for e in failed.get_asset_materialization_events()
+                if e.materialization.asset_key == CHECKPOINT]
+    _, complete = _checkpoint_tags(home)
+    assert complete == ["global_step4"]
+    assert not (home / "assets" / SPEC_NAME / "model_checkpoint.json").exists()
+
+    monkeypatch.delenv(KILL_ENV)
+    resumed = materialize(defs, instance, dg.AssetSelection.keys(CHECKPOINT, REGISTERED))
+    assert resumed.success
+    ck = _metadata(resumed, CHECKPOINT)
+    assert ck["resumed_from_step"] == 4
+    assert ck["steps"] > 7
+    assert Path(ck["model_dir"], "model.safetensors").is_file()
+    assert _metadata(resumed, REGISTERED)["model_version"] == "1"
+
+
+def test_corrupted_checkpoint_is_skipped_with_a_warning(home: Path, instance, pipelines: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    write_small_spec(pipelines, tmp_path / "data")
+    defs = _defs()
+    monkeypatch.setenv(KILL_ENV, "9")
+    assert not materialize(defs, instance, dg.AssetSelection.keys(CHECKPOINT).upstream()).success
+    key_dir, complete = _checkpoint_tags(home)
+    assert complete == ["global_step4", "global_step8"]
+    victim = key_dir / "global_step8" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated, marker left in place
+
+    monkeypatch.delenv(KILL_ENV)
+    resumed = materialize(defs, instance, dg.AssetSelection.keys(CHECKPOINT))
+    assert resumed.success
+    assert _metadata(resumed, CHECKPOINT)["resumed_from_step"] == 4
+    warnings = [r.user_message for r in instance.all_logs(resumed.run_id)
+                if r.level == logging.WARNING and "skipping checkpoint" in r.user_message]
+    assert any(str(key_dir / "global_step8") in w and "mp_rank_00_model_states.pt" in w for w in warnings), warnings
+
+
+def test_model_checkpoint_and_registered_model_shape(pipelines: Path, home: Path, tmp_path: Path) -> None:
+    write_small_spec(pipelines, tmp_path / "data")
+    graph = _defs().resolve_asset_graph()
+    ck, reg = graph.get(CHECKPOINT), graph.get(REGISTERED)
+    assert ck.group_name == reg.group_name == "training"
+    assert ck.pools == {"training"}
+    assert graph.get(CHECKPOINT).parent_keys == {dg.AssetKey([SPEC_NAME, "validated_dataset"]),
+                                                 dg.AssetKey([SPEC_NAME, "training_splits"])}
+    assert CHECKPOINT in reg.parent_keys
+    assert np.all([len(graph.get(k).kinds) <= 3 for k in (CHECKPOINT, REGISTERED)])
