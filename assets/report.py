@@ -52,7 +52,8 @@ def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome
                  history: list[dict[str, str]]) -> list[Section]:
     c = spec.compliance
     verdict = {g.name: g for g in gates}
-    t = ev["test"]
+    not_measured = (ev.get("integrity") or {}).get("load_error") or "no test metrics recorded"
+    t = ev["test"] or {}
     sections: list[Section] = []
 
     purpose = c.intended_purpose or spec.description
@@ -81,20 +82,33 @@ def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome
         f"{spec.training.deepspeed.zero_stage}, AdamW, learning rate {spec.training.learning_rate}) for at most "
         f"{spec.training.epochs} epochs with early stopping on validation AUC.",
         f"Split: {spec.split.strategy}, test {spec.split.test:.0%}, validation {spec.split.validation:.0%}, seed "
-        f"{spec.split.seed}. Operating threshold {t['threshold']:.3f}, chosen on the validation split to maximize F1.",
+        f"{spec.split.seed}. " + (f"Operating threshold {t['threshold']:.3f}, chosen on the validation split to "
+                                  "maximize F1." if t else f"Not measured: {not_measured}."),
     ]))
 
     metrics = Section("Metrics and their limits")
-    metrics.tables.append((("metric", "test value"), [
+    if not t:
+        metrics.paragraphs.append(f"Not measured: the model version could not be loaded ({not_measured}).")
+    else:
+        metrics.tables.append((("metric", "test value"), [
         ("AUC", _f(t["auc"])), ("accuracy", _f(t["accuracy"])), ("precision", _f(t["precision"])),
-        ("recall", _f(t["recall"])), ("selection rate", _pct(t["selection_rate"])),
-        ("expected calibration error", _f(t["calibration_error"])), ("rows", str(t["rows"])),
-        ("positive rate", _pct(t["positive_rate"])),
-    ]))
+            ("recall", _f(t["recall"])), ("selection rate", _pct(t["selection_rate"])),
+            ("expected calibration error", _f(t["calibration_error"])), ("rows", str(t["rows"])),
+            ("positive rate", _pct(t["positive_rate"])),
+        ]))
     champ = ev.get("champion")
     metrics.paragraphs.append(
         f"Compared on the same rows with champion version {champ['version']}: AUC {_f(champ['test']['auc'])}."
         if champ else "No champion existed when this version was evaluated.")
+    importance = sorted((ev.get("importance") or {}).items(), key=lambda kv: -kv[1])[:10]
+    if importance:
+        metrics.paragraphs.append("Global importance: the drop in test AUC when one input is shuffled across rows.")
+        metrics.tables.append((("input", "AUC drop"), [(k, f"{v:.4f}") for k, v in importance]))
+    example = (ev.get("explanations") or {}).get("example")
+    if example and example.get("top_factors"):
+        factors = "; ".join(f"{f['feature']}={f['value']!r} ({f['contribution']:+.3f})" for f in example["top_factors"])
+        metrics.paragraphs.append(f"Per-decision explanation, test row {example['row_id']} (score "
+                                  f"{example['probability']:.3f}): {factors}.")
     metrics.paragraphs.append(
         "Limits: metrics come from one held-out split of historical data and do not promise the same on a "
         "different population; calibration is measured, not corrected. Performance gate: "
@@ -102,7 +116,7 @@ def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome
     sections.append(metrics)
 
     fair = Section("Fairness findings")
-    for feature, s in ev["slices"].items():
+    for feature, s in (ev.get("slices") or {}).items():
         rows = [(g, str(r["rows"]), _pct(r["selection_rate"]), _f(r["tpr"]), _f(r["fpr"]),
                  "yes" if r["measured"] else "too small") for g, r in s["groups"].items()]
         fair.paragraphs.append(

@@ -97,6 +97,17 @@ def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: p
             "n_features": prep["n_features"], "train_positive_rate": float(train[LABEL].mean())}
 
 
+def _embeddings_version(context: dg.AssetExecutionContext, spec: PipelineSpec,
+                        embeddings: pd.DataFrame | None) -> str:
+    """The version text_embeddings recorded for the vectors this run loaded ("none" without text)."""
+    if embeddings is None:
+        return "none"
+    event = context.instance.get_latest_materialization_event(asset_key(spec, "text_embeddings"))
+    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    recorded = meta.get("embeddings_version")
+    return str(recorded.value) if recorded is not None else frame_hash(embeddings)
+
+
 def code_revision() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -159,7 +170,7 @@ def build_training_assets(loaded: LoadedSpec) -> list[Any]:
         checkpoint_dir = storage.local_dir(spec.name, "training", "checkpoints", key)
         experiment_id = mlflow.experiment_id(spec.name)
         lineage = {"dataset_hash": frame_hash(validated), "splits_hash": splits_hash,
-                   "embeddings_version": frame_hash(embeddings)[:16] if embeddings is not None else "none",
+                   "embeddings_version": _embeddings_version(context, spec, embeddings),
                    "spec_hash": spec.spec_hash}
         config = {
             "data": str(run_dir / "data.npz"), "preprocessing": str(run_dir / "preprocessing.json"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 from upath import UPath
 
@@ -73,7 +74,17 @@ def frame_hash(df: pd.DataFrame) -> str:
     """Content hash of a frame: its column names, dtypes and every value, independent of the index."""
     h = hashlib.sha256()
     h.update(json.dumps([[str(c), str(t)] for c, t in df.dtypes.items()]).encode())
-    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    # Columns of vectors (embeddings) are not hashable cell by cell; hash their bytes instead.
+    vector_cols = [c for c in df.columns if df[c].dtype == object and len(df) and
+                   hasattr(df[c].dropna().iloc[0] if df[c].notna().any() else None, "__len__") and
+                   not isinstance(df[c].dropna().iloc[0], str)]
+    plain = df.drop(columns=vector_cols)
+    if plain.shape[1]:
+        h.update(pd.util.hash_pandas_object(plain, index=False).to_numpy().tobytes())
+    for c in vector_cols:
+        h.update(c.encode())
+        for v in df[c]:
+            h.update(b"\0" if v is None else memoryview(np.ascontiguousarray(v, dtype=np.float64)).tobytes())
     return h.hexdigest()
 
 

@@ -89,7 +89,7 @@ def explainability_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
     if exp.get("rows", 0) == 0 or exp.get("with_factors", 0) < exp.get("rows", 0):
         broken.append(f"{exp.get('rows', 0) - exp.get('with_factors', 0)} of {exp.get('rows', 0)} test decisions "
                       "have no per-decision explanation")
-    top = ", ".join(list(importance)[:3])
+    top = ", ".join(k for k, _ in sorted(importance.items(), key=lambda kv: -kv[1])[:3])
     return GateOutcome("explainability", not broken,
                        "; ".join(broken) or f"top features {top}; {exp.get('rows', 0)} decisions explained")
 
