@@ -3,7 +3,7 @@ the wall time of one full `credit_scoring/model_checkpoint` materialization.
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/training_throughput.py [--rows 20000] [--epochs 3]
 
-Prints a JSON summary; benchmarks/RESULTS-training.md records a run. Samples per second count training
+Prints a JSON summary; benchmarks/README.md (section Training) records a run. Samples per second count training
 steps only (no start-up, validation or checkpoint writes); every rank runs with one intra-op thread, as
 torchrun sets by default, and the plain loop does too, so one process is compared with one process.
 """
