@@ -244,20 +244,25 @@ def build_training_assets(loaded: LoadedSpec) -> list[Any]:
                                "checkpoint, exported as safetensors with a sha256 manifest; links the MLflow "
                                "run."))
 
+    # `training.launcher: trainjob` asks for several nodes (a Kubeflow TrainJob on Kubernetes); "local" and
+    # "kubernetes" take the deployment's launcher (torchrun here, a GPU pod on Kubernetes).
+    launcher_key = "trainjob_launcher" if spec.training.launcher == "trainjob" else "launcher"
+    common["required_resource_keys"] = {"storage", "mlflow", launcher_key}
+
     if spec.has_text:
         @dg.asset(**common)
-        def model_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
-                             launcher: TrainingLauncher, validated: pd.DataFrame, splits: pd.DataFrame,
+        def model_checkpoint(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
                              embeddings: pd.DataFrame) -> dg.Output[dict]:
             """Trains the spec's MLP over numeric, categorical and text-embedding features."""
-            return train(context, storage, mlflow, launcher, validated, splits, embeddings)
+            r = context.resources
+            return train(context, r.storage, r.mlflow, getattr(r, launcher_key), validated, splits, embeddings)
     else:
         @dg.asset(**common)
-        def model_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
-                             launcher: TrainingLauncher, validated: pd.DataFrame,
+        def model_checkpoint(context: dg.AssetExecutionContext, validated: pd.DataFrame,
                              splits: pd.DataFrame) -> dg.Output[dict]:
             """Trains the spec's MLP over numeric and categorical features."""
-            return train(context, storage, mlflow, launcher, validated, splits, None)
+            r = context.resources
+            return train(context, r.storage, r.mlflow, getattr(r, launcher_key), validated, splits, None)
 
     @dg.asset(key=registered_key, group_name=GROUP, owners=owners, tags=tags, kinds={"mlflow", "pytorch"},
               ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key)},

@@ -31,6 +31,8 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
         "mlflow": MlflowResource(home=home, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None),
         # torchrun on this machine; the "kubernetes" deployment replaces it below.
         "launcher": LocalTorchrunLauncher(),
+        # Specs that ask for several nodes (training.launcher: trainjob) also train with torchrun on one machine.
+        "trainjob_launcher": LocalTorchrunLauncher(),
     }
     if deployment == "kubernetes":
         # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.

@@ -157,3 +157,18 @@ def test_bad_spec_fails_code_location_with_file_and_key(tmp_path: Path):
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "typo.yaml" in out.stderr and "unknown key 'targt'" in out.stderr
+
+
+def test_training_launcher_follows_the_spec(tmp_path: Path, monkeypatch):
+    """training.launcher: trainjob takes the multi-node launcher; on Kubernetes that is a Kubeflow TrainJob."""
+    spec = yaml.safe_load((PIPELINES / "credit_scoring.yaml").read_text())
+    spec["training"] = {"launcher": "trainjob"}
+    (tmp_path / "credit_scoring.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("INTELLIGENTOPS_TRAIN_IMAGE", "registry.example.com/intelligentops-train:1")
+    defs = build_definitions(tmp_path, deployment="kubernetes")
+    node = defs.resolve_assets_def(dg.AssetKey(["credit_scoring", "model_checkpoint"]))
+    assert "trainjob_launcher" in node.required_resource_keys and "launcher" not in node.required_resource_keys
+    assert type(defs.resources["trainjob_launcher"]).__name__ == "TrainJobLauncher"
+    assert type(defs.resources["launcher"]).__name__ == "K8sPodLauncher"
+    shipped = build_definitions(PIPELINES).resolve_assets_def(dg.AssetKey(["credit_scoring", "model_checkpoint"]))
+    assert "launcher" in shipped.required_resource_keys
