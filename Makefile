@@ -32,10 +32,8 @@ dagster-home:
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 run: setup dagster-home
-	$(BIN)/dagster asset materialize -m orchestration.definitions --select 'key:"$(PIPELINE)/*"'
-	@echo
-	@echo "Materialized $(PIPELINE). Look at it with 'make ui' (http://127.0.0.1:3000, asset group data),"
-	@echo "or the files under $(INTELLIGENTOPS_HOME)."
+	$(BIN)/dagster asset materialize -m orchestration.definitions --select 'key:"$(PIPELINE)/*"'; \
+	status=$$?; $(BIN)/python -m orchestration.where $(PIPELINE); exit $$status
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

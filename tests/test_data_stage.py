@@ -78,11 +78,11 @@ def test_splits_are_deterministic_and_stratified(home: Path, pipelines: Path, in
     small_frame(400).to_csv(pipelines / "loans.csv", index=False)
     write_spec(pipelines, small_spec())
     defs = build_definitions(pipelines)
-    assert materialize(defs, instance, 'key:"loans/*"').success
+    assert materialize(defs, instance, 'key:"loans/*" and group:data').success
     first = pd.read_parquet(home / "assets" / "loans" / "training_splits.parquet")
     # The same rows in another order get the same splits.
     small_frame(400).sample(frac=1, random_state=3).to_csv(pipelines / "loans.csv", index=False)
-    assert materialize(defs, instance, 'key:"loans/*"').success
+    assert materialize(defs, instance, 'key:"loans/*" and group:data').success
     second = pd.read_parquet(home / "assets" / "loans" / "training_splits.parquet")
     assert first.set_index("row_id")["split"].sort_index().equals(second.set_index("row_id")["split"].sort_index())
     validated = pd.read_parquet(home / "assets" / "loans" / "validated_dataset.parquet").merge(first, on="row_id")
@@ -96,7 +96,7 @@ def test_time_split_puts_latest_rows_in_test(home: Path, pipelines: Path, instan
     df.to_csv(pipelines / "loans.csv", index=False)
     write_spec(pipelines, small_spec(time_column="month", split={"strategy": "time", "test": 0.2,
                                                                  "validation": 0.1}))
-    assert materialize(build_definitions(pipelines), instance, 'key:"loans/*"').success
+    assert materialize(build_definitions(pipelines), instance, 'key:"loans/*" and group:data').success
     merged = pd.read_parquet(home / "assets" / "loans" / "validated_dataset.parquet").merge(
         pd.read_parquet(home / "assets" / "loans" / "training_splits.parquet"), on="row_id")
     assert set(merged.loc[merged.split == "test", "month"]) == {"Mar-2018"}
@@ -111,7 +111,7 @@ def test_row_level_rules_set_rows_aside_with_reason(home: Path, pipelines: Path,
     df.loc[7, "debt_ratio"] = 250.0  # above the declared max of 100
     df.to_csv(pipelines / "loans.csv", index=False)
     write_spec(pipelines, small_spec())
-    result = materialize(build_definitions(pipelines), instance, 'key:"loans/*"')
+    result = materialize(build_definitions(pipelines), instance, 'key:"loans/*" and group:data')
     assert result.success
     meta = {m.asset_key.path[-1]: m.materialization.metadata for m in result.get_asset_materialization_events()}
     assert meta["validated_dataset"]["rows_set_aside"].value == 2
@@ -166,13 +166,13 @@ def test_bad_input_fails_clearly_and_keeps_last_good(kind: str, home: Path, pipe
     df.to_csv(pipelines / "loans.csv", index=False)
     write_spec(pipelines, small_spec())
     defs = build_definitions(pipelines)
-    assert materialize(defs, instance, 'key:"loans/*"').success
+    assert materialize(defs, instance, 'key:"loans/*" and group:data').success
     validated_path = home / "assets" / "loans" / "validated_dataset.parquet"
     good_bytes = validated_path.read_bytes()
     good_events = len(events(instance, "loans/validated_dataset"))
 
     _break(kind, df.copy(), pipelines)
-    result = materialize(defs, instance, 'key:"loans/*"')
+    result = materialize(defs, instance, 'key:"loans/*" and group:data')
     assert not result.success
     check, words = BAD_INPUT[kind]
     if check is not None:
@@ -194,7 +194,7 @@ def test_validated_dataset_refuses_a_snapshot_that_failed_its_checks(home: Path,
     df.to_csv(pipelines / "loans.csv", index=False)
     write_spec(pipelines, small_spec())
     defs = build_definitions(pipelines)
-    assert materialize(defs, instance, 'key:"loans/*"').success
+    assert materialize(defs, instance, 'key:"loans/*" and group:data').success
     good = (home / "assets" / "loans" / "validated_dataset.parquet").read_bytes()
     _break("duplicate ids", df.copy(), pipelines)
     assert not materialize(defs, instance, 'key:"loans/raw_dataset"').success
@@ -227,7 +227,7 @@ def test_sql_and_jsonl_and_parquet_sources(home: Path, pipelines: Path, instance
     defs = build_definitions(pipelines)
     hashes = set()
     for name in sources:
-        result = materialize(defs, instance, f'key:"{name}/*"')
+        result = materialize(defs, instance, f'key:"{name}/*" and group:data')
         assert result.success, name
         meta = {m.asset_key.path[-1]: m.materialization.metadata for m in result.get_asset_materialization_events()}
         assert meta["validated_dataset"]["dagster/row_count"].value == 200
@@ -239,7 +239,7 @@ def test_sql_and_jsonl_and_parquet_sources(home: Path, pipelines: Path, instance
 def test_sql_source_error_names_the_query_target(home: Path, pipelines: Path, instance, tmp_path: Path):
     write_spec(pipelines, small_spec(source={"kind": "sql", "url": f"sqlite:///{tmp_path}/none.db",
                                              "query": "select * from missing_table"}))
-    result = materialize(build_definitions(pipelines), instance, 'key:"loans/*"')
+    result = materialize(build_definitions(pipelines), instance, 'key:"loans/*" and group:data')
     assert not result.success
     msg = failure_text(result)
     assert "missing_table" in msg and "query against sqlite" in msg

@@ -97,11 +97,11 @@ def test_assets_have_docs_owners_and_few_kinds(shipped_defs):
 
 LOAD_PROBE = """
 import sys, time
-t0 = time.perf_counter(); import dagster; t1 = time.perf_counter()
-import orchestration.definitions as d; t2 = time.perf_counter()
+w0, c0 = time.perf_counter(), time.process_time(); import dagster; w1, c1 = time.perf_counter(), time.process_time()
+import orchestration.definitions as d; w2, c2 = time.perf_counter(), time.process_time()
 heavy = [m for m in {heavy!r} if m in sys.modules]
-print(__import__("json").dumps({{"dagster": t1 - t0, "defs": t2 - t1, "heavy": heavy,
-                                 "assets": len(list(d.defs.resolve_asset_graph().get_all_asset_keys()))}}))
+print(__import__("json").dumps({{"dagster_wall": w1 - w0, "defs_wall": w2 - w1, "defs_cpu": c2 - c1,
+                                 "heavy": heavy, "assets": len(list(d.defs.resolve_asset_graph().get_all_asset_keys()))}}))
 """
 
 
@@ -113,11 +113,20 @@ def _probe() -> dict:
 
 
 def test_code_location_is_light_and_fast():
-    runs = [_probe() for _ in range(3)]
-    assert runs[0]["heavy"] == [], f"loading the code location imported {runs[0]['heavy']}"
+    """At most 1 s on top of `import dagster`, and no ML library imported.
+
+    The cost is measured as the CPU time the import takes, best of up to five fresh interpreters: wall time on
+    two shared cores says more about the neighbours than about this code. benchmarks/code_location_load.py
+    reports wall time.
+    """
+    runs = []
+    for _ in range(5):
+        runs.append(_probe())
+        assert runs[-1]["heavy"] == [], f"loading the code location imported {runs[-1]['heavy']}"
+        if runs[-1]["defs_cpu"] < 1.0:
+            break
     assert runs[0]["assets"] >= 6
-    # At most 1 s on top of `import dagster`; the best of three runs, since other processes share the cores.
-    assert min(r["defs"] for r in runs) < 1.0, runs
+    assert min(r["defs_cpu"] for r in runs) < 1.0, runs
 
 
 def test_workspace_and_pyproject_name_the_module():

@@ -105,7 +105,7 @@ def test_text_embeddings_asset_contract(home: Path, instance, pipelines: Path, t
     _, frame = write_text_spec(pipelines, tmp_path, rows=60)
     defs = build_definitions(pipelines)
     started = time.perf_counter()
-    result = materialize(defs, instance, 'key:"jobs/*"')
+    result = materialize(defs, instance, 'key:"jobs/*" and (group:data or group:embeddings)')
     assert result.success, result.all_events
     assert all(_checks(result).values()) and {"embedding_dimension", "embedding_finite", "embedding_unit_norm",
                                                "embedding_covers_validated_rows"} <= set(_checks(result))
@@ -131,14 +131,14 @@ def test_second_materialization_embeds_exactly_the_ten_changed_rows(home: Path, 
                                                                      tmp_path: Path):
     csv, frame = write_text_spec(pipelines, tmp_path, rows=120)
     defs = build_definitions(pipelines)
-    first = materialize(defs, instance, 'key:"jobs/*"')
+    first = materialize(defs, instance, 'key:"jobs/*" and (group:data or group:embeddings)')
     assert first.success
     before = pd.read_parquet(home / "assets" / "jobs" / "text_embeddings.parquet")
 
     changed = frame.index[5:105:10]
     frame.loc[changed, "title"] = [f"apprentice beekeeper number {i}" for i in range(10)]
     frame.to_csv(csv, index=False)
-    second = materialize(defs, instance, 'key:"jobs/*"')
+    second = materialize(defs, instance, 'key:"jobs/*" and (group:data or group:embeddings)')
     assert second.success and all(_checks(second).values())
 
     meta = _metadata(second, "jobs/text_embeddings")
@@ -190,7 +190,7 @@ def test_configured_model_that_is_not_a_model_names_the_spec(home: Path, instanc
                                                              tmp_path: Path):
     write_text_spec(pipelines, tmp_path, rows=60, embeddings={"model": "models/nowhere"})
     with pytest.raises(EmbeddingModelError, match=r"jobs: embeddings.model 'models/nowhere'.*nowhere"):
-        materialize(build_definitions(pipelines), instance, 'key:"jobs/*"', raise_on_error=True)
+        materialize(build_definitions(pipelines), instance, 'key:"jobs/*" and (group:data or group:embeddings)', raise_on_error=True)
 
 
 def test_code_location_load_imports_no_ml_stack():

@@ -43,7 +43,7 @@ def test_small_spec_trains_and_registers_a_challenger(home: Path, instance, pipe
     from resources.mlflow import MlflowResource
 
     write_small_spec(pipelines, tmp_path / "data")
-    result = materialize(_defs(), instance, f'key:"{SPEC_NAME}/*"')
+    result = materialize(_defs(), instance, f'key:"{SPEC_NAME}/*" and (group:data or group:training)')
     assert result.success
     ck = _metadata(result, CHECKPOINT)
     reg = _metadata(result, REGISTERED)

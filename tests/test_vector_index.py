@@ -28,7 +28,7 @@ def test_similar_finds_the_expected_neighbour_and_the_version_advances(home: Pat
                                                                         tmp_path: Path):
     csv, frame = write_text_spec(pipelines, tmp_path, rows=80)
     defs = build_definitions(pipelines)
-    first = materialize(defs, instance, 'key:"jobs/*"')
+    first = materialize(defs, instance, 'key:"jobs/*" and (group:data or group:embeddings)')
     assert first.success
     vectors = VectorIndexResource(home=str(home))
     v1 = _metadata(first, "jobs/vector_index")["lance_table_version"]
@@ -51,7 +51,7 @@ def test_similar_finds_the_expected_neighbour_and_the_version_advances(home: Pat
 
     frame.loc[3, "title"] = "beekeeper"
     frame.to_csv(csv, index=False)
-    second = materialize(defs, instance, 'key:"jobs/*"')
+    second = materialize(defs, instance, 'key:"jobs/*" and (group:data or group:embeddings)')
     assert second.success
     meta = _metadata(second, "jobs/vector_index")
     assert meta["lance_table_version"] > v1 and vectors.version("jobs") == meta["lance_table_version"]
@@ -59,7 +59,7 @@ def test_similar_finds_the_expected_neighbour_and_the_version_advances(home: Pat
     assert vectors.similar("jobs", "apiarist, keeps bees", k=1)["row_id"].tolist() == ["r0003"]
 
     frame.drop(index=[10, 11]).to_csv(csv, index=False)
-    third = materialize(defs, instance, 'key:"jobs/*"')
+    third = materialize(defs, instance, 'key:"jobs/*" and (group:data or group:embeddings)')
     assert third.success
     meta3 = _metadata(third, "jobs/vector_index")
     assert meta3["rows_deleted"] == 2 and meta3["dagster/row_count"] == 78
@@ -70,7 +70,7 @@ def test_ann_index_is_built_once_the_table_is_large_enough(home: Path, instance,
     defs = build_definitions(pipelines)
     resources = {**defs.resources, "vectors": VectorIndexResource(home=str(home), ann_min_rows=256)}
     every = [*defs.assets, *defs.asset_checks]
-    result = dg.materialize(every, selection='key:"jobs/*"', resources=resources, instance=instance)
+    result = dg.materialize(every, selection='key:"jobs/*" and (group:data or group:embeddings)', resources=resources, instance=instance)
     assert result.success
     meta = _metadata(result, "jobs/vector_index")
     assert meta["ann_index"] != "none (exact scan)"
@@ -79,7 +79,7 @@ def test_ann_index_is_built_once_the_table_is_large_enough(home: Path, instance,
 
     frame.loc[0, "title"] = "zookeeper"
     frame.to_csv(csv, index=False)
-    again = dg.materialize(every, selection='key:"jobs/*"', resources=resources, instance=instance)
+    again = dg.materialize(every, selection='key:"jobs/*" and (group:data or group:embeddings)', resources=resources, instance=instance)
     meta2 = _metadata(again, "jobs/vector_index")
     assert meta2["ann_index"] == meta["ann_index"] and meta2["lance_table_version"] > meta["lance_table_version"]
     assert vectors.similar("jobs", "zookeeper", k=1)["row_id"].tolist() == ["r0000"]
@@ -90,7 +90,7 @@ def test_errors_name_the_spec_and_column(home: Path, instance, pipelines: Path, 
     with pytest.raises(VectorIndexError, match="jobs: no vector index.*materialize jobs/vector_index"):
         vectors.similar("jobs", "nurse")
     write_text_spec(pipelines, tmp_path, rows=60, texts=titles(60))
-    assert materialize(build_definitions(pipelines), instance, 'key:"jobs/*"').success
+    assert materialize(build_definitions(pipelines), instance, 'key:"jobs/*" and (group:data or group:embeddings)').success
     with pytest.raises(VectorIndexError, match="no text column 'notes'"):
         vectors.similar("jobs", "nurse", column="notes")
     with pytest.raises(VectorIndexError, match="dimension 3 does not fit.*384"):
