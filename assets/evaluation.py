@@ -4,7 +4,6 @@ Everything a compliance gate needs is gathered here as evidence (metrics, per-sl
 explanations, robustness, lineage and integrity), so the gates themselves are cheap pure functions.
 """
 
-import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -18,7 +17,7 @@ import pandas as pd
 from assets.data import LABEL, ROW_ID, SPLIT, asset_key, owners_for
 from assets.spec import LoadedSpec, PipelineSpec
 from resources.mlflow import MlflowResource
-from resources.storage import StorageResource, frame_hash
+from resources.storage import StorageResource, frame_hash, sha256_file
 
 GROUP = "evaluation"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -26,14 +25,6 @@ LINEAGE_TAGS = ("dataset_hash", "splits_hash", "embeddings_version", "spec_hash"
                 "checkpoint_sha256")
 IMPORTANCE_ROWS = 1000
 EXPLAIN_TOP = 3
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _alias_version(mlflow: MlflowResource, name: str, alias: str):
@@ -60,14 +51,14 @@ def verify_integrity(mlflow: MlflowResource, name: str, version) -> dict[str, An
         if not found:
             problems.append(f"{file_name} listed in the manifest is missing from version {version.version}")
             continue
-        actual = _sha256(found[0])
+        actual = sha256_file(found[0])
         if actual != expected:
             problems.append(f"{file_name} has sha256 {actual[:16]}..., the manifest says {expected[:16]}...")
         else:
             verified += 1
     weights = list(local.rglob("model.safetensors"))
     reported = (version.tags or {}).get("checkpoint_sha256")
-    if reported and weights and _sha256(weights[0]) != reported:
+    if reported and weights and sha256_file(weights[0]) != reported:
         problems.append(f"model.safetensors does not match the checkpoint digest {reported[:16]}... reported by "
                         "training")
     if not reported:

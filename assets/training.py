@@ -24,7 +24,7 @@ from assets.features import build_feature_frame, fit_preprocessing, transform
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import CHALLENGER, MlflowResource
-from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash
+from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, sha256_file
 
 GROUP = "training"
 POOL = "training"
@@ -38,14 +38,6 @@ class TrainingError(RuntimeError):
 
 
 # --- plain functions (tested on their own) --------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_model_dir(spec_name: str, model_dir: Path) -> dict[str, Any]:

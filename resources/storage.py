@@ -88,6 +88,14 @@ def frame_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class StorageResource(dg.ConfigurableResource):
     """The root of all local state and the paths under it, one folder per spec and concern."""
 
