@@ -148,7 +148,9 @@ def build_embedding_assets(loaded: LoadedSpec) -> list[Any]:
         meta: dict[str, Any] = {}
         for col in text_columns:
             others = [c for c in spec.features.all if c != col]
-            fields = joined[others].astype(object).where(joined[others].notna(), None).to_dict(orient="records")
+            # A spec whose only feature is this text has no other fields to show a reviewer.
+            fields = (joined[others].astype(object).where(joined[others].notna(), None).to_dict(orient="records")
+                      if others else [{}] * len(joined))
             rows = pd.DataFrame({
                 "row_id": joined[ROW_ID].astype(str), "text": joined[col].astype(str), "label": joined[LABEL],
                 "fields": [json.dumps(f, default=str, sort_keys=True) for f in fields],

@@ -95,3 +95,12 @@ def test_errors_name_the_spec_and_column(home: Path, instance, pipelines: Path, 
         vectors.similar("jobs", "nurse", column="notes")
     with pytest.raises(VectorIndexError, match="dimension 3 does not fit.*384"):
         vectors.similar("jobs", np.ones(3))
+
+
+def test_spec_whose_only_feature_is_text_gets_an_index(home: Path, instance, pipelines: Path, tmp_path: Path):
+    """No other fields to show a reviewer: the index still holds every row, with empty fields."""
+    write_text_spec(pipelines, tmp_path, rows=60, features={"text": ["title"]})
+    result = materialize(build_definitions(pipelines), instance, 'key:"jobs/*" and (group:data or group:embeddings)')
+    assert result.success
+    hits = VectorIndexResource(home=str(home)).similar("jobs", titles(60)[5], k=1)
+    assert len(hits) == 1 and json.loads(hits.iloc[0]["fields"]) == {}
