@@ -159,7 +159,8 @@ def build_compliance_assets(loaded: LoadedSpec) -> list[Any]:
                        "promote anyway by naming an approver and a reason in the run config "
                        "(ops: {<this asset>: {config: {approver: ..., reason: ...}}})")
                 raise dg.Failure(
-                    f"{spec.name} v{version} is not promoted: failed gates {failed} "
+                    f"{spec.name} v{version} is not promoted: failed gates {failed} (failed, or not evaluated for "
+                    f"this version) "
                     f"({'; '.join(report['gates'].get(n, {}).get('summary', '') for n in failed if n in report['gates'])})"
                     f". {why}. Champion stays at {current.version if current else 'none'}.")
             approved = True
