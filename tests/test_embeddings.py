@@ -20,14 +20,6 @@ from resources.embedder import (SHIPPED_MODEL_NAME, EmbeddingCache, EmbeddingMod
                                 encode, resolve_model)
 from support import REPO, copy_shipped, materialize, write_spec
 
-@pytest.fixture
-def instance(home: Path):
-    """conftest's `instance`, with the folder it needs created first (instance_for_test does not create it)."""
-    (home / "dagster").mkdir(exist_ok=True)
-    with dg.instance_for_test(temp_dir=str(home / "dagster")) as inst:
-        yield inst
-
-
 # --- a small text spec: a CSV in the test's folder and a `kind: file` spec over it ---------------------------
 
 ADJECTIVES = ["senior", "junior", "lead", "assistant", "chief", "staff", "principal", "associate", "head",

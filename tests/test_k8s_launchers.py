@@ -283,13 +283,6 @@ def model_checkpoint(context: dg.AssetExecutionContext, launcher: TrainingLaunch
 
 
 @pytest.fixture
-def instance(tmp_path: Path):
-    """A real (SQLite) instance; conftest's `instance` points at a dagster/ folder it never creates."""
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as inst:
-        yield inst
-
-
-@pytest.fixture
 def kubeconfig(tmp_path: Path) -> str:
     """A kubeconfig that loads for real but points nowhere: every API call goes to the fake."""
     path = tmp_path / "kubeconfig"

@@ -16,14 +16,6 @@ from support import materialize
 from test_embeddings import _metadata, titles, write_text_spec
 
 
-@pytest.fixture
-def instance(home: Path):
-    """conftest's `instance`, with the folder it needs created first (instance_for_test does not create it)."""
-    (home / "dagster").mkdir(exist_ok=True)
-    with dg.instance_for_test(temp_dir=str(home / "dagster")) as inst:
-        yield inst
-
-
 def test_similar_finds_the_expected_neighbour_and_the_version_advances(home: Path, instance, pipelines: Path,
                                                                         tmp_path: Path):
     csv, frame = write_text_spec(pipelines, tmp_path, rows=80)
