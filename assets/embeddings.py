@@ -16,17 +16,12 @@ import pandas as pd
 
 from assets.checks.embedding_checks import build_embedding_checks
 from assets.data import LABEL, ROW_ID, asset_key, owners_for
+from assets.features import embedding_column
 from assets.spec import LoadedSpec, PipelineSpec
 from resources.storage import StorageResource, frame_hash
 from resources.vectors import VectorIndexResource
 
 GROUP = "embeddings"
-SUFFIX = "__embedding"
-
-
-def embedding_column(text_column: str) -> str:
-    """The column of text_embeddings that holds `text_column`'s vectors."""
-    return f"{text_column}{SUFFIX}"
 
 
 def embeddings_version(weights_hash: str, frame: pd.DataFrame, text_columns: list[str]) -> str:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from assets.data import LABEL, ROW_ID, SPLIT, asset_key, owners_for
 from assets.spec import LoadedSpec, PipelineSpec
+from assets.training import manifest_problems
 from resources.mlflow import MlflowResource
 from resources.storage import StorageResource, frame_hash, sha256_file
 
@@ -38,24 +39,13 @@ def verify_integrity(mlflow: MlflowResource, name: str, version) -> dict[str, An
     """Hash the registered artifacts against the manifest and the checkpoint digest the training reported."""
     import mlflow as mlflow_lib
 
-    problems: list[str] = []
     with mlflow.activated():
         local = Path(mlflow_lib.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
     manifests = list(local.rglob("manifest.json"))
     if not manifests:
         return {"problems": [f"version {version.version} has no manifest.json"], "files_verified": 0}
-    manifest = json.loads(manifests[0].read_text())
-    verified = 0
-    for file_name, expected in manifest.get("files", {}).items():
-        found = list(local.rglob(file_name))
-        if not found:
-            problems.append(f"{file_name} listed in the manifest is missing from version {version.version}")
-            continue
-        actual = sha256_file(found[0])
-        if actual != expected:
-            problems.append(f"{file_name} has sha256 {actual[:16]}..., the manifest says {expected[:16]}...")
-        else:
-            verified += 1
+    manifest, problems = manifest_problems(manifests[0].parent)
+    verified = len(manifest["files"]) - len(problems)
     weights = list(local.rglob("model.safetensors"))
     reported = (version.tags or {}).get("checkpoint_sha256")
     if reported and weights and sha256_file(weights[0]) != reported:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+# The same names as assets.data: repeated because this file ships alone inside the registered model.
 ROW_ID = "row_id"
 LABEL = "label"
 SPLIT = "split"

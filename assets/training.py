@@ -40,18 +40,28 @@ class TrainingError(RuntimeError):
 # --- plain functions (tested on their own) --------------------------------------------------------------------
 
 
-def verify_model_dir(spec_name: str, model_dir: Path) -> dict[str, Any]:
-    """The manifest, after checking every file it lists against its sha256."""
+def manifest_problems(model_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The manifest in `model_dir` and every way its files fail to match it (empty when all match)."""
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.is_file():
-        raise TrainingError(f"{spec_name}: {manifest_path} does not exist; materialize model_checkpoint again")
+        return None, [f"{manifest_path} does not exist"]
     manifest = json.loads(manifest_path.read_text())
+    problems = []
     for name, expected in manifest["files"].items():
         path = model_dir / name
         if not path.is_file():
-            raise TrainingError(f"{spec_name}: {path} listed in {manifest_path} is missing")
-        if sha256_file(path) != expected:
-            raise TrainingError(f"{spec_name}: {path} does not match the sha256 in {manifest_path}")
+            problems.append(f"{path} listed in {manifest_path} is missing")
+        elif (actual := sha256_file(path)) != expected:
+            problems.append(f"{name} does not match the sha256 in {manifest_path.name} (file {actual[:16]}..., "
+                            f"manifest {expected[:16]}...)")
+    return manifest, problems
+
+
+def verify_model_dir(spec_name: str, model_dir: Path) -> dict[str, Any]:
+    """The manifest, after checking every file it lists against its sha256."""
+    manifest, problems = manifest_problems(model_dir)
+    if manifest is None or problems:
+        raise TrainingError(f"{spec_name}: {'; '.join(problems)}; materialize model_checkpoint again")
     return manifest
 
 

@@ -70,21 +70,26 @@ def frame_to_parquet_bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def _is_vector_column(col: pd.Series) -> bool:
+    if col.dtype != object:
+        return False
+    first = col.dropna()
+    return len(first) > 0 and hasattr(first.iloc[0], "__len__") and not isinstance(first.iloc[0], str | bytes)
+
+
 def frame_hash(df: pd.DataFrame) -> str:
     """Content hash of a frame: its column names, dtypes and every value, independent of the index."""
     h = hashlib.sha256()
     h.update(json.dumps([[str(c), str(t)] for c, t in df.dtypes.items()]).encode())
     # Columns of vectors (embeddings) are not hashable cell by cell; hash their bytes instead.
-    vector_cols = [c for c in df.columns if df[c].dtype == object and len(df) and
-                   hasattr(df[c].dropna().iloc[0] if df[c].notna().any() else None, "__len__") and
-                   not isinstance(df[c].dropna().iloc[0], str)]
+    vector_cols = [c for c in df.columns if _is_vector_column(df[c])]
     plain = df.drop(columns=vector_cols)
     if plain.shape[1]:
         h.update(pd.util.hash_pandas_object(plain, index=False).to_numpy().tobytes())
     for c in vector_cols:
-        h.update(c.encode())
+        h.update(str(c).encode())
         for v in df[c]:
-            h.update(b"\0" if v is None else memoryview(np.ascontiguousarray(v, dtype=np.float64)).tobytes())
+            h.update(b"\0" if v is None else np.ascontiguousarray(v, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 

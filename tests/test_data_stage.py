@@ -243,3 +243,13 @@ def test_sql_source_error_names_the_query_target(home: Path, pipelines: Path, in
     assert not result.success
     msg = failure_text(result)
     assert "missing_table" in msg and "query against sqlite" in msg
+
+
+def test_frame_hash_covers_vector_columns():
+    """text_embeddings frames hold one vector per cell; their hash must see every number."""
+    from resources.storage import frame_hash
+
+    a = pd.DataFrame({"row_id": ["1", "2"], "t__embedding": [np.ones(3, np.float32), np.zeros(3, np.float32)]})
+    b = a.copy()
+    b.at[1, "t__embedding"] = np.array([0, 0, 1e-6], np.float32)
+    assert frame_hash(a) == frame_hash(a.copy()) != frame_hash(b)

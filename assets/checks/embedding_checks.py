@@ -7,7 +7,8 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-ROW_ID = "row_id"
+from assets.data import ROW_ID
+
 NORM_TOLERANCE = 1e-3
 
 EMBEDDING_CHECKS = {

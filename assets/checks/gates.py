@@ -147,7 +147,7 @@ def evaluate_gates(ev: dict[str, Any], spec: PipelineSpec) -> list[GateOutcome]:
     """
     if ev.get("test") is None:
         reason = (ev.get("integrity") or {}).get("load_error") or "no test metrics recorded"
-        skipped = [GateOutcome(g.__name__.replace("_gate", "").replace("governance", "data_governance"), False,
+        skipped = [GateOutcome(g.__name__.removesuffix("_gate"), False,
                                f"not evaluated: the model did not load ({reason})")
                    for g in MODEL_GATES if g not in (governance_gate, integrity_gate)]
         return [*skipped, governance_gate(ev, spec), integrity_gate(ev, spec)]
