@@ -4,10 +4,11 @@ A bundle holds up to three kinds of detector, each an alibi-detect detector save
 
 - `tabular`: `TabularDrift` over the spec's numeric (two-sample Kolmogorov-Smirnov) and categorical
   (Chi-squared on the category counts) features, with a multiple-testing correction across the features.
-  The default is `fdr` (Benjamini-Hochberg): under "nothing moved" it is Simes' test, which keeps the false
-  alarm rate at the level like Bonferroni does, and when drift is real it usually moves several correlated
-  features at once (incomes, credit limits, balances), where BH flags sooner. benchmarks/README.md
-  ("Drift detectors") has the false-alarm and power figures that chose it.
+  The default is `fdr` (Benjamini-Hochberg): it flags whenever Bonferroni would and also when several
+  features move a little at once (incomes, credit limits and balances move together), and under "nothing
+  moved" it is Simes' test, whose false-alarm rate was measured at the level on this data (the price of BH
+  is an assumption of positive dependence between the features' p-values, which the measurement checks).
+  benchmarks/README.md ("Drift detectors") has the figures.
 - `text:<column>`: a kernel two-sample test on the column's sentence embeddings, MMD (the default) or LSDD,
   on the pytorch backend. alibi-detect's permutation p-value is the share of permuted statistics at or above
   the observed one, leaving the observed statistic out (alibi-detect issue 960): it can be 0 and is slightly
@@ -570,10 +571,12 @@ def fit_detectors(reference: pd.DataFrame, numeric: list[str], categorical: list
     """Fit every detector on `reference` (a model version's training split) and save them in `out_dir`.
 
     `text_vectors` maps each text column to its embeddings, row for row with `reference`. `scores` are the
-    model's probabilities on reference rows; pass scores the model did not train on (held-out or cross-fitted
-    predictions), because a model is more confident on its own training rows and the score detector would
-    then alarm on every window of new traffic (benchmarks/README.md measures this). The folder is replaced
-    as a whole, atomically: readers see the old bundle or the new one, never a mix.
+    model's probabilities on rows like the reference's, and need not be as many: pass scores the model did
+    not train on (its validation split, or cross-fitted predictions). A model is more confident on its own
+    training rows, so in-sample scores make the reference look unlike any new traffic; for a logistic
+    regression the difference is small (benchmarks/README.md), for a network that fits its training rows
+    closely it is not. The folder is replaced as a whole, atomically: readers see the old bundle or the new
+    one, never a mix.
     """
     _quiet_alibi()
     import alibi_detect

@@ -41,6 +41,7 @@ def loans() -> dict:
     df = df.sample(frac=1.0, random_state=3).reset_index(drop=True)
     ref, pool = df.iloc[:REF_ROWS].reset_index(drop=True), df.iloc[REF_ROWS:].reset_index(drop=True)
     health = pool[pool["emp_title"].str.lower().map(lambda s: any(h in s for h in HEALTH))]
+    health = health.sample(n=WINDOW // 4, replace=True, random_state=0).reset_index(drop=True)
 
     model_ref = resolve_model(None, "credit_risk")
     needed = pd.concat([ref["emp_title"], pool["emp_title"].iloc[: 2 * WINDOW], health["emp_title"]]).unique().tolist()
@@ -110,7 +111,7 @@ def test_shifted_incomes_are_flagged_and_explained(fitted: drift.DetectorBundle,
 
 def test_shifted_occupations_are_flagged_by_the_text_detector(fitted: drift.DetectorBundle, loans: dict) -> None:
     window = loans["pool"].iloc[:WINDOW].reset_index(drop=True)
-    health = loans["health"].sample(n=WINDOW // 4, replace=True, random_state=0)
+    health = loans["health"]  # a quarter of the window: health-care job titles
     shifted = pd.concat([window.iloc[: WINDOW - len(health)], health], ignore_index=True)
     result = _score(fitted, loans, shifted)
     text = next(d for d in result.detectors if d.name == "text:emp_title")
