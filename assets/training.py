@@ -22,6 +22,7 @@ from assets import features as feature_module
 from assets.data import LABEL, SPLIT, asset_key, owners_for
 from assets.features import build_feature_frame, fit_preprocessing, transform
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec
+from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import CHALLENGER, MlflowResource
 from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, sha256_file
@@ -299,7 +300,9 @@ def build_training_assets(loaded: LoadedSpec) -> list[Any]:
                         python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
                         artifacts={"weights": str(model_dir / "model.safetensors"),
                                    "preprocessing": str(model_dir / "preprocessing.json"),
-                                   "manifest": str(model_dir / "manifest.json")},
+                                   "manifest": str(model_dir / "manifest.json"),
+                                   **(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent,
+                                                        Path(code_dir)) if spec.has_text else {})},
                         code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
                         pip_requirements=_pip_requirements(spec),
                         signature=_signature(spec),
