@@ -11,6 +11,7 @@ import pandas as pd
 
 from assets import naming
 from assets.checks.data_quality import DATA_CHECKS, CheckOutcome, Profile, label_series, validate_frame
+from assets.features import clean_text
 from assets.naming import LABEL, ROW_ID, SPLIT, asset_key
 from assets.sources import parquet_safe, read_source
 from assets.spec import LoadedSpec, PipelineSpec
@@ -94,7 +95,7 @@ def clean_rows(raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, pd.
         df[col] = df[col].map(lambda v: None if pd.isna(v) else (str(int(v)) if isinstance(v, float) and
                                                                  v.is_integer() else str(v))).astype(object)
     for col in spec.features.text:
-        df[col] = df[col].map(lambda v: "" if pd.isna(v) else str(v).strip()).astype(object)
+        df[col] = df[col].map(clean_text).astype(object)
     if spec.time_column and spec.split.strategy == "time":
         reject(parse_time(df[spec.time_column]).isna(), f"time column '{spec.time_column}' is null or unparsable")
 
@@ -208,7 +209,7 @@ def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.Data
             f"is {spec.validation.min_rows}); reasons: {dict(Counter(rejected['reason']).most_common(5))}")
     rejected_path = storage.spec_dir(spec.name, "validation") / "rejected_rows.parquet"
     atomic_write_bytes(rejected_path, frame_to_parquet_bytes(rejected))
-    atomic_write_json(_profile_path(storage, spec), Profile.of(clean, spec).to_json())
+    atomic_write_json(_profile_path(storage, spec), Profile.of(clean, spec, raw).to_json())
     digest = frame_hash(clean)
     reasons = Counter(rejected["reason"])
     return dg.Output(clean, data_version=dg.DataVersion(digest[:16]), metadata={

@@ -16,7 +16,7 @@ import pandas as pd
 
 from assets import naming
 from assets.checks.embedding_checks import build_embedding_checks
-from assets.features import embedding_column
+from assets.features import clean_text, embedding_column
 from assets.naming import LABEL, ROW_ID, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from resources.storage import StorageResource, frame_hash
@@ -67,8 +67,7 @@ def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: 
     totals = {"rows_embedded": 0, "rows_reused": 0, "texts_embedded": 0, "encode_seconds": 0.0}
     dim: int | None = None
     for col in text_columns:
-        texts = validated[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v))
-                                   else str(v)).tolist()
+        texts = validated[col].map(clean_text).tolist()
         run = embed_with_cache(ref, texts, cache, spec.embeddings.batch_size)
         dim = int(run.vectors.shape[1]) if len(texts) else model_dimension(ref)
         frame[embedding_column(col)] = list(run.vectors)

@@ -32,14 +32,16 @@ THRESHOLD_TAG = "operating_threshold"
 def verify_integrity(mlflow: MlflowResource, name: str, version) -> Integrity:
     """Hash the registered artifacts against the manifest and the checkpoint digest the training reported."""
     local = mlflow.download_version(name, str(version.version))
-    manifests = list(local.rglob("manifest.json"))
-    if not manifests:
-        return Integrity(problems=[f"version {version.version} has no manifest.json"], files_verified=0)
-    manifest, problems = manifest_problems(manifests[0].parent)
+    # The pyfunc keeps its artifacts side by side under artifacts/; a carried text encoder folder has its own
+    # model.safetensors (and maybe a manifest.json), so nothing is searched for.
+    artifacts = local / "artifacts"
+    if not (artifacts / "manifest.json").is_file():
+        return Integrity(problems=[f"version {version.version} has no artifacts/manifest.json"], files_verified=0)
+    manifest, problems = manifest_problems(artifacts)
     verified = len(manifest["files"]) - len(problems)
-    weights = list(local.rglob("model.safetensors"))
+    weights = artifacts / "model.safetensors"
     reported = (version.tags or {}).get("checkpoint_sha256")
-    if reported and weights and sha256_file(weights[0]) != reported:
+    if reported and weights.is_file() and sha256_file(weights) != reported:
         problems.append(f"model.safetensors does not match the checkpoint digest {reported[:16]}... reported by "
                         "training")
     if not reported:

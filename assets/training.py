@@ -23,6 +23,7 @@ from assets import naming
 from assets.features import build_feature_frame, fit_preprocessing, transform
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec
+from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource
 from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, sha256_file
@@ -245,10 +246,11 @@ def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: Mlflo
     return dg.Output(record, metadata=meta, data_version=dg.DataVersion(result["weights_sha256"][:16]))
 
 
-def register_checkpoint(spec: PipelineSpec, mlflow: MlflowResource, checkpoint: dict, validated: pd.DataFrame,
+def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: dict, validated: pd.DataFrame,
                         dagster_run_id: str, log: Any) -> dg.Output[dict]:
-    """Log the trained network as a pyfunc from code, register a version with lineage tags, check that it
-    loads without pickle and predicts, then point `challenger` at it."""
+    """Log the trained network as a pyfunc from code (with the text encoder it was trained with), register a
+    version with lineage tags, check that it loads without pickle and predicts, then point `challenger` at it."""
+    spec = loaded.spec
     model_dir = Path(checkpoint["model_dir"])
     manifest = verify_model_dir(spec.name, model_dir)
     example = validated[spec.features.all].head(5).reset_index(drop=True)
@@ -271,7 +273,9 @@ def register_checkpoint(spec: PipelineSpec, mlflow: MlflowResource, checkpoint: 
             python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
             artifacts={"weights": str(model_dir / "model.safetensors"),
                        "preprocessing": str(model_dir / "preprocessing.json"),
-                       "manifest": str(model_dir / "manifest.json")},
+                       "manifest": str(model_dir / "manifest.json"),
+                       **(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, Path(code_dir))
+                          if spec.has_text else {})},
             code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
             pip_requirements=_pip_requirements(spec),
             signature=_signature(spec),
@@ -352,6 +356,6 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                          validated: pd.DataFrame) -> dg.Output[dict]:
         """A version of the spec's MLflow model (pyfunc from code, safetensors weights, no pickle) with lineage
         tags; alias `challenger` points to it once it loads without pickle and predicts sane probabilities."""
-        return register_checkpoint(spec, mlflow, checkpoint, validated, context.run_id, context.log)
+        return register_checkpoint(loaded, mlflow, checkpoint, validated, context.run_id, context.log)
 
     return dg.Definitions(assets=[model_checkpoint, registered_model])
