@@ -169,7 +169,7 @@ class Training(_Strict):
     eval_every_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)  # an optional cap on passes over the training rows
     early_stopping_patience: int = Field(10, ge=1)  # evaluations without a better `monitor`
-    monitor: Literal["auc", "loss"] = "auc"
+    monitor: Literal["auc", "loss"] = "loss"
     warmup_fraction: float = Field(0.05, ge=0, le=1)
     min_lr_fraction: float = Field(0.05, ge=0, le=1)
     max_batch_fraction: float = Field(0.05, gt=0, le=1)

@@ -107,17 +107,19 @@ def test_lr_warms_up_linearly_then_decays_along_a_cosine_to_the_floor() -> None:
 # --- class weighting ----------------------------------------------------------------------------------------
 
 
-def test_positive_weight_balances_the_gradient_of_each_class() -> None:
+def test_positive_weight_lifts_the_rare_class_half_way_to_balance() -> None:
     import torch
     import torch.nn.functional as F
 
     y = np.array([1.0] * 3 + [0.0] * 97, dtype=np.float32)
     w = train.positive_weight(y)
-    assert w == pytest.approx(97 / 3)
+    assert w == pytest.approx(math.sqrt(97 / 3))
     logits = torch.zeros(100, requires_grad=True)
     F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y), pos_weight=torch.tensor(w)).backward()
-    # At p = 0.5 the three positives pull exactly as hard as the 97 negatives push.
-    assert float(logits.grad[y == 1].sum()) == pytest.approx(-float(logits.grad[y == 0].sum()), rel=1e-5)
+    # At p = 0.5 each positive pulls sqrt(97/3) times as hard as a negative pushes: the positives' share of
+    # the gradient goes from 3/100 to the geometric middle between that and balance.
+    pull, push = -float(logits.grad[y == 1].sum()), float(logits.grad[y == 0].sum())
+    assert pull / push == pytest.approx(math.sqrt(3 / 97), rel=1e-5)
     assert train.positive_weight(np.ones(5)) == train.positive_weight(np.zeros(5)) == 1.0
 
 
