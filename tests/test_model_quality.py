@@ -184,6 +184,8 @@ def test_calibrate_fits_on_validation_and_records_it() -> None:
     assert train.log_loss(y, p) == pytest.approx(record["val_log_loss_after"], abs=1e-6)
     off, why = train.calibrate(dataclasses.replace(cfg, calibrate=False), weights, 3, x, y)
     assert off is weights and why == {"method": "none", "reason": "calibrate is off"}
+    flipped, why = train.calibrate(cfg, weights, 3, x, 1.0 - y)  # a network that ranks backwards stays so
+    assert flipped is weights and why["method"] == "none" and why["a"] < 0 and "not positive" in why["reason"]
     _, why = train.calibrate(cfg, weights, 3, x, np.zeros(3_000, np.float32))
     assert why["method"] == "none" and "lacks one of the classes" in why["reason"]
 

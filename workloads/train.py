@@ -470,6 +470,11 @@ def calibrate(cfg: TrainConfig, weights: dict[str, Any], in_features: int, x_val
         return weights, {"method": "none", "reason": "the validation split lacks one of the classes"}
     z = network_logits(weights, in_features, cfg.hidden, x_val)
     a, b = fit_platt(z, y)
+    if a <= 0:
+        # Folding a negative slope would turn the network's ranking upside down on the strength of the
+        # validation rows alone; a network that ranks backwards is left as it is, for the gates to see.
+        return weights, {"method": "none", "reason": f"the fitted slope a={a:.4f} is not positive: the network's "
+                         "scores do not rise with the positive rate on the validation split", "a": a, "b": b}
     before = 1.0 / (1.0 + np.exp(-z))
     after = 1.0 / (1.0 + np.exp(-(a * z + b)))
     record = {"method": "platt", "fitted_on": "validation", "rows": int(len(y)), "a": a, "b": b,
