@@ -152,14 +152,29 @@ class DeepSpeedSettings(_Strict):
 
 
 class Training(_Strict):
-    """Model and training settings; see workloads/train.py for what each one does."""
+    """Model and training settings; workloads/train.py (TrainConfig, plan_budget) says what each one does.
+
+    Every key but `deepspeed`, `launcher`, `nproc_per_node`, `max_categories` and `keep_runs` is a field of the training
+    workload's TrainConfig with the same name and meaning, so the whole section is handed to it as is. The
+    budget is counted in optimizer steps; left null, `max_steps`, `min_steps` and `eval_every_steps` are
+    fitted to the number of training rows, which works from a few hundred rows to a few hundred thousand.
+    """
 
     hidden: list[int] = [64, 32]
     dropout: float = Field(0.1, ge=0, lt=1)
-    epochs: int = Field(8, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    early_stopping_patience: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    min_steps: int | None = Field(None, ge=1)
+    eval_every_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)  # an optional cap on passes over the training rows
+    early_stopping_patience: int = Field(10, ge=1)  # evaluations without a better `monitor`
+    monitor: Literal["auc", "loss"] = "loss"
+    warmup_fraction: float = Field(0.05, ge=0, le=1)
+    min_lr_fraction: float = Field(0.05, ge=0, le=1)
+    max_batch_fraction: float = Field(0.05, gt=0, le=1)
+    class_weighting: bool = True
+    calibrate: bool = True
     checkpoint_every_steps: int = Field(50, ge=1)
     max_categories: int = Field(30, ge=1)
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
@@ -167,6 +182,13 @@ class Training(_Strict):
     launcher: Literal["default", "trainjob"] = "default"
     nproc_per_node: int = Field(2, ge=1)
     keep_runs: int = Field(5, ge=1)        # training run folders kept under <home>/<spec>/training/runs
+
+    @model_validator(mode="after")
+    def _budget_consistent(self) -> Training:
+        if self.min_steps is not None and self.max_steps is not None and self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) is above max_steps ({self.max_steps}); lower min_steps "
+                             "or raise max_steps")
+        return self
 
 
 class Compliance(_Strict):
@@ -178,6 +200,7 @@ class Compliance(_Strict):
     min_group_size: int = Field(30, ge=1)
     min_auc: float = Field(0.70, ge=0, le=1)
     max_auc_regression: float = Field(0.01, ge=0, le=1)
+    max_auc_below_baseline: float = Field(0.02, ge=0, le=1)
     max_prediction_shift: float = Field(0.05, ge=0, le=1)
     max_missing_text_shift: float = Field(0.15, ge=0, le=1)
     allow_sensitive_inputs: bool = False

@@ -180,14 +180,15 @@ def test_workload_runs_by_hand_and_a_finished_run_is_exported_again(tmp_path: Pa
     y = (x[:, 0] - x[:, 1] + 0.3 * rng.normal(size=300) > 0).astype(np.float32)
     np.savez(tmp_path / "data.npz", x_train=x[:240], y_train=y[:240], x_val=x[240:], y_val=y[240:])
     args = [sys.executable, str(REPO / "workloads" / "train.py"), "--data", str(tmp_path / "data.npz"),
-            "--output-dir", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "3",
+            "--output-dir", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--max-steps", "24",
             "--micro-batch-size", "32", "--checkpoint-every-steps", "10", "--learning-rate", "0.01"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     env.pop("DAGSTER_PIPES_CONTEXT", None)
     first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "model" / "result.json").read_text())
-    assert result["epochs"] == 3 and result["steps"] == 24 and result["best_val_auc"] > 0.8
+    assert result["budget"]["max_steps"] == result["budget"]["min_steps"] == 24
+    assert result["steps"] == 24 and result["evaluations"] >= 1 and result["best_val_auc"] > 0.8
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert manifest["files"]["model.safetensors"] == train.sha256_file(tmp_path / "model" / "model.safetensors")
     assert (tmp_path / "ckpt" / "global_step24.final" / train.MARKER).exists()

@@ -69,11 +69,13 @@ def test_small_spec_trains_and_registers_a_challenger(home: Path, instance, pipe
     assert tags["checkpoint_sha256"] == ck["weights_sha256"]
     assert len(tags["spec_hash"]) == 64 and tags["code_revision"]
 
-    # The training run got its params once and one batch of metrics per epoch.
+    # The training run got its params once and one batch of metrics per evaluation.
     client = ml.client()
     run = client.get_run(ck["mlflow_run_id"])
     assert run.data.params["zero_stage"] == "1" and run.data.params["world_size"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "val_auc")) == ck["epochs"]
+    result = json.loads((model_dir / "result.json").read_text())
+    assert len(client.get_metric_history(run.info.run_id, "val_auc")) == result["evaluations"] >= 1
+    assert result["calibration"]["method"] == "platt" and manifest["calibration"] == result["calibration"]
 
     # Served from the registry with pickle refused: raw validated values in, probabilities out.
     validated = pd.read_parquet(home / "assets" / SPEC_NAME / "validated_dataset.parquet")
