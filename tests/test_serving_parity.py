@@ -154,10 +154,7 @@ def pyfunc(trained: Trained):
 
 
 def test_registered_version_carries_the_encoder_and_its_settings(trained: Trained):
-    import mlflow
-
-    with MlflowResource(home=str(trained.home)).activated():
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{trained.version}"))
+    local = MlflowResource(home=str(trained.home)).download_version(NAME, trained.version)
     artifacts = local / "artifacts"
     description = json.loads((artifacts / "encoder.json").read_text())
     assert description["source"] == {"kind": "artifact", "artifact": "encoder_model"}
@@ -183,9 +180,9 @@ def test_served_probabilities_equal_the_training_workloads(trained: Trained, pyf
     served = pyfunc.predict(trained.rows)["probability"].to_numpy()
     np.testing.assert_allclose(served, trained.expected, rtol=0, atol=1e-5)
     # The spec reached model_evaluation with the registered version loading and its artifacts verified.
-    assert trained.evaluation["model_version"] == trained.version
-    assert trained.evaluation["test"] is not None and "test_auc" in trained.evaluation_meta
-    assert trained.evaluation["integrity"]["problems"] == []
+    assert trained.evaluation.model_version == trained.version
+    assert trained.evaluation.test is not None and "test_auc" in trained.evaluation_meta
+    assert trained.evaluation.integrity.problems == []
 
 
 def test_predict_from_another_thread(trained: Trained, pyfunc):
