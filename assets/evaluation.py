@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 
 from assets import naming
-from assets.evidence import (ChampionComparison, Evaluation, ExplainedDecision, Explanations, Governance,
-                             Integrity, SliceMetrics)
+from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, ExplainedDecision, Explanations,
+                             Governance, Integrity, SliceMetrics)
+from assets.features import build_feature_frame
 from assets.naming import CHALLENGER, CHAMPION, LABEL, LINEAGE_TAGS, ROW_ID, SPLIT, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.training import manifest_problems
-from resources.mlflow import MlflowResource
+from resources.mlflow import MlflowResource, refuse_pickle
 from resources.storage import StorageResource, frame_hash, sha256_file
 
 IMPORTANCE_ROWS = 1000
@@ -29,9 +30,8 @@ EXPLAIN_TOP = 3
 THRESHOLD_TAG = "operating_threshold"
 
 
-def verify_integrity(mlflow: MlflowResource, name: str, version) -> Integrity:
-    """Hash the registered artifacts against the manifest and the checkpoint digest the training reported."""
-    local = mlflow.download_version(name, str(version.version))
+def verify_integrity(local: Path, version) -> Integrity:
+    """Hash the downloaded version's artifacts against its manifest and the checkpoint digest training reported."""
     # The pyfunc keeps its artifacts side by side under artifacts/; a carried text encoder folder has its own
     # model.safetensors (and maybe a manifest.json), so nothing is searched for.
     artifacts = local / "artifacts"
@@ -56,6 +56,12 @@ def _describe_source(spec: PipelineSpec) -> str:
     if src.kind == "file":
         return f"file {src.path}"
     return f"sql query: {src.query}"
+
+
+def mlflow_pyfunc_load(local: Path):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(str(local))
 
 
 def _predict_fn(model):
@@ -134,8 +140,31 @@ def _governance(spec: PipelineSpec, tags: dict[str, str], validated: pd.DataFram
     return Governance(problems=sorted(set(problems)), model_inputs=inputs, current=current)
 
 
+def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path) -> list[BaselineScore]:
+    """Logistic regression and gradient boosting on the network's own inputs (the version's preprocessing)."""
+    from assets.baselines import fit_baselines, split_matrices
+
+    prep = json.loads((local / "artifacts" / "preprocessing.json").read_text())
+    return [BaselineScore(name=b.name, auc=b.auc, fit_seconds=round(b.fit_seconds, 2))
+            for b in fit_baselines(*split_matrices(feature_frame, prep), seed=spec.split.seed)]
+
+
+def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
+                        run_id: str | None, feature_frame: pd.DataFrame, validation_scores: np.ndarray) -> str:
+    """The version's drift detectors, fitted on (a sample of) its training split; see assets/monitoring.py."""
+    from assets.features import embedding_column
+    from assets.monitoring import fit_version_detectors
+
+    train = feature_frame[feature_frame[SPLIT] == "train"]
+    if len(train) > spec.monitoring.reference_rows:
+        train = train.sample(n=spec.monitoring.reference_rows, random_state=spec.split.seed)
+    vectors = {c: np.stack(train[embedding_column(c)].to_numpy()).astype(np.float32) for c in spec.features.text}
+    reference = train[[*spec.features.numeric, *spec.features.categorical]].reset_index(drop=True)
+    return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, validation_scores)
+
+
 def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResource, validated: pd.DataFrame,
-             splits: pd.DataFrame, log: Any) -> Evaluation:
+             splits: pd.DataFrame, embeddings: pd.DataFrame | None, log: Any) -> Evaluation:
     """Gather every piece of evidence for the challenger; a model that will not load is evidence too."""
     from assets.metrics import (binary_metrics, choose_threshold, permutation_importance, robustness,
                                 sensitive_groups, slice_metrics)
@@ -147,9 +176,11 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     version = str(challenger.version)
     tags = dict(challenger.tags or {})
     started = time.perf_counter()
-    integrity = verify_integrity(mlflow, name, challenger)
+    local = mlflow.download_version(name, version)
+    integrity = verify_integrity(local, challenger)
     try:
-        model = mlflow.load_model(name, version=version)
+        refuse_pickle()
+        model = mlflow_pyfunc_load(local)
         integrity = integrity.model_copy(update={"loads_without_pickle": True, "load_error": None})
     except Exception as exc:  # the evidence is that it did not load, and why
         integrity = integrity.model_copy(update={"loads_without_pickle": False,
@@ -170,7 +201,8 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     predict = _predict_fn(model)
     y = test[LABEL].to_numpy()
     p = predict(test[features])
-    threshold = choose_threshold(val[LABEL].to_numpy(), predict(val[features])) if len(val) else 0.5
+    val_p = predict(val[features]) if len(val) else np.zeros(0)
+    threshold = choose_threshold(val[LABEL].to_numpy(), val_p) if len(val) else 0.5
     metrics = binary_metrics(y, p, threshold)
     pred = (p >= threshold).astype(int)
     slices = {f.column: slice_metrics(y, pred, sensitive_groups(test, f), spec.compliance.min_group_size)
@@ -195,7 +227,13 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
         example=ExplainedDecision(row_id=str(test[ROW_ID].iloc[0]), probability=float(explained["probability"].iloc[0]),
                                   top_factors=json.loads(factors.iloc[0]) if factors.iloc[0] else []))
     plots = _plots(storage.local_dir(name, "evaluation", f"v{version}"), y, p, slices, champion_p)
-    ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, importance=importance,
+    f = spec.features
+    feature_frame = build_feature_frame(validated, splits, f.numeric, f.categorical, f.text, embeddings, name)
+    baselines = score_baselines(spec, feature_frame, local)
+    detectors = fit_drift_detectors(spec, storage, mlflow, version, challenger.run_id, feature_frame,
+                                    val_p if len(val) else p)
+    ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, baselines=baselines,
+                    drift_detectors=detectors, importance=importance,
                     explanations=explanations,
                     robustness=robustness(predict, sample[features], spec.features.numeric, spec.features.text,
                                           threshold),
@@ -217,8 +255,9 @@ def _record_in_mlflow(mlflow: MlflowResource, ev: Evaluation, log: Any) -> None:
 
         now = int(time.time() * 1000)
         client.log_batch(ev.run_id, metrics=[
-            Metric(f"test_{k}", float(v), now, 0) for k, v in ev.test.model_dump().items()
-            if isinstance(v, int | float)])
+            *(Metric(f"test_{k}", float(v), now, 0) for k, v in ev.test.model_dump().items()
+              if isinstance(v, int | float)),
+            *(Metric(f"baseline_{b.name}_test_auc", b.auc, now, 0) for b in ev.baselines)])
     except Exception as exc:  # the evaluation stands on its own; MLflow gets a copy when it can
         log.warning(f"could not log the evaluation to MLflow run {ev.run_id}: {exc}")
 
@@ -229,6 +268,8 @@ def _metrics_table(ev: Evaluation) -> str:
     for k in ("auc", "accuracy", "precision", "recall", "selection_rate", "calibration_error"):
         rows.append(f"| {k} | {getattr(t, k):.3f} | {getattr(champ, k):.3f} |" if champ
                     else f"| {k} | {getattr(t, k):.3f} | - |")
+    for b in ev.baselines:
+        rows.append(f"| AUC of {b.name.replace('_', ' ')} (baseline) | {b.auc:.3f} | |")
     for feature, s in ev.slices.items():
         rows.append(f"| DPD {feature} | {s.demographic_parity_difference or 0:.3f} | |")
     return "\n".join(rows)
@@ -242,6 +283,9 @@ def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
     meta.update({f"test_{k}": round(v, 4) for k, v in ev.test.model_dump().items() if isinstance(v, float)})
     meta["metrics"] = dg.MetadataValue.md(_metrics_table(ev))
     meta.update({f"plot_{k}": dg.MetadataValue.path(v) for k, v in ev.plots.items()})
+    meta.update({f"baseline_{b.name}_auc": round(b.auc, 4) for b in ev.baselines})
+    if ev.drift_detectors:
+        meta["drift_detectors_sha256"] = ev.drift_detectors
     if ev.champion:
         meta["champion_version"] = ev.champion.version
         meta["champion_test_auc"] = round(ev.champion.test.auc, 4)
@@ -253,17 +297,35 @@ def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
 
 def definitions(loaded: LoadedSpec) -> dg.Definitions:
     spec = loaded.spec
+    ins = {"validated": dg.AssetIn(key=asset_key(spec.name, naming.VALIDATED_DATASET)),
+           "splits": dg.AssetIn(key=asset_key(spec.name, naming.TRAINING_SPLITS))}
+    if spec.has_text:
+        ins["embeddings"] = dg.AssetIn(key=asset_key(spec.name, naming.TEXT_EMBEDDINGS))
+    common = dict(
+        key=asset_key(spec.name, naming.MODEL_EVALUATION), group_name=naming.EVALUATION, ins=ins,
+        deps=[asset_key(spec.name, naming.REGISTERED_MODEL)], required_resource_keys={"mlflow", "storage"},
+        description="The challenger on the test split: AUC, accuracy, precision and recall at the operating "
+                    "threshold, calibration error, per-group rates for each sensitive feature, the champion and two "
+                    "baselines (logistic regression, gradient boosting) on the same rows, global importance, "
+                    "explanations, robustness, lineage and integrity evidence, plots logged to MLflow, and the "
+                    "version's drift detectors fitted on its training split.")
 
-    @dg.asset(key=asset_key(spec.name, naming.MODEL_EVALUATION), group_name=naming.EVALUATION,
-              deps=[asset_key(spec.name, naming.REGISTERED_MODEL)],
-              ins={"validated": dg.AssetIn(key=asset_key(spec.name, naming.VALIDATED_DATASET)),
-                   "splits": dg.AssetIn(key=asset_key(spec.name, naming.TRAINING_SPLITS))})
-    def model_evaluation(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
-                         validated: pd.DataFrame, splits: pd.DataFrame) -> dg.Output[Evaluation]:
-        """The challenger on the test split: AUC, accuracy, precision and recall at the operating threshold,
-        calibration error, per-group rates for each sensitive feature, the champion on the same rows, global
-        importance, explanations, robustness, lineage and integrity evidence, and plots logged to MLflow."""
-        ev = evaluate(spec, mlflow, storage, validated, splits, context.log)
+    def run(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
+            embeddings: pd.DataFrame | None) -> dg.Output[Evaluation]:
+        r = context.resources
+        ev = evaluate(spec, r.mlflow, r.storage, validated, splits, embeddings, context.log)
         return dg.Output(ev, metadata=evaluation_metadata(ev))
+
+    # Dagster reads inputs from the signature, so the text variant names one more.
+    if spec.has_text:
+        @dg.asset(**common)
+        def model_evaluation(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
+                             embeddings: pd.DataFrame) -> dg.Output[Evaluation]:
+            return run(context, validated, splits, embeddings)
+    else:
+        @dg.asset(**common)
+        def model_evaluation(context: dg.AssetExecutionContext, validated: pd.DataFrame,
+                             splits: pd.DataFrame) -> dg.Output[Evaluation]:
+            return run(context, validated, splits, None)
 
     return dg.Definitions(assets=[model_evaluation])

@@ -101,6 +101,14 @@ class Robustness(Evidence):
         return self.numeric_noise is None and self.missing_text is None
 
 
+class BaselineScore(Evidence):
+    """A reference model fitted on the same train split and features, scored on the same test rows."""
+
+    name: str
+    auc: float
+    fit_seconds: float
+
+
 class Evaluation(Evidence):
     """Everything the gates need about one challenger version. `test` is None when the model did not load."""
 
@@ -115,6 +123,8 @@ class Evaluation(Evidence):
     test: SplitMetrics | None = None
     slices: dict[str, SliceMetrics] = {}
     champion: ChampionComparison | None = None
+    baselines: list[BaselineScore] = []
+    drift_detectors: str | None = None      # sha256 of the detectors' manifest, fitted on this version's train split
     importance: dict[str, float] = {}
     explanations: Explanations | None = None
     robustness: Robustness | None = None

@@ -79,8 +79,12 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
         f"features {spec.features.categorical}" + (f" and sentence embeddings of {spec.features.text}"
                                                    if spec.features.text else "") +
         f", hidden layers {spec.training.hidden}, trained with DeepSpeed (ZeRO stage "
-        f"{spec.training.deepspeed.zero_stage}, AdamW, learning rate {spec.training.learning_rate}) for at most "
-        f"{spec.training.epochs} epochs with early stopping on validation AUC.",
+        f"{spec.training.deepspeed.zero_stage}, AdamW, peak learning rate {spec.training.learning_rate} with "
+        f"warmup and cosine decay) for a budget of optimizer steps "
+        f"{'fitted to the number of training rows' if spec.training.max_steps is None else f'of at most {spec.training.max_steps}'}"
+        f", stopping early on validation {'log loss' if spec.training.monitor == 'loss' else 'AUC'}"
+        f"{', positives weighted in the loss' if spec.training.class_weighting else ''}"
+        f"{'; probabilities calibrated on the validation split (Platt scaling folded into the last layer)' if spec.training.calibrate else ''}.",
         f"Split: {spec.split.strategy}, test {spec.split.test:.0%}, validation {spec.split.validation:.0%}, seed "
         f"{spec.split.seed}. " + (f"Operating threshold {t.threshold:.3f}, chosen on the validation split to "
                                   "maximize F1." if t else f"Not measured: {not_measured}."),
@@ -100,6 +104,14 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
     metrics.paragraphs.append(
         f"Compared on the same rows with champion version {champ.version}: AUC {_f(champ.test.auc)}."
         if champ else "No champion existed when this version was evaluated.")
+    if ev.baselines and t:
+        metrics.paragraphs.append(
+            "Performance against a reference (Annex IV 2(g); NIST AI RMF Measure 2.3): simple models fitted on the "
+            "same train split and the same inputs, scored on the same test rows. Baseline gate: "
+            + _gate_line(verdict.get("baseline")))
+        metrics.tables.append((("model", "test AUC", "fit seconds"), [
+            ("this model", _f(t.auc), "-"), *((b.name.replace("_", " "), _f(b.auc), f"{b.fit_seconds:.1f}")
+                                              for b in ev.baselines)]))
     importance = sorted(ev.importance.items(), key=lambda kv: -kv[1])[:10]
     if importance:
         metrics.paragraphs.append("Global importance: the drop in test AUC when one input is shuffled across rows.")
@@ -168,8 +180,9 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
         ("Map", "context, purpose, data, impacts", "intended purpose, lineage hashes, sensitive features",
          _status(verdict, "data_governance")),
         ("Measure", "performance, fairness, robustness, explainability",
-         "test metrics, per-group rates, perturbation results, permutation importance",
-         ", ".join(_status(verdict, g) for g in ("performance", "fairness", "robustness", "explainability"))),
+         "test metrics against a baseline, per-group rates, perturbation results, permutation importance",
+         ", ".join(_status(verdict, g) for g in ("performance", "baseline", "fairness", "robustness",
+                                                 "explainability"))),
         ("Manage", "release decisions, monitoring, response", "champion only after gates; integrity "
          "verified; drift monitoring and rollback", _status(verdict, "integrity")),
     ]))

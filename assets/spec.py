@@ -206,6 +206,22 @@ class Compliance(_Strict):
     allow_sensitive_inputs: bool = False
 
 
+class Monitoring(_Strict):
+    """Drift detection on what the deployment sees (resources/drift.py, assets/monitoring.py).
+
+    A window is `window` served decisions; it is scored against detectors fitted on the serving version's
+    training split, at a false-alarm rate of `p_val` for the whole window. Windows under `min_window` rows are
+    reported as too small. A retrain is asked for at most once per `retrain_cooldown_hours`.
+    """
+
+    window: int = Field(1000, ge=10)
+    min_window: int = Field(200, ge=10)
+    p_val: float = Field(0.05, gt=0, lt=1)
+    permutations: int = Field(300, ge=20)
+    reference_rows: int = Field(5000, ge=100)
+    retrain_cooldown_hours: float = Field(6.0, ge=0)
+
+
 # --- the spec -----------------------------------------------------------------------------------------------
 
 
@@ -224,6 +240,7 @@ class PipelineSpec(_Strict):
     embeddings: Embeddings = Embeddings()
     training: Training = Training()
     compliance: Compliance = Compliance()
+    monitoring: Monitoring = Monitoring()
 
     @field_validator("sensitive", mode="after")
     @classmethod

@@ -123,11 +123,12 @@ def code_revision() -> str:
 
 
 def _history_table(history: list[dict[str, Any]]) -> str:
-    rows = ["| epoch | step | train_loss | val_loss | val_auc |", "|---|---|---|---|---|"]
+    """One row per evaluation on the validation split."""
+    columns = ("evaluation", "epoch", "step", "lr", "train_loss", "val_loss", "val_auc")
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for h in history:
-        cells = [f"{h.get(k):.4f}" if isinstance(h.get(k), float) else str(h.get(k, "")) for k in
-                 ("train_loss", "val_loss", "val_auc")]
-        rows.append(f"| {h['epoch']} | {h['step']} | " + " | ".join(cells) + " |")
+        rows.append("| " + " | ".join(f"{h[k]:.4g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
+                                      for k in columns) + " |")
     return "\n".join(rows)
 
 
@@ -241,6 +242,9 @@ def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: Mlflo
         "world_size": result["world_size"], "zero_stage": result["zero_stage"],
         "train_rows": prepared["train_rows"], "val_rows": prepared["val_rows"],
         "n_features": prepared["n_features"], "training_key": key, "old_runs_pruned": len(removed),
+        "evaluations": result.get("evaluations", 0), "pos_weight": result.get("pos_weight") or 1.0,
+        "budget": dg.MetadataValue.json(result.get("budget") or {}),
+        "calibration": dg.MetadataValue.json(result.get("calibration") or {}),
         "history": dg.MetadataValue.md(_history_table(result["history"])), **lineage,
     }
     return dg.Output(record, metadata=meta, data_version=dg.DataVersion(result["weights_sha256"][:16]))

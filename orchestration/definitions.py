@@ -52,7 +52,7 @@ KINDS: dict[str, set[str]] = {
 def spec_definitions(loaded: LoadedSpec) -> dg.Definitions:
     """Everything one spec contributes, with its owner, tags and kinds stamped on every asset."""
     spec = loaded.spec
-    merged = dg.Definitions.merge(*(stage(loaded) for stage in STAGES), dg.Definitions(jobs=spec_jobs(loaded)))
+    merged = dg.Definitions.merge(*(stage(loaded) for stage in STAGES), dg.Definitions(jobs=spec_jobs(loaded).all))
 
     def stamp(asset: dg.AssetSpec) -> dg.AssetSpec:
         return asset.merge_attributes(

@@ -1,7 +1,11 @@
-"""Jobs that are no single stage's own: `<spec>__data`, `<spec>__pipeline`, `<spec>__rollback`.
+"""Jobs that are no single stage's own: `<spec>__data`, `<spec>__pipeline`, `<spec>__rollback`, `<spec>__retrain`,
+and the weekly retrain schedule (shipped off).
 
 No `from __future__ import annotations`: Dagster reads the op's config annotation at definition time.
 """
+
+from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
@@ -42,13 +46,43 @@ def rollback_job(loaded: LoadedSpec) -> dg.JobDefinition:
     return rollback
 
 
-def spec_jobs(loaded: LoadedSpec) -> list:
+@dataclass(frozen=True)
+class SpecJobs:
+    data: Any
+    pipeline: Any
+    rollback: dg.JobDefinition
+    retrain: Any
+
+    @property
+    def all(self) -> list:
+        return [self.data, self.pipeline, self.rollback, self.retrain]
+
+
+def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
     name = loaded.name
     in_spec = dg.AssetSelection.key_prefixes([name])
-    return [
-        dg.define_asset_job(name=naming.job_name(name, "data"), selection=dg.AssetSelection.groups(naming.DATA) & in_spec,
-                            description=f"Snapshot, validate and split {name}'s data.", tags={naming.SPEC_TAG: name}),
-        dg.define_asset_job(name=naming.job_name(name, "pipeline"), selection=in_spec, tags={naming.SPEC_TAG: name},
-                            description=f"{name} end to end: data, training, evaluation, gates and promotion."),
-        rollback_job(loaded),
-    ]
+    # Drift reports are per window (partitioned) and made on the sensor's request, never as part of a pipeline run.
+    reports = dg.AssetSelection.keys(naming.asset_key(name, naming.DRIFT_REPORT))
+    tags = {naming.SPEC_TAG: name}
+    return SpecJobs(
+        data=dg.define_asset_job(naming.job_name(name, "data"), selection=dg.AssetSelection.groups(naming.DATA) & in_spec,
+                                 description=f"Snapshot, validate and split {name}'s data.", tags=tags),
+        pipeline=dg.define_asset_job(naming.job_name(name, "pipeline"), selection=in_spec - reports, tags=tags,
+                                     description=f"{name} end to end: data, training, evaluation, gates, promotion "
+                                                 "and the deployment."),
+        rollback=rollback_job(loaded),
+        retrain=dg.define_asset_job(
+            naming.job_name(name, "retrain"), tags={**tags, f"{naming.TAG_PREFIX}retrain": "true"},
+            selection=in_spec & dg.AssetSelection.groups(naming.DATA, naming.EMBEDDINGS, naming.TRAINING,
+                                                         naming.EVALUATION, naming.DEPLOYMENT),
+            description=f"Retrain {name} from fresh data through every blocking gate; the champion moves (and the "
+                        "server reloads) only when they pass. Requested by the drift sensor with the evidence in "
+                        "its tags."),
+    )
+
+
+def weekly_retrain(loaded: LoadedSpec, retrain: Any) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(name=f"{loaded.name}__weekly_retrain", job=retrain, cron_schedule="0 3 * * 1",
+                                 default_status=dg.DefaultScheduleStatus.STOPPED,
+                                 description="Retrain every Monday whatever the drift says; shipped off: turn it on "
+                                             "where fresh data arrives on a schedule.")

@@ -40,7 +40,7 @@ def spec(**over) -> dict:
         "target": {"column": "outcome", "positive": ["default"]},
         "features": {"numeric": ["income", "debt_ratio"], "categorical": ["purpose"]},
         "sensitive": ["region"],
-        "training": {"epochs": 6, "hidden": [16], "checkpoint_every_steps": 20, "learning_rate": 0.01},
+        "training": {"hidden": [16], "checkpoint_every_steps": 20},
         "compliance": {"intended_purpose": "Test lending model: flags loans for a person to review.",
                        "min_group_size": 20},
     }
@@ -78,21 +78,28 @@ def test_promotion_regression_approval_and_rollback(home: Path, pipelines: Path,
     report = Path(meta["compliance_report"]["report"].value).read_text()
     assert "## Fairness findings" in report and "Fairness gate: passed" in report
 
-    # A crippled model (one epoch at a tiny learning rate) is worse than the champion on the same rows.
-    defs = setup(pipelines, loans(), training={"epochs": 1, "hidden": [2], "learning_rate": 1e-6,
+    assert "Performance against a reference" in report and "logistic regression" in report
+
+    # A crippled model (one optimizer step at a tiny learning rate) is worse than the champion on the same
+    # rows, and worse than a logistic regression on the same inputs: both gates refuse it with the numbers.
+    defs = setup(pipelines, loans(), training={"max_steps": 1, "hidden": [2], "learning_rate": 1e-6,
                                                "checkpoint_every_steps": 20},
                  compliance={"intended_purpose": "Test lending model.", "min_group_size": 20, "min_auc": 0.0})
     second = materialize(defs, instance, 'key:"loans/*"')
     assert not second.success
     perf = checks(second)["performance"]
     assert not perf.passed and "below champion v1's" in perf.description
+    baseline = checks(second)["baseline"]
+    assert not baseline.passed
+    assert "below logistic_regression's" in baseline.description or "below gradient_boosting's" in baseline.description
+    assert "tolerance 0.02" in baseline.description and "training settings" in baseline.description
     assert alias(home, "challenger") == "2" and alias(home, "champion") == "1"
     assert not any(m.asset_key.path[-1] == "champion_model" for m in second.get_asset_materialization_events())
 
     # Without an approver, promoting v2 on its own is refused and says how to approve.
     refused = materialize(defs, instance, 'key:"loans/champion_model"')
     assert not refused.success
-    assert "failed gates ['performance']" in failure_text(refused) and "approver" in failure_text(refused)
+    assert "failed gates ['baseline', 'performance']" in failure_text(refused) and "approver" in failure_text(refused)
     assert alias(home, "champion") == "1"
 
     # A named approver with a reason may promote over a failed performance gate; the report says so.
@@ -101,7 +108,7 @@ def test_promotion_regression_approval_and_rollback(home: Path, pipelines: Path,
     assert approved.success, failure_text(approved)
     assert alias(home, "champion") == "2" and alias(home, "previous") == "1"
     tags = MlflowResource(home=str(home)).get_version("loans", "champion").tags
-    assert tags["approved_by"] == "ana@example.com" and tags["overridden_gates"] == "performance"
+    assert tags["approved_by"] == "ana@example.com" and tags["overridden_gates"] == "baseline,performance"
     report2 = (home / "loans" / "compliance" / "v2" / "report.md").read_text()
     assert "Manual approval" in report2 and "ana@example.com" in report2 and "pilot on 5%" in report2
 

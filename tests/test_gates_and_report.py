@@ -7,8 +7,8 @@ from support import shipped_spec
 
 from pydantic import ValidationError
 
-from assets.checks.gates import evaluate_gates, fairness_gate, performance_gate
-from assets.evidence import (ChampionComparison, Evaluation, Explanations, Governance, GroupRates, Integrity,
+from assets.checks.gates import baseline_gate, evaluate_gates, fairness_gate, performance_gate
+from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, Explanations, Governance, GroupRates, Integrity,
                              NumericNoise, Robustness, SliceMetrics, SplitMetrics)
 from assets.metrics import binary_metrics, expected_calibration_error, sensitive_groups, slice_metrics
 from assets.report import REQUIRED_SECTIONS, build_report, missing_sections, to_html, to_markdown
@@ -59,7 +59,7 @@ def metrics(auc: float, rows: int = 891) -> SplitMetrics:
                        threshold=0.4, rows=rows, positive_rate=0.28)
 
 
-def evaluation(dpd=0.05, auc=0.8, champion_auc=None) -> Evaluation:
+def evaluation(dpd=0.05, auc=0.8, champion_auc=None, baseline_auc=0.79) -> Evaluation:
     groups = {"under 25": GroupRates(rows=100, positives=30, selection_rate=0.3 + dpd, tpr=0.6, fpr=0.2, measured=True),
               "40-64": GroupRates(rows=300, positives=80, selection_rate=0.3, tpr=0.6, fpr=0.2, measured=True),
               "65 and over": GroupRates(rows=4, positives=1, selection_rate=0.5, tpr=1.0, fpr=0.3, measured=False)}
@@ -76,6 +76,8 @@ def evaluation(dpd=0.05, auc=0.8, champion_auc=None) -> Evaluation:
         governance=Governance(problems=[], model_inputs=spec().features.all, current={}),
         integrity=Integrity(problems=[], loads_without_pickle=True, files_verified=3),
         champion=None if champion_auc is None else ChampionComparison(version="2", test=metrics(champion_auc)),
+        baselines=[BaselineScore(name="logistic_regression", auc=baseline_auc, fit_seconds=0.1),
+                   BaselineScore(name="gradient_boosting", auc=baseline_auc - 0.01, fit_seconds=1.0)],
     )
 
 
@@ -113,6 +115,17 @@ def test_gates_pass_and_fail_with_the_number_and_threshold():
     assert within.passed
     floor = performance_gate(evaluation(auc=0.6), s)
     assert not floor.passed and "below the floor 0.7" in floor.summary
+
+
+def test_baseline_gate_refuses_a_model_a_simple_one_beats_with_both_numbers():
+    s = spec()
+    assert baseline_gate(evaluation(auc=0.80, baseline_auc=0.815), s).passed  # within the 0.02 tolerance
+    beaten = baseline_gate(evaluation(auc=0.80, baseline_auc=0.86), s)
+    assert not beaten.passed
+    assert "test AUC 0.800 is 0.060 below logistic_regression's 0.860" in beaten.summary
+    assert "training settings" in beaten.summary
+    nothing = baseline_gate(evaluation().model_copy(update={"baselines": []}), s)
+    assert not nothing.passed and "compared with nothing" in nothing.summary
 
 
 def test_report_has_every_section_and_records_failures():

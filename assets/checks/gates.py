@@ -14,6 +14,8 @@ from assets.spec import PipelineSpec
 GATES: dict[str, str] = {
     "fairness": "Demographic parity and equalized odds differences per sensitive feature within thresholds.",
     "performance": "Test AUC above the floor, and no regression beyond tolerance against the champion.",
+    "baseline": "Test AUC at most compliance.max_auc_below_baseline under the better of logistic regression and "
+                "gradient boosting, fitted on the same train split and features and scored on the same rows.",
     "explainability": "Global permutation importance recorded; every test decision has its top factors.",
     "robustness": "Scores stable under small numeric perturbations and under a missing text field.",
     "data_governance": "Lineage resolves to the validated data and splits; sensitive columns are not inputs.",
@@ -78,6 +80,21 @@ def performance_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
     return GateOutcome("performance", not broken, "; ".join(broken or notes), tuple(notes))
 
 
+def baseline_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
+    tolerance = spec.compliance.max_auc_below_baseline
+    if not ev.baselines:
+        return GateOutcome("baseline", False, "no baseline was scored for this version, so it was compared with nothing")
+    best = max(ev.baselines, key=lambda b: b.auc)
+    scores = ", ".join(f"{b.name} {b.auc:.3f}" for b in ev.baselines)
+    gap = best.auc - ev.test.auc
+    if gap > tolerance:
+        return GateOutcome("baseline", False, (
+            f"test AUC {ev.test.auc:.3f} is {gap:.3f} below {best.name}'s {best.auc:.3f} on the same test rows "
+            f"(tolerance {tolerance}; baselines: {scores}); the network is underfitted or misconfigured: look at the "
+            "training settings (training.max_steps, learning_rate, hidden) before promoting it"))
+    return GateOutcome("baseline", True, f"test AUC {ev.test.auc:.3f} against baselines {scores} (tolerance {tolerance})")
+
+
 def explainability_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
     importance = ev.importance
     rows = ev.explanations.rows if ev.explanations else 0
@@ -135,10 +152,10 @@ def integrity_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
                        "; ".join(broken) or f"{i.files_verified} files match the sha256 manifest")
 
 
-MODEL_GATES = (fairness_gate, performance_gate, explainability_gate, robustness_gate, governance_gate,
+MODEL_GATES = (fairness_gate, performance_gate, baseline_gate, explainability_gate, robustness_gate, governance_gate,
                integrity_gate)
 # Gates that read what the model did on data; a model that did not load has nothing for them to read.
-MEASURED_GATES = (fairness_gate, performance_gate, explainability_gate, robustness_gate)
+MEASURED_GATES = (fairness_gate, performance_gate, baseline_gate, explainability_gate, robustness_gate)
 
 
 def evaluate_gates(ev: Evaluation, spec: PipelineSpec) -> list[GateOutcome]:

@@ -1,0 +1,355 @@
+"""The monitoring stage: drift reports per window of served decisions, the drift sensor, and the schedules.
+
+```
+deployment -> inference_log -> drift_report (one partition per window)  --drift-->  <spec>__retrain
+                                    ^ requested by <spec>__drift_sensor reading the audit log after its cursor
+```
+
+- Detectors are fitted when a version is evaluated, on its training split (tabular KS/Chi-squared, MMD on the
+  text embeddings, KS on the validation scores; resources/drift.py), saved under
+  `<home>/<spec>/drift/v<version>/` with a sha256 manifest, logged to the version's MLflow run and named by the
+  version tag `drift_detectors_sha256`.
+- Windows are dynamic partitions: a window is a count of decisions (default 1,000), not a span of time, so it
+  closes when traffic fills it. The key is `<first seq>-<last seq>` of the audit log.
+- The sensor requests one drift_report run per full window (run_key `report:<window>`), then, for every drift
+  report that found drift (or a live AUC under the spec's floor), one `<spec>__retrain` run (run_key
+  `retrain:<window>`) with the evidence in its tags. Its cursor moves only with the requests, in the same tick
+  result, so a daemon killed mid-tick re-reads the same windows next tick and the run keys stop duplicates.
+"""
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from assets import naming
+from assets.naming import asset_key
+from assets.spec import LoadedSpec, PipelineSpec
+from resources.storage import StorageResource, atomic_write_bytes
+
+# Variants whose decisions were answered to a caller: shadow scores are recorded but were never seen.
+SERVED = ("champion", "canary")
+DETECTORS_TAG = "drift_detectors_sha256"
+TAG = naming.TAG_PREFIX
+
+
+# --- windows --------------------------------------------------------------------------------------------------
+
+
+def window_key(first_seq: int, last_seq: int) -> str:
+    return f"{first_seq:010d}-{last_seq:010d}"
+
+
+def window_bounds(key: str) -> tuple[int, int]:
+    try:
+        first, last = (int(p) for p in key.split("-"))
+    except ValueError:
+        raise ValueError(f"{key!r} is not a drift window key (<first seq>-<last seq>)") from None
+    return first, last
+
+
+def windows_partitions(spec_name: str) -> dg.DynamicPartitionsDefinition:
+    return dg.DynamicPartitionsDefinition(name=f"{spec_name}__drift_windows")
+
+
+def window_records(store: Any, spec_name: str, first: int, last: int) -> list[Any]:
+    """The served decisions of one window, in log order."""
+    out: list[Any] = []
+    after = first - 1
+    while True:
+        batch = store.read_after(after, limit=1000, spec=spec_name, variants=SERVED)
+        out += [r for r in batch if r.seq <= last]
+        if not batch or batch[-1].seq >= last:
+            return out
+        after = batch[-1].seq
+
+
+def full_windows(store: Any, spec_name: str, after: int, size: int, most: int = 20) -> list[tuple[int, int]]:
+    """(first, last) seq of each complete window of `size` served decisions after seq `after`."""
+    windows: list[tuple[int, int]] = []
+    while len(windows) < most:
+        batch = store.read_after(after, limit=size, spec=spec_name, variants=SERVED)
+        if len(batch) < size:
+            return windows
+        windows.append((batch[0].seq, batch[-1].seq))
+        after = batch[-1].seq
+    return windows
+
+
+# --- detectors versioned with the model ------------------------------------------------------------------------
+
+
+def detectors_dir(storage: StorageResource, spec_name: str, version: str) -> Path:
+    return storage.local_dir(spec_name, "drift", f"v{version}")
+
+
+def fit_version_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: Any, version: str,
+                          run_id: str | None, reference: pd.DataFrame, text_vectors: dict[str, np.ndarray],
+                          validation_scores: np.ndarray) -> str:
+    """Fit the version's detectors on its training split, keep the reference beside them, log both to the run.
+
+    Returns the sha256 of the detectors' manifest, also set as the version tag `drift_detectors_sha256`.
+    """
+    from resources.drift import fit_detectors
+    from resources.storage import frame_to_parquet_bytes, sha256_file
+
+    m = spec.monitoring
+    folder = detectors_dir(storage, spec.name, version)
+    bundle_dir = folder / "detectors"
+    fit_detectors(reference, list(spec.features.numeric), list(spec.features.categorical), text_vectors,
+                  validation_scores, bundle_dir, p_val=m.p_val, seed=spec.split.seed, min_window=m.min_window,
+                  n_permutations=m.permutations)
+    atomic_write_bytes(folder / "reference.parquet", frame_to_parquet_bytes(reference.reset_index(drop=True)))
+    np.save(folder / "reference_scores.npy", np.asarray(validation_scores, dtype=np.float64))
+    digest = sha256_file(bundle_dir / "manifest.json")
+    client = mlflow.client()
+    if run_id:
+        client.log_artifacts(run_id, str(bundle_dir), "drift_detectors")
+    client.set_model_version_tag(spec.name, version, DETECTORS_TAG, digest)
+    return digest
+
+
+def load_version_detectors(storage: StorageResource, mlflow: Any, spec_name: str, version: str):
+    """The version's detectors, refused unless their manifest is the one the version's tag names."""
+    from resources.drift import DriftDetectorError, load_detectors
+    from resources.storage import sha256_file
+
+    folder = detectors_dir(storage, spec_name, version) / "detectors"
+    expected = (mlflow.client().get_model_version(spec_name, version).tags or {}).get(DETECTORS_TAG)
+    if not expected:
+        raise DriftDetectorError(f"{spec_name} v{version} has no {DETECTORS_TAG} tag: its detectors were never "
+                                 f"fitted; materialize {spec_name}/model_evaluation for it")
+    if not (folder / "manifest.json").is_file() or sha256_file(folder / "manifest.json") != expected:
+        raise DriftDetectorError(f"{folder}/manifest.json is not the manifest {expected[:16]}... that {spec_name} "
+                                 f"v{version} was evaluated with; re-evaluate that version")
+    return load_detectors(folder)
+
+
+# --- one window's report --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    window: str
+    first_seq: int
+    last_seq: int
+    model_version: str
+    drift: bool
+    result: dict[str, Any]
+    outcomes: int
+    live_auc: float | None
+    performance_drop: bool
+    plot: str | None
+
+    @property
+    def retrain(self) -> bool:
+        return self.drift or self.performance_drop
+
+    def evidence(self) -> str:
+        moved = ", ".join(self.result.get("features_moved", {}))[:200]
+        parts = [f"window {self.window} served by v{self.model_version}"]
+        if self.drift:
+            parts.append(f"drift in {moved or 'the scores'}")
+        if self.performance_drop:
+            parts.append(f"live AUC {self.live_auc:.3f} on {self.outcomes} outcomes under the floor")
+        return "; ".join(parts)
+
+
+def window_frame(spec: PipelineSpec, records: list[Any]) -> pd.DataFrame:
+    """The decisions' raw inputs as a frame in the spec's types; redacted values count as missing."""
+    rows = [{c: (None if r.inputs.get(c) == "<redacted>" else r.inputs.get(c)) for c in spec.features.all}
+            for r in records]
+    frame = pd.DataFrame(rows, columns=spec.features.all)
+    for col in spec.features.numeric:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    for col in spec.features.categorical:
+        frame[col] = frame[col].map(lambda v: None if v is None or v != v else str(v)).astype(object)
+    return frame
+
+
+def text_vectors(loaded: LoadedSpec, storage: StorageResource, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Window texts embedded by the encoder the spec trains with, through the same content-hash cache."""
+    if not loaded.spec.has_text:
+        return {}
+    from assets.features import clean_text
+    from resources.embedder import EmbeddingCache, embed_with_cache, resolve_model
+
+    spec = loaded.spec
+    ref = resolve_model(spec.embeddings.model, spec.name, loaded.path.parent)
+    cache = EmbeddingCache(storage.local_dir("embedding_cache", ref.cache_id))
+    return {col: embed_with_cache(ref, [clean_text(t) for t in frame[col]], cache, spec.embeddings.batch_size).vectors
+            for col in spec.features.text}
+
+
+def live_metrics(records: list[Any], outcomes: dict[str, int]) -> tuple[int, float | None]:
+    """How many decisions have a recorded outcome, and the window's AUC on them when both classes occur."""
+    known = [(outcomes[r.decision_id], r.probability) for r in records if r.decision_id in outcomes]
+    if len(known) < 30 or len({y for y, _ in known}) < 2:
+        return len(known), None
+    from sklearn.metrics import roc_auc_score
+
+    y, p = zip(*known)
+    return len(known), float(roc_auc_score(y, p))
+
+
+def report_window(loaded: LoadedSpec, storage: StorageResource, mlflow: Any, store: Any, key: str,
+                  plot_dir: Path | None = None) -> WindowReport:
+    """Score one window against the detectors of the version that served most of it."""
+    from resources.drift import drift_plot
+
+    spec = loaded.spec
+    first, last = window_bounds(key)
+    records = window_records(store, spec.name, first, last)
+    if not records:
+        raise ValueError(f"{spec.name}: the audit log holds no served decision between seq {first} and {last}")
+    version = Counter(r.model_version for r in records).most_common(1)[0][0]
+    bundle = load_version_detectors(storage, mlflow, spec.name, version)
+    frame = window_frame(spec, records)
+    scores = np.array([r.probability for r in records], dtype=np.float64)
+    result = bundle.score(frame, text_vectors(loaded, storage, frame), scores)
+    n_outcomes, auc = live_metrics(records, store.outcomes([r.decision_id for r in records]))
+    plot = None
+    if plot_dir is not None and result.status == "scored":
+        folder = detectors_dir(storage, spec.name, version)
+        reference = pd.read_parquet(folder / "reference.parquet")
+        plot = str(drift_plot(result, reference, frame, plot_dir / f"{key}.png",
+                              np.load(folder / "reference_scores.npy"), scores))
+    return WindowReport(window=key, first_seq=first, last_seq=last, model_version=version, drift=bool(result.drift),
+                        result=result.to_dict(), outcomes=n_outcomes, live_auc=auc,
+                        performance_drop=auc is not None and auc < spec.compliance.min_auc, plot=plot)
+
+
+def report_metadata(report: WindowReport) -> dict[str, Any]:
+    r = report.result
+    rows = ["| detector | statistic | p-value | threshold | drift |", "| --- | --- | --- | --- | --- |"]
+    for d in r.get("detectors", []):
+        rows.append(f"| {d['name']} | {d['statistic']:.4g} | {d['p_value']:.4g} | {d['threshold']:.4g} | "
+                    f"{'yes' if d['drift'] else 'no'} |")
+    moved = [f"- {f}: {v.get('describe') or v}" for f, v in r.get("features_moved", {}).items()]
+    meta: dict[str, Any] = {
+        "window": report.window, "first_seq": report.first_seq, "last_seq": report.last_seq,
+        "decisions": r.get("window_size", 0), "status": r.get("status", ""), "drift": report.drift,
+        "model_version": report.model_version, "outcomes": report.outcomes,
+        "live_auc": report.live_auc if report.live_auc is not None else "n/a",
+        "performance_drop": report.performance_drop, "retrain_requested_by_sensor": report.retrain,
+        "detectors": dg.MetadataValue.md("\n".join(rows)),
+        "features_moved": dg.MetadataValue.md("\n".join(moved) or "none"),
+        "message": r.get("message", ""),
+    }
+    if report.plot:
+        meta["plot"] = dg.MetadataValue.path(report.plot)
+    return meta
+
+
+# --- the sensor -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SensorCursor:
+    """Last audit seq turned into a window, last drift_report event read, and when a retrain was last asked."""
+
+    seq: int = 0
+    event_id: int = 0
+    last_retrain: float = 0.0
+
+    @classmethod
+    def parse(cls, raw: str | None) -> "SensorCursor":
+        return cls(**json.loads(raw)) if raw else cls()
+
+    def dump(self) -> str:
+        return json.dumps({"seq": self.seq, "event_id": self.event_id, "last_retrain": self.last_retrain})
+
+
+def evaluate_drift_sensor(spec: PipelineSpec, instance: dg.DagsterInstance, store: Any, cursor: SensorCursor,
+                          now: float, log: Any) -> dg.SensorResult:
+    """New full windows become drift_report runs; drift found in a report becomes one retrain run."""
+    m = spec.monitoring
+    report_key = asset_key(spec.name, naming.DRIFT_REPORT)
+    partitions = windows_partitions(spec.name)
+    windows = full_windows(store, spec.name, cursor.seq, m.window)
+    keys = [window_key(a, b) for a, b in windows]
+    requests = [dg.RunRequest(run_key=f"report:{k}", job_name=naming.job_name(spec.name, "drift_report"),
+                              partition_key=k, tags={f"{TAG}window": k}) for k in keys]
+    seq = windows[-1][1] if windows else cursor.seq
+
+    event_id, last_retrain = cursor.event_id, cursor.last_retrain
+    found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=report_key, after_storage_id=event_id),
+                                            limit=100, ascending=True)
+    for record in found.records:
+        event_id = max(event_id, record.storage_id)
+        meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+        if not meta.get("retrain_requested_by_sensor"):
+            continue
+        window = str(meta.get("window", record.asset_materialization.partition))
+        if now - last_retrain < m.retrain_cooldown_hours * 3600:
+            log.info(f"{spec.name}: window {window} asks for a retrain, but one was requested "
+                     f"{(now - last_retrain) / 3600:.1f} h ago (cooldown {m.retrain_cooldown_hours} h)")
+            continue
+        last_retrain = now
+        requests.append(dg.RunRequest(
+            run_key=f"retrain:{window}", job_name=naming.job_name(spec.name, "retrain"),
+            tags={f"{TAG}window": window, f"{TAG}trigger": "drift" if meta.get("drift") else "performance",
+                  f"{TAG}served_version": str(meta.get("model_version", "")),
+                  f"{TAG}evidence": str(meta.get("message", ""))[:250]}))
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[partitions.build_add_request(keys)] if keys else [],
+        cursor=SensorCursor(seq=seq, event_id=event_id, last_retrain=last_retrain).dump())
+
+
+# --- wiring ---------------------------------------------------------------------------------------------------
+
+
+def definitions(loaded: LoadedSpec) -> dg.Definitions:
+    """drift_report, its job, the drift sensor, the nightly drift check and the weekly retrain (shipped off)."""
+    spec = loaded.spec
+    key = asset_key(spec.name, naming.DRIFT_REPORT)
+    partitions = windows_partitions(spec.name)
+
+    @dg.asset(key=key, group_name=naming.MONITORING, partitions_def=partitions,
+              deps=[asset_key(spec.name, naming.INFERENCE_LOG)], required_resource_keys={"storage", "mlflow", "audit"})
+    def drift_report(context: dg.AssetExecutionContext) -> dg.Output[dict]:
+        """One window of served decisions against the detectors of the version that served it: per-detector
+        statistic, p-value and threshold, the features that moved and by how much, live AUC where outcomes
+        came back, and a plot. Drift (or a live AUC under the spec's floor) makes the sensor ask for a retrain."""
+        r = context.resources
+        report = report_window(loaded, r.storage, r.mlflow, r.audit.store(), context.partition_key,
+                               r.storage.local_dir(spec.name, "drift", "reports"))
+        return dg.Output({**report.result, "window": report.window, "model_version": report.model_version,
+                          "live_auc": report.live_auc, "outcomes": report.outcomes}, metadata=report_metadata(report))
+
+    report_job = dg.define_asset_job(naming.job_name(spec.name, "drift_report"), selection=[key],
+                                     partitions_def=partitions, tags={naming.SPEC_TAG: spec.name},
+                                     description=f"Report drift for one window of {spec.name}'s served decisions.")
+
+    @dg.sensor(name=naming.drift_sensor_name(spec.name), minimum_interval_seconds=30,
+               default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"audit"},
+               description=f"Reads {spec.name}'s audit log after its cursor: a drift report per window of "
+                           f"{spec.monitoring.window} decisions, and a retrain when one finds drift.")
+    def drift_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        import time
+
+        return evaluate_drift_sensor(spec, context.instance, context.resources.audit.store(),
+                                     SensorCursor.parse(context.cursor), time.time(), context.log)
+
+    @dg.schedule(name=f"{spec.name}__nightly_drift_check", cron_schedule="0 2 * * *", job=report_job,
+                 default_status=dg.DefaultScheduleStatus.RUNNING, required_resource_keys={"audit"},
+                 description="Reports the decisions since the last full window, so a quiet deployment is checked too.")
+    def nightly_drift_check(context: dg.ScheduleEvaluationContext):
+        done = [window_bounds(k)[1] for k in context.instance.get_dynamic_partitions(partitions.name)]
+        after = max(done, default=0)
+        store = context.resources.audit.store()
+        pending = store.read_after(after, limit=spec.monitoring.window, spec=spec.name, variants=SERVED)
+        if not pending:
+            return dg.SkipReason(f"no served decision after seq {after}")
+        k = window_key(pending[0].seq, pending[-1].seq)
+        context.instance.add_dynamic_partitions(partitions.name, [k])
+        return dg.RunRequest(run_key=f"report:{k}", partition_key=k, tags={f"{TAG}window": k, f"{TAG}partial": "true"})
+
+    return dg.Definitions(assets=[drift_report], jobs=[report_job], sensors=[drift_sensor],
+                          schedules=[nightly_drift_check])
