@@ -62,7 +62,7 @@ def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
     name = loaded.name
     in_spec = dg.AssetSelection.key_prefixes([name])
     # Drift reports are per window (partitioned) and made on the sensor's request, never as part of a pipeline run.
-    reports = dg.AssetSelection.keys(naming.asset_key(name, naming.DRIFT_REPORT))
+    reports = dg.AssetSelection.from_string(f'key:"{name}/{naming.DRIFT_REPORT}"')
     tags = {naming.SPEC_TAG: name}
     return SpecJobs(
         data=dg.define_asset_job(naming.job_name(name, "data"), selection=dg.AssetSelection.groups(naming.DATA) & in_spec,
