@@ -150,7 +150,7 @@ def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path
 
 
 def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
-                        run_id: str | None, feature_frame: pd.DataFrame, validation_scores: np.ndarray) -> str:
+                        run_id: str | None, feature_frame: pd.DataFrame, held_out_scores: np.ndarray | None) -> str:
     """The version's drift detectors, fitted on (a sample of) its training split; see assets/monitoring.py."""
     from assets.features import embedding_column
     from assets.monitoring import fit_version_detectors
@@ -160,7 +160,7 @@ def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: Ml
         train = train.sample(n=spec.monitoring.reference_rows, random_state=spec.split.seed)
     vectors = {c: np.stack(train[embedding_column(c)].to_numpy()).astype(np.float32) for c in spec.features.text}
     reference = train[[*spec.features.numeric, *spec.features.categorical]].reset_index(drop=True)
-    return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, validation_scores)
+    return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, held_out_scores)
 
 
 def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResource, validated: pd.DataFrame,
@@ -230,8 +230,16 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     f = spec.features
     feature_frame = build_feature_frame(validated, splits, f.numeric, f.categorical, f.text, embeddings, name)
     baselines = score_baselines(spec, feature_frame, local)
-    detectors = fit_drift_detectors(spec, storage, mlflow, version, challenger.run_id, feature_frame,
-                                    val_p if len(val) else p)
+    # Scores the model never trained on: the validation and test splits. Too few of them (a small table) and
+    # the score detector is left out rather than fitted on noise.
+    held_out = np.concatenate([val_p, p])
+    try:
+        detectors = fit_drift_detectors(spec, storage, mlflow, version, challenger.run_id, feature_frame,
+                                        held_out if len(held_out) >= spec.monitoring.min_window else None)
+    except Exception as exc:  # monitoring is not a gate: the version is evaluated, and says it has no detectors
+        log.warning(f"{name} v{version}: drift detectors not fitted ({type(exc).__name__}: {exc}); the drift sensor "
+                    "cannot score windows this version serves")
+        detectors = None
     ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, baselines=baselines,
                     drift_detectors=detectors, importance=importance,
                     explanations=explanations,

@@ -6,7 +6,7 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
 ```
 
 - Detectors are fitted when a version is evaluated, on its training split (tabular KS/Chi-squared, MMD on the
-  text embeddings, KS on the validation scores; resources/drift.py), saved under
+  text embeddings, KS on the held-out validation and test scores; resources/drift.py), saved under
   `<home>/<spec>/drift/v<version>/` with a sha256 manifest, logged to the version's MLflow run and named by the
   version tag `drift_detectors_sha256`.
 - Windows are dynamic partitions: a window is a count of decisions (default 1,000), not a span of time, so it
@@ -90,7 +90,7 @@ def detectors_dir(storage: StorageResource, spec_name: str, version: str) -> Pat
 
 def fit_version_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: Any, version: str,
                           run_id: str | None, reference: pd.DataFrame, text_vectors: dict[str, np.ndarray],
-                          validation_scores: np.ndarray) -> str:
+                          held_out_scores: np.ndarray | None) -> str:
     """Fit the version's detectors on its training split, keep the reference beside them, log both to the run.
 
     Returns the sha256 of the detectors' manifest, also set as the version tag `drift_detectors_sha256`.
@@ -102,10 +102,11 @@ def fit_version_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: 
     folder = detectors_dir(storage, spec.name, version)
     bundle_dir = folder / "detectors"
     fit_detectors(reference, list(spec.features.numeric), list(spec.features.categorical), text_vectors,
-                  validation_scores, bundle_dir, p_val=m.p_val, seed=spec.split.seed, min_window=m.min_window,
+                  held_out_scores, bundle_dir, p_val=m.p_val, seed=spec.split.seed, min_window=m.min_window,
                   n_permutations=m.permutations)
     atomic_write_bytes(folder / "reference.parquet", frame_to_parquet_bytes(reference.reset_index(drop=True)))
-    np.save(folder / "reference_scores.npy", np.asarray(validation_scores, dtype=np.float64))
+    np.save(folder / "reference_scores.npy", np.asarray([] if held_out_scores is None else held_out_scores,
+                                                        dtype=np.float64))
     digest = sha256_file(bundle_dir / "manifest.json")
     client = mlflow.client()
     if run_id:

@@ -1,0 +1,101 @@
+"""The monitoring stage on real components: a SQLite audit log, an ephemeral Dagster instance, the drift sensor
+evaluated with build_sensor_context, and real detectors fitted on a real model version."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from support import copy_shipped
+
+from assets import naming
+from assets.monitoring import SensorCursor, window_bounds, window_key
+from orchestration.definitions import build_definitions
+from resources.audit import AuditStore
+
+SPEC = "credit_scoring"
+REPORT = dg.AssetKey([SPEC, "drift_report"])
+
+
+def decisions(n: int, spec: str = SPEC, variant: str = "champion", version: str = "1") -> list[dict]:
+    return [{"decision_id": uuid.uuid4().hex, "spec": spec, "model_name": spec, "model_version": version,
+             "variant": variant, "inputs": {"Income": 100.0 + i}, "probability": 0.3, "decision": 0,
+             "threshold": 0.5} for i in range(n)]
+
+
+@pytest.fixture
+def defs(pipelines: Path, home: Path) -> dg.Definitions:
+    copy_shipped(pipelines, SPEC)
+    return build_definitions(pipelines)
+
+
+def _tick(defs: dg.Definitions, instance, cursor: str | None) -> dg.SensorResult:
+    sensor = defs.get_sensor_def(naming.drift_sensor_name(SPEC))
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"audit": defs.resources["audit"]},
+                                      definitions=defs)
+    return sensor(context)
+
+
+def test_window_keys_round_trip_and_bad_keys_say_what_they_expect():
+    assert window_bounds(window_key(1, 1000)) == (1, 1000)
+    with pytest.raises(ValueError, match="not a drift window key"):
+        window_bounds("yesterday")
+
+
+def test_each_full_window_is_requested_once_and_the_cursor_moves_with_the_requests(defs, instance, home: Path):
+    store: AuditStore = defs.resources["audit"].store()
+    store.append(decisions(1500))
+    store.append(decisions(300, variant="shadow"))  # never answered to a caller: not part of any window
+    store.append(decisions(700))
+    store.append(decisions(999, spec="other_model"))
+
+    first = _tick(defs, instance, None)
+    keys = [r.partition_key for r in first.run_requests]
+    assert [r.run_key for r in first.run_requests] == [f"report:{k}" for k in keys]
+    assert len(keys) == 2
+    assert window_bounds(keys[0]) == (1, 1000)
+    assert window_bounds(keys[1]) == (1001, 2300)  # 500 champion + 300 shadow skipped + 500 champion
+    assert SensorCursor.parse(first.cursor).seq == 2300
+    assert [k for req in first.dynamic_partitions_requests for k in req.partition_keys] == keys
+
+    # A daemon killed before the tick was recorded evaluates the same cursor again: the same run keys, which
+    # Dagster refuses to launch twice.
+    again = _tick(defs, instance, None)
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]
+    # After the tick is recorded, nothing new until 1,000 more served decisions arrive.
+    assert _tick(defs, instance, first.cursor).run_requests == []
+    store.append(decisions(1000))
+    later = _tick(defs, instance, first.cursor)
+    assert [window_bounds(r.partition_key) for r in later.run_requests] == [(3300, 4299)]
+
+
+def test_a_report_that_found_drift_asks_for_one_retrain_within_the_cooldown(defs, instance):
+    windows = [window_key(1, 1000), window_key(1001, 2000)]
+    instance.add_dynamic_partitions(f"{SPEC}__drift_windows", windows)
+    for w, drift in zip(windows, (True, True)):
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            REPORT, partition=w, metadata={"window": w, "drift": drift, "retrain_requested_by_sensor": drift,
+                                           "model_version": "1", "message": "emp_title moved"}))
+    result = _tick(defs, instance, SensorCursor(seq=2000).dump())
+    retrains = [r for r in result.run_requests if r.job_name == f"{SPEC}__retrain"]
+    # The second drifted window falls in the cooldown that the first retrain started.
+    assert [r.run_key for r in retrains] == [f"retrain:{windows[0]}"]
+    assert retrains[0].tags[f"{naming.TAG_PREFIX}trigger"] == "drift"
+    assert "emp_title moved" in retrains[0].tags[f"{naming.TAG_PREFIX}evidence"]
+    # Evaluated again from its new cursor: the reports were read, no second retrain.
+    assert not [r for r in _tick(defs, instance, result.cursor).run_requests if r.job_name == f"{SPEC}__retrain"]
+    # Evaluated again from the old cursor (a daemon killed mid-tick): the same run key, launched at most once.
+    replay = _tick(defs, instance, SensorCursor(seq=2000).dump())
+    assert [r.run_key for r in replay.run_requests if r.job_name == f"{SPEC}__retrain"] == [f"retrain:{windows[0]}"]
+
+
+def test_monitoring_definitions_ship_the_sensor_running_and_the_weekly_retrain_stopped(defs):
+    assert defs.get_sensor_def(naming.drift_sensor_name(SPEC)).default_status == dg.DefaultSensorStatus.RUNNING
+    weekly = defs.get_schedule_def(f"{SPEC}__weekly_retrain")
+    assert weekly.default_status == dg.DefaultScheduleStatus.STOPPED and weekly.job_name == f"{SPEC}__retrain"
+    retrain = defs.resolve_job_def(f"{SPEC}__retrain")
+    selected = {k.path[-1] for k in retrain.asset_layer.selected_asset_keys}
+    assert {"raw_dataset", "model_checkpoint", "compliance_report", "champion_model"} <= selected
+    assert "drift_report" not in selected
