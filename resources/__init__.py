@@ -11,6 +11,7 @@ from typing import Any
 
 from resources.launchers import LocalTorchrunLauncher
 from resources.mlflow import MlflowResource
+from resources.servers import AuditResource, LocalServerLauncher
 from resources.storage import ParquetIOManager, StorageResource, intelligentops_home
 from resources.vectors import VectorIndexResource
 
@@ -33,10 +34,16 @@ def resources_for(deployment: str | None = None) -> dict[str, Any]:
         "launcher": LocalTorchrunLauncher(),
         # Specs that ask for several nodes (training.launcher: trainjob) also train with torchrun on one machine.
         "trainjob_launcher": LocalTorchrunLauncher(),
+        # The inference server as a process here; a KServe InferenceService under "kubernetes".
+        "server": LocalServerLauncher(home=home),
+        # The decision audit log: SQLite under the home unless INTELLIGENTOPS_AUDIT_URL names a database.
+        "audit": AuditResource(home=home, url=os.environ.get("INTELLIGENTOPS_AUDIT_URL") or None),
     }
     if deployment == "kubernetes":
         # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.
         from resources.k8s import kubernetes_launchers
+        from resources.servers import kubernetes_server_launcher
 
         resources.update(kubernetes_launchers())
+        resources["server"] = kubernetes_server_launcher()
     return resources
