@@ -11,7 +11,6 @@ The work is in the plain functions below; the asset bodies wire them to resource
 <spec>` writes the config and runs the server in the foreground (what `make serve` does).
 """
 
-from __future__ import annotations
 
 import hashlib
 import json

