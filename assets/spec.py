@@ -205,7 +205,7 @@ class Deployment(_Strict):
     api_keys_env: str | None = None
     redact: list[str] = []
     retention_days: int = Field(183, ge=1)
-    port: int = Field(8080, ge=1, le=65535)
+    port: int | None = Field(None, ge=1, le=65535)  # None: a free port locally; 8080 in a KServe predictor
     explain_top: int = Field(3, ge=0, le=20)
     similar_cases: int = Field(3, ge=0, le=50)
     smoke_requests: int = Field(50, ge=1)

@@ -106,6 +106,7 @@ class ServerConfig:
                 if var not in os.environ:
                     raise SystemExit(f"{path}: {k} is {raw[k]!r} but {var} is not set")
                 raw[k] = os.environ[var]
+        raw["port"] = raw.get("port") or 8080
         known = set(ServerConfig.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
