@@ -199,6 +199,7 @@ def test_v1_v2_and_explain_answer_and_audit_every_decision(main_server: Server, 
     health = [httpx.get(f"{url}{p}") for p in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{SPEC}",
                                                   f"/v2/models/{SPEC}/ready")]
     assert [h.status_code for h in health] == [200, 200, 200, 200]
+    assert [i["name"] for i in health[2].json()["inputs"]] == ["income", "debt_ratio", "purpose", "title"]
     metrics = httpx.get(f"{url}/metrics").text
     assert f'intelligentops_decisions_total{{decision="0",model="{SPEC}",variant="champion",version="1"}}' in metrics \
         or f'intelligentops_decisions_total{{decision="1",model="{SPEC}",variant="champion",version="1"}}' in metrics
@@ -274,7 +275,7 @@ v2_bodies = st.one_of(json_values, st.fixed_dictionaries({"inputs": st.lists(ten
                                              "parameters": json_values}))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(v1=v1_bodies, v2=v2_bodies)
 def test_fuzzed_bodies_never_get_a_500(main_server: Server, v1, v2):
     for path, body in ((f"/v1/models/{SPEC}:predict", v1), (f"/v1/models/{SPEC}:explain", v1),

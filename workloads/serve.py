@@ -755,7 +755,7 @@ class Engine:
                 batch.append(item)
                 rows += len(item.rows)
             try:
-                results = await loop.run_in_executor(self.executor, self._run_batch, batch)
+                results = await loop.run_in_executor(self.executor, self._run_isolated, batch)
                 for p, r in zip(batch, results):
                     if not p.future.done():
                         p.future.set_result(r) if not isinstance(r, BaseException) else p.future.set_exception(r)
@@ -763,6 +763,24 @@ class Engine:
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
+
+    def _run_isolated(self, batch: list[Pending]) -> list[Any]:
+        """The batch together; if it fails, each request alone, so one request's failure is only its own.
+
+        Nothing of a failed batch was committed (an append is one transaction), so scoring again is safe.
+        """
+        try:
+            return self._run_batch(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+            out: list[Any] = []
+            for p in batch:
+                try:
+                    out.extend(self._run_batch([p]))
+                except Exception as one:
+                    out.append(one)
+            return out
 
     def _run_batch(self, batch: list[Pending]) -> list[Any]:
         import pandas as pd
@@ -789,6 +807,11 @@ class Engine:
             j = 0
             for i in items:
                 p = batch[i]
+                bad = [k for k in range(len(p.rows)) if not math.isfinite(float(prob[j + k]))]
+                if bad:
+                    # Values inside the accepted ranges can still overflow the network: refuse this request only.
+                    raise InvalidRequest(f"row {bad[0]}: these feature values give no finite score; check the "
+                                         "magnitude of the numeric fields")
                 for row in p.rows:
                     probability = float(prob[j])
                     rec = {
@@ -853,6 +876,16 @@ def make_model(engine: Engine):
             self.ready = True
             return True
 
+        def get_input_types(self) -> list[dict]:
+            types = [{"name": c, "datatype": "FP64", "shape": [-1]} for c in cfg.numeric]
+            return types + [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in [*cfg.categorical, *cfg.text]]
+
+        def get_output_types(self) -> list[dict]:
+            return [{"name": n, "datatype": t, "shape": [-1]} for n, t in (
+                ("probability", "FP64"), ("decision", "INT64"), ("decision_id", "BYTES"),
+                ("model_version", "BYTES"), ("variant", "BYTES"), ("top_factors", "BYTES"),
+                ("similar_cases", "BYTES"))]
+
         async def _decide(self, payload, headers, explain: int):
             key_id = (headers or {}).get(KEY_ID_HEADER)
             try:
@@ -861,9 +894,9 @@ def make_model(engine: Engine):
                 else:
                     columns = columns_from_v1(payload, cfg)
                 rows = validate_columns(columns, cfg)
+                return await engine.submit(rows, explain, key_id)
             except InvalidRequest as exc:
                 raise InvalidInput(str(exc)) from None
-            return await engine.submit(rows, explain, key_id)
 
         async def predict(self, payload, headers=None, response_headers=None):
             records = await self._decide(payload, headers, cfg.explain_top)
