@@ -7,6 +7,7 @@ ModelServer on loopback) as a process and talks HTTP to it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -284,6 +285,27 @@ def test_fuzzed_bodies_never_get_a_500(main_server: Server, v1, v2):
         assert r.status_code < 500, (path, body, r.status_code, r.text)
 
 
+async def _send_many(url: str, n: int, connections: int) -> tuple[list, list]:
+    """`n` one-applicant requests over `connections` concurrent connections."""
+    import aiohttp
+
+    results: list = []
+    errors: list = []
+    body = json.dumps({"instances": [ROW]})
+
+    async def worker(session, k: int) -> None:
+        for _ in range(k):
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                if r.status == 200:
+                    results.extend((await r.json())["predictions"])
+                else:
+                    errors.append(await r.text())
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
+        await asyncio.gather(*[worker(session, n // connections) for _ in range(connections)])
+    return results, errors
+
+
 def _load(url: str, stop: threading.Event, results: list, errors: list, body=None) -> None:
     with httpx.Client(timeout=30) as c:
         while not stop.is_set():
@@ -360,20 +382,7 @@ def test_sigkill_under_load_loses_no_answered_decision(servers):
 def test_canary_share_and_shadow_records(servers, client, registered, second_version):
     client.set_registered_model_alias(SPEC, "challenger", second_version)
     canary = servers("canary", mode="canary", canary_share=0.25).start()
-    results: list = []
-    errors: list = []
-
-    def send(k: int) -> None:
-        with httpx.Client(timeout=30) as c:
-            for _ in range(k):
-                r = c.post(f"{canary.url}/v1/models/{SPEC}:predict", json={"instances": [ROW]})
-                (results.extend(r.json()["predictions"]) if r.status_code == 200 else errors.append(r.text))
-
-    threads = [threading.Thread(target=send, args=(400,)) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = asyncio.run(_send_many(f"{canary.url}/v1/models/{SPEC}:predict", 2400, 16))
     assert errors == [] and len(results) == 2400
     share = sum(r["variant"] == "canary" for r in results) / len(results)
     assert abs(share - 0.25) < 0.04, share
@@ -394,16 +403,31 @@ def test_canary_share_and_shadow_records(servers, client, registered, second_ver
     client.delete_registered_model_alias(SPEC, "challenger")
 
 
-def test_a_version_without_operating_threshold_is_refused(servers, client, registered, second_version):
+def test_a_version_without_operating_threshold_is_refused(client, registered, second_version, tmp_path):
+    import importlib.util
+
+    module = importlib.util.spec_from_file_location("intelligentops_serve", REPO / "workloads" / "serve.py")
+    serve = importlib.util.module_from_spec(module)
+    sys.modules["intelligentops_serve"] = serve
+    module.loader.exec_module(serve)
+    cfg = serve.ServerConfig(spec=SPEC, tracking_uri=registered[0].tracking_uri, audit_url="unused",
+                             model_cache=str(tmp_path / "models"))
     client.delete_model_version_tag(SPEC, second_version, "operating_threshold")
-    client.set_registered_model_alias(SPEC, "champion", second_version)
     try:
-        server = servers("nothreshold").start(wait=False)
-        assert server.proc.wait(120) == 2
-        assert f"version {second_version} has no tag 'operating_threshold'" in server.log.read_text()
+        with pytest.raises(serve.ServeError, match=f"version {second_version} has no tag 'operating_threshold'"):
+            serve.load_version(client, cfg, second_version)
+        client.set_model_version_tag(SPEC, second_version, "operating_threshold", "1.5")
+        with pytest.raises(serve.ServeError, match="operating_threshold = 1.5 is outside"):
+            serve.load_version(client, cfg, second_version)
     finally:
         client.set_model_version_tag(SPEC, second_version, "operating_threshold", "0.4")
-        client.set_registered_model_alias(SPEC, "champion", registered[0].version)
+    # The files are checked against the manifest before anything loads: a flipped byte is refused.
+    loaded = serve.load_version(client, cfg, second_version)
+    assert loaded.threshold == 0.4 and loaded.version == second_version
+    weights = next((tmp_path / "models").rglob("model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(serve.ServeError, match="model.safetensors has sha256 .* the manifest says"):
+        serve.load_version(client, cfg, second_version)
 
 
 def test_deployment_asset_serves_checks_and_observes_the_log(registered, tmp_path):

@@ -210,7 +210,11 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{cfg.spec}/{version}", dst_path=str(tmp))
+        # Resolved through this client, never mlflow's process-wide default store.
+        uri = client.get_model_version_download_uri(cfg.spec, version)
+        if uri.startswith("models:/m-"):  # MLflow 3: the version points at a logged model
+            uri = client.get_logged_model(uri.split("/", 1)[1]).artifact_location
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
         (tmp / ".complete").write_text(version)
         try:
             os.replace(tmp, cache)
@@ -218,7 +222,11 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (cache / ".complete").is_file():
                 raise
-    digest = verify_model_files(cache, tags.get("manifest_sha256"), label)
+    try:
+        digest = verify_model_files(cache, tags.get("manifest_sha256"), label)
+    except ServeError as exc:
+        raise ServeError(f"{exc} (files cached at {cache}; if the registry's copy is intact, delete that folder "
+                         "to fetch it again)") from None
     model_root = next((p.parent for p in cache.rglob("MLmodel")), None)
     if model_root is None:
         raise ServeError(f"{label}: no MLmodel file in {cache}")
