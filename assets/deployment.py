@@ -318,7 +318,7 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                 "endpoint": dg.MetadataValue.url(deployed.endpoint), "how": deployed.how,
                 "champion_version": deployed.serving.get(naming.CHAMPION, ""),
                 "challenger_version": deployed.serving.get(naming.CHALLENGER, "none"),
-                "traffic_policy": policy, "audit_url": store._where(),
+                "traffic_policy": policy, "audit_url": store.location(),
                 "pid": deployed.pid if deployed.pid is not None else "n/a",
                 "log": dg.MetadataValue.path(deployed.log_path) if deployed.log_path else "n/a",
                 "config": dg.MetadataValue.path(deployed.config_path) if deployed.config_path else "n/a",
@@ -351,7 +351,7 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                       "chain_verified": obs.chain_ok, "records_checked": obs.chain_checked,
                       "per_variant": dg.MetadataValue.json(obs.per_variant),
                       "chain_problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in obs.problems) or "none"),
-                      "audit_url": store._where()},
+                      "audit_url": store.location()},
             data_version=dg.DataVersion(f"seq-{obs.latest_seq}"))
 
     return dg.Definitions(assets=[deployment, inference_log])

@@ -89,7 +89,7 @@ def explain_decision(decision_id: str, out=sys.stdout) -> int:
     store = res["audit"].store()
     rec = store.get(decision_id)
     if rec is None:
-        print(f"no decision {decision_id!r} in the audit log at {store._where()}", file=sys.stderr)
+        print(f"no decision {decision_id!r} in the audit log at {store.location()}", file=sys.stderr)
         return 1
     w = out.write
     w(f"decision {rec.decision_id}\n")
@@ -159,9 +159,9 @@ def verify(out=sys.stdout) -> int:
     store = _resources()["audit"].store()
     check = store.verify()
     if check.ok:
-        out.write(f"the audit log at {store._where()} verifies: {check.checked} records, chain intact\n")
+        out.write(f"the audit log at {store.location()} verifies: {check.checked} records, chain intact\n")
         return 0
-    out.write(f"the audit log at {store._where()} does NOT verify ({check.checked} records checked):\n")
+    out.write(f"the audit log at {store.location()} does NOT verify ({check.checked} records checked):\n")
     for p in check.problems:
         out.write(f"  {p}\n")
     return 1

@@ -252,7 +252,7 @@ class AuditStore:
         import sqlalchemy as sa
 
         if self.get(decision_id) is None:
-            raise AuditError(f"no decision {decision_id!r} in the audit log at {self._where()}")
+            raise AuditError(f"no decision {decision_id!r} in the audit log at {self.location()}")
         values = {"decision_id": decision_id, "outcome": int(outcome), "at": at or now_iso()}
         with self._lock, self.engine.begin() as conn:
             conn.execute(sa.delete(self.outcome_table).where(self.outcome_table.c.decision_id == decision_id))
@@ -300,7 +300,8 @@ class AuditStore:
 
     # --- reading ---------------------------------------------------------------------------------------------
 
-    def _where(self) -> str:
+    def location(self) -> str:
+        """The store's URL with any password hidden."""
         return self.engine.url.render_as_string(hide_password=True)
 
     @staticmethod

@@ -693,8 +693,8 @@ class Engine:
                           self.last_error)
 
     def prune_daily(self) -> None:
-        while not self._stop.wait(0 if not hasattr(self, "_pruned") else 86400):
-            self._pruned = True
+        """Retention: remove decisions older than `retention_days` now and once a day."""
+        while True:
             try:
                 removed = self.audit.prune(self.cfg.retention_days)
                 if removed:
@@ -702,6 +702,8 @@ class Engine:
                              self.cfg.retention_days)
             except Exception as exc:
                 log.error("audit retention failed: %s", exc)
+            if self._stop.wait(86400):
+                return
 
     # similar cases ----------------------------------------------------------------------------------------------
     def _tables(self) -> dict[str, Any]:
@@ -856,7 +858,7 @@ class Engine:
                 "versions": {a: {"version": v.version, "operating_threshold": v.threshold,
                                  "manifest_sha256": v.manifest_sha256, "run_id": v.run_id}
                              for a, v in self.versions.items()},
-                "audit_url": self.audit._where(), "audit_latest_seq": self.audit.latest_seq(),
+                "audit_url": self.audit.location(), "audit_latest_seq": self.audit.latest_seq(),
                 "last_error": self.last_error}
 
 
@@ -975,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     app.add_api_route("/intelligentops/status", status, methods=["GET"])
     app.add_middleware(Gateway, cfg=cfg, keys=keys, metrics=metrics)
     log.info("%s: serving versions %s on port %d (%s policy), audit log %s", cfg.spec, engine.alias_versions,
-             cfg.port, cfg.mode, engine.audit._where())
+             cfg.port, cfg.mode, engine.audit.location())
     # One line per request would cost more than scoring it; /metrics has the counts and latencies.
     for name in ("kserve.trace", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
