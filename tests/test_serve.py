@@ -8,6 +8,7 @@ ModelServer on loopback) as a process and talks HTTP to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -64,17 +65,23 @@ def second_version(registered, client) -> str:
     """Another registry version of the same weights: a real version number to move aliases to, no retraining."""
     reg = registered[0]
     first = client.get_model_version(SPEC, reg.version)
-    # The registry resolves a logged model's source through the default tracking URI.
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = reg.tracking_uri
-    try:
+    with default_tracking(reg.tracking_uri):  # the registry resolves a logged model through the default store
         mv = client.create_model_version(SPEC, first.source, run_id=first.run_id, tags=dict(first.tags))
+    return str(mv.version)
+
+
+@contextlib.contextmanager
+def default_tracking(uri: str):
+    """MLflow's process-wide default store, for the calls that use it; never a stray ./mlflow.db."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
-    return str(mv.version)
 
 
 def _free_port() -> int:
@@ -413,6 +420,11 @@ def test_a_version_without_operating_threshold_is_refused(client, registered, se
     cfg = serve.ServerConfig(spec=SPEC, tracking_uri=registered[0].tracking_uri, audit_url="unused",
                              model_cache=str(tmp_path / "models"))
     client.delete_model_version_tag(SPEC, second_version, "operating_threshold")
+    with default_tracking(registered[0].tracking_uri):
+        _refusals(serve, client, cfg, second_version, tmp_path)
+
+
+def _refusals(serve, client, cfg, second_version: str, tmp_path: Path) -> None:
     try:
         with pytest.raises(serve.ServeError, match=f"version {second_version} has no tag 'operating_threshold'"):
             serve.load_version(client, cfg, second_version)
