@@ -706,37 +706,73 @@ class Engine:
                 return
 
     # similar cases ----------------------------------------------------------------------------------------------
-    def _tables(self) -> dict[str, Any]:
-        """The spec's LanceDB tables per text column (layout of resources/vectors.py), opened once."""
-        if self._vector_tables is None:
-            self._vector_tables = {}
-            manifest = Path(self.cfg.vector_db or "") / "manifest.json"
-            if self.cfg.text and self.cfg.similar_cases and manifest.is_file():
-                import lancedb
+    # Up to this many rows the index's vectors are held in memory and searched with one matrix product per
+    # batch (exact cosine, milliseconds); above it, each text is an ANN query to LanceDB.
+    IN_MEMORY_ROWS = 200_000
 
-                db = lancedb.connect(str(manifest.parent))
-                for col, table in json.loads(manifest.read_text()).get("columns", {}).items():
-                    self._vector_tables[col] = db.open_table(table)
-            elif self.cfg.text and self.cfg.similar_cases:
+    def _index(self) -> dict[str, Any]:
+        """The spec's vector index for its first text column (layout of resources/vectors.py), re-read when its
+        table version changes (checked at most every 30 s)."""
+        now = time.monotonic()
+        cached = self._vector_tables
+        if cached is not None and now - cached.get("checked", 0) < 30:
+            return cached
+        manifest = Path(self.cfg.vector_db or "") / "manifest.json"
+        if not (self.cfg.text and self.cfg.similar_cases and manifest.is_file()):
+            if self.cfg.text and self.cfg.similar_cases and cached is None:
                 log.warning("%s: no vector index at %s; decisions carry no similar cases", self.cfg.spec, manifest)
-        return self._vector_tables
+            self._vector_tables = {"checked": now}
+            return self._vector_tables
+        import lancedb
+        import numpy as np
+
+        columns = json.loads(manifest.read_text()).get("columns", {})
+        col = next((c for c in self.cfg.text if c in columns), None)
+        if col is None:
+            self._vector_tables = {"checked": now}
+            return self._vector_tables
+        table = lancedb.connect(str(manifest.parent)).open_table(columns[col])
+        if cached is not None and cached.get("version") == table.version and cached.get("column") == col:
+            cached["checked"] = now
+            return cached
+        index: dict[str, Any] = {"checked": now, "version": table.version, "column": col, "table": table}
+        if table.count_rows() <= self.IN_MEMORY_ROWS:
+            data = table.to_arrow().select(["row_id", "vector"])
+            vectors = np.asarray(data.column("vector").combine_chunks().flatten(), dtype=np.float32)
+            vectors = vectors.reshape(data.num_rows, -1)
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            index["matrix"] = vectors / np.where(norms > 0, norms, 1.0)
+            index["row_ids"] = np.asarray(data.column("row_id").to_pylist(), dtype=object)
+        self.similar_cache.clear()
+        self._vector_tables = index
+        return index
 
     def similar(self, version: ServedVersion, rows: list[dict[str, Any]]) -> list[list[str]]:
-        tables = self._tables()
-        if not tables:
+        """Row ids of the training cases whose text is nearest each row's, cached by text."""
+        import numpy as np
+
+        index = self._index()
+        embed = getattr(version.python_model, "_embed", None)
+        if "column" not in index or embed is None:
             return [[] for _ in rows]
-        col = next(c for c in self.cfg.text if c in tables)
+        col, k = index["column"], self.cfg.similar_cases
         texts = ["" if r.get(col) is None else str(r[col]).strip() for r in rows]
         todo = sorted({t for t in texts if t and t not in self.similar_cache})
         if todo:
-            embed = getattr(version.python_model, "_embed", None)
-            vectors = embed(todo) if embed is not None else []
-            for text, vec in zip(todo, vectors):
-                found = (tables[col].search(list(map(float, vec)), vector_column_name="vector")
-                         .distance_type("cosine").limit(self.cfg.similar_cases).select(["row_id"]).to_list())
-                self.similar_cache[text] = [str(f["row_id"]) for f in found]
-                if len(self.similar_cache) > 100_000:
-                    self.similar_cache.popitem(last=False)
+            vectors = np.asarray(embed(todo), dtype=np.float32)  # the model caches these for its own use too
+            if "matrix" in index:
+                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+                scores = (vectors / np.where(norms > 0, norms, 1.0)) @ index["matrix"].T
+                top = np.argsort(-scores, axis=1)[:, :k]
+                found = [[str(r) for r in index["row_ids"][t]] for t in top]
+            else:
+                found = [[str(f["row_id"]) for f in index["table"].search(list(map(float, v)),
+                                                                           vector_column_name="vector")
+                          .distance_type("cosine").limit(k).select(["row_id"]).to_list()] for v in vectors]
+            for text, ids in zip(todo, found):
+                self.similar_cache[text] = ids
+            while len(self.similar_cache) > 100_000:
+                self.similar_cache.popitem(last=False)
         return [self.similar_cache.get(t, []) if t else [] for t in texts]
 
     # batching -----------------------------------------------------------------------------------------------
