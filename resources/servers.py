@@ -239,6 +239,9 @@ class KServeLauncher(ServerLauncher):
     env: dict[str, str] = Field(default_factory=dict)
     secret_env: dict[str, str] = Field(default_factory=dict, description="NAME -> 'secret-name/key'")
     working_dir: str = "/app"
+    audit_url_secret: str = Field("intelligentops-audit/url",
+                                  description="'secret-name/key' holding the audit database URL; the URL itself "
+                                              "never goes into the ConfigMap")
     load_incluster_config: bool | None = None
     kubeconfig_file: str | None = None
     kube_context: str | None = None
@@ -263,12 +266,17 @@ class KServeLauncher(ServerLauncher):
         port = 8080
         labels = {"app.kubernetes.io/name": "intelligentops-server", "intelligentops.io/spec": spec_name}
         cluster_config = {**config, "port": port, "model_cache": "/tmp/intelligentops-models"}
+        secret_env = dict(self.secret_env)
+        if not str(config.get("audit_url", "")).startswith("env:"):
+            # A database URL carries credentials: the predictor reads it from a Secret, not from the ConfigMap.
+            cluster_config["audit_url"] = "env:INTELLIGENTOPS_AUDIT_URL"
+            secret_env.setdefault("INTELLIGENTOPS_AUDIT_URL", self.audit_url_secret)
         config_map = k.V1ConfigMap(api_version="v1", kind="ConfigMap",
                                    metadata=k.V1ObjectMeta(name=cm_name, namespace=self.namespace, labels=labels),
                                    data={CONFIG_FILE: json.dumps(cluster_config, indent=2, sort_keys=True)})
         env = [k.V1EnvVar(name=n, value=v) for n, v in {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                                                         "PYTHONPATH": self.working_dir, **self.env}.items()]
-        for name, ref in self.secret_env.items():
+        for name, ref in secret_env.items():
             if "/" not in ref:
                 raise ValueError(f"KServeLauncher.secret_env[{name!r}] = {ref!r}; expected 'secret-name/key'")
             secret, key = ref.split("/", 1)

@@ -86,6 +86,15 @@ def test_inference_service_and_config_map_are_valid(settings: dict) -> None:
     assert predictor["volumes"][0]["configMap"]["name"] == config_map["metadata"]["name"]
 
 
+def test_the_audit_database_url_stays_out_of_the_config_map() -> None:
+    url = "postgresql+psycopg2://audit:s3cret@db:5432/audit"
+    config_map, isvc = KServeLauncher(image="img:1").render("credit_risk", {**CONFIG, "audit_url": url})
+    assert "s3cret" not in json.dumps(config_map) and "s3cret" not in json.dumps(isvc)
+    assert json.loads(config_map["data"][CONFIG_FILE])["audit_url"] == "env:INTELLIGENTOPS_AUDIT_URL"
+    env = {e["name"]: e.get("valueFrom") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["INTELLIGENTOPS_AUDIT_URL"] == {"secretKeyRef": {"name": "intelligentops-audit", "key": "url"}}
+
+
 def test_bad_secret_reference_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"secret_env\['AUDIT_URL'\] = 'no-key'"):
         KServeLauncher(image="img:1", secret_env={"AUDIT_URL": "no-key"}).render("credit_risk", CONFIG)
