@@ -1,20 +1,20 @@
 """compliance_report, the blocking gates on it, champion_model (gated promotion) and the rollback job."""
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from assets import naming
 from assets.checks.gates import GATES, NOT_OVERRIDABLE, GateOutcome, evaluate_gates
-from assets.data import asset_key, owners_for
-from assets.evaluation import CHALLENGER, CHAMPION, PREVIOUS, _alias_version
+from assets.evidence import ComplianceReport, Evaluation, GateVerdict
+from assets.naming import CHALLENGER, CHAMPION, PREVIOUS, asset_key
 from assets.report import build_report, missing_sections, to_html, to_markdown
 from assets.spec import LoadedSpec, PipelineSpec
 from resources.mlflow import MlflowResource
 from resources.storage import StorageResource, atomic_write_bytes
-
-REPORT_GROUP = "evaluation"
-CHAMPION_GROUP = "deployment"
 
 
 def _now() -> str:
@@ -51,26 +51,24 @@ def _report_paths(storage: StorageResource, spec: PipelineSpec, version: str):
     return d / "report.md", d / "report.html"
 
 
-def _write_report(storage: StorageResource, mlflow: MlflowResource, spec: PipelineSpec, ev: dict[str, Any],
+def _write_report(storage: StorageResource, mlflow: MlflowResource, spec: PipelineSpec, ev: Evaluation,
                   gates: list[GateOutcome], log: Any) -> tuple[str, str]:
-    title = f"Compliance report: {spec.name} version {ev['model_version']}"
-    sections = build_report(spec, ev, gates, ev.get("lineage", {}), _history(mlflow, spec.name))
-    md_path, html_path = _report_paths(storage, spec, ev["model_version"])
+    title = f"Compliance report: {spec.name} version {ev.model_version}"
+    sections = build_report(spec, ev, gates, ev.lineage, _history(mlflow, spec.name))
+    md_path, html_path = _report_paths(storage, spec, ev.model_version)
     atomic_write_bytes(md_path, to_markdown(title, sections).encode())
     atomic_write_bytes(html_path, to_html(title, sections).encode())
-    if ev.get("run_id"):
+    if ev.run_id:
         try:
             client = mlflow.client()
-            client.log_artifact(ev["run_id"], str(md_path), "compliance")
-            client.log_artifact(ev["run_id"], str(html_path), "compliance")
+            client.log_artifact(ev.run_id, str(md_path), "compliance")
+            client.log_artifact(ev.run_id, str(html_path), "compliance")
         except Exception as exc:
-            log.warning(f"could not log the compliance report to MLflow run {ev['run_id']}: {exc}")
+            log.warning(f"could not log the compliance report to MLflow run {ev.run_id}: {exc}")
     return str(md_path), str(html_path)
 
 
 def documentation_gate(md_path: str) -> GateOutcome:
-    from pathlib import Path
-
     path = Path(md_path)
     if not path.exists():
         return GateOutcome("documentation", False, f"the compliance report {path} does not exist")
@@ -87,109 +85,144 @@ class PromotionConfig(dg.Config):
     reason: str | None = None
 
 
-class RollbackConfig(dg.Config):
-    actor: str
-    reason: str
+def write_compliance_report(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, ev: Evaluation,
+                            log: Any) -> dg.Output[ComplianceReport]:
+    """The report for the evaluated version, with the verdict of every gate that needs no report."""
+    gates = evaluate_gates(ev, spec)
+    md_path, html_path = _write_report(storage, mlflow, spec, ev, gates, log)
+    report = ComplianceReport(model_version=ev.model_version, markdown=md_path, html=html_path,
+                              gates={g.name: GateVerdict(passed=g.passed, summary=g.summary) for g in gates})
+    failed = [g.name for g in gates if not g.passed]
+    return dg.Output(report, metadata={
+        "model_version": ev.model_version, "report": dg.MetadataValue.path(md_path),
+        "report_html": dg.MetadataValue.path(html_path), "failed_gates": ", ".join(failed) or "none",
+        "preview": dg.MetadataValue.md(Path(md_path).read_text()[:4000]),
+    })
 
 
-def build_compliance_assets(loaded: LoadedSpec) -> list[Any]:
+def gate_results(spec: PipelineSpec, ev: Evaluation, report: ComplianceReport, log: Any
+                 ) -> list[dg.AssetCheckResult]:
+    results = []
+    for g in [*evaluate_gates(ev, spec), documentation_gate(report.markdown)]:
+        if not g.passed:
+            log.error(f"{spec.name} v{ev.model_version} {g.name}: {g.summary}")
+        results.append(dg.AssetCheckResult(
+            asset_key=asset_key(spec.name, naming.COMPLIANCE_REPORT), check_name=g.name, passed=g.passed,
+            severity=dg.AssetCheckSeverity.ERROR, description=g.summary[:2000],
+            metadata={"model_version": ev.model_version}))
+    return results
+
+
+def promote(spec: PipelineSpec, mlflow: MlflowResource, report: ComplianceReport, verdicts: dict[str, bool],
+            config: PromotionConfig) -> dg.MaterializeResult:
+    """Move `champion` to the reported version when every gate passed for it (or a person approved)."""
+    version = report.model_version
+    challenger = mlflow.alias_version(spec.name, CHALLENGER)
+    if challenger is None or str(challenger.version) != version:
+        raise dg.Failure(f"{spec.name}: the report is for version {version} but '{CHALLENGER}' is "
+                         f"{challenger.version if challenger else 'unset'}; re-run model_evaluation")
+    failed = sorted(n for n, ok in verdicts.items() if not ok)
+    current = mlflow.alias_version(spec.name, CHAMPION)
+    if current is not None and str(current.version) == version:
+        return dg.MaterializeResult(metadata={"champion_version": version, "changed": False,
+                                              "decision": "already champion"})
+    client = mlflow.client()
+    approved = False
+    if failed:
+        blocked = sorted(set(failed) & NOT_OVERRIDABLE)
+        if not (config.approver and config.reason) or blocked:
+            why = (f"gate(s) {blocked} cannot be overridden" if blocked and config.approver else
+                   "promote anyway by naming an approver and a reason in the run config "
+                   "(ops: {<this asset>: {config: {approver: ..., reason: ...}}})")
+            summaries = "; ".join(report.gates[n].summary for n in failed if n in report.gates)
+            raise dg.Failure(
+                f"{spec.name} v{version} is not promoted: failed gates {failed} (failed, or not evaluated for "
+                f"this version) ({summaries}). {why}. Champion stays at {current.version if current else 'none'}.")
+        approved = True
+        client.set_model_version_tag(spec.name, version, "approved_by", config.approver)
+        client.set_model_version_tag(spec.name, version, "approval_reason", config.reason)
+        client.set_model_version_tag(spec.name, version, "overridden_gates", ",".join(failed))
+        _append_approval(report, config, failed)
+    now = _now()
+    if current is not None:
+        mlflow.set_alias(spec.name, PREVIOUS, str(current.version))
+    mlflow.set_alias(spec.name, CHAMPION, version)
+    client.set_model_version_tag(spec.name, version, "promoted_at", now)
+    client.set_model_version_tag(spec.name, version, "promoted_by",
+                                 f"approval by {config.approver}" if approved else "gates")
+    return dg.MaterializeResult(metadata={
+        "champion_version": version, "previous_version": str(current.version) if current else "none",
+        "changed": True, "decision": f"approved by {config.approver}: {config.reason}" if approved
+        else "every blocking gate passed", "overridden_gates": ", ".join(failed) or "none",
+        "report": dg.MetadataValue.path(report.markdown),
+    })
+
+
+@dataclass(frozen=True)
+class Rollback:
+    spec: str
+    from_version: str | None
+    to_version: str
+
+
+def rollback_champion(mlflow: MlflowResource, spec_name: str, actor: str, reason: str) -> Rollback:
+    """Move `champion` back to `previous` and record who and why on the version rolled back from."""
+    current = mlflow.alias_version(spec_name, CHAMPION)
+    previous = mlflow.alias_version(spec_name, PREVIOUS)
+    if previous is None:
+        raise dg.Failure(f"{spec_name}: there is no '{PREVIOUS}' version to roll back to; champion stays at "
+                         f"{current.version if current else 'none'}")
+    now = _now()
+    mlflow.set_alias(spec_name, CHAMPION, str(previous.version))
+    client = mlflow.client()
+    client.delete_registered_model_alias(spec_name, PREVIOUS)
+    if current is not None:
+        for k, v in (("rolled_back_at", now), ("rolled_back_by", actor), ("rollback_reason", reason)):
+            client.set_model_version_tag(spec_name, str(current.version), k, v)
+    return Rollback(spec=spec_name, from_version=str(current.version) if current else None,
+                    to_version=str(previous.version))
+
+
+# --- wiring ---------------------------------------------------------------------------------------------------
+
+
+def definitions(loaded: LoadedSpec) -> dg.Definitions:
+    """compliance_report, its blocking gate checks and champion_model for one spec."""
     spec = loaded.spec
-    eval_key, report_key, champion_key = (asset_key(spec, n) for n in
-                                          ("model_evaluation", "compliance_report", "champion_model"))
-    owners = owners_for(spec)
-    tags = {"spec": spec.name}
+    eval_key, report_key, champion_key = (asset_key(spec.name, n) for n in
+                                          (naming.MODEL_EVALUATION, naming.COMPLIANCE_REPORT, naming.CHAMPION_MODEL))
 
-    @dg.asset(key=report_key, group_name=REPORT_GROUP, owners=owners, tags=tags, kinds={"markdown", "html",
-                                                                                           "mlflow"},
-              ins={"ev": dg.AssetIn(key=eval_key)})
+    @dg.asset(key=report_key, group_name=naming.EVALUATION, ins={"ev": dg.AssetIn(key=eval_key)})
     def compliance_report(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
-                          ev: dict) -> dg.Output[dict]:
+                          ev: Evaluation) -> dg.Output[ComplianceReport]:
         """EU AI Act Annex IV technical documentation and a NIST AI RMF mapping for this model version, written
         as Markdown and HTML from its lineage, evaluation and gate verdicts, and logged to MLflow."""
-        gates = evaluate_gates(ev, spec)
-        md_path, html_path = _write_report(storage, mlflow, spec, ev, gates, context.log)
-        out = {"model_version": ev["model_version"], "markdown": md_path, "html": html_path,
-               "gates": {g.name: {"passed": g.passed, "summary": g.summary} for g in gates}}
-        failed = [g.name for g in gates if not g.passed]
-        return dg.Output(out, metadata={
-            "model_version": ev["model_version"], "report": dg.MetadataValue.path(md_path),
-            "report_html": dg.MetadataValue.path(html_path), "failed_gates": ", ".join(failed) or "none",
-            "preview": dg.MetadataValue.md(open(md_path).read()[:4000]),
-        })
+        return write_compliance_report(spec, storage, mlflow, ev, context.log)
 
-    check_specs = [dg.AssetCheckSpec(name=name, asset=report_key, blocking=True, description=doc,
-                                     additional_deps=[eval_key])
-                   for name, doc in GATES.items()]
-
-    @dg.multi_asset_check(specs=check_specs, name=f"{spec.name}__compliance_gates",
+    @dg.multi_asset_check(specs=[dg.AssetCheckSpec(name=name, asset=report_key, blocking=True, description=doc,
+                                                   additional_deps=[eval_key]) for name, doc in GATES.items()],
+                          name=f"{spec.name}__compliance_gates",
                           ins={"ev": dg.AssetIn(key=eval_key), "report": dg.AssetIn(key=report_key)})
-    def compliance_gates(context: dg.AssetCheckExecutionContext, ev: dict, report: dict):
+    def compliance_gates(context: dg.AssetCheckExecutionContext, ev: Evaluation, report: ComplianceReport):
         """The compliance gates; each failure says which number broke which threshold."""
-        for g in [*evaluate_gates(ev, spec), documentation_gate(report["markdown"])]:
-            if not g.passed:
-                context.log.error(f"{spec.name} v{ev['model_version']} {g.name}: {g.summary}")
-            yield dg.AssetCheckResult(asset_key=report_key, check_name=g.name, passed=g.passed,
-                                      severity=dg.AssetCheckSeverity.ERROR, description=g.summary[:2000],
-                                      metadata={"model_version": ev["model_version"]})
+        yield from gate_results(spec, ev, report, context.log)
 
-    @dg.asset(key=champion_key, group_name=CHAMPION_GROUP, owners=owners, tags=tags, kinds={"mlflow"},
-              ins={"report": dg.AssetIn(key=report_key)})
+    @dg.asset(key=champion_key, group_name=naming.DEPLOYMENT, ins={"report": dg.AssetIn(key=report_key)})
     def champion_model(context: dg.AssetExecutionContext, config: PromotionConfig, mlflow: MlflowResource,
-                       report: dict) -> dg.MaterializeResult:
+                       report: ComplianceReport) -> dg.MaterializeResult:
         """Moves alias `champion` to the challenger only when every blocking gate passed for that version (the
         old champion becomes `previous`). A named approver with a reason may override failed gates other
         than integrity; the report and the version's tags say so."""
-        version = str(report["model_version"])
-        challenger = _alias_version(mlflow, spec.name, CHALLENGER)
-        if challenger is None or str(challenger.version) != version:
-            raise dg.Failure(f"{spec.name}: the report is for version {version} but '{CHALLENGER}' is "
-                             f"{challenger.version if challenger else 'unset'}; re-run model_evaluation")
-        verdicts = _latest_gate_verdicts(context, report_key, version)
-        failed = sorted(n for n, ok in verdicts.items() if not ok)
-        current = _alias_version(mlflow, spec.name, CHAMPION)
-        if current is not None and str(current.version) == version:
-            return dg.MaterializeResult(metadata={"champion_version": version, "changed": False,
-                                                  "decision": "already champion"})
-        client = mlflow.client()
-        approved = False
-        if failed:
-            blocked = sorted(set(failed) & NOT_OVERRIDABLE)
-            if not (config.approver and config.reason) or blocked:
-                why = (f"gate(s) {blocked} cannot be overridden" if blocked and config.approver else
-                       "promote anyway by naming an approver and a reason in the run config "
-                       "(ops: {<this asset>: {config: {approver: ..., reason: ...}}})")
-                raise dg.Failure(
-                    f"{spec.name} v{version} is not promoted: failed gates {failed} (failed, or not evaluated for "
-                    f"this version) "
-                    f"({'; '.join(report['gates'].get(n, {}).get('summary', '') for n in failed if n in report['gates'])})"
-                    f". {why}. Champion stays at {current.version if current else 'none'}.")
-            approved = True
-            client.set_model_version_tag(spec.name, version, "approved_by", config.approver)
-            client.set_model_version_tag(spec.name, version, "approval_reason", config.reason)
-            client.set_model_version_tag(spec.name, version, "overridden_gates", ",".join(failed))
-            _append_approval(report, config, failed)
-        now = _now()
-        if current is not None:
-            mlflow.set_alias(spec.name, PREVIOUS, str(current.version))
-        mlflow.set_alias(spec.name, CHAMPION, version)
-        client.set_model_version_tag(spec.name, version, "promoted_at", now)
-        client.set_model_version_tag(spec.name, version, "promoted_by",
-                                     f"approval by {config.approver}" if approved else "gates")
-        return dg.MaterializeResult(metadata={
-            "champion_version": version, "previous_version": str(current.version) if current else "none",
-            "changed": True, "decision": f"approved by {config.approver}: {config.reason}" if approved
-            else "every blocking gate passed", "overridden_gates": ", ".join(failed) or "none",
-            "report": dg.MetadataValue.path(report["markdown"]),
-        })
+        verdicts = latest_gate_verdicts(context.instance, report_key, report.model_version)
+        return promote(spec, mlflow, report, verdicts, config)
 
-    return [compliance_report, compliance_gates, champion_model]
+    return dg.Definitions(assets=[compliance_report, champion_model], asset_checks=[compliance_gates])
 
 
-def _latest_gate_verdicts(context: dg.AssetExecutionContext, report_key: dg.AssetKey, version: str
-                          ) -> dict[str, bool]:
+def latest_gate_verdicts(instance: dg.DagsterInstance, report_key: dg.AssetKey, version: str) -> dict[str, bool]:
     """The latest result of each gate for this model version, from the instance's check history."""
     keys = [dg.AssetCheckKey(report_key, name) for name in GATES]
-    records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    records = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
     verdicts: dict[str, bool] = {}
     for key in keys:
         rec = records.get(key)
@@ -202,10 +235,10 @@ def _latest_gate_verdicts(context: dg.AssetExecutionContext, report_key: dg.Asse
     return verdicts
 
 
-def _append_approval(report: dict, config: PromotionConfig, failed: list[str]) -> None:
+def _append_approval(report: ComplianceReport, config: PromotionConfig, failed: list[str]) -> None:
     """The report says, in its own change log, that a person promoted this version over failed gates."""
     line = (f"{_now()}: promoted by {config.approver} despite failed gates {failed}. Reason: {config.reason}")
-    for path, fmt in ((report["markdown"], "md"), (report["html"], "html")):
+    for path, fmt in ((report.markdown, "md"), (report.html, "html")):
         with open(path, encoding="utf8") as fh:
             text = fh.read()
         if fmt == "md":
@@ -217,40 +250,3 @@ def _append_approval(report: dict, config: PromotionConfig, failed: list[str]) -
                                 f"<h2>Human oversight</h2><p><strong>Manual approval.</strong> {html.escape(line)}</p>",
                                 1)
         atomic_write_bytes(path, text.encode())
-
-
-def build_rollback_job(loaded: LoadedSpec) -> dg.JobDefinition:
-    spec = loaded.spec
-    champion_key = asset_key(spec, "champion_model")
-
-    @dg.op(name=f"{spec.name}__rollback_champion", tags={"spec": spec.name})
-    def rollback_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowResource):
-        """Moves `champion` back to `previous`, and records who and why on the run and the model version."""
-        current = _alias_version(mlflow, spec.name, CHAMPION)
-        previous = _alias_version(mlflow, spec.name, PREVIOUS)
-        if previous is None:
-            raise dg.Failure(f"{spec.name}: there is no '{PREVIOUS}' version to roll back to; champion stays at "
-                             f"{current.version if current else 'none'}")
-        now = _now()
-        mlflow.set_alias(spec.name, CHAMPION, str(previous.version))
-        client = mlflow.client()
-        client.delete_registered_model_alias(spec.name, PREVIOUS)
-        if current is not None:
-            for k, v in (("rolled_back_at", now), ("rolled_back_by", config.actor), ("rollback_reason", config.reason)):
-                client.set_model_version_tag(spec.name, str(current.version), k, v)
-        context.instance.add_run_tags(context.run_id, {"intelligentops/rollback_actor": config.actor,
-                                                       "intelligentops/rollback_reason": config.reason[:200]})
-        context.log.info(f"{spec.name}: champion {current.version if current else 'none'} -> {previous.version}")
-        yield dg.AssetMaterialization(asset_key=champion_key, metadata={
-            "champion_version": str(previous.version), "rolled_back_from": str(current.version) if current else "",
-            "decision": f"rollback by {config.actor}: {config.reason}", "changed": True})
-        yield dg.Output(None)
-
-    @dg.job(name=f"{spec.name}__rollback", tags={"spec": spec.name},
-            description=f"Move {spec.name}'s champion alias back to the previous version (config: actor, reason).")
-    def rollback():
-        rollback_champion()
-
-    return rollback
-
-

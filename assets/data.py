@@ -9,28 +9,18 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from assets import naming
 from assets.checks.data_quality import DATA_CHECKS, CheckOutcome, Profile, label_series, validate_frame
+from assets.features import clean_text
+from assets.naming import LABEL, ROW_ID, SPLIT, asset_key
 from assets.sources import parquet_safe, read_source
 from assets.spec import LoadedSpec, PipelineSpec
 from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, \
     frame_to_parquet_bytes
 
-GROUP = "data"
-ROW_ID = "row_id"
-LABEL = "label"
-SPLIT = "split"
-
 
 class DataValidationError(RuntimeError):
     """A snapshot broke a blocking expectation; the message lists every failure."""
-
-
-def asset_key(spec: PipelineSpec | LoadedSpec, name: str) -> dg.AssetKey:
-    return dg.AssetKey([spec.name, name])
-
-
-def owners_for(spec: PipelineSpec) -> list[str]:
-    return [spec.owner] if spec.owner else []
 
 
 # --- validation records ----------------------------------------------------------------------------------------
@@ -105,7 +95,7 @@ def clean_rows(raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, pd.
         df[col] = df[col].map(lambda v: None if pd.isna(v) else (str(int(v)) if isinstance(v, float) and
                                                                  v.is_integer() else str(v))).astype(object)
     for col in spec.features.text:
-        df[col] = df[col].map(lambda v: "" if pd.isna(v) else str(v).strip()).astype(object)
+        df[col] = df[col].map(clean_text).astype(object)
     if spec.time_column and spec.split.strategy == "time":
         reject(parse_time(df[spec.time_column]).isna(), f"time column '{spec.time_column}' is null or unparsable")
 
@@ -157,7 +147,7 @@ def assign_splits(df: pd.DataFrame, spec: PipelineSpec) -> pd.Series:
     return out
 
 
-# --- the asset factory -----------------------------------------------------------------------------------------
+# --- the stage's work, as plain functions --------------------------------------------------------------------
 
 
 def _preview(df: pd.DataFrame, rows: int = 5, cols: int = 12) -> str:
@@ -168,105 +158,124 @@ def _schema(df: pd.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name=str(c), type=str(t)) for c, t in df.dtypes.items()])
 
 
-def build_data_assets(loaded: LoadedSpec) -> list[Any]:
+def snapshot_source(loaded: LoadedSpec, log: Any) -> dg.Output[pd.DataFrame]:
+    """The source read once, Parquet-safe, with its content hash, schema and a preview."""
+    df, where = read_source(loaded)
+    df = parquet_safe(df)
+    digest = frame_hash(df)
+    log.info(f"{loaded.name}: read {len(df)} rows x {df.shape[1]} columns from {where}")
+    return dg.Output(df, data_version=dg.DataVersion(digest[:16]), metadata={
+        "content_hash": digest, "source": where, "dagster/row_count": len(df),
+        "dagster/column_schema": _schema(df), "columns": df.shape[1],
+        "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path),
+    })
+
+
+def check_results(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Any
+                  ) -> list[dg.AssetCheckResult]:
+    """One blocking check result per family of the generated Great Expectations suite."""
+    results = []
+    for outcome in run_validation(storage, spec, raw):
+        if not outcome.passed:
+            log.error(f"{spec.name}/{outcome.name}: {outcome.description}")
+        results.append(dg.AssetCheckResult(
+            asset_key=asset_key(spec.name, naming.RAW_DATASET), check_name=outcome.name, passed=outcome.passed,
+            severity=dg.AssetCheckSeverity.ERROR, description=outcome.description[:2000],
+            metadata={"expectations": outcome.evaluated, "failures": len(outcome.failures),
+                      "details": dg.MetadataValue.md("\n".join(f"- {f}" for f in outcome.failures) or "none")},
+        ))
+    return results
+
+
+def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Any
+                      ) -> dg.Output[pd.DataFrame]:
+    """Typed, cleaned rows of a snapshot whose data checks passed; refuses one whose checks failed."""
+    raw_hash = frame_hash(raw)
+    record_path = _validation_record_path(storage, spec, raw_hash)
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is None:
+        log.info("no validation record for this snapshot; running the data checks now")
+        run_validation(storage, spec, raw)
+        record = json.loads(record_path.read_text())
+    if not record["passed"]:
+        broken = [f"{name}: {'; '.join(c['failures'])}" for name, c in record["checks"].items() if not c["passed"]]
+        raise DataValidationError(
+            f"{spec.name}: raw snapshot {raw_hash[:12]} failed its data checks, so the last good "
+            f"validated_dataset stays in place. " + " | ".join(broken))
+    clean, rejected = clean_rows(raw, spec)
+    if len(clean) < spec.validation.min_rows:
+        raise DataValidationError(
+            f"{spec.name}: only {len(clean)} of {len(raw)} rows survive row-level rules (validation.min_rows "
+            f"is {spec.validation.min_rows}); reasons: {dict(Counter(rejected['reason']).most_common(5))}")
+    rejected_path = storage.spec_dir(spec.name, "validation") / "rejected_rows.parquet"
+    atomic_write_bytes(rejected_path, frame_to_parquet_bytes(rejected))
+    atomic_write_json(_profile_path(storage, spec), Profile.of(clean, spec, raw).to_json())
+    digest = frame_hash(clean)
+    reasons = Counter(rejected["reason"])
+    return dg.Output(clean, data_version=dg.DataVersion(digest[:16]), metadata={
+        "content_hash": digest, "raw_hash": raw_hash, "dagster/row_count": len(clean),
+        "rows_set_aside": len(rejected), "rejected_rows_path": dg.MetadataValue.path(str(rejected_path)),
+        "set_aside_reasons": dg.MetadataValue.md(
+            "\n".join(f"- {r}: {n}" for r, n in reasons.most_common(20)) or "none"),
+        "positive_rate": round(float(clean[LABEL].mean()), 4),
+        "dagster/column_schema": _schema(clean), "preview": dg.MetadataValue.md(_preview(clean)),
+    })
+
+
+def split_rows(spec: PipelineSpec, validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    """Every validated row's split, with each split's size, positive rate, hash and first ids."""
+    labels = assign_splits(validated, spec)
+    splits = pd.DataFrame({ROW_ID: validated[ROW_ID].to_numpy(), SPLIT: labels.to_numpy()})
+    meta: dict[str, Any] = {"strategy": spec.split.strategy, "seed": spec.split.seed,
+                            "validated_hash": frame_hash(validated)}
+    for name in ("train", "validation", "test"):
+        part = validated[labels == name]
+        if name != "validation" or spec.split.validation > 0:
+            if part[LABEL].nunique() < 2:
+                raise DataValidationError(
+                    f"{spec.name}: the {name} split has {len(part)} rows but only one target class; "
+                    f"more rows or a different split are needed")
+        meta[f"{name}_rows"] = len(part)
+        meta[f"{name}_positive_rate"] = round(float(part[LABEL].mean()), 4) if len(part) else 0.0
+        meta[f"{name}_hash"] = frame_hash(part.reset_index(drop=True))
+        meta[f"{name}_first_ids"] = ", ".join(part[ROW_ID].astype(str).head(5))
+    digest = frame_hash(splits)
+    meta["splits_hash"] = digest
+    meta["dagster/row_count"] = len(splits)
+    return dg.Output(splits, data_version=dg.DataVersion(digest[:16]), metadata=meta)
+
+
+# --- wiring ---------------------------------------------------------------------------------------------------
+
+
+def definitions(loaded: LoadedSpec) -> dg.Definitions:
     """raw_dataset, its blocking checks, validated_dataset and training_splits for one spec."""
     spec = loaded.spec
-    raw_key, validated_key, splits_key = (asset_key(spec, n) for n in
-                                          ("raw_dataset", "validated_dataset", "training_splits"))
-    owners = owners_for(spec)
-    tags = {"spec": spec.name}
+    raw_key, validated_key, splits_key = (asset_key(spec.name, n) for n in
+                                          (naming.RAW_DATASET, naming.VALIDATED_DATASET, naming.TRAINING_SPLITS))
 
-    @dg.asset(key=raw_key, group_name=GROUP, owners=owners, tags=tags, kinds={"pandas", "parquet"},
-              description=f"Snapshot of {spec.name}'s source as Parquet, with its content hash and schema.")
+    @dg.asset(key=raw_key, group_name=naming.DATA)
     def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
         """Snapshot of the spec's source as Parquet: content hash, schema, row count and a preview."""
-        df, where = read_source(loaded)
-        df = parquet_safe(df)
-        digest = frame_hash(df)
-        context.log.info(f"{spec.name}: read {len(df)} rows x {df.shape[1]} columns from {where}")
-        return dg.Output(df, data_version=dg.DataVersion(digest[:16]), metadata={
-            "content_hash": digest, "source": where, "dagster/row_count": len(df),
-            "dagster/column_schema": _schema(df), "columns": df.shape[1],
-            "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path),
-        })
+        return snapshot_source(loaded, context.log)
 
-    check_specs = [dg.AssetCheckSpec(name=name, asset=raw_key, blocking=True, description=doc)
-                   for name, doc in DATA_CHECKS.items()]
-
-    @dg.multi_asset_check(specs=check_specs, name=f"{spec.name}__data_expectations",
-                          ins={"raw": dg.AssetIn(key=raw_key)})
-    def data_expectations(context: dg.AssetCheckExecutionContext, storage: StorageResource,
-                          raw: pd.DataFrame):
+    @dg.multi_asset_check(specs=[dg.AssetCheckSpec(name=name, asset=raw_key, blocking=True, description=doc)
+                                 for name, doc in DATA_CHECKS.items()],
+                          name=f"{spec.name}__data_expectations", ins={"raw": dg.AssetIn(key=raw_key)})
+    def data_expectations(context: dg.AssetCheckExecutionContext, storage: StorageResource, raw: pd.DataFrame):
         """The Great Expectations suite generated from the spec, one blocking check per family."""
-        for outcome in run_validation(storage, spec, raw):
-            if not outcome.passed:
-                context.log.error(f"{spec.name}/{outcome.name}: {outcome.description}")
-            yield dg.AssetCheckResult(
-                asset_key=raw_key, check_name=outcome.name, passed=outcome.passed,
-                severity=dg.AssetCheckSeverity.ERROR, description=outcome.description[:2000],
-                metadata={"expectations": outcome.evaluated, "failures": len(outcome.failures),
-                          "details": dg.MetadataValue.md("\n".join(f"- {f}" for f in outcome.failures) or "none")},
-            )
+        yield from check_results(storage, spec, raw, context.log)
 
-    @dg.asset(key=validated_key, group_name=GROUP, owners=owners, tags=tags, kinds={"pandas", "parquet"},
-              ins={"raw": dg.AssetIn(key=raw_key)})
+    @dg.asset(key=validated_key, group_name=naming.DATA, ins={"raw": dg.AssetIn(key=raw_key)})
     def validated_dataset(context: dg.AssetExecutionContext, storage: StorageResource,
                           raw: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Typed, cleaned rows of a snapshot that passed every data check; rows that break row-level rules
         (null target, repeated id, values outside declared rules) are set aside with their reason."""
-        raw_hash = frame_hash(raw)
-        record_path = _validation_record_path(storage, spec, raw_hash)
-        record = json.loads(record_path.read_text()) if record_path.exists() else None
-        if record is None:
-            context.log.info("no validation record for this snapshot; running the data checks now")
-            run_validation(storage, spec, raw)
-            record = json.loads(record_path.read_text())
-        if not record["passed"]:
-            broken = [f"{name}: {'; '.join(c['failures'])}" for name, c in record["checks"].items() if not c["passed"]]
-            raise DataValidationError(
-                f"{spec.name}: raw snapshot {raw_hash[:12]} failed its data checks, so the last good "
-                f"validated_dataset stays in place. " + " | ".join(broken))
-        clean, rejected = clean_rows(raw, spec)
-        if len(clean) < spec.validation.min_rows:
-            raise DataValidationError(
-                f"{spec.name}: only {len(clean)} of {len(raw)} rows survive row-level rules (validation.min_rows "
-                f"is {spec.validation.min_rows}); reasons: {dict(Counter(rejected['reason']).most_common(5))}")
-        rejected_path = storage.spec_dir(spec.name, "validation") / "rejected_rows.parquet"
-        atomic_write_bytes(rejected_path, frame_to_parquet_bytes(rejected))
-        atomic_write_json(_profile_path(storage, spec), Profile.of(clean, spec).to_json())
-        digest = frame_hash(clean)
-        reasons = Counter(rejected["reason"])
-        return dg.Output(clean, data_version=dg.DataVersion(digest[:16]), metadata={
-            "content_hash": digest, "raw_hash": raw_hash, "dagster/row_count": len(clean),
-            "rows_set_aside": len(rejected), "rejected_rows_path": dg.MetadataValue.path(str(rejected_path)),
-            "set_aside_reasons": dg.MetadataValue.md(
-                "\n".join(f"- {r}: {n}" for r, n in reasons.most_common(20)) or "none"),
-            "positive_rate": round(float(clean[LABEL].mean()), 4),
-            "dagster/column_schema": _schema(clean), "preview": dg.MetadataValue.md(_preview(clean)),
-        })
+        return validate_snapshot(storage, spec, raw, context.log)
 
-    @dg.asset(key=splits_key, group_name=GROUP, owners=owners, tags=tags, kinds={"pandas", "parquet"},
-              ins={"validated": dg.AssetIn(key=validated_key)})
-    def training_splits(context: dg.AssetExecutionContext, validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    @dg.asset(key=splits_key, group_name=naming.DATA, ins={"validated": dg.AssetIn(key=validated_key)})
+    def training_splits(validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Deterministic train / validation / test assignment of every validated row, with a hash per split."""
-        labels = assign_splits(validated, spec)
-        splits = pd.DataFrame({ROW_ID: validated[ROW_ID].to_numpy(), SPLIT: labels.to_numpy()})
-        meta: dict[str, Any] = {"strategy": spec.split.strategy, "seed": spec.split.seed,
-                                "validated_hash": frame_hash(validated)}
-        for name in ("train", "validation", "test"):
-            part = validated[labels == name]
-            if name != "validation" or spec.split.validation > 0:
-                if part[LABEL].nunique() < 2:
-                    raise DataValidationError(
-                        f"{spec.name}: the {name} split has {len(part)} rows but only one target class; "
-                        f"more rows or a different split are needed")
-            meta[f"{name}_rows"] = len(part)
-            meta[f"{name}_positive_rate"] = round(float(part[LABEL].mean()), 4) if len(part) else 0.0
-            meta[f"{name}_hash"] = frame_hash(part.reset_index(drop=True))
-            meta[f"{name}_first_ids"] = ", ".join(part[ROW_ID].astype(str).head(5))
-        digest = frame_hash(splits)
-        meta["splits_hash"] = digest
-        meta["dagster/row_count"] = len(splits)
-        return dg.Output(splits, data_version=dg.DataVersion(digest[:16]), metadata=meta)
+        return split_rows(spec, validated)
 
-    return [raw_dataset, data_expectations, validated_dataset, training_splits]
+    return dg.Definitions(assets=[raw_dataset, validated_dataset, training_splits], asset_checks=[data_expectations])

@@ -279,7 +279,7 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
     log_key = naming.asset_key(spec.name, naming.INFERENCE_LOG)
 
     @dg.asset(
-        key=key, group_name=naming.DEPLOYMENT, kinds={"kserve", "mlflow"},
+        key=key, group_name=naming.DEPLOYMENT,
         deps=[naming.asset_key(spec.name, naming.CHAMPION_MODEL)],
         ins={"validated": dg.AssetIn(key=naming.asset_key(spec.name, naming.VALIDATED_DATASET))},
         required_resource_keys={"storage", "mlflow", "audit", "server"},
@@ -333,7 +333,7 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                                                metadata={"decision_id": smoke.decision_id or "none"}), latency],
         )
 
-    @dg.asset(key=log_key, group_name=naming.MONITORING, kinds={"sqlite"}, deps=[key],
+    @dg.asset(key=log_key, group_name=naming.MONITORING, deps=[key],
               required_resource_keys={"audit"},
               description=f"What {spec.name}'s server has decided: the audit log's decisions per variant, complete "
                           f"windows of {WINDOW_SIZE}, the latest seq, and whether the hash chain verifies.")
@@ -364,20 +364,24 @@ def main(argv: list[str] | None = None) -> int:
     """Write the server config for a spec and run the server in the foreground."""
     import argparse
 
+    from dataclasses import replace
+
     from assets.data import load_profile
     from assets.spec import load_specs
     from resources import resources_for
+    from resources.settings import Settings
 
     parser = argparse.ArgumentParser(description="Serve a spec's champion in the foreground.")
     parser.add_argument("spec", help="the spec's name, e.g. credit_risk")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    specs = {s.name: s for s in load_specs()}
+    settings = replace(Settings.from_env(), deployment="local")
+    specs = {s.name: s for s in load_specs(settings.pipelines)}
     if args.spec not in specs:
         print(f"no spec named {args.spec!r}; specs: {', '.join(specs)}", file=sys.stderr)
         return 2
     loaded = specs[args.spec]
-    res = resources_for("local")
+    res = resources_for(settings)
     home = res["storage"].home
     profile = load_profile(res["storage"], loaded.spec)
     config, _ = server_config(loaded, home, res["mlflow"].resolved_tracking_uri(), res["audit"].resolved_url(),

@@ -14,14 +14,13 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from assets import naming
 from assets.checks.embedding_checks import build_embedding_checks
-from assets.data import LABEL, ROW_ID, asset_key, owners_for
-from assets.features import embedding_column
+from assets.features import clean_text, embedding_column
+from assets.naming import LABEL, ROW_ID, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from resources.storage import StorageResource, frame_hash
 from resources.vectors import VectorIndexResource
-
-GROUP = "embeddings"
 
 
 def embeddings_version(weights_hash: str, frame: pd.DataFrame, text_columns: list[str]) -> str:
@@ -49,21 +48,119 @@ def _preview(validated: pd.DataFrame, frame: pd.DataFrame, text_columns: list[st
     return shown.to_markdown(index=False)
 
 
-def build_embedding_assets(loaded: LoadedSpec) -> list[Any]:
-    """text_embeddings, its checks and vector_index for one spec with text features."""
+def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame, log: Any
+                       ) -> dg.Output[pd.DataFrame]:
+    """Sentence embeddings of every text column, L2-normalized, keyed by row_id, through the content-hash cache."""
+    spec = loaded.spec
+    text_columns = list(spec.features.text)
+    from resources.embedder import EmbeddingCache, embed_with_cache, model_dimension
+
+    missing = [c for c in text_columns if c not in validated.columns]
+    if missing:
+        raise KeyError(f"{spec.name}: validated_dataset has no text column(s) {missing}; "
+                       f"re-materialize {spec.name}/validated_dataset")
+    started = time.perf_counter()
+    ref = _model_metadata(spec, loaded)
+    cache = EmbeddingCache(storage.local_dir("embedding_cache", ref.cache_id))
+    frame = pd.DataFrame({ROW_ID: validated[ROW_ID].astype(str).to_numpy()})
+    per_column: dict[str, Any] = {}
+    totals = {"rows_embedded": 0, "rows_reused": 0, "texts_embedded": 0, "encode_seconds": 0.0}
+    dim: int | None = None
+    for col in text_columns:
+        texts = validated[col].map(clean_text).tolist()
+        run = embed_with_cache(ref, texts, cache, spec.embeddings.batch_size)
+        dim = int(run.vectors.shape[1]) if len(texts) else model_dimension(ref)
+        frame[embedding_column(col)] = list(run.vectors)
+        per_column[col] = {"rows_embedded": run.rows_embedded, "rows_reused": run.rows_reused,
+                           "texts_embedded": run.texts_embedded}
+        for k in ("rows_embedded", "rows_reused", "texts_embedded"):
+            totals[k] += getattr(run, k)
+        totals["encode_seconds"] += run.encode_seconds
+        log.info(f"{spec.name}/{col}: embedded {run.texts_embedded} new distinct texts "
+                 f"({run.rows_embedded} rows), reused {run.rows_reused} rows from the cache")
+    version = embeddings_version(ref.weights_hash, frame, text_columns)
+    seconds = time.perf_counter() - started
+    encoded = totals["texts_embedded"]
+    return dg.Output(frame, data_version=dg.DataVersion(version[:16]), metadata={
+        "embeddings_version": version,
+        "model": ref.name,
+        "model_path": dg.MetadataValue.path(str(ref.path)),
+        "weights_hash": ref.weights_hash,
+        "dimension": dim,
+        "text_columns": ", ".join(text_columns),
+        "dagster/row_count": len(frame),
+        "rows_embedded": totals["rows_embedded"],
+        "rows_reused": totals["rows_reused"],
+        "texts_embedded": encoded,
+        "per_column": dg.MetadataValue.json(per_column),
+        "throughput_texts_per_s": round(encoded / totals["encode_seconds"], 1) if encoded else 0.0,
+        "throughput_rows_per_s": round(len(frame) * len(text_columns) / seconds, 1) if seconds else 0.0,
+        "seconds": round(seconds, 3),
+        "batch_size": spec.embeddings.batch_size,
+        "cache_dir": dg.MetadataValue.path(str(cache.folder)),
+        "preview": dg.MetadataValue.md(_preview(validated, frame, text_columns)),
+    })
+
+
+def write_vector_index(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: pd.DataFrame,
+                       validated: pd.DataFrame, log: Any) -> dg.Output[dict]:
+    """One LanceDB table per text column, written incrementally; the Lance version of each is recorded."""
+    spec = loaded.spec
+    text_columns = list(spec.features.text)
+    ref = _model_metadata(spec, loaded)
+    version = embeddings_version(ref.weights_hash, embeddings, text_columns)
+    joined = validated.merge(embeddings, on=ROW_ID, how="inner", validate="one_to_one")
+    if len(joined) != len(validated) or len(joined) != len(embeddings):
+        raise ValueError(f"{spec.name}: text_embeddings ({len(embeddings)} rows) does not cover validated_dataset "
+                         f"({len(validated)} rows); re-materialize {spec.name}/text_embeddings")
+    dim = len(embeddings[embedding_column(text_columns[0])].iloc[0])
+    model = {"name": ref.name, "path": str(ref.path), "weights_hash": ref.weights_hash, "dimension": dim}
+    summary: dict[str, Any] = {"embeddings_version": version, "model": model, "tables": {}}
+    meta: dict[str, Any] = {}
+    for col in text_columns:
+        others = [c for c in spec.features.all if c != col]
+        # A spec whose only feature is this text has no other fields to show a reviewer.
+        fields = (joined[others].astype(object).where(joined[others].notna(), None).to_dict(orient="records")
+                  if others else [{}] * len(joined))
+        rows = pd.DataFrame({
+            "row_id": joined[ROW_ID].astype(str), "text": joined[col].astype(str), "label": joined[LABEL],
+            "fields": [json.dumps(f, default=str, sort_keys=True) for f in fields],
+            "vector": joined[embedding_column(col)],
+        })
+        write = vectors.write(spec.name, col, rows, model)
+        log.info(f"{spec.name}/{col}: table {write.table} at version {write.version} "
+                 f"(+{write.inserted} ~{write.updated} -{write.deleted})")
+        summary["tables"][col] = {"table": write.table, "uri": write.uri, "version": write.version,
+                                  "rows": write.rows, "ann_index": write.ann_index}
+        prefix = "" if len(text_columns) == 1 else f"{col}/"
+        meta.update({
+            f"{prefix}lance_table_version": write.version, f"{prefix}table_uri": dg.MetadataValue.path(write.uri),
+            f"{prefix}rows_inserted": write.inserted, f"{prefix}rows_updated": write.updated,
+            f"{prefix}rows_deleted": write.deleted, f"{prefix}ann_index": write.ann_index or "none (exact scan)",
+            f"{prefix}table_rebuilt": write.rebuilt,
+        })
+    meta.update({"embeddings_version": version, "model": ref.name, "weights_hash": ref.weights_hash,
+                 "dimension": dim, "dagster/row_count": len(joined), "ann_min_rows": vectors.ann_min_rows,
+                 "preview": dg.MetadataValue.md(joined[[ROW_ID, LABEL, *text_columns]].head(5)
+                                                .to_markdown(index=False))})
+    # The table holds labels and features as well as vectors, so its version follows both inputs.
+    index_version = hashlib.sha256(f"{version}{frame_hash(validated)}".encode()).hexdigest()
+    return dg.Output(summary, data_version=dg.DataVersion(index_version[:16]), metadata=meta)
+
+
+# --- wiring ---------------------------------------------------------------------------------------------------
+
+
+def definitions(loaded: LoadedSpec) -> dg.Definitions:
+    """text_embeddings, its checks and vector_index for one spec with text features (none without)."""
     spec = loaded.spec
     if not spec.has_text:
-        return []
-    text_columns = list(spec.features.text)
-    validated_key, embeddings_key, index_key = (asset_key(spec, n) for n in
-                                                ("validated_dataset", "text_embeddings", "vector_index"))
-    owners = owners_for(spec)
-    tags = {"spec": spec.name}
+        return dg.Definitions()
+    validated_key, embeddings_key, index_key = (asset_key(spec.name, n) for n in
+                                                (naming.VALIDATED_DATASET, naming.TEXT_EMBEDDINGS,
+                                                 naming.VECTOR_INDEX))
 
-    @dg.asset(key=embeddings_key, group_name=GROUP, owners=owners, tags=tags, kinds={"pytorch", "parquet"},
-              ins={"validated": dg.AssetIn(key=validated_key)},
-              description=f"Unit-norm sentence embeddings of {spec.name}'s text columns ({', '.join(text_columns)}), "
-                          f"one row per validated row.")
+    @dg.asset(key=embeddings_key, group_name=naming.EMBEDDINGS, ins={"validated": dg.AssetIn(key=validated_key)})
     def text_embeddings(context: dg.AssetExecutionContext, storage: StorageResource,
                         validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Sentence embeddings of every text column, L2-normalized, keyed by row_id.
@@ -71,106 +168,18 @@ def build_embedding_assets(loaded: LoadedSpec) -> list[Any]:
         Texts are cached by content hash per model: only texts this model has never embedded are encoded.
         `embeddings_version` identifies these exact vectors; training records it as lineage.
         """
-        from resources.embedder import EmbeddingCache, embed_with_cache, model_dimension
+        return embed_text_columns(storage, loaded, validated, context.log)
 
-        missing = [c for c in text_columns if c not in validated.columns]
-        if missing:
-            raise KeyError(f"{spec.name}: validated_dataset has no text column(s) {missing}; "
-                           f"re-materialize {spec.name}/validated_dataset")
-        started = time.perf_counter()
-        ref = _model_metadata(spec, loaded)
-        cache = EmbeddingCache(storage.local_dir("embedding_cache", ref.cache_id))
-        frame = pd.DataFrame({ROW_ID: validated[ROW_ID].astype(str).to_numpy()})
-        per_column: dict[str, Any] = {}
-        totals = {"rows_embedded": 0, "rows_reused": 0, "texts_embedded": 0, "encode_seconds": 0.0}
-        dim: int | None = None
-        for col in text_columns:
-            texts = validated[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v))
-                                       else str(v)).tolist()
-            run = embed_with_cache(ref, texts, cache, spec.embeddings.batch_size)
-            dim = int(run.vectors.shape[1]) if len(texts) else model_dimension(ref)
-            frame[embedding_column(col)] = list(run.vectors)
-            per_column[col] = {"rows_embedded": run.rows_embedded, "rows_reused": run.rows_reused,
-                               "texts_embedded": run.texts_embedded}
-            for k in ("rows_embedded", "rows_reused", "texts_embedded"):
-                totals[k] += getattr(run, k)
-            totals["encode_seconds"] += run.encode_seconds
-            context.log.info(f"{spec.name}/{col}: embedded {run.texts_embedded} new distinct texts "
-                             f"({run.rows_embedded} rows), reused {run.rows_reused} rows from the cache")
-        version = embeddings_version(ref.weights_hash, frame, text_columns)
-        seconds = time.perf_counter() - started
-        encoded = totals["texts_embedded"]
-        return dg.Output(frame, data_version=dg.DataVersion(version[:16]), metadata={
-            "embeddings_version": version,
-            "model": ref.name,
-            "model_path": dg.MetadataValue.path(str(ref.path)),
-            "weights_hash": ref.weights_hash,
-            "dimension": dim,
-            "text_columns": ", ".join(text_columns),
-            "dagster/row_count": len(frame),
-            "rows_embedded": totals["rows_embedded"],
-            "rows_reused": totals["rows_reused"],
-            "texts_embedded": encoded,
-            "per_column": dg.MetadataValue.json(per_column),
-            "throughput_texts_per_s": round(encoded / totals["encode_seconds"], 1) if encoded else 0.0,
-            "throughput_rows_per_s": round(len(frame) * len(text_columns) / seconds, 1) if seconds else 0.0,
-            "seconds": round(seconds, 3),
-            "batch_size": spec.embeddings.batch_size,
-            "cache_dir": dg.MetadataValue.path(str(cache.folder)),
-            "preview": dg.MetadataValue.md(_preview(validated, frame, text_columns)),
-        })
-
-    @dg.asset(key=index_key, group_name=GROUP, owners=owners, tags=tags, kinds={"lancedb"},
-              ins={"embeddings": dg.AssetIn(key=embeddings_key), "validated": dg.AssetIn(key=validated_key)},
-              description=f"LanceDB table of {spec.name}'s text embeddings for similar-case lookups and text drift.")
+    @dg.asset(key=index_key, group_name=naming.EMBEDDINGS,
+              ins={"embeddings": dg.AssetIn(key=embeddings_key), "validated": dg.AssetIn(key=validated_key)})
     def vector_index(context: dg.AssetExecutionContext, vectors: VectorIndexResource, embeddings: pd.DataFrame,
                      validated: pd.DataFrame) -> dg.Output[dict]:
-        """A LanceDB table per text column: row id, text, label, the row's other features and its vector.
-
-        Only changed rows are written; the Lance table version of each materialization is recorded. An ANN
-        (IVF-PQ) index is built once a table reaches the resource's `ann_min_rows`; below that a query is an
-        exact scan.
-        """
-        ref = _model_metadata(spec, loaded)
-        version = embeddings_version(ref.weights_hash, embeddings, text_columns)
-        joined = validated.merge(embeddings, on=ROW_ID, how="inner", validate="one_to_one")
-        if len(joined) != len(validated) or len(joined) != len(embeddings):
-            raise ValueError(f"{spec.name}: text_embeddings ({len(embeddings)} rows) does not cover validated_dataset "
-                             f"({len(validated)} rows); re-materialize {spec.name}/text_embeddings")
-        dim = len(embeddings[embedding_column(text_columns[0])].iloc[0])
-        model = {"name": ref.name, "path": str(ref.path), "weights_hash": ref.weights_hash, "dimension": dim}
-        summary: dict[str, Any] = {"embeddings_version": version, "model": model, "tables": {}}
-        meta: dict[str, Any] = {}
-        for col in text_columns:
-            others = [c for c in spec.features.all if c != col]
-            # A spec whose only feature is this text has no other fields to show a reviewer.
-            fields = (joined[others].astype(object).where(joined[others].notna(), None).to_dict(orient="records")
-                      if others else [{}] * len(joined))
-            rows = pd.DataFrame({
-                "row_id": joined[ROW_ID].astype(str), "text": joined[col].astype(str), "label": joined[LABEL],
-                "fields": [json.dumps(f, default=str, sort_keys=True) for f in fields],
-                "vector": joined[embedding_column(col)],
-            })
-            write = vectors.write(spec.name, col, rows, model)
-            context.log.info(f"{spec.name}/{col}: table {write.table} at version {write.version} "
-                             f"(+{write.inserted} ~{write.updated} -{write.deleted})")
-            summary["tables"][col] = {"table": write.table, "uri": write.uri, "version": write.version,
-                                      "rows": write.rows, "ann_index": write.ann_index}
-            prefix = "" if len(text_columns) == 1 else f"{col}/"
-            meta.update({
-                f"{prefix}lance_table_version": write.version, f"{prefix}table_uri": dg.MetadataValue.path(write.uri),
-                f"{prefix}rows_inserted": write.inserted, f"{prefix}rows_updated": write.updated,
-                f"{prefix}rows_deleted": write.deleted, f"{prefix}ann_index": write.ann_index or "none (exact scan)",
-                f"{prefix}table_rebuilt": write.rebuilt,
-            })
-        meta.update({"embeddings_version": version, "model": ref.name, "weights_hash": ref.weights_hash,
-                     "dimension": dim, "dagster/row_count": len(joined), "ann_min_rows": vectors.ann_min_rows,
-                     "preview": dg.MetadataValue.md(joined[[ROW_ID, LABEL, *text_columns]].head(5)
-                                                    .to_markdown(index=False))})
-        # The table holds labels and features as well as vectors, so its version follows both inputs.
-        index_version = hashlib.sha256(f"{version}{frame_hash(validated)}".encode()).hexdigest()
-        return dg.Output(summary, data_version=dg.DataVersion(index_version[:16]), metadata=meta)
+        """A LanceDB table per text column (row id, text, label, the row's other features, its vector) for
+        similar-case lookups and text drift. Only changed rows are written; the Lance table version of each
+        materialization is recorded. An ANN (IVF-PQ) index is built once a table reaches the resource's
+        `ann_min_rows`; below that a query is an exact scan."""
+        return write_vector_index(vectors, loaded, embeddings, validated, context.log)
 
     checks = build_embedding_checks(spec.name, embeddings_key, validated_key,
-                                    {c: embedding_column(c) for c in text_columns})
-    return [text_embeddings, checks, vector_index]
+                                    {c: embedding_column(c) for c in spec.features.text})
+    return dg.Definitions(assets=[text_embeddings, vector_index], asset_checks=[checks])

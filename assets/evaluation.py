@@ -14,46 +14,39 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.data import LABEL, ROW_ID, SPLIT, asset_key, owners_for
+from assets import naming
+from assets.evidence import (ChampionComparison, Evaluation, ExplainedDecision, Explanations, Governance,
+                             Integrity, SliceMetrics)
+from assets.naming import CHALLENGER, CHAMPION, LABEL, LINEAGE_TAGS, ROW_ID, SPLIT, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.training import manifest_problems
 from resources.mlflow import MlflowResource
 from resources.storage import StorageResource, frame_hash, sha256_file
 
-GROUP = "evaluation"
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-LINEAGE_TAGS = ("dataset_hash", "splits_hash", "embeddings_version", "spec_hash", "code_revision",
-                "checkpoint_sha256")
 IMPORTANCE_ROWS = 1000
 EXPLAIN_TOP = 3
+# The model-version tag that carries the operating threshold chosen on the validation split; the server reads it.
+THRESHOLD_TAG = "operating_threshold"
 
 
-def _alias_version(mlflow: MlflowResource, name: str, alias: str):
-    try:
-        return mlflow.get_version(name, alias)
-    except Exception:  # MlflowException: alias not set (or no such model yet)
-        return None
-
-
-def verify_integrity(mlflow: MlflowResource, name: str, version) -> dict[str, Any]:
+def verify_integrity(mlflow: MlflowResource, name: str, version) -> Integrity:
     """Hash the registered artifacts against the manifest and the checkpoint digest the training reported."""
-    import mlflow as mlflow_lib
-
-    with mlflow.activated():
-        local = Path(mlflow_lib.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
-    manifests = list(local.rglob("manifest.json"))
-    if not manifests:
-        return {"problems": [f"version {version.version} has no manifest.json"], "files_verified": 0}
-    manifest, problems = manifest_problems(manifests[0].parent)
+    local = mlflow.download_version(name, str(version.version))
+    # The pyfunc keeps its artifacts side by side under artifacts/; a carried text encoder folder has its own
+    # model.safetensors (and maybe a manifest.json), so nothing is searched for.
+    artifacts = local / "artifacts"
+    if not (artifacts / "manifest.json").is_file():
+        return Integrity(problems=[f"version {version.version} has no artifacts/manifest.json"], files_verified=0)
+    manifest, problems = manifest_problems(artifacts)
     verified = len(manifest["files"]) - len(problems)
-    weights = list(local.rglob("model.safetensors"))
+    weights = artifacts / "model.safetensors"
     reported = (version.tags or {}).get("checkpoint_sha256")
-    if reported and weights and sha256_file(weights[0]) != reported:
+    if reported and weights.is_file() and sha256_file(weights) != reported:
         problems.append(f"model.safetensors does not match the checkpoint digest {reported[:16]}... reported by "
                         "training")
     if not reported:
         problems.append("the version has no checkpoint_sha256 tag")
-    return {"problems": problems, "files_verified": verified}
+    return Integrity(problems=problems, files_verified=verified)
 
 
 def _describe_source(spec: PipelineSpec) -> str:
@@ -71,7 +64,7 @@ def _predict_fn(model):
     return predict
 
 
-def _plots(out_dir: Path, y: np.ndarray, p: np.ndarray, slices: dict[str, Any], champion_p: np.ndarray | None
+def _plots(out_dir: Path, y: np.ndarray, p: np.ndarray, slices: dict[str, SliceMetrics], champion_p: np.ndarray | None
            ) -> dict[str, str]:
     import matplotlib
 
@@ -109,10 +102,10 @@ def _plots(out_dir: Path, y: np.ndarray, p: np.ndarray, slices: dict[str, Any], 
     if slices:
         fig, axes = plt.subplots(1, len(slices), figsize=(5 * len(slices), 4), squeeze=False)
         for ax, (feature, s) in zip(axes[0], slices.items()):
-            groups = list(s["groups"])
+            groups = list(s.groups)
             x = np.arange(len(groups))
             for i, metric in enumerate(("selection_rate", "tpr", "fpr")):
-                ax.bar(x + (i - 1) * 0.27, [s["groups"][g][metric] or 0 for g in groups], 0.27, label=metric)
+                ax.bar(x + (i - 1) * 0.27, [getattr(s.groups[g], metric) or 0 for g in groups], 0.27, label=metric)
             ax.set_xticks(x, groups, rotation=30, ha="right")
             ax.set_title(f"{feature}: rates per group")
             ax.legend()
@@ -122,53 +115,55 @@ def _plots(out_dir: Path, y: np.ndarray, p: np.ndarray, slices: dict[str, Any], 
     return paths
 
 
+def _governance(spec: PipelineSpec, tags: dict[str, str], validated: pd.DataFrame, splits: pd.DataFrame,
+                model: Any) -> Governance:
+    """Do the version's lineage tags resolve to the data in place now, and which columns does it take?"""
+    problems: list[str] = []
+    current = {"dataset_hash": frame_hash(validated), "splits_hash": frame_hash(splits), "spec_hash": spec.spec_hash}
+    for tag, value in current.items():
+        if tags.get(tag) != value:
+            problems.append(f"tag {tag}={tags.get(tag) or '(missing)'} does not match the current "
+                            f"{tag.replace('_hash', '')} {value[:16]}...")
+    for tag in LINEAGE_TAGS:
+        if not tags.get(tag):
+            problems.append(f"tag {tag} is missing")
+    inputs: list[str] = []
+    if model is not None:
+        schema = model.metadata.get_input_schema()
+        inputs = list(schema.input_names()) if schema is not None else []
+    return Governance(problems=sorted(set(problems)), model_inputs=inputs, current=current)
+
+
 def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResource, validated: pd.DataFrame,
-             splits: pd.DataFrame, log: Any) -> dict[str, Any]:
+             splits: pd.DataFrame, log: Any) -> Evaluation:
     """Gather every piece of evidence for the challenger; a model that will not load is evidence too."""
     from assets.metrics import (binary_metrics, choose_threshold, permutation_importance, robustness,
                                 sensitive_groups, slice_metrics)
 
     name = spec.name
-    challenger = _alias_version(mlflow, name, CHALLENGER)
+    challenger = mlflow.alias_version(name, CHALLENGER)
     if challenger is None:
         raise dg.Failure(f"{name}: no model version has alias '{CHALLENGER}'; materialize {name}/registered_model")
+    version = str(challenger.version)
     tags = dict(challenger.tags or {})
-    ev: dict[str, Any] = {
-        "model_name": name, "model_version": str(challenger.version), "run_id": challenger.run_id,
-        "evaluated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "lineage": {k: tags.get(k, "") for k in LINEAGE_TAGS}, "test": None, "champion": None,
-        "source": _describe_source(spec),
-    }
     started = time.perf_counter()
-
     integrity = verify_integrity(mlflow, name, challenger)
     try:
-        model = mlflow.load_model(name, CHALLENGER)
-        integrity.update(loads_without_pickle=True, load_error=None)
+        model = mlflow.load_model(name, version=version)
+        integrity = integrity.model_copy(update={"loads_without_pickle": True, "load_error": None})
     except Exception as exc:  # the evidence is that it did not load, and why
-        integrity.update(loads_without_pickle=False, load_error=f"{type(exc).__name__}: {exc}"[:500])
+        integrity = integrity.model_copy(update={"loads_without_pickle": False,
+                                                 "load_error": f"{type(exc).__name__}: {exc}"[:500]})
         model = None
-    ev["integrity"] = integrity
+    head = dict(model_name=name, model_version=version, run_id=challenger.run_id,
+                evaluated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), source=_describe_source(spec),
+                lineage={k: tags.get(k, "") for k in LINEAGE_TAGS}, integrity=integrity,
+                governance=_governance(spec, tags, validated, splits, model))
+    if model is None:
+        log.error(f"{name} v{version} did not load: {integrity.load_error}")
+        return Evaluation(**head)
 
     frame = validated.merge(splits, on=ROW_ID, how="inner", validate="one_to_one")
-    governance_problems: list[str] = []
-    current = {"dataset_hash": frame_hash(validated), "splits_hash": frame_hash(splits), "spec_hash": spec.spec_hash}
-    for tag, value in current.items():
-        if tags.get(tag) != value:
-            governance_problems.append(f"tag {tag}={tags.get(tag) or '(missing)'} does not match the current "
-                                       f"{tag.replace('_hash', '')} {value[:16]}...")
-    for tag in LINEAGE_TAGS:
-        if not tags.get(tag):
-            governance_problems.append(f"tag {tag} is missing")
-    inputs: list[str] = []
-    if model is not None:
-        schema = model.metadata.get_input_schema()
-        inputs = list(schema.input_names()) if schema is not None else []
-    ev["governance"] = {"problems": sorted(set(governance_problems)), "model_inputs": inputs, "current": current}
-    if model is None:
-        log.error(f"{name} v{challenger.version} did not load: {integrity['load_error']}")
-        return ev
-
     features = spec.features.all
     test = frame[frame[SPLIT] == "test"].reset_index(drop=True)
     val = frame[frame[SPLIT] == "validation"].reset_index(drop=True)
@@ -176,85 +171,99 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     y = test[LABEL].to_numpy()
     p = predict(test[features])
     threshold = choose_threshold(val[LABEL].to_numpy(), predict(val[features])) if len(val) else 0.5
-    ev["test"] = binary_metrics(y, p, threshold)
+    metrics = binary_metrics(y, p, threshold)
     pred = (p >= threshold).astype(int)
-    ev["slices"] = {
-        f.column: slice_metrics(y, pred, sensitive_groups(test, f), spec.compliance.min_group_size)
-        for f in spec.sensitive_features
-    }
+    slices = {f.column: slice_metrics(y, pred, sensitive_groups(test, f), spec.compliance.min_group_size)
+              for f in spec.sensitive_features}
 
-    champion_p = None
-    champion = _alias_version(mlflow, name, CHAMPION)
-    if champion is not None and str(champion.version) != str(challenger.version):
+    champion_p, comparison = None, None
+    champion = mlflow.alias_version(name, CHAMPION)
+    if champion is not None and str(champion.version) != version:
         try:
-            champion_p = _predict_fn(mlflow.load_model(name, CHAMPION))(test[features])
-            ev["champion"] = {"version": str(champion.version), "test": binary_metrics(y, champion_p, threshold)}
+            champion_p = _predict_fn(mlflow.load_model(name, version=str(champion.version)))(test[features])
+            comparison = ChampionComparison(version=str(champion.version), test=binary_metrics(y, champion_p,
+                                                                                                threshold))
         except Exception as exc:
             log.warning(f"champion v{champion.version} could not be scored: {exc}; compared with nothing")
 
     sample = test.sample(n=min(IMPORTANCE_ROWS, len(test)), random_state=0).reset_index(drop=True)
-    ev["importance"] = permutation_importance(predict, sample[features], sample[LABEL].to_numpy(), features,
-                                              repeats=1)
+    importance = permutation_importance(predict, sample[features], sample[LABEL].to_numpy(), features, repeats=1)
     explained = model.predict(test[features], params={"explain": EXPLAIN_TOP})
     factors = explained.get("top_factors", pd.Series([None] * len(test)))
-    with_factors = int(sum(1 for f in factors if f and len(json.loads(f)) > 0))
-    ev["explanations"] = {"rows": len(test), "with_factors": with_factors,
-                          "example": {"row_id": str(test[ROW_ID].iloc[0]),
-                                      "probability": float(explained["probability"].iloc[0]),
-                                      "top_factors": json.loads(factors.iloc[0]) if factors.iloc[0] else []}}
-    ev["robustness"] = robustness(predict, sample[features], spec.features.numeric, spec.features.text, threshold)
-
-    out_dir = storage.local_dir(name, "evaluation", f"v{challenger.version}")
-    ev["plots"] = _plots(out_dir, y, p, ev["slices"], champion_p)
-    ev["seconds"] = round(time.perf_counter() - started, 2)
-    try:
-        client = mlflow.client()
-        for path in ev["plots"].values():
-            client.log_artifact(challenger.run_id, path, "evaluation")
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        client.log_batch(challenger.run_id, metrics=[
-            Metric(f"test_{k}", float(v), now, 0) for k, v in ev["test"].items() if isinstance(v, int | float)])
-    except Exception as exc:  # the evaluation stands on its own; MLflow gets a copy when it can
-        log.warning(f"could not log the evaluation to MLflow run {challenger.run_id}: {exc}")
+    explanations = Explanations(
+        rows=len(test), with_factors=int(sum(1 for f in factors if f and len(json.loads(f)) > 0)),
+        example=ExplainedDecision(row_id=str(test[ROW_ID].iloc[0]), probability=float(explained["probability"].iloc[0]),
+                                  top_factors=json.loads(factors.iloc[0]) if factors.iloc[0] else []))
+    plots = _plots(storage.local_dir(name, "evaluation", f"v{version}"), y, p, slices, champion_p)
+    ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, importance=importance,
+                    explanations=explanations,
+                    robustness=robustness(predict, sample[features], spec.features.numeric, spec.features.text,
+                                          threshold),
+                    plots=plots, seconds=round(time.perf_counter() - started, 2))
+    _record_in_mlflow(mlflow, ev, log)
     return ev
 
 
-def _metrics_table(ev: dict[str, Any]) -> str:
-    t, champ = ev["test"], (ev.get("champion") or {}).get("test")
+def _record_in_mlflow(mlflow: MlflowResource, ev: Evaluation, log: Any) -> None:
+    """The operating threshold as a version tag (the server reads it), metrics and plots on the version's run."""
+    client = mlflow.client()
+    client.set_model_version_tag(ev.model_name, ev.model_version, THRESHOLD_TAG, f"{ev.test.threshold:.6f}")
+    if not ev.run_id:
+        return
+    try:
+        for path in ev.plots.values():
+            client.log_artifact(ev.run_id, path, "evaluation")
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(ev.run_id, metrics=[
+            Metric(f"test_{k}", float(v), now, 0) for k, v in ev.test.model_dump().items()
+            if isinstance(v, int | float)])
+    except Exception as exc:  # the evaluation stands on its own; MLflow gets a copy when it can
+        log.warning(f"could not log the evaluation to MLflow run {ev.run_id}: {exc}")
+
+
+def _metrics_table(ev: Evaluation) -> str:
+    t, champ = ev.test, ev.champion.test if ev.champion else None
     rows = ["| metric | challenger | champion |", "| --- | --- | --- |"]
     for k in ("auc", "accuracy", "precision", "recall", "selection_rate", "calibration_error"):
-        rows.append(f"| {k} | {t[k]:.3f} | {champ[k]:.3f} |" if champ else f"| {k} | {t[k]:.3f} | - |")
-    for feature, s in ev["slices"].items():
-        rows.append(f"| DPD {feature} | {s['demographic_parity_difference'] or 0:.3f} | |")
+        rows.append(f"| {k} | {getattr(t, k):.3f} | {getattr(champ, k):.3f} |" if champ
+                    else f"| {k} | {getattr(t, k):.3f} | - |")
+    for feature, s in ev.slices.items():
+        rows.append(f"| DPD {feature} | {s.demographic_parity_difference or 0:.3f} | |")
     return "\n".join(rows)
 
 
-def build_evaluation_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
+def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
+    meta: dict[str, Any] = {"model_version": ev.model_version, "mlflow_run_id": ev.run_id or ""}
+    if ev.test is None:
+        meta["load_error"] = ev.integrity.load_error or ""
+        return meta
+    meta.update({f"test_{k}": round(v, 4) for k, v in ev.test.model_dump().items() if isinstance(v, float)})
+    meta["metrics"] = dg.MetadataValue.md(_metrics_table(ev))
+    meta.update({f"plot_{k}": dg.MetadataValue.path(v) for k, v in ev.plots.items()})
+    if ev.champion:
+        meta["champion_version"] = ev.champion.version
+        meta["champion_test_auc"] = round(ev.champion.test.auc, 4)
+    return meta
+
+
+# --- wiring ---------------------------------------------------------------------------------------------------
+
+
+def definitions(loaded: LoadedSpec) -> dg.Definitions:
     spec = loaded.spec
 
-    @dg.asset(key=asset_key(spec, "model_evaluation"), group_name=GROUP, owners=owners_for(spec),
-              tags={"spec": spec.name}, kinds={"mlflow", "fairlearn"},
-              deps=[asset_key(spec, "registered_model")],
-              ins={"validated": dg.AssetIn(key=asset_key(spec, "validated_dataset")),
-                   "splits": dg.AssetIn(key=asset_key(spec, "training_splits"))})
+    @dg.asset(key=asset_key(spec.name, naming.MODEL_EVALUATION), group_name=naming.EVALUATION,
+              deps=[asset_key(spec.name, naming.REGISTERED_MODEL)],
+              ins={"validated": dg.AssetIn(key=asset_key(spec.name, naming.VALIDATED_DATASET)),
+                   "splits": dg.AssetIn(key=asset_key(spec.name, naming.TRAINING_SPLITS))})
     def model_evaluation(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
-                         validated: pd.DataFrame, splits: pd.DataFrame) -> dg.Output[dict]:
+                         validated: pd.DataFrame, splits: pd.DataFrame) -> dg.Output[Evaluation]:
         """The challenger on the test split: AUC, accuracy, precision and recall at the operating threshold,
         calibration error, per-group rates for each sensitive feature, the champion on the same rows, global
         importance, explanations, robustness, lineage and integrity evidence, and plots logged to MLflow."""
         ev = evaluate(spec, mlflow, storage, validated, splits, context.log)
-        meta: dict[str, Any] = {"model_version": ev["model_version"], "mlflow_run_id": ev["run_id"] or ""}
-        if ev["test"] is not None:
-            meta.update({f"test_{k}": round(v, 4) for k, v in ev["test"].items() if isinstance(v, float)})
-            meta["metrics"] = dg.MetadataValue.md(_metrics_table(ev))
-            meta.update({f"plot_{k}": dg.MetadataValue.path(v) for k, v in ev.get("plots", {}).items()})
-            if ev.get("champion"):
-                meta["champion_version"] = ev["champion"]["version"]
-                meta["champion_test_auc"] = round(ev["champion"]["test"]["auc"], 4)
-        else:
-            meta["load_error"] = ev["integrity"]["load_error"] or ""
-        return dg.Output(ev, metadata=meta)
+        return dg.Output(ev, metadata=evaluation_metadata(ev))
 
-    return model_evaluation
+    return dg.Definitions(assets=[model_evaluation])

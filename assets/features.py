@@ -6,7 +6,9 @@ on how a raw row becomes a vector.
 
 - numeric: median imputation, a missing indicator, then standardization with the train split's mean and std
 - categorical: one-hot over the `max_categories` most frequent train values plus "other" (missing is a value)
-- text: the column's sentence embedding (`<column>__embedding`, a list of floats) appended as is
+- text: the column's sentence embedding (`<column>__embedding`, a list of floats) appended as is; the text a
+  model embeds is `clean_text(value)`, the one cleaning rule for validated_dataset, text_embeddings and the
+  served model
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ PREPROCESSING_VERSION = 1
 
 class FeatureError(ValueError):
     """Inputs that cannot become features; the message names the column, row or file."""
+
+
+def clean_text(value: Any) -> str:
+    """The text a sentence encoder sees for one raw value: missing (None, NaN, NA) is "", anything else its
+    str() without surrounding whitespace.
+
+    validated_dataset stores it, text_embeddings embeds it and the served model applies it to each request,
+    so a text is embedded the same way whichever way it arrives.
+    """
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    return str(value).strip()
 
 
 def embedding_column(text_column: str) -> str:

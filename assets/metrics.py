@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from assets.evidence import GroupRates, MissingText, NumericNoise, Robustness, SliceMetrics, SplitMetrics
 from assets.spec import SensitiveFeature
 
 PredictFn = Callable[[pd.DataFrame], np.ndarray]
@@ -44,23 +45,23 @@ def choose_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> SplitMetrics:
     from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
 
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     pred = (p >= threshold).astype(int)
     auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
-    return {
-        "auc": auc,
-        "accuracy": float(accuracy_score(y, pred)),
-        "precision": float(precision_score(y, pred, zero_division=0)),
-        "recall": float(recall_score(y, pred, zero_division=0)),
-        "selection_rate": float(pred.mean()),
-        "calibration_error": expected_calibration_error(y, p),
-        "threshold": float(threshold),
-        "rows": int(len(y)),
-        "positive_rate": float(y.mean()) if len(y) else float("nan"),
-    }
+    return SplitMetrics(
+        auc=auc,
+        accuracy=float(accuracy_score(y, pred)),
+        precision=float(precision_score(y, pred, zero_division=0)),
+        recall=float(recall_score(y, pred, zero_division=0)),
+        selection_rate=float(pred.mean()),
+        calibration_error=expected_calibration_error(y, p),
+        threshold=float(threshold),
+        rows=int(len(y)),
+        positive_rate=float(y.mean()) if len(y) else float("nan"),
+    )
 
 
 def sensitive_groups(df: pd.DataFrame, feature: SensitiveFeature) -> pd.Series:
@@ -73,7 +74,7 @@ def sensitive_groups(df: pd.DataFrame, feature: SensitiveFeature) -> pd.Series:
     return col.map(lambda v: "missing" if pd.isna(v) else str(v)).astype(str)
 
 
-def slice_metrics(y: np.ndarray, pred: np.ndarray, groups: pd.Series, min_group_size: int) -> dict[str, Any]:
+def slice_metrics(y: np.ndarray, pred: np.ndarray, groups: pd.Series, min_group_size: int) -> SliceMetrics:
     """Selection rate, TPR and FPR per group (fairlearn MetricFrame), and the gaps over measurable groups.
 
     A group with fewer than `min_group_size` rows, or without both classes, is reported as too small to
@@ -90,25 +91,25 @@ def slice_metrics(y: np.ndarray, pred: np.ndarray, groups: pd.Series, min_group_
     )
     by_group = frame.by_group
     positives = pd.Series(y).groupby(groups.to_numpy()).sum()
-    table: dict[str, dict[str, Any]] = {}
+    table: dict[str, GroupRates] = {}
     for g, row in by_group.iterrows():
         n = int(row["count"])
         n_pos = int(positives.get(g, 0))
         measurable = n >= min_group_size and 0 < n_pos < n
-        table[str(g)] = {"rows": n, "positives": n_pos, "selection_rate": _num(row["selection_rate"]),
-                         "tpr": _num(row["tpr"]), "fpr": _num(row["fpr"]), "measured": measurable}
-    measured = {g: r for g, r in table.items() if r["measured"]}
-    too_small = sorted(g for g, r in table.items() if not r["measured"])
+        table[str(g)] = GroupRates(rows=n, positives=n_pos, selection_rate=_num(row["selection_rate"]),
+                                   tpr=_num(row["tpr"]), fpr=_num(row["fpr"]), measured=measurable)
+    measured = {g: r for g, r in table.items() if r.measured}
+    too_small = sorted(g for g, r in table.items() if not r.measured)
 
     def gap(metric: str) -> float | None:
-        values = [r[metric] for r in measured.values() if r[metric] is not None]
+        values = [getattr(r, metric) for r in measured.values() if getattr(r, metric) is not None]
         return float(max(values) - min(values)) if len(values) >= 2 else None
 
     dpd = gap("selection_rate")
     tpr_gap, fpr_gap = gap("tpr"), gap("fpr")
     eod = None if tpr_gap is None or fpr_gap is None else max(tpr_gap, fpr_gap)
-    return {"groups": table, "too_small": too_small, "demographic_parity_difference": dpd,
-            "equalized_odds_difference": eod, "measured_groups": len(measured)}
+    return SliceMetrics(groups=table, too_small=too_small, demographic_parity_difference=dpd,
+                        equalized_odds_difference=eod, measured_groups=len(measured))
 
 
 def _num(v: Any) -> float | None:
@@ -138,11 +139,11 @@ def permutation_importance(predict: PredictFn, X: pd.DataFrame, y: np.ndarray, c
 
 
 def robustness(predict: PredictFn, X: pd.DataFrame, numeric: list[str], text: list[str], threshold: float,
-               relative_noise: float = 0.01, seed: int = 0) -> dict[str, Any]:
+               relative_noise: float = 0.01, seed: int = 0) -> Robustness:
     """How far scores move under small numeric perturbations and under a missing text field."""
     rng = np.random.default_rng(seed)
     base = predict(X)
-    result: dict[str, Any] = {}
+    numeric_noise = missing_text = None
     if numeric:
         noisy = X.copy()
         for col in numeric:
@@ -150,17 +151,16 @@ def robustness(predict: PredictFn, X: pd.DataFrame, numeric: list[str], text: li
             scale = np.nanstd(values) if np.isfinite(np.nanstd(values)) else 0.0
             noisy[col] = values + rng.normal(0.0, relative_noise * (scale or 1.0), len(values))
         p = predict(noisy)
-        result["numeric_noise"] = {"relative_noise": relative_noise,
-                                   "mean_abs_shift": float(np.mean(np.abs(p - base))),
-                                   "p99_abs_shift": float(np.quantile(np.abs(p - base), 0.99)),
-                                   "decision_flip_rate": float(np.mean((p >= threshold) != (base >= threshold)))}
+        numeric_noise = NumericNoise(relative_noise=relative_noise, mean_abs_shift=float(np.mean(np.abs(p - base))),
+                                     p99_abs_shift=float(np.quantile(np.abs(p - base), 0.99)),
+                                     decision_flip_rate=float(np.mean((p >= threshold) != (base >= threshold))))
     if text:
         blank = X.copy()
         for col in text:
             blank[col] = ""
         p = predict(blank)
-        result["missing_text"] = {"mean_abs_shift": float(np.mean(np.abs(p - base))),
-                                  "p99_abs_shift": float(np.quantile(np.abs(p - base), 0.99)),
-                                  "decision_flip_rate": float(np.mean((p >= threshold) != (base >= threshold))),
-                                  "all_finite": bool(np.isfinite(p).all())}
-    return result
+        missing_text = MissingText(mean_abs_shift=float(np.mean(np.abs(p - base))),
+                                   p99_abs_shift=float(np.quantile(np.abs(p - base), 0.99)),
+                                   decision_flip_rate=float(np.mean((p >= threshold) != (base >= threshold))),
+                                   all_finite=bool(np.isfinite(p).all()))
+    return Robustness(numeric_noise=numeric_noise, missing_text=missing_text)

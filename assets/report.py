@@ -9,9 +9,9 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from assets.checks.gates import GATES, GateOutcome
+from assets.evidence import Evaluation
 from assets.spec import PipelineSpec
 
 # Annex IV headings in the order the report uses; the documentation gate requires each one filled.
@@ -48,24 +48,24 @@ def _f(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome], lineage: dict[str, str],
+def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], lineage: dict[str, str],
                  history: list[dict[str, str]]) -> list[Section]:
     c = spec.compliance
     verdict = {g.name: g for g in gates}
-    not_measured = (ev.get("integrity") or {}).get("load_error") or "no test metrics recorded"
-    t = ev["test"] or {}
+    not_measured = ev.integrity.load_error or "no test metrics recorded"
+    t = ev.test
     sections: list[Section] = []
 
     purpose = c.intended_purpose or spec.description
     sections.append(Section("Intended purpose", [
         purpose or "(no intended purpose declared: set compliance.intended_purpose in the spec)",
-        f"Model `{ev['model_name']}` version {ev['model_version']} predicts the positive class of "
+        f"Model `{ev.model_name}` version {ev.model_version} predicts the positive class of "
         f"`{spec.target.column}` (values {spec.target.positive}). Owner: {spec.owner or 'not declared'}.",
     ] if purpose else []))
 
     data = Section("Data and data governance")
     data.paragraphs.append(
-        f"Source: `{ev.get('source', 'unknown')}`. Rows are validated by a Great Expectations suite generated "
+        f"Source: `{ev.source}`. Rows are validated by a Great Expectations suite generated "
         "from the spec (columns present, types, null rates, ranges, categories, unique ids, row count); rows "
         "that break row-level rules are set aside with their reason.")
     data.tables.append((("lineage", "value"), [(k, f"`{v}`") for k, v in sorted(lineage.items())]))
@@ -82,7 +82,7 @@ def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome
         f"{spec.training.deepspeed.zero_stage}, AdamW, learning rate {spec.training.learning_rate}) for at most "
         f"{spec.training.epochs} epochs with early stopping on validation AUC.",
         f"Split: {spec.split.strategy}, test {spec.split.test:.0%}, validation {spec.split.validation:.0%}, seed "
-        f"{spec.split.seed}. " + (f"Operating threshold {t['threshold']:.3f}, chosen on the validation split to "
+        f"{spec.split.seed}. " + (f"Operating threshold {t.threshold:.3f}, chosen on the validation split to "
                                   "maximize F1." if t else f"Not measured: {not_measured}."),
     ]))
 
@@ -91,24 +91,24 @@ def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome
         metrics.paragraphs.append(f"Not measured: the model version could not be loaded ({not_measured}).")
     else:
         metrics.tables.append((("metric", "test value"), [
-        ("AUC", _f(t["auc"])), ("accuracy", _f(t["accuracy"])), ("precision", _f(t["precision"])),
-            ("recall", _f(t["recall"])), ("selection rate", _pct(t["selection_rate"])),
-            ("expected calibration error", _f(t["calibration_error"])), ("rows", str(t["rows"])),
-            ("positive rate", _pct(t["positive_rate"])),
+            ("AUC", _f(t.auc)), ("accuracy", _f(t.accuracy)), ("precision", _f(t.precision)),
+            ("recall", _f(t.recall)), ("selection rate", _pct(t.selection_rate)),
+            ("expected calibration error", _f(t.calibration_error)), ("rows", str(t.rows)),
+            ("positive rate", _pct(t.positive_rate)),
         ]))
-    champ = ev.get("champion")
+    champ = ev.champion
     metrics.paragraphs.append(
-        f"Compared on the same rows with champion version {champ['version']}: AUC {_f(champ['test']['auc'])}."
+        f"Compared on the same rows with champion version {champ.version}: AUC {_f(champ.test.auc)}."
         if champ else "No champion existed when this version was evaluated.")
-    importance = sorted((ev.get("importance") or {}).items(), key=lambda kv: -kv[1])[:10]
+    importance = sorted(ev.importance.items(), key=lambda kv: -kv[1])[:10]
     if importance:
         metrics.paragraphs.append("Global importance: the drop in test AUC when one input is shuffled across rows.")
         metrics.tables.append((("input", "AUC drop"), [(k, f"{v:.4f}") for k, v in importance]))
-    example = (ev.get("explanations") or {}).get("example")
-    if example and example.get("top_factors"):
-        factors = "; ".join(f"{f['feature']}={f['value']!r} ({f['contribution']:+.3f})" for f in example["top_factors"])
-        metrics.paragraphs.append(f"Per-decision explanation, test row {example['row_id']} (score "
-                                  f"{example['probability']:.3f}): {factors}.")
+    example = ev.explanations.example if ev.explanations else None
+    if example and example.top_factors:
+        factors = "; ".join(f"{f['feature']}={f['value']!r} ({f['contribution']:+.3f})" for f in example.top_factors)
+        metrics.paragraphs.append(f"Per-decision explanation, test row {example.row_id} (score "
+                                  f"{example.probability:.3f}): {factors}.")
     metrics.paragraphs.append(
         "Limits: metrics come from one held-out split of historical data and do not promise the same on a "
         "different population; calibration is measured, not corrected. Performance gate: "
@@ -116,13 +116,13 @@ def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome
     sections.append(metrics)
 
     fair = Section("Fairness findings")
-    for feature, s in (ev.get("slices") or {}).items():
-        rows = [(g, str(r["rows"]), _pct(r["selection_rate"]), _f(r["tpr"]), _f(r["fpr"]),
-                 "yes" if r["measured"] else "too small") for g, r in s["groups"].items()]
+    for feature, s in ev.slices.items():
+        rows = [(g, str(r.rows), _pct(r.selection_rate), _f(r.tpr), _f(r.fpr),
+                 "yes" if r.measured else "too small") for g, r in s.groups.items()]
         fair.paragraphs.append(
-            f"**{feature}**: demographic parity difference {_f(s['demographic_parity_difference'])} (limit "
+            f"**{feature}**: demographic parity difference {_f(s.demographic_parity_difference)} (limit "
             f"{c.max_demographic_parity_difference}), equalized odds difference "
-            f"{_f(s['equalized_odds_difference'])} (limit {c.max_equalized_odds_difference}).")
+            f"{_f(s.equalized_odds_difference)} (limit {c.max_equalized_odds_difference}).")
         fair.tables.append((("group", "rows", "selection rate", "TPR", "FPR", "measured"), rows))
     fair.paragraphs.append(f"Fairness gate: {_gate_line(verdict.get('fairness'))}")
     sections.append(fair)
@@ -142,22 +142,22 @@ def build_report(spec: PipelineSpec, ev: dict[str, Any], gates: list[GateOutcome
     ]))
 
     rob = Section("Robustness")
-    r = ev.get("robustness") or {}
-    if "numeric_noise" in r:
-        n = r["numeric_noise"]
-        rob.bullets.append(f"Numeric inputs perturbed by {n['relative_noise']:.0%} of their spread: mean score shift "
-                           f"{n['mean_abs_shift']:.4f}, decisions flipped {_pct(n['decision_flip_rate'])}.")
-    if "missing_text" in r:
-        m = r["missing_text"]
-        rob.bullets.append(f"Text fields missing: mean score shift {m['mean_abs_shift']:.4f}, decisions flipped "
-                           f"{_pct(m['decision_flip_rate'])}, all scores finite: {m['all_finite']}.")
+    r = ev.robustness
+    if r is not None and r.numeric_noise is not None:
+        n = r.numeric_noise
+        rob.bullets.append(f"Numeric inputs perturbed by {n.relative_noise:.0%} of their spread: mean score shift "
+                           f"{n.mean_abs_shift:.4f}, decisions flipped {_pct(n.decision_flip_rate)}.")
+    if r is not None and r.missing_text is not None:
+        m = r.missing_text
+        rob.bullets.append(f"Text fields missing: mean score shift {m.mean_abs_shift:.4f}, decisions flipped "
+                           f"{_pct(m.decision_flip_rate)}, all scores finite: {m.all_finite}.")
     rob.paragraphs.append(f"Robustness gate: {_gate_line(verdict.get('robustness'))}. Integrity gate: "
                           f"{_gate_line(verdict.get('integrity'))}")
     sections.append(rob)
 
     change = Section("Change log")
     change.bullets.extend(f"{h['when']}: {h['what']}" for h in history)
-    change.bullets.append(f"{ev['evaluated_at']}: version {ev['model_version']} evaluated; gates: "
+    change.bullets.append(f"{ev.evaluated_at}: version {ev.model_version} evaluated; gates: "
                           + ", ".join(f"{g.name} {'passed' if g.passed else 'FAILED'}" for g in gates))
     sections.append(change)
 

@@ -163,8 +163,10 @@ class Training(_Strict):
     checkpoint_every_steps: int = Field(50, ge=1)
     max_categories: int = Field(30, ge=1)
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
-    launcher: Literal["local", "kubernetes", "trainjob"] = "local"
+    # default: the deployment's launcher (torchrun here, a GPU pod on Kubernetes); trainjob: several nodes.
+    launcher: Literal["default", "trainjob"] = "default"
     nproc_per_node: int = Field(2, ge=1)
+    keep_runs: int = Field(5, ge=1)        # training run folders kept under <home>/<spec>/training/runs
 
 
 class Compliance(_Strict):
@@ -333,15 +335,9 @@ def load_spec(path: Path | str) -> LoadedSpec:
     return LoadedSpec(spec=spec, path=path.resolve())
 
 
-def pipelines_dir() -> Path:
-    """`$INTELLIGENTOPS_PIPELINES`, else `pipelines/` at the repository root."""
-    env = os.environ.get("INTELLIGENTOPS_PIPELINES")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / "pipelines"
-
-
-def load_specs(folder: Path | str | None = None) -> list[LoadedSpec]:
+def load_specs(folder: Path | str) -> list[LoadedSpec]:
     """Every `*.yaml` / `*.yml` spec in the folder, sorted by file name; names must be unique."""
-    folder = Path(folder) if folder is not None else pipelines_dir()
+    folder = Path(folder)
     if not folder.is_dir():
         raise SpecError(f"{folder}: pipelines folder does not exist (set INTELLIGENTOPS_PIPELINES or create it)")
     files: Iterable[Path] = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])

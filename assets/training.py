@@ -19,18 +19,21 @@ import numpy as np
 import pandas as pd
 
 from assets import features as feature_module
-from assets.data import LABEL, SPLIT, asset_key, owners_for
+from assets import naming
 from assets.features import build_feature_frame, fit_preprocessing, transform
+from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec
+from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
-from resources.mlflow import CHALLENGER, MlflowResource
+from resources.mlflow import MlflowResource
 from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, sha256_file
 
-GROUP = "training"
+# One training at a time per pool (dagster.yaml sets the default limit): two DeepSpeed runs on one machine
+# would only slow each other down.
 POOL = "training"
-MODEL_FILES = ("model.safetensors", "preprocessing.json")
-LINEAGE_TAGS = ("dataset_hash", "splits_hash", "embeddings_version", "spec_hash", "code_revision",
-                "checkpoint_sha256")
+# Spec `training:` keys that are not settings of the workload itself: every other key is a TrainConfig field of
+# the same name in workloads/train.py, passed through as is.
+NOT_WORKLOAD_SETTINGS = {"deepspeed", "launcher", "nproc_per_node", "max_categories", "keep_runs"}
 
 
 class TrainingError(RuntimeError):
@@ -99,12 +102,12 @@ def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: p
             "n_features": prep["n_features"], "train_positive_rate": float(train[LABEL].mean())}
 
 
-def _embeddings_version(context: dg.AssetExecutionContext, spec: PipelineSpec,
-                        embeddings: pd.DataFrame | None) -> str:
+def recorded_embeddings_version(instance: dg.DagsterInstance, spec: PipelineSpec,
+                                embeddings: pd.DataFrame | None) -> str:
     """The version text_embeddings recorded for the vectors this run loaded ("none" without text)."""
     if embeddings is None:
         return "none"
-    event = context.instance.get_latest_materialization_event(asset_key(spec, "text_embeddings"))
+    event = instance.get_latest_materialization_event(asset_key(spec.name, naming.TEXT_EMBEDDINGS))
     meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
     recorded = meta.get("embeddings_version")
     return str(recorded.value) if recorded is not None else frame_hash(embeddings)
@@ -147,191 +150,212 @@ def _pip_requirements(spec: PipelineSpec) -> list[str]:
     return [f"{d}=={importlib_metadata.version(d).split('+')[0]}" for d in dists]
 
 
-# --- the asset factory ----------------------------------------------------------------------------------------
+def workload_config(spec: PipelineSpec) -> dict[str, Any]:
+    """The spec's training settings as workloads/train.py's TrainConfig fields."""
+    t = spec.training
+    ds = t.deepspeed
+    return {**t.model_dump(mode="json", exclude=NOT_WORKLOAD_SETTINGS),
+            "zero_stage": ds.zero_stage, "micro_batch_size": ds.micro_batch_size,
+            "gradient_accumulation_steps": ds.gradient_accumulation_steps, "bf16": str(ds.bf16).lower(),
+            "seed": spec.split.seed}
 
 
-def build_training_assets(loaded: LoadedSpec) -> list[Any]:
+def prune_runs(runs_dir: Path, keep: int, current: Path) -> list[Path]:
+    """Remove all but the `keep` newest run folders (never `current`); returns what was removed."""
+    runs = sorted((d for d in runs_dir.iterdir() if d.is_dir() and d != current),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
+    removed = runs[max(keep - 1, 0):]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
+
+
+def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource,
+                     launcher: TrainingLauncher, context: dg.AssetExecutionContext, validated: pd.DataFrame,
+                     splits: pd.DataFrame, embeddings: pd.DataFrame | None) -> dg.Output[dict]:
+    """Prepare the run folder, launch the workload, verify what it exported and describe it."""
+    t = spec.training
+    run_dir = storage.local_dir(spec.name, "training", "runs", context.run_id)
+    prepared = prepare_training_data(spec, validated, splits, embeddings, run_dir)
+    splits_hash = frame_hash(splits)
+    key = training_key(spec, prepared["data_digest"], splits_hash)
+    checkpoint_dir = storage.local_dir(spec.name, "training", "checkpoints", key)
+    experiment_id = mlflow.experiment_id(spec.name)
+    lineage = {"dataset_hash": frame_hash(validated), "splits_hash": splits_hash,
+               "embeddings_version": recorded_embeddings_version(context.instance, spec, embeddings),
+               "spec_hash": spec.spec_hash}
+    config = {
+        **workload_config(spec),
+        "data": str(run_dir / "data.npz"), "preprocessing": str(run_dir / "preprocessing.json"),
+        "output_dir": str(run_dir / "model"), "checkpoint_dir": str(checkpoint_dir),
+        "checkpoint_subdir": f"{spec.name}/{key}",
+        "run_name": f"{spec.name}-train-{context.run_id[:8]}",
+        "mlflow_tracking_uri": mlflow.resolved_tracking_uri(), "mlflow_experiment_id": experiment_id,
+        "mlflow_tags": {"spec": spec.name, "dagster_run_id": context.run_id, "training_key": key, **lineage},
+    }
+    atomic_write_json(run_dir / "config.json", config)
+    context.log.info(f"{spec.name}: {prepared['train_rows']} train / {prepared['val_rows']} validation rows, "
+                     f"{prepared['n_features']} features; checkpoints in {checkpoint_dir}")
+    request = TrainRequest(spec_name=spec.name, args=["--config", str(run_dir / "config.json")],
+                           extras={"spec": spec.name, "run_dir": str(run_dir)}, nproc_per_node=t.nproc_per_node)
+    try:
+        invocation = launcher.launch(context, request)
+    except Exception as exc:
+        raise TrainingError(
+            f"{spec.name}: training failed ({type(exc).__name__}: {exc}); complete checkpoints in "
+            f"{checkpoint_dir} stay in place and the next materialization resumes from the newest one") from exc
+
+    model_dir = run_dir / "model"
+    result_path = model_dir / "result.json"
+    if not result_path.is_file():
+        raise TrainingError(f"{spec.name}: the workload exited without writing {result_path}; "
+                            f"the last good checkpoint in {checkpoint_dir} stays in place")
+    result = json.loads(result_path.read_text())
+    verify_model_dir(spec.name, model_dir)
+    removed = prune_runs(run_dir.parent, t.keep_runs, run_dir)
+    run_id = result.get("mlflow_run_id")
+    record = {
+        "spec": spec.name, "model_dir": str(model_dir), "weights_path": result["weights_path"],
+        "weights_sha256": result["weights_sha256"], "checkpoint_path": result["checkpoint_path"],
+        "checkpoint_dir": str(checkpoint_dir), "training_key": key, "mlflow_run_id": run_id,
+        "mlflow_experiment_id": experiment_id, "epochs": result["epochs"], "steps": result["steps"],
+        "best_val_auc": result["best_val_auc"], "resumed_from_step": result["resumed_from_step"],
+        **lineage,
+    }
+    reported: dict[str, Any] = {}
+    for r in invocation.get_results():
+        reported.update(getattr(r, "metadata", None) or {})
+    meta: dict[str, Any] = {
+        **reported,
+        "epochs": result["epochs"], "steps": result["steps"],
+        "best_val_auc": dg.MetadataValue.float(result["best_val_auc"]) if result["best_val_auc"] is not None
+        else "n/a",
+        "samples_per_second": round(result["samples_per_second"] or 0.0, 1),
+        "train_seconds": round(result["train_seconds"], 2), "stopped_early": result["stopped_early"],
+        "resumed_from_step": result["resumed_from_step"],
+        "checkpoint_path": dg.MetadataValue.path(result["checkpoint_path"]),
+        "model_dir": dg.MetadataValue.path(str(model_dir)),
+        "weights_sha256": result["weights_sha256"],
+        "mlflow_run_id": run_id or "none",
+        "mlflow_run": mlflow.run_link(experiment_id, run_id) if run_id else "none",
+        "world_size": result["world_size"], "zero_stage": result["zero_stage"],
+        "train_rows": prepared["train_rows"], "val_rows": prepared["val_rows"],
+        "n_features": prepared["n_features"], "training_key": key, "old_runs_pruned": len(removed),
+        "history": dg.MetadataValue.md(_history_table(result["history"])), **lineage,
+    }
+    return dg.Output(record, metadata=meta, data_version=dg.DataVersion(result["weights_sha256"][:16]))
+
+
+def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: dict, validated: pd.DataFrame,
+                        dagster_run_id: str, log: Any) -> dg.Output[dict]:
+    """Log the trained network as a pyfunc from code (with the text encoder it was trained with), register a
+    version with lineage tags, check that it loads without pickle and predicts, then point `challenger` at it."""
+    spec = loaded.spec
+    model_dir = Path(checkpoint["model_dir"])
+    manifest = verify_model_dir(spec.name, model_dir)
+    example = validated[spec.features.all].head(5).reset_index(drop=True)
+    lineage = {k: str(checkpoint.get(k, "")) for k in ("dataset_hash", "splits_hash", "embeddings_version",
+                                                        "spec_hash")}
+    lineage["code_revision"] = code_revision()
+    lineage["checkpoint_sha256"] = checkpoint["weights_sha256"]
+    version_tags = {**lineage, "spec": spec.name, "manifest_sha256": sha256_file(model_dir / "manifest.json"),
+                    "training_key": checkpoint["training_key"], "dagster_run_id": dagster_run_id}
+    experiment_id = mlflow.experiment_id(spec.name)
+    client = mlflow.client()
+    run_id = checkpoint.get("mlflow_run_id") or client.create_run(
+        experiment_id, run_name=f"{spec.name}-register-{dagster_run_id[:8]}").info.run_id
+    with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir:
+        # The transform ships under a name no other distribution uses (see workloads/model_code.py).
+        shutil.copyfile(Path(feature_module.__file__), Path(code_dir) / "intelligentops_features.py")
+        shutil.copyfile(REPO_ROOT / "workloads" / "tabular_mlp.py", Path(code_dir) / "tabular_mlp.py")
+        source = mlflow.log_pyfunc(
+            run_id,
+            python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
+            artifacts={"weights": str(model_dir / "model.safetensors"),
+                       "preprocessing": str(model_dir / "preprocessing.json"),
+                       "manifest": str(model_dir / "manifest.json"),
+                       **(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, Path(code_dir))
+                          if spec.has_text else {})},
+            code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
+            pip_requirements=_pip_requirements(spec),
+            signature=_signature(spec),
+            input_example=example,
+        )
+    version = mlflow.register(source, spec.name, run_id, version_tags)
+    # The alias moves only to a version that loads without pickle and predicts sane probabilities.
+    model = mlflow.load_model(spec.name, version=version)
+    p = model.predict(example)["probability"].to_numpy()
+    if len(p) != len(example) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise TrainingError(f"{spec.name}: model version {version} loaded but predicted {p.tolist()} for "
+                            f"the input example; alias {CHALLENGER} stays where it was")
+    mlflow.set_alias(spec.name, CHALLENGER, version)
+    log.info(f"{spec.name}: registered version {version}, alias {CHALLENGER}")
+    record = {"model_name": spec.name, "version": version, "alias": CHALLENGER,
+              "model_uri": f"models:/{spec.name}/{version}", "alias_uri": f"models:/{spec.name}@{CHALLENGER}",
+              "source": source, "run_id": run_id, "experiment_id": experiment_id,
+              "tracking_uri": mlflow.resolved_tracking_uri(), "tags": version_tags,
+              "weights_sha256": checkpoint["weights_sha256"], "model_dir": str(model_dir)}
+    return dg.Output(record, data_version=dg.DataVersion(f"{spec.name}-v{version}"), metadata={
+        "model_name": spec.name, "model_version": version, "alias": CHALLENGER,
+        "model_uri": record["model_uri"], "mlflow_run_id": run_id,
+        "mlflow_run": mlflow.run_link(experiment_id, run_id),
+        "weights_sha256": checkpoint["weights_sha256"], "epochs": checkpoint["epochs"],
+        "steps": checkpoint["steps"], "best_val_auc": checkpoint["best_val_auc"] if
+        checkpoint["best_val_auc"] is not None else "n/a",
+        "resumed_from_step": checkpoint["resumed_from_step"],
+        "n_features": manifest["architecture"]["in_features"],
+        "lineage": dg.MetadataValue.md("\n".join(f"- {k}: `{v}`" for k, v in lineage.items())),
+        "example_probabilities": ", ".join(f"{v:.3f}" for v in p),
+    })
+
+
+# --- wiring ---------------------------------------------------------------------------------------------------
+
+
+def definitions(loaded: LoadedSpec) -> dg.Definitions:
     """model_checkpoint and registered_model for one spec."""
     spec = loaded.spec
-    validated_key, splits_key = asset_key(spec, "validated_dataset"), asset_key(spec, "training_splits")
-    checkpoint_key, registered_key = asset_key(spec, "model_checkpoint"), asset_key(spec, "registered_model")
-    owners = owners_for(spec)
-    tags = {"spec": spec.name}
+    validated_key, splits_key, checkpoint_key, registered_key = (
+        asset_key(spec.name, n) for n in (naming.VALIDATED_DATASET, naming.TRAINING_SPLITS,
+                                          naming.MODEL_CHECKPOINT, naming.REGISTERED_MODEL))
     ins = {"validated": dg.AssetIn(key=validated_key), "splits": dg.AssetIn(key=splits_key)}
     if spec.has_text:
-        ins["embeddings"] = dg.AssetIn(key=asset_key(spec, "text_embeddings"))
-
-    def train(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
-              launcher: TrainingLauncher, validated: pd.DataFrame, splits: pd.DataFrame,
-              embeddings: pd.DataFrame | None) -> dg.Output[dict]:
-        t = spec.training
-        run_dir = storage.local_dir(spec.name, "training", "runs", context.run_id)
-        prepared = prepare_training_data(spec, validated, splits, embeddings, run_dir)
-        splits_hash = frame_hash(splits)
-        key = training_key(spec, prepared["data_digest"], splits_hash)
-        checkpoint_dir = storage.local_dir(spec.name, "training", "checkpoints", key)
-        experiment_id = mlflow.experiment_id(spec.name)
-        lineage = {"dataset_hash": frame_hash(validated), "splits_hash": splits_hash,
-                   "embeddings_version": _embeddings_version(context, spec, embeddings),
-                   "spec_hash": spec.spec_hash}
-        config = {
-            "data": str(run_dir / "data.npz"), "preprocessing": str(run_dir / "preprocessing.json"),
-            "output_dir": str(run_dir / "model"), "checkpoint_dir": str(checkpoint_dir),
-            "checkpoint_subdir": f"{spec.name}/{key}",
-            "hidden": list(t.hidden), "dropout": t.dropout, "epochs": t.epochs, "learning_rate": t.learning_rate,
-            "weight_decay": t.weight_decay, "early_stopping_patience": t.early_stopping_patience,
-            "checkpoint_every_steps": t.checkpoint_every_steps, "zero_stage": t.deepspeed.zero_stage,
-            "micro_batch_size": t.deepspeed.micro_batch_size,
-            "gradient_accumulation_steps": t.deepspeed.gradient_accumulation_steps,
-            "bf16": str(t.deepspeed.bf16).lower(), "seed": spec.split.seed,
-            "run_name": f"{spec.name}-train-{context.run_id[:8]}",
-            "mlflow_tracking_uri": mlflow.resolved_tracking_uri(), "mlflow_experiment_id": experiment_id,
-            "mlflow_tags": {"spec": spec.name, "dagster_run_id": context.run_id, "training_key": key, **lineage},
-        }
-        atomic_write_json(run_dir / "config.json", config)
-        context.log.info(f"{spec.name}: {prepared['train_rows']} train / {prepared['val_rows']} validation rows, "
-                         f"{prepared['n_features']} features; checkpoints in {checkpoint_dir}")
-        request = TrainRequest(spec_name=spec.name, args=["--config", str(run_dir / "config.json")],
-                               extras={"spec": spec.name, "run_dir": str(run_dir)}, nproc_per_node=t.nproc_per_node)
-        try:
-            invocation = launcher.launch(context, request)
-        except Exception as exc:
-            raise TrainingError(
-                f"{spec.name}: training failed ({type(exc).__name__}: {exc}); complete checkpoints in "
-                f"{checkpoint_dir} stay in place and the next materialization resumes from the newest one") from exc
-
-        model_dir = run_dir / "model"
-        result_path = model_dir / "result.json"
-        if not result_path.is_file():
-            raise TrainingError(f"{spec.name}: the workload exited without writing {result_path}; "
-                                f"the last good checkpoint in {checkpoint_dir} stays in place")
-        result = json.loads(result_path.read_text())
-        verify_model_dir(spec.name, model_dir)
-        run_id = result.get("mlflow_run_id")
-        record = {
-            "spec": spec.name, "model_dir": str(model_dir), "weights_path": result["weights_path"],
-            "weights_sha256": result["weights_sha256"], "checkpoint_path": result["checkpoint_path"],
-            "checkpoint_dir": str(checkpoint_dir), "training_key": key, "mlflow_run_id": run_id,
-            "mlflow_experiment_id": experiment_id, "epochs": result["epochs"], "steps": result["steps"],
-            "best_val_auc": result["best_val_auc"], "resumed_from_step": result["resumed_from_step"],
-            **lineage,
-        }
-        reported: dict[str, Any] = {}
-        for r in invocation.get_results():
-            reported.update(getattr(r, "metadata", None) or {})
-        meta: dict[str, Any] = {
-            **reported,
-            "epochs": result["epochs"], "steps": result["steps"],
-            "best_val_auc": dg.MetadataValue.float(result["best_val_auc"]) if result["best_val_auc"] is not None
-            else "n/a",
-            "samples_per_second": round(result["samples_per_second"] or 0.0, 1),
-            "train_seconds": round(result["train_seconds"], 2), "stopped_early": result["stopped_early"],
-            "resumed_from_step": result["resumed_from_step"],
-            "checkpoint_path": dg.MetadataValue.path(result["checkpoint_path"]),
-            "model_dir": dg.MetadataValue.path(str(model_dir)),
-            "weights_sha256": result["weights_sha256"],
-            "mlflow_run_id": run_id or "none",
-            "mlflow_run": mlflow.run_link(experiment_id, run_id) if run_id else "none",
-            "world_size": result["world_size"], "zero_stage": result["zero_stage"],
-            "train_rows": prepared["train_rows"], "val_rows": prepared["val_rows"],
-            "n_features": prepared["n_features"], "training_key": key,
-            "history": dg.MetadataValue.md(_history_table(result["history"])), **lineage,
-        }
-        return dg.Output(record, metadata=meta, data_version=dg.DataVersion(result["weights_sha256"][:16]))
-
-    common = dict(key=checkpoint_key, group_name=GROUP, pool=POOL, owners=owners, tags=tags, ins=ins,
-                  kinds={"pytorch", "deepspeed", "mlflow"},
-                  description=(f"{spec.name}'s network trained by DeepSpeed through the training launcher "
-                               "(torchrun locally, pods on Kubernetes), resumed from its newest complete "
-                               "checkpoint, exported as safetensors with a sha256 manifest; links the MLflow "
-                               "run."))
-
-    # `training.launcher: trainjob` asks for several nodes (a Kubeflow TrainJob on Kubernetes); "local" and
-    # "kubernetes" take the deployment's launcher (torchrun here, a GPU pod on Kubernetes).
+        ins["embeddings"] = dg.AssetIn(key=asset_key(spec.name, naming.TEXT_EMBEDDINGS))
+    # `training.launcher: trainjob` asks for several nodes (a Kubeflow TrainJob on Kubernetes); `default` takes
+    # the deployment's launcher (torchrun here, a GPU pod on Kubernetes).
     launcher_key = "trainjob_launcher" if spec.training.launcher == "trainjob" else "launcher"
-    common["required_resource_keys"] = {"storage", "mlflow", launcher_key}
 
+    checkpoint = dict(
+        key=checkpoint_key, group_name=naming.TRAINING, pool=POOL, ins=ins,
+        required_resource_keys={"storage", "mlflow", launcher_key},
+        description="The spec's network trained by DeepSpeed through the training launcher (torchrun locally, pods "
+                    "on Kubernetes) over its numeric, categorical and text-embedding features, resumed from its "
+                    "newest complete checkpoint, exported as safetensors with a sha256 manifest; links the MLflow run.")
+
+    def train(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
+              embeddings: pd.DataFrame | None) -> dg.Output[dict]:
+        r = context.resources
+        return train_checkpoint(spec, r.storage, r.mlflow, getattr(r, launcher_key), context, validated, splits,
+                                embeddings)
+
+    # Dagster reads inputs from the signature, so the text variant names one more.
     if spec.has_text:
-        @dg.asset(**common)
+        @dg.asset(**checkpoint)
         def model_checkpoint(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
                              embeddings: pd.DataFrame) -> dg.Output[dict]:
-            """Trains the spec's MLP over numeric, categorical and text-embedding features."""
-            r = context.resources
-            return train(context, r.storage, r.mlflow, getattr(r, launcher_key), validated, splits, embeddings)
+            return train(context, validated, splits, embeddings)
     else:
-        @dg.asset(**common)
+        @dg.asset(**checkpoint)
         def model_checkpoint(context: dg.AssetExecutionContext, validated: pd.DataFrame,
                              splits: pd.DataFrame) -> dg.Output[dict]:
-            """Trains the spec's MLP over numeric and categorical features."""
-            r = context.resources
-            return train(context, r.storage, r.mlflow, getattr(r, launcher_key), validated, splits, None)
+            return train(context, validated, splits, None)
 
-    @dg.asset(key=registered_key, group_name=GROUP, owners=owners, tags=tags, kinds={"mlflow", "pytorch"},
-              ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key)},
-              description=(f"A version of MLflow model '{spec.name}' (pyfunc from code, safetensors weights, no "
-                           f"pickle) with lineage tags; alias '{CHALLENGER}' points to it."))
+    @dg.asset(key=registered_key, group_name=naming.TRAINING,
+              ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key)})
     def registered_model(context: dg.AssetExecutionContext, mlflow: MlflowResource, checkpoint: dict,
                          validated: pd.DataFrame) -> dg.Output[dict]:
-        """Logs the trained network and its preprocessing as an MLflow pyfunc, registers a version of the
-        spec's model with lineage tags, points alias `challenger` at it and checks that it loads and predicts
-        with pickle deserialization disabled."""
-        model_dir = Path(checkpoint["model_dir"])
-        manifest = verify_model_dir(spec.name, model_dir)
-        example = validated[spec.features.all].head(5).reset_index(drop=True)
-        lineage = {k: str(checkpoint.get(k, "")) for k in ("dataset_hash", "splits_hash", "embeddings_version",
-                                                            "spec_hash")}
-        lineage["code_revision"] = code_revision()
-        lineage["checkpoint_sha256"] = checkpoint["weights_sha256"]
-        version_tags = {**lineage, "spec": spec.name, "manifest_sha256": sha256_file(model_dir / "manifest.json"),
-                        "training_key": checkpoint["training_key"], "dagster_run_id": context.run_id}
-        experiment_id = mlflow.experiment_id(spec.name)
-        with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir:
-            # The transform ships under a name no other distribution uses (see workloads/model_code.py).
-            shutil.copyfile(Path(feature_module.__file__), Path(code_dir) / "intelligentops_features.py")
-            shutil.copyfile(REPO_ROOT / "workloads" / "tabular_mlp.py", Path(code_dir) / "tabular_mlp.py")
-            with mlflow.activated() as ml:
-                run_id = checkpoint.get("mlflow_run_id")
-                run_cm = ml.start_run(run_id=run_id) if run_id else ml.start_run(
-                    experiment_id=experiment_id, run_name=f"{spec.name}-register-{context.run_id[:8]}")
-                with run_cm as run:
-                    info = ml.pyfunc.log_model(
-                        name="model",
-                        python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
-                        artifacts={"weights": str(model_dir / "model.safetensors"),
-                                   "preprocessing": str(model_dir / "preprocessing.json"),
-                                   "manifest": str(model_dir / "manifest.json")},
-                        code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
-                        pip_requirements=_pip_requirements(spec),
-                        signature=_signature(spec),
-                        input_example=example,
-                    )
-                    run_id = run.info.run_id
-        version = mlflow.register(info.model_uri, spec.name, version_tags)
-        # The alias moves only to a version that loads without pickle and predicts sane probabilities.
-        model = mlflow.load_model(spec.name, version=version)
-        predicted = model.predict(example)
-        p = predicted["probability"].to_numpy()
-        if len(p) != len(example) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
-            raise TrainingError(f"{spec.name}: model version {version} loaded but predicted {p.tolist()} for "
-                                f"the input example; alias {CHALLENGER} stays where it was")
-        mlflow.set_alias(spec.name, CHALLENGER, version)
-        context.log.info(f"{spec.name}: registered version {version}, alias {CHALLENGER}")
-        record = {"model_name": spec.name, "version": version, "alias": CHALLENGER,
-                  "model_uri": f"models:/{spec.name}/{version}", "alias_uri": f"models:/{spec.name}@{CHALLENGER}",
-                  "logged_model_uri": info.model_uri, "run_id": run_id, "experiment_id": experiment_id,
-                  "tracking_uri": mlflow.resolved_tracking_uri(), "tags": version_tags,
-                  "weights_sha256": checkpoint["weights_sha256"], "model_dir": str(model_dir)}
-        return dg.Output(record, data_version=dg.DataVersion(f"{spec.name}-v{version}"), metadata={
-            "model_name": spec.name, "model_version": version, "alias": CHALLENGER,
-            "model_uri": record["model_uri"], "mlflow_run_id": run_id,
-            "mlflow_run": mlflow.run_link(experiment_id, run_id),
-            "weights_sha256": checkpoint["weights_sha256"], "epochs": checkpoint["epochs"],
-            "steps": checkpoint["steps"], "best_val_auc": checkpoint["best_val_auc"] if
-            checkpoint["best_val_auc"] is not None else "n/a",
-            "resumed_from_step": checkpoint["resumed_from_step"],
-            "n_features": manifest["architecture"]["in_features"],
-            "lineage": dg.MetadataValue.md("\n".join(f"- {k}: `{v}`" for k, v in lineage.items())),
-            "example_probabilities": ", ".join(f"{v:.3f}" for v in p),
-        })
+        """A version of the spec's MLflow model (pyfunc from code, safetensors weights, no pickle) with lineage
+        tags; alias `challenger` points to it once it loads without pickle and predicts sane probabilities."""
+        return register_checkpoint(loaded, mlflow, checkpoint, validated, context.run_id, context.log)
 
-    return [model_checkpoint, registered_model]
+    return dg.Definitions(assets=[model_checkpoint, registered_model])

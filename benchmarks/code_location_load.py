@@ -13,13 +13,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ["torch", "mlflow", "great_expectations", "deepspeed", "alibi_detect", "sentence_transformers",
-         "transformers", "lancedb", "sklearn"]
-PROBE = f"""
+PROBE = """
 import sys, time, json
 t0 = time.perf_counter(); import dagster; t1 = time.perf_counter()
-import orchestration.definitions as d; t2 = time.perf_counter()
-print(json.dumps({{"dagster": t1 - t0, "defs": t2 - t1, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+import orchestration.definitions as d; d.build_definitions(); t2 = time.perf_counter()
+print(json.dumps({"dagster": t1 - t0, "defs": t2 - t1, "heavy": [m for m in d.HEAVY_MODULES if m in sys.modules]}))
 """
 
 

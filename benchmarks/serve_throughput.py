@@ -172,9 +172,14 @@ def main() -> int:
     from resources import resources_for
     from resources.audit import AuditStore
 
-    res = resources_for("local")
+    from dataclasses import replace
+
+    from resources.settings import Settings
+
+    settings = replace(Settings.from_env(), deployment="local")
+    res = resources_for(settings)
     home = res["storage"].home
-    loaded = {s.name: s for s in load_specs()}[args.spec]
+    loaded = {s.name: s for s in load_specs(settings.pipelines)}[args.spec]
     spec = loaded.spec
     mlflow = res["mlflow"]
     mv = mlflow.get_version(spec.name, "champion")

@@ -23,9 +23,13 @@ from assets import naming
 
 
 def _resources() -> dict[str, Any]:
-    from resources import resources_for
+    from dataclasses import replace
 
-    return resources_for("local")
+    from resources import resources_for
+    from resources.settings import Settings
+
+    # The lookup reads this machine's view of the stores: the local resources, whatever the deployment.
+    return resources_for(replace(Settings.from_env(), deployment="local"))
 
 
 def _instance(home: str):

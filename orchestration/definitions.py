@@ -1,55 +1,83 @@
-"""The composition root: reads the pipeline specs and binds every asset, check, job and resource.
+"""The composition root: one Definitions per spec and stage, merged, with the cross-cutting policy stamped once.
 
-Loading this module reads YAML and nothing else: no network, no ML libraries. Dagster loads it as the code
-location `intelligentops` (workspace.yaml, pyproject's [tool.dagster]).
+Dagster loads `defs` as the code location `intelligentops` (workspace.yaml, pyproject's [tool.dagster]). It is
+lazy: the environment is read (resources/settings.py) and the specs parsed when Dagster loads the location, not
+at import, and `build_definitions` builds the same thing for any pipelines folder and deployment in-process.
+No network and no ML library is touched here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
 
-from assets.compliance import build_compliance_assets, build_rollback_job
-from assets.data import build_data_assets
-from assets.embeddings import build_embedding_assets
-from assets.evaluation import build_evaluation_asset
+from assets import compliance, data, embeddings, evaluation, naming, training
 from assets.spec import LoadedSpec, load_specs
-from assets.training import build_training_assets
+from orchestration.jobs import spec_jobs
 from resources import resources_for
+from resources.settings import Settings
+
+# Loading the code location imports none of these (tests/test_definitions.py and benchmarks/ check it): they are
+# imported inside the functions that use them, so a UI reload or a sensor tick never pays for them.
+HEAVY_MODULES = ("torch", "mlflow", "great_expectations", "deepspeed", "alibi_detect", "sentence_transformers",
+                 "transformers", "lancedb", "sklearn", "kserve")
+
+# Each stage contributes one Definitions per spec: its assets, checks and, from later stages, sensors and schedules.
+STAGES: tuple[Callable[[LoadedSpec], dg.Definitions], ...] = (
+    data.definitions, embeddings.definitions, training.definitions, evaluation.definitions,
+    compliance.definitions,
+)
+
+# What each asset is made of, as the UI's kind badges show it (at most three each).
+KINDS: dict[str, set[str]] = {
+    naming.RAW_DATASET: {"pandas", "parquet"},
+    naming.VALIDATED_DATASET: {"pandas", "parquet"},
+    naming.TRAINING_SPLITS: {"pandas", "parquet"},
+    naming.TEXT_EMBEDDINGS: {"pytorch", "parquet"},
+    naming.VECTOR_INDEX: {"lancedb"},
+    naming.MODEL_CHECKPOINT: {"pytorch", "deepspeed", "mlflow"},
+    naming.REGISTERED_MODEL: {"mlflow", "pytorch"},
+    naming.MODEL_EVALUATION: {"mlflow", "fairlearn"},
+    naming.COMPLIANCE_REPORT: {"markdown", "html", "mlflow"},
+    naming.CHAMPION_MODEL: {"mlflow"},
+    naming.DEPLOYMENT_ASSET: {"kserve", "sqlite"},
+    naming.INFERENCE_LOG: {"sqlite"},
+    naming.DRIFT_REPORT: {"alibi-detect"},
+}
 
 
-def build_assets(spec: LoadedSpec) -> list:
-    """Every asset and check one spec contributes to the graph."""
-    out = build_data_assets(spec)
-    if spec.spec.has_text:
-        out += build_embedding_assets(spec)
-    out += build_training_assets(spec)
-    out.append(build_evaluation_asset(spec))
-    out += build_compliance_assets(spec)
-    return out
+def spec_definitions(loaded: LoadedSpec) -> dg.Definitions:
+    """Everything one spec contributes, with its owner, tags and kinds stamped on every asset."""
+    spec = loaded.spec
+    merged = dg.Definitions.merge(*(stage(loaded) for stage in STAGES), dg.Definitions(jobs=spec_jobs(loaded)))
+
+    def stamp(asset: dg.AssetSpec) -> dg.AssetSpec:
+        return asset.merge_attributes(
+            owners=[spec.owner] if spec.owner else [],
+            tags={naming.SPEC_TAG: spec.name, "stage": asset.group_name or ""},
+            kinds=KINDS.get(asset.key.path[-1], set()),
+        )
+
+    return dg.Definitions(assets=dg.map_asset_specs(stamp, merged.assets or []), asset_checks=merged.asset_checks,
+                          jobs=merged.jobs, sensors=merged.sensors, schedules=merged.schedules)
 
 
-def build_definitions(pipelines: Path | str | None = None, deployment: str | None = None) -> dg.Definitions:
-    specs = load_specs(pipelines)
-    defs: list = []
-    jobs = []
-    for spec in specs:
-        defs.extend(build_assets(spec))
-        jobs.append(dg.define_asset_job(
-            name=f"{spec.name}__data",
-            selection=dg.AssetSelection.groups("data") & dg.AssetSelection.key_prefixes([spec.name]),
-            description=f"Snapshot, validate and split {spec.name}'s data.",
-        ))
-        jobs.append(dg.define_asset_job(
-            name=f"{spec.name}__pipeline",
-            selection=dg.AssetSelection.key_prefixes([spec.name]),
-            description=f"{spec.name} end to end: data, training, evaluation, gates and promotion.",
-        ))
-        jobs.append(build_rollback_job(spec))
-    checks = [d for d in defs if isinstance(d, dg.AssetChecksDefinition)]
-    assets = [d for d in defs if not isinstance(d, dg.AssetChecksDefinition)]
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources_for(deployment))
+def build_definitions(pipelines: Path | str | None = None, deployment: str | None = None,
+                      settings: Settings | None = None) -> dg.Definitions:
+    """The whole code location for the specs in `pipelines` (default: $INTELLIGENTOPS_PIPELINES)."""
+    settings = settings or Settings.from_env()
+    if pipelines is not None:
+        settings = replace(settings, pipelines=Path(pipelines))
+    if deployment is not None:
+        settings = replace(settings, deployment=deployment)
+    specs = load_specs(settings.pipelines)
+    return dg.Definitions.merge(*(spec_definitions(s) for s in specs),
+                                dg.Definitions(resources=resources_for(settings)))
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions()

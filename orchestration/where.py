@@ -12,7 +12,7 @@ import sys
 import dagster as dg
 
 from resources.mlflow import MlflowResource
-from resources.storage import intelligentops_home
+from resources.settings import intelligentops_home
 
 
 def _latest(instance: dg.DagsterInstance, spec: str, asset: str) -> dict:

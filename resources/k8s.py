@@ -26,6 +26,7 @@ import dagster as dg
 from pydantic import Field
 
 from resources.launchers import TrainingLauncher, TrainRequest
+from resources.settings import KubernetesSettings
 
 TRAINER_GROUP = "trainer.kubeflow.org"
 TRAINER_VERSION = "v1alpha1"
@@ -429,25 +430,23 @@ class TrainJobLauncher(_KubernetesLauncher):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def kubernetes_launchers() -> dict[str, TrainingLauncher]:
-    """The "kubernetes" deployment's launchers, configured from the environment of the Dagster run pod.
+def kubernetes_launchers(k8s: KubernetesSettings) -> dict[str, TrainingLauncher]:
+    """The "kubernetes" deployment's launchers, configured from `INTELLIGENTOPS_K8S_*` (resources/settings.py).
 
     `launcher` is the single-pod launcher; `trainjob_launcher` serves specs with training.launcher: trainjob.
     The image is a dg.EnvVar so the code location loads without it and a run fails naming the variable.
     """
-    env = os.environ.get
     common: dict[str, Any] = dict(
         image=dg.EnvVar("INTELLIGENTOPS_TRAIN_IMAGE"),
-        namespace=env("INTELLIGENTOPS_K8S_NAMESPACE", "intelligentops"),
-        gpus=int(env("INTELLIGENTOPS_K8S_GPUS", "1")),
-        service_account=env("INTELLIGENTOPS_K8S_TRAIN_SERVICE_ACCOUNT", "intelligentops-train"),
-        checkpoint_claim=env("INTELLIGENTOPS_K8S_CHECKPOINT_PVC") or None,
-        checkpoint_url=env("INTELLIGENTOPS_K8S_CHECKPOINT_URL") or None,
-        node_selector=dict(p.split("=", 1) for p in env("INTELLIGENTOPS_K8S_NODE_SELECTOR", "").split(",") if p),
+        namespace=k8s.namespace,
+        gpus=k8s.gpus,
+        service_account=k8s.service_account,
+        checkpoint_claim=k8s.checkpoint_claim,
+        checkpoint_url=k8s.checkpoint_url,
+        node_selector=dict(k8s.node_selector),
         tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
     )
-    secrets = [s for s in env("INTELLIGENTOPS_K8S_ENV_SECRETS", "").split(",") if s]
     return {
-        "launcher": K8sPodLauncher(**common, env_from_secrets=secrets),
-        "trainjob_launcher": TrainJobLauncher(**common, num_nodes=int(env("INTELLIGENTOPS_K8S_NUM_NODES", "2"))),
+        "launcher": K8sPodLauncher(**common, env_from_secrets=list(k8s.env_secrets)),
+        "trainjob_launcher": TrainJobLauncher(**common, num_nodes=k8s.num_nodes),
     }

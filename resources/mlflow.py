@@ -2,21 +2,35 @@
 
 Default: tracking and registry on SQLite at `<home>/mlflow/mlflow.db`, artifacts under `<home>/mlflow/artifacts`.
 Point `tracking_uri` at a server (`http://mlflow:5000`, or `dg.EnvVar("MLFLOW_TRACKING_URI")`) on a cluster.
+
+Safe to use from several threads at once (the inference server calls it from request threads): every call goes
+through an `MlflowClient` or a function that takes the URIs as arguments, never through mlflow's global
+tracking URI or per-call changes to the environment. Models are logged by saving them locally and uploading
+the folder to the run, and loaded by downloading one resolved version and loading it from disk.
 mlflow itself is imported inside the methods, so loading the code location stays light.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-CHALLENGER = "challenger"
+MODEL_ARTIFACT_PATH = "model"
+
+
+def refuse_pickle() -> None:
+    """A process that loads models through this resource never unpickles one.
+
+    MLflow reads this variable when it loads a model. It is set once and never put back, so no thread can see
+    it flip while another loads.
+    """
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -55,33 +69,6 @@ class MlflowResource(dg.ConfigurableResource):
 
         return MlflowClient(tracking_uri=self.resolved_tracking_uri(), registry_uri=self.resolved_registry_uri())
 
-    @contextlib.contextmanager
-    def activated(self) -> Iterator[Any]:
-        """Point mlflow's fluent API (log_model, register_model) at this store for the duration.
-
-        `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; putting back what `get_tracking_uri()`
-        returned would pin the process (and every subprocess) to a default `./mlflow.db`, so the exact
-        previous state, unset included, is restored.
-        """
-        import mlflow
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        saved_uris = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-        saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        mlflow.set_tracking_uri(self.resolved_tracking_uri())
-        mlflow.set_registry_uri(self.resolved_registry_uri())
-        try:
-            yield mlflow
-        finally:
-            mlflow.set_tracking_uri(saved_uris[0])
-            registry_utils._registry_uri = saved_uris[1]
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
     # --- experiments and runs ------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
         """The experiment's id, creating it (with our artifact location) on first use."""
@@ -104,32 +91,68 @@ class MlflowResource(dg.ConfigurableResource):
             return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         return f"mlflow ui --backend-store-uri {uri}  ->  /#/experiments/{experiment_id}/runs/{run_id}"
 
-    # --- registry ------------------------------------------------------------------------------------------
-    def register(self, model_uri: str, name: str, tags: Mapping[str, str] | None = None) -> str:
-        """Register `model_uri` as a new version of `name` (created if new); returns the version number."""
-        with self.activated() as mlflow:
-            mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    # --- models --------------------------------------------------------------------------------------------
+    def log_pyfunc(self, run_id: str, **save_model_kwargs: Any) -> str:
+        """Save a pyfunc locally (`mlflow.pyfunc.save_model` arguments) and upload it to the run.
+
+        Returns the artifact URI of the uploaded model folder, which `register` takes as the version's source.
+        """
+        import mlflow
+
+        with tempfile.TemporaryDirectory(prefix="intelligentops-model-") as tmp:
+            local = Path(tmp) / MODEL_ARTIFACT_PATH
+            mlflow.pyfunc.save_model(path=str(local), **save_model_kwargs)
+            client = self.client()
+            client.log_artifacts(run_id, str(local), MODEL_ARTIFACT_PATH)
+            return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+
+    def register(self, source: str, name: str, run_id: str | None = None,
+                 tags: Mapping[str, str] | None = None) -> str:
+        """Register `source` (a model folder's artifact URI) as a new version of `name`; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = client.create_model_version(name, source, run_id=run_id,
+                                         tags={k: str(v) for k, v in (tags or {}).items()})
         return str(mv.version)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client().set_registered_model_alias(name, alias, str(version))
 
-    def get_version(self, name: str, alias: str = CHALLENGER):
+    def get_version(self, name: str, alias: str):
         """The ModelVersion an alias points to (tags, run_id, source); MlflowException if unset."""
         return self.client().get_model_version_by_alias(name, alias)
 
-    def model_uri(self, name: str, alias: str = CHALLENGER, version: str | None = None) -> str:
-        return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
+    def alias_version(self, name: str, alias: str):
+        """The ModelVersion an alias points to, or None when the alias (or the model) does not exist."""
+        from mlflow.exceptions import MlflowException
 
-    def load_model(self, name: str, alias: str = CHALLENGER, version: str | None = None):
-        """The pyfunc the alias (or an explicit version) points to, loaded with pickle deserialization refused."""
-        previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
-        os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
         try:
-            with self.activated() as mlflow:
-                return mlflow.pyfunc.load_model(self.model_uri(name, alias, version))
-        finally:
-            if previous is None:
-                os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
-            else:
-                os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+            return self.get_version(name, alias)
+        except MlflowException:
+            return None
+
+    def download_version(self, name: str, version: str, dst: Path | str | None = None) -> Path:
+        """The files of one model version, on local disk."""
+        import mlflow
+
+        # Resolved through our client: mlflow's `models:/` resolution would consult the global registry URI.
+        source = self.client().get_model_version_download_uri(name, str(version))
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(dst) if dst else None, tracking_uri=self.resolved_tracking_uri()))
+
+    def load_model(self, name: str, alias: str | None = None, version: str | None = None):
+        """The pyfunc of an explicit version, or of the version an alias points to now; never unpickles."""
+        import mlflow
+
+        if (alias is None) == (version is None):
+            raise ValueError("load_model takes exactly one of alias= or version=")
+        if version is None:
+            version = str(self.get_version(name, alias).version)
+        refuse_pickle()
+        return mlflow.pyfunc.load_model(str(self.download_version(name, version)))

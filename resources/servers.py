@@ -31,8 +31,9 @@ import dagster as dg
 from pydantic import Field
 
 from resources.audit import default_audit_url
-from resources.storage import REPO_ROOT, atomic_write_json
+from resources.storage import atomic_write_json
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "server.json"
 STATE_FILE = "server.pid.json"
 LOG_FILE = "server.log"
@@ -350,11 +351,9 @@ class KServeLauncher(ServerLauncher):
                           f"{self.ready_timeout:.0f} s: {last}")
 
 
-def kubernetes_server_launcher() -> KServeLauncher:
-    """The "kubernetes" deployment's server launcher, from the environment (deploy/README.md).
+def kubernetes_server_launcher(settings: Any) -> KServeLauncher:
+    """The "kubernetes" deployment's server launcher, in the training launchers' namespace (KubernetesSettings).
 
     The image is a dg.EnvVar, as for training, so the code location loads without it and a run names the variable.
     """
-    return KServeLauncher(image=dg.EnvVar("INTELLIGENTOPS_SERVE_IMAGE"),
-                          namespace=os.environ.get("INTELLIGENTOPS_K8S_NAMESPACE", "intelligentops"),
-                          service_account=os.environ.get("INTELLIGENTOPS_K8S_SERVE_SERVICE_ACCOUNT") or None)
+    return KServeLauncher(image=dg.EnvVar("INTELLIGENTOPS_SERVE_IMAGE"), namespace=settings.namespace)

@@ -18,17 +18,9 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel
 from upath import UPath
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def intelligentops_home() -> str:
-    """`$INTELLIGENTOPS_HOME`, else `.intelligentops/` at the repository root."""
-    env = os.environ.get("INTELLIGENTOPS_HOME")
-    if env:
-        return env if "://" in env else str(Path(env).expanduser().resolve())
-    return str(REPO_ROOT / ".intelligentops")
 
 
 def _is_local(path: UPath) -> bool:
@@ -146,6 +138,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         if isinstance(obj, pd.DataFrame):
             path = self._path(key, ".parquet")
             atomic_write_bytes(path, frame_to_parquet_bytes(obj))
+        elif isinstance(obj, BaseModel):  # typed evidence: JSON only here, at the boundary
+            path = self._path(key, ".json")
+            atomic_write_bytes(path, obj.model_dump_json(indent=2).encode())
         else:
             path = self._path(key, ".json")
             atomic_write_json(path, obj)
@@ -158,6 +153,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             with parquet.open("rb") as fh:
                 return pd.read_parquet(fh)
         if js.exists():
+            expected = getattr(context.dagster_type, "typing_type", None)
+            if isinstance(expected, type) and issubclass(expected, BaseModel):
+                return expected.model_validate_json(js.read_text())
             return json.loads(js.read_text())
         raise FileNotFoundError(
             f"{key.to_user_string()} has not been materialized under {self.base_path}; "

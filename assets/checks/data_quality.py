@@ -1,7 +1,7 @@
 """Great Expectations suites generated from a spec, run against a raw snapshot.
 
 The suite is built from what the spec says (columns, their kinds, declared rules) and from the profile of
-the last validated snapshot (learned ranges and category sets). Each expectation carries the name of the
+the last validated snapshot (learned ranges, category sets and null rates). Each expectation carries the name of the
 blocking asset check it belongs to, so one GX validation feeds every data check at once.
 """
 
@@ -19,7 +19,8 @@ from assets.spec import PipelineSpec
 DATA_CHECKS: dict[str, str] = {
     "columns_present": "Every column the spec reads exists in the snapshot.",
     "column_types": "Numeric features hold numbers; text and categorical features hold text or numbers.",
-    "null_rates": "No column has more nulls than allowed; ids never null.",
+    "null_rates": "No column has more nulls than the spec allows or, where it says nothing, than the last validated "
+                  "snapshot had plus a tolerance; ids never null.",
     "value_ranges": "Numeric values inside declared or learned ranges; categories inside the allowed set.",
     "unique_ids": "The id column has no duplicate values.",
     "row_count": "The snapshot has a plausible number of rows and both target classes.",
@@ -51,6 +52,18 @@ class _Planned:
     check: str
     expectation: Any
     column: str | None
+    learned_null_rate: float | None = None
+
+
+def null_tolerance(learned: float) -> float:
+    """How far a column's null rate may rise above the last validated snapshot's before the snapshot is refused.
+
+    Two points at least: a complete column may lose a few values (2 rows in 100) without alarm, but not the
+    14% that an upstream join dropping a field gives. Half the learned rate for partly empty columns: binomial
+    noise at a 10% rate over 1,000 rows is about one point, so 5 points is far outside noise, yet a column
+    whose null rate doubles is refused.
+    """
+    return max(0.02, 0.5 * learned)
 
 
 @dataclass(frozen=True)
@@ -60,9 +73,15 @@ class Profile:
     numeric: dict[str, tuple[float, float]] = field(default_factory=dict)
     categories: dict[str, list[str]] = field(default_factory=dict)
     row_count: int = 0
+    null_rates: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
-    def of(df: pd.DataFrame, spec: PipelineSpec) -> Profile:
+    def of(df: pd.DataFrame, spec: PipelineSpec, raw: pd.DataFrame) -> Profile:
+        """Ranges and categories of the cleaned rows `df`; null rates of the raw snapshot `raw` they came from.
+
+        Null rates come from the raw snapshot because that is what the null_rates check measures: cleaning
+        turns missing text into "" and sets aside rows with a null target, so the cleaned rows understate them.
+        """
         numeric: dict[str, tuple[float, float]] = {}
         for col in spec.features.numeric:
             s = pd.to_numeric(df[col], errors="coerce").replace([math.inf, -math.inf], float("nan")).dropna()
@@ -71,11 +90,13 @@ class Profile:
         categories = {
             col: sorted({str(v) for v in df[col].dropna().unique()})[:500] for col in spec.features.categorical
         }
-        return Profile(numeric=numeric, categories=categories, row_count=len(df))
+        null_rates = {col: round(float(raw[col].isna().mean()), 6) for col in spec.columns
+                      if col in raw.columns and len(raw)}
+        return Profile(numeric=numeric, categories=categories, row_count=len(df), null_rates=null_rates)
 
     def to_json(self) -> dict[str, Any]:
         return {"numeric": {k: list(v) for k, v in self.numeric.items()}, "categories": self.categories,
-                "row_count": self.row_count}
+                "row_count": self.row_count, "null_rates": self.null_rates}
 
     @staticmethod
     def from_json(obj: dict[str, Any] | None) -> Profile | None:
@@ -83,7 +104,8 @@ class Profile:
             return None
         return Profile(numeric={k: (float(v[0]), float(v[1])) for k, v in obj.get("numeric", {}).items()},
                        categories={k: list(v) for k, v in obj.get("categories", {}).items()},
-                       row_count=int(obj.get("row_count", 0)))
+                       row_count=int(obj.get("row_count", 0)),
+                       null_rates={k: float(v) for k, v in obj.get("null_rates", {}).items()})
 
 
 def _plan(df: pd.DataFrame, spec: PipelineSpec, profile: Profile | None) -> tuple[list[_Planned], list[str]]:
@@ -95,8 +117,8 @@ def _plan(df: pd.DataFrame, spec: PipelineSpec, profile: Profile | None) -> tupl
     plan: list[_Planned] = []
     notes: list[str] = []
 
-    def add(check: str, column: str | None, exp: Any) -> None:
-        plan.append(_Planned(check, exp, column))
+    def add(check: str, column: str | None, exp: Any, learned_null_rate: float | None = None) -> None:
+        plan.append(_Planned(check, exp, column, learned_null_rate))
 
     for col in spec.columns:
         add("columns_present", col, E.ExpectColumnToExist(column=col))
@@ -112,15 +134,21 @@ def _plan(df: pd.DataFrame, spec: PipelineSpec, profile: Profile | None) -> tupl
         if col not in present:
             continue
         rule = v.columns.get(col)
+        learned = None
         if col == spec.id_column:
             allowed = 0.0
         elif rule is not None and rule.max_null_fraction is not None:
             allowed = rule.max_null_fraction
-        else:
+        elif "max_null_fraction" in v.model_fields_set:  # written in the spec, not the default: it wins
+            allowed = v.max_null_fraction
+        elif profile is not None and col in profile.null_rates:
+            learned = profile.null_rates[col]
+            allowed = min(1.0, learned + null_tolerance(learned))
+        else:  # no validated snapshot yet (or a column new to the spec): the default bound
             allowed = v.max_null_fraction
         mostly = round(1.0 - allowed, 6)
         if mostly > 0:
-            add("null_rates", col, E.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
+            add("null_rates", col, E.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly), learned)
 
     outlier_mostly = round(1.0 - v.max_out_of_range_fraction, 6)
     numeric_ok = {c for c in spec.features.numeric if c in present and pd.api.types.is_numeric_dtype(df[c])}
@@ -174,7 +202,8 @@ def _short(values: list[Any], n: int = 5) -> str:
     return f"[{shown}{', ...' if len(values) > n else ''}]"
 
 
-def _describe_failure(exp_type: str, column: str | None, kwargs: dict[str, Any], result: dict[str, Any]) -> str:
+def _describe_failure(exp_type: str, column: str | None, kwargs: dict[str, Any], result: dict[str, Any],
+                      learned_null_rate: float | None = None) -> str:
     where = f"column '{column}'" if column else "table"
     pct = result.get("unexpected_percent")
     sample = result.get("partial_unexpected_list") or []
@@ -184,6 +213,10 @@ def _describe_failure(exp_type: str, column: str | None, kwargs: dict[str, Any],
         detail = "is missing from the source"
     elif exp_type == "expect_column_values_to_be_in_type_list":
         detail = f"has values of the wrong type, e.g. {_short(sample, 3)}; expected numbers"
+    elif exp_type == "expect_column_values_to_not_be_null" and learned_null_rate is not None:
+        detail = (f"is {pct:.1f}% null, up from {100 * learned_null_rate:.1f}% in the last validated snapshot (at "
+                  f"most {100 * (1 - mostly):.1f}% allowed: that rate plus max(2 points, half of it)); if the "
+                  f"change is expected, set validation.columns.{column}.max_null_fraction in the spec")
     elif exp_type == "expect_column_values_to_not_be_null":
         detail = f"is {pct:.1f}% null{allowed}"
     elif exp_type == "expect_column_values_to_be_between":
@@ -219,7 +252,8 @@ def validate_frame(df: pd.DataFrame, spec: PipelineSpec, profile: Profile | None
     )
     suite = gx.ExpectationSuite(name=f"{spec.name}_raw")
     for i, p in enumerate(plan):
-        p.expectation.meta = {"check": p.check, "column": p.column, "order": i}
+        p.expectation.meta = {"check": p.check, "column": p.column, "order": i,
+                              "learned_null_rate": p.learned_null_rate}
         suite.add_expectation(p.expectation)
     result = batch.validate(suite)
 
@@ -235,7 +269,8 @@ def validate_frame(df: pd.DataFrame, spec: PipelineSpec, profile: Profile | None
                 failures[check].append(f"column '{cfg.meta.get('column')}' could not be evaluated "
                                        f"[{cfg.type}]: {exc.get('exception_message')}")
             else:
-                failures[check].append(_describe_failure(cfg.type, cfg.meta.get("column"), cfg.kwargs, r.result))
+                failures[check].append(_describe_failure(cfg.type, cfg.meta.get("column"), cfg.kwargs, r.result,
+                                                         cfg.meta.get("learned_null_rate")))
 
     # Both classes must be present for a binary target; GX has no one-line expectation for that.
     if spec.target.column in df.columns:

@@ -7,7 +7,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.data import ROW_ID
+from assets.naming import ROW_ID
 
 NORM_TOLERANCE = 1e-3
 

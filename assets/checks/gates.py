@@ -7,8 +7,8 @@ compliance report and the promotion decision, so the three can never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from assets.evidence import Evaluation
 from assets.spec import PipelineSpec
 
 GATES: dict[str, str] = {
@@ -36,15 +36,15 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def fairness_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
+def fairness_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
     c = spec.compliance
     broken: list[str] = []
     notes: list[str] = []
-    for feature, s in ev["slices"].items():
-        dpd, eod = s["demographic_parity_difference"], s["equalized_odds_difference"]
-        rates = {g: r["selection_rate"] for g, r in s["groups"].items() if r["measured"]}
-        if s["too_small"]:
-            notes.append(f"{feature}: groups {s['too_small']} too small to measure (< {c.min_group_size} rows "
+    for feature, s in ev.slices.items():
+        dpd, eod = s.demographic_parity_difference, s.equalized_odds_difference
+        rates = {g: r.selection_rate for g, r in s.groups.items() if r.measured and r.selection_rate is not None}
+        if s.too_small:
+            notes.append(f"{feature}: groups {s.too_small} too small to measure (< {c.min_group_size} rows "
                          "or one class only)")
         if dpd is None:
             notes.append(f"{feature}: fewer than two measurable groups; parity not measurable")
@@ -62,64 +62,63 @@ def fairness_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
     return GateOutcome("fairness", True, "; ".join(notes) or "no sensitive features declared", tuple(notes))
 
 
-def performance_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
+def performance_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
     c = spec.compliance
-    auc = ev["test"]["auc"]
+    auc = ev.test.auc
     broken, notes = [], [f"test AUC {auc:.3f} (floor {c.min_auc})"]
     if not auc >= c.min_auc:
         broken.append(f"test AUC {auc:.3f} is below the floor {c.min_auc}")
-    champ = ev.get("champion")
+    champ = ev.champion
     if champ:
-        gap = champ["test"]["auc"] - auc
-        notes.append(f"champion v{champ['version']} AUC {champ['test']['auc']:.3f} on the same {champ['test']['rows']}"
-                     " rows")
+        gap = champ.test.auc - auc
+        notes.append(f"champion v{champ.version} AUC {champ.test.auc:.3f} on the same {champ.test.rows} rows")
         if gap > c.max_auc_regression:
-            broken.append(f"test AUC {auc:.3f} is {gap:.3f} below champion v{champ['version']}'s "
-                          f"{champ['test']['auc']:.3f} on the same rows (tolerance {c.max_auc_regression})")
+            broken.append(f"test AUC {auc:.3f} is {gap:.3f} below champion v{champ.version}'s "
+                          f"{champ.test.auc:.3f} on the same rows (tolerance {c.max_auc_regression})")
     return GateOutcome("performance", not broken, "; ".join(broken or notes), tuple(notes))
 
 
-def explainability_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
-    importance = ev.get("importance") or {}
-    exp = ev.get("explanations") or {}
+def explainability_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
+    importance = ev.importance
+    rows = ev.explanations.rows if ev.explanations else 0
+    with_factors = ev.explanations.with_factors if ev.explanations else 0
     broken = []
     missing = [f for f in spec.features.all if f not in importance]
     if missing:
         broken.append(f"no global importance for features {missing}")
-    if exp.get("rows", 0) == 0 or exp.get("with_factors", 0) < exp.get("rows", 0):
-        broken.append(f"{exp.get('rows', 0) - exp.get('with_factors', 0)} of {exp.get('rows', 0)} test decisions "
-                      "have no per-decision explanation")
+    if rows == 0 or with_factors < rows:
+        broken.append(f"{rows - with_factors} of {rows} test decisions have no per-decision explanation")
     top = ", ".join(k for k, _ in sorted(importance.items(), key=lambda kv: -kv[1])[:3])
     return GateOutcome("explainability", not broken,
-                       "; ".join(broken) or f"top features {top}; {exp.get('rows', 0)} decisions explained")
+                       "; ".join(broken) or f"top features {top}; {rows} decisions explained")
 
 
-def robustness_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
+def robustness_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
     c = spec.compliance
-    r = ev.get("robustness") or {}
+    r = ev.robustness
     broken, notes = [], []
-    if "numeric_noise" in r:
-        shift = r["numeric_noise"]["mean_abs_shift"]
-        notes.append(f"numeric noise: mean score shift {shift:.4f}")
-        if shift > c.max_prediction_shift:
-            broken.append(f"mean score shift {shift:.4f} under {r['numeric_noise']['relative_noise']:.0%} numeric "
+    if r is None or r.empty:
+        return GateOutcome("robustness", False, "no robustness evidence recorded")
+    if r.numeric_noise is not None:
+        n = r.numeric_noise
+        notes.append(f"numeric noise: mean score shift {n.mean_abs_shift:.4f}")
+        if n.mean_abs_shift > c.max_prediction_shift:
+            broken.append(f"mean score shift {n.mean_abs_shift:.4f} under {n.relative_noise:.0%} numeric "
                           f"noise > {c.max_prediction_shift}")
-    if "missing_text" in r:
-        t = r["missing_text"]
-        notes.append(f"missing text: mean score shift {t['mean_abs_shift']:.4f}")
-        if not t["all_finite"]:
+    if r.missing_text is not None:
+        t = r.missing_text
+        notes.append(f"missing text: mean score shift {t.mean_abs_shift:.4f}")
+        if not t.all_finite:
             broken.append("a missing text field gives non-finite scores")
-        if t["mean_abs_shift"] > c.max_missing_text_shift:
-            broken.append(f"mean score shift {t['mean_abs_shift']:.4f} with text missing > {c.max_missing_text_shift}")
-    if not r:
-        broken.append("no robustness evidence recorded")
+        if t.mean_abs_shift > c.max_missing_text_shift:
+            broken.append(f"mean score shift {t.mean_abs_shift:.4f} with text missing > {c.max_missing_text_shift}")
     return GateOutcome("robustness", not broken, "; ".join(broken or notes))
 
 
-def governance_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
-    g = ev.get("governance") or {}
-    broken = [f"lineage: {p}" for p in g.get("problems", [])]
-    sensitive_inputs = sorted(set(spec.sensitive_columns) & set(g.get("model_inputs", [])))
+def governance_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
+    g = ev.governance
+    broken = [f"lineage: {p}" for p in g.problems]
+    sensitive_inputs = sorted(set(spec.sensitive_columns) & set(g.model_inputs))
     if sensitive_inputs and not spec.compliance.allow_sensitive_inputs:
         broken.append(f"sensitive columns {sensitive_inputs} are model inputs and compliance.allow_sensitive_inputs "
                       "is false")
@@ -127,28 +126,29 @@ def governance_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
                        "; ".join(broken) or "lineage tags resolve to the current validated data and splits")
 
 
-def integrity_gate(ev: dict[str, Any], spec: PipelineSpec) -> GateOutcome:
-    i = ev.get("integrity") or {}
-    broken = list(i.get("problems", []))
-    if not i.get("loads_without_pickle"):
-        broken.append(f"the model did not load with pickle deserialization disabled: {i.get('load_error')}")
+def integrity_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
+    i = ev.integrity
+    broken = list(i.problems)
+    if not i.loads_without_pickle:
+        broken.append(f"the model did not load with pickle deserialization disabled: {i.load_error}")
     return GateOutcome("integrity", not broken,
-                       "; ".join(broken) or f"{i.get('files_verified', 0)} files match the sha256 manifest")
+                       "; ".join(broken) or f"{i.files_verified} files match the sha256 manifest")
 
 
 MODEL_GATES = (fairness_gate, performance_gate, explainability_gate, robustness_gate, governance_gate,
                integrity_gate)
+# Gates that read what the model did on data; a model that did not load has nothing for them to read.
+MEASURED_GATES = (fairness_gate, performance_gate, explainability_gate, robustness_gate)
 
 
-def evaluate_gates(ev: dict[str, Any], spec: PipelineSpec) -> list[GateOutcome]:
+def evaluate_gates(ev: Evaluation, spec: PipelineSpec) -> list[GateOutcome]:
     """Every gate but documentation, which needs the written report.
 
     A model that did not load has no measurements: every gate that needs them fails and says why.
     """
-    if ev.get("test") is None:
-        reason = (ev.get("integrity") or {}).get("load_error") or "no test metrics recorded"
+    if not ev.loaded:
+        reason = ev.integrity.load_error or "no test metrics recorded"
         skipped = [GateOutcome(g.__name__.removesuffix("_gate"), False,
-                               f"not evaluated: the model did not load ({reason})")
-                   for g in MODEL_GATES if g not in (governance_gate, integrity_gate)]
+                               f"not evaluated: the model did not load ({reason})") for g in MEASURED_GATES]
         return [*skipped, governance_gate(ev, spec), integrity_gate(ev, spec)]
     return [gate(ev, spec) for gate in MODEL_GATES]

@@ -1,0 +1,140 @@
+"""Typed evidence passed between stages: what model_evaluation measured, what compliance_report decided.
+
+The gates, the report and the promotion read these by attribute, so a renamed or missing field is an error
+where it happens, not a gate failing later with a misleading message. They become JSON only at the IO
+boundary (the IO manager writes `model_dump(mode="json")` and reads back with `model_validate`), and unknown
+fields are refused there too.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Evidence(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class SplitMetrics(Evidence):
+    """Scores of one model on one set of rows, at the operating threshold chosen on the validation split."""
+
+    auc: float
+    accuracy: float
+    precision: float
+    recall: float
+    selection_rate: float
+    calibration_error: float
+    threshold: float
+    rows: int
+    positive_rate: float
+
+
+class GroupRates(Evidence):
+    rows: int
+    positives: int
+    selection_rate: float | None
+    tpr: float | None
+    fpr: float | None
+    measured: bool
+
+
+class SliceMetrics(Evidence):
+    """Per-group rates of one sensitive feature and the gaps over the groups large enough to measure."""
+
+    groups: dict[str, GroupRates]
+    too_small: list[str]
+    demographic_parity_difference: float | None
+    equalized_odds_difference: float | None
+    measured_groups: int
+
+
+class ChampionComparison(Evidence):
+    version: str
+    test: SplitMetrics
+
+
+class Integrity(Evidence):
+    problems: list[str]
+    files_verified: int
+    loads_without_pickle: bool = False
+    load_error: str | None = None
+
+
+class Governance(Evidence):
+    problems: list[str]
+    model_inputs: list[str]
+    current: dict[str, str]
+
+
+class ExplainedDecision(Evidence):
+    row_id: str
+    probability: float
+    top_factors: list[dict]
+
+
+class Explanations(Evidence):
+    rows: int
+    with_factors: int
+    example: ExplainedDecision | None = None
+
+
+class NumericNoise(Evidence):
+    relative_noise: float
+    mean_abs_shift: float
+    p99_abs_shift: float
+    decision_flip_rate: float
+
+
+class MissingText(Evidence):
+    mean_abs_shift: float
+    p99_abs_shift: float
+    decision_flip_rate: float
+    all_finite: bool
+
+
+class Robustness(Evidence):
+    numeric_noise: NumericNoise | None = None
+    missing_text: MissingText | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.numeric_noise is None and self.missing_text is None
+
+
+class Evaluation(Evidence):
+    """Everything the gates need about one challenger version. `test` is None when the model did not load."""
+
+    model_name: str
+    model_version: str
+    run_id: str | None
+    evaluated_at: str
+    source: str
+    lineage: dict[str, str]
+    integrity: Integrity
+    governance: Governance
+    test: SplitMetrics | None = None
+    slices: dict[str, SliceMetrics] = {}
+    champion: ChampionComparison | None = None
+    importance: dict[str, float] = {}
+    explanations: Explanations | None = None
+    robustness: Robustness | None = None
+    plots: dict[str, str] = {}
+    seconds: float = 0.0
+
+    @property
+    def loaded(self) -> bool:
+        return self.test is not None
+
+
+class GateVerdict(Evidence):
+    passed: bool
+    summary: str
+
+
+class ComplianceReport(Evidence):
+    """Where the report for one version was written, and the verdict of each gate computed before it."""
+
+    model_version: str
+    markdown: str
+    html: str
+    gates: dict[str, GateVerdict]

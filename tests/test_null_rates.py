@@ -1,0 +1,115 @@
+"""Null rates are learned from the last validated snapshot: a column that empties out is refused, naming it."""
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from support import failure_text, materialize, write_spec
+
+from assets.checks.data_quality import Profile, null_tolerance, validate_frame
+from assets.spec import PipelineSpec
+from orchestration.definitions import build_definitions
+
+
+def loans(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    debt = rng.uniform(0, 40, n).round(1)
+    return pd.DataFrame({
+        "loan_id": [f"L{i:05d}" for i in range(n)],
+        "income": rng.lognormal(10.5, 0.5, n).round(0),
+        "debt_ratio": debt,
+        "purpose": rng.choice(["car", "home", "education"], n),
+        "region": rng.choice(["north", "south"], n),
+        "outcome": np.where((debt / 40 + rng.normal(0, 0.3, n)) > 0.7, "default", "repaid"),
+    })
+
+
+def spec(**validation) -> dict:
+    return {
+        "name": "loans",
+        "source": {"kind": "file", "path": "loans.csv"},
+        "id_column": "loan_id",
+        "target": {"column": "outcome", "positive": ["default"]},
+        "features": {"numeric": ["income", "debt_ratio"], "categorical": ["purpose"]},
+        "sensitive": ["region"],
+        "validation": {"min_rows": 50, **validation},
+    }
+
+
+def emptied(df: pd.DataFrame, column: str, fraction: float) -> pd.DataFrame:
+    out = df.copy()
+    out.loc[out.index[: round(fraction * len(out))], column] = None
+    return out
+
+
+def test_a_complete_column_arriving_14_percent_empty_is_refused_and_last_good_kept(home: Path, pipelines: Path,
+                                                                                    instance):
+    df = loans()
+    df.to_csv(pipelines / "loans.csv", index=False)
+    write_spec(pipelines, spec())
+    defs = build_definitions(pipelines)
+    first = materialize(defs, instance, 'key:"loans/*" and group:data')
+    assert first.success, failure_text(first)
+    validated_path = home / "assets" / "loans" / "validated_dataset.parquet"
+    good_bytes = validated_path.read_bytes()
+    key = dg.AssetKey(["loans", "validated_dataset"])
+    good_events = len(instance.fetch_materializations(key, limit=100).records)
+
+    # 14% empty passed the old fixed 25% bound; purpose was complete in the last validated snapshot.
+    emptied(df, "purpose", 0.14).to_csv(pipelines / "loans.csv", index=False)
+    second = materialize(defs, instance, 'key:"loans/*" and group:data')
+    assert not second.success
+    evaluations = {c.check_name: c for c in second.get_asset_check_evaluations()}
+    assert not evaluations["null_rates"].passed
+    text = evaluations["null_rates"].description
+    for words in ("column 'purpose'", "14.0% null", "up from 0.0% in the last validated snapshot",
+                  "at most 2.0% allowed", "validation.columns.purpose.max_null_fraction",
+                  "[expect_column_values_to_not_be_null]"):
+        assert words in text, f"{words!r} not in {text!r}"
+    # Only the emptied column is named: the others keep their learned (zero) rate.
+    assert "income" not in text and "region" not in text
+    assert validated_path.read_bytes() == good_bytes
+    assert len(instance.fetch_materializations(key, limit=100).records) == good_events
+
+
+def _profile_of(df: pd.DataFrame, s: PipelineSpec) -> Profile:
+    return Profile.of(df, s, df)
+
+
+@pytest.mark.parametrize("override, passes", [
+    ({}, False),                                                 # learned 0% -> at most 2%
+    ({"max_null_fraction": 0.25}, True),                         # written in the spec: wins over the learned rate
+    ({"columns": {"purpose": {"max_null_fraction": 0.2}}}, True),  # a column's own bound wins too
+    ({"columns": {"purpose": {"max_null_fraction": 0.1}}}, False),
+])
+def test_spec_overrides_win_over_learned_rates(override: dict, passes: bool):
+    s = PipelineSpec.model_validate(spec(**override))
+    profile = _profile_of(loans(), s)
+    assert profile.null_rates["purpose"] == 0.0
+    outcome = {o.name: o for o in validate_frame(emptied(loans(), "purpose", 0.14), s, profile)}["null_rates"]
+    assert outcome.passed is passes, outcome.description
+
+
+def test_a_partly_empty_column_may_drift_within_tolerance_but_not_double():
+    s = PipelineSpec.model_validate(spec())
+    profile = _profile_of(emptied(loans(), "income", 0.10), s)
+    assert profile.null_rates["income"] == pytest.approx(0.10)
+    assert null_tolerance(0.10) == pytest.approx(0.05) and null_tolerance(0.0) == 0.02
+    outcomes = {f: {o.name: o for o in validate_frame(emptied(loans(), "income", f), s, profile)}["null_rates"]
+                for f in (0.13, 0.20)}
+    assert outcomes[0.13].passed, outcomes[0.13].description
+    assert not outcomes[0.20].passed
+    assert "column 'income' is 20.0% null, up from 10.0%" in outcomes[0.20].description
+    assert "at most 15.0% allowed" in outcomes[0.20].description
+
+
+def test_first_snapshot_and_profiles_without_null_rates_use_the_spec_default():
+    s = PipelineSpec.model_validate(spec())
+    bad = emptied(loans(), "purpose", 0.14)
+    for profile in (None, Profile.from_json({"numeric": {}, "categories": {}, "row_count": 300})):
+        outcome = {o.name: o for o in validate_frame(bad, s, profile)}["null_rates"]
+        assert outcome.passed, outcome.description  # 14% is inside the default 25%
+    worse = {o.name: o for o in validate_frame(emptied(loans(), "purpose", 0.4), s, None)}["null_rates"]
+    assert not worse.passed and "40.0% null (at most 25.0% allowed)" in worse.description

@@ -1,0 +1,332 @@
+"""workloads/replay.py: the shift functions on small frames, and the HTTP client against real loopback servers.
+
+Inference goes to a real `kserve.ModelServer` (a subprocess on a free loopback port) serving a trivial
+`kserve.Model` that decodes the request with KServe's own pandas codec, checks the bearer key and answers one
+decision id per row, so the wire format is checked by the library the real server uses. The outcomes endpoint
+is the server's own addition (not part of KServe), so it is tested against a stdlib `http.server` handler that
+checks the request's shape and key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("replay", REPO / "workloads" / "replay.py")
+replay = importlib.util.module_from_spec(_spec)
+sys.modules["replay"] = replay
+_spec.loader.exec_module(replay)
+
+KEY = "test-key-123"
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    return pd.DataFrame({
+        "job": ["Registered Nurse", "clerk", "clerk", "teacher", None, "clerk", "nurse aide", "driver", "clerk", "clerk"],
+        "income": [50_000.0, 40_000, np.nan, 61_000, 30_000, 45_000, 52_000, 38_000, 41_000, 39_000],
+        "purpose": ["car", "credit_card", "credit_card", "car", "medical", "car", "credit_card", "car", "car", "car"],
+        "month": ["Jan-2018", "Jan-2018", "Feb-2018", "Feb-2018", "Mar-2018", "Mar-2018", "Jan-2018", "Mar-2018",
+                  "Feb-2018", "Jan-2018"],
+        "grade": list("ABCDEFGABC"),
+        "rid": range(100, 110),
+    })
+
+
+# --- shifts -------------------------------------------------------------------------------------------------
+
+
+def test_reweight_makes_a_value_as_common_as_its_weight_says(frame: pd.DataFrame) -> None:
+    out = replay.reweight(frame, "job", {"nurse": 4.0}, seed=1, rows=20_000, match="contains")
+    # two nurse rows of ten, weight 4 each: 8 / (8 + 8) = half the draws
+    share = out["job"].str.contains("urse", na=False).mean()
+    assert 0.47 < share < 0.53
+    exact = replay.reweight(frame, "job", {"clerk": 0.0}, seed=1, rows=500)
+    assert "clerk" not in set(exact["job"]) and len(exact) == 500
+    assert replay.reweight(frame, "job", {"clerk": 2}, seed=5).equals(replay.reweight(frame, "job", {"clerk": 2}, seed=5))
+    with pytest.raises(replay.ReplayError, match=r"no row has the value 'pilot' \(exact match\)"):
+        replay.reweight(frame, "job", {"pilot": 3})
+    with pytest.raises(replay.ReplayError, match=r"reweight: no column 'title'"):
+        replay.reweight(frame, "title", {"x": 1})
+
+
+def test_scale_multiplies_a_numeric_column_only(frame: pd.DataFrame) -> None:
+    out = replay.scale(frame, "income", 1.1)
+    assert out["income"].iloc[0] == pytest.approx(55_000) and np.isnan(out["income"].iloc[2])
+    assert frame["income"].iloc[0] == 50_000  # the input is left alone
+    with pytest.raises(replay.ReplayError, match=r"scale: column 'purpose' is not numeric"):
+        replay.scale(frame, "purpose", 2)
+
+
+def test_replace_category_all_or_a_fraction(frame: pd.DataFrame) -> None:
+    out = replay.replace_category(frame, "purpose", "car", "medical")
+    assert (out["purpose"] == "car").sum() == 0 and (out["purpose"] == "medical").sum() == 7
+    half = replay.replace_category(frame, "purpose", "car", "medical", fraction=0.5, seed=2)
+    assert (half["purpose"] == "car").sum() == 3 and (half["purpose"] == "medical").sum() == 4  # 3 of 6 cars
+    with pytest.raises(replay.ReplayError, match=r"replace purpose: no row has the value 'boat'"):
+        replay.replace_category(frame, "purpose", "boat", "car")
+
+
+def test_after_time_keeps_a_later_slice_in_time_order(frame: pd.DataFrame) -> None:
+    out = replay.after_time(frame, "month", "Jan-2018", fmt="%b-%Y")
+    assert list(out["month"]) == ["Feb-2018"] * 3 + ["Mar-2018"] * 3
+    assert list(replay.after_time(frame, "month", "Feb-2018", fmt="%b-%Y")["rid"]) == [104, 105, 107]
+    with pytest.raises(replay.ReplayError, match=r"no row of 'month' is after 'Mar-2018'"):
+        replay.after_time(frame, "month", "Mar-2018", fmt="%b-%Y")
+    with pytest.raises(replay.ReplayError, match=r"column 'month' holds no parseable dates with format '%Y-%m'"):
+        replay.after_time(frame, "month", "2018-01", fmt="%Y-%m")
+
+
+def test_command_line_shifts_are_parsed_and_applied_in_order(frame: pd.DataFrame) -> None:
+    args = replay.build_parser().parse_args([
+        "send", "--url", "http://x", "--model", "m", "--decisions", "d.jsonl", "--scale", "income=2",
+        "--reweight", "job:clerk=0,driver=1", "--replace", "purpose:car=boat", "--after", "month=Jan-2018",
+        "--time-format", "%b-%Y"])
+    shift = replay.parse_shift(args)
+    assert shift.scales == (("income", 2.0),) and shift.reweights == (("job", {"clerk": 0.0, "driver": 1.0}),)
+    assert shift.replaces == (("purpose", "car", "boat"),) and shift.after == ("month", "Jan-2018")
+    out = replay.apply_shifts(frame, shift)
+    assert set(out["month"]) <= {"Feb-2018", "Mar-2018"} and "clerk" not in set(out["job"])
+    assert "car" not in set(out["purpose"]) and out["income"].min() >= 2 * 30_000
+    bad = replay.build_parser().parse_args(["send", "--url", "u", "--model", "m", "--decisions", "d",
+                                            "--scale", "income=lots"])
+    with pytest.raises(replay.ReplayError, match=r"--scale 'income=lots': 'lots' is not a number"):
+        replay.parse_shift(bad)
+
+
+def test_v2_request_is_the_pandas_codec(frame: pd.DataFrame) -> None:
+    body = replay.v2_request(frame.iloc[:3], ["income"], ["job", "purpose"], "req-1")
+    json.dumps(body, allow_nan=False)  # strict JSON: a missing number travels as null, never NaN
+    assert body["parameters"] == {"content_type": "pd"} and body["id"] == "req-1"
+    tensors = {t["name"]: t for t in body["inputs"]}
+    assert tensors["income"] == {"name": "income", "shape": [3], "datatype": "FP64", "data": [50_000.0, 40_000.0, None]}
+    assert tensors["job"]["datatype"] == "BYTES" and tensors["job"]["data"] == ["Registered Nurse", "clerk", "clerk"]
+
+
+# --- HTTP: a real KServe server -----------------------------------------------------------------------------
+
+_KSERVE_SERVER = r'''
+import json, os, sys, uuid
+import kserve
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.errors import InvalidInput
+
+LOG, KEY = os.environ["REPLAY_TEST_LOG"], os.environ["REPLAY_TEST_KEY"]
+
+
+class Trivial(Model):
+    def __init__(self):
+        super().__init__("credit_risk")
+        self.ready = True
+
+    def predict(self, payload, headers=None, response_headers=None):
+        auth = {k.lower(): v for k, v in (headers or {}).items()}.get("authorization")
+        if auth != f"Bearer {KEY}":
+            raise InvalidInput(f"authorization header {auth!r} is not the bearer key")
+        if isinstance(payload, InferRequest):
+            frame = payload.as_dataframe()  # KServe's own pandas decoding of the request
+            record = {"protocol": "v2", "columns": list(frame.columns),
+                      "datatypes": {i.name: i.datatype for i in payload.inputs},
+                      "dtypes": {c: str(t) for c, t in frame.dtypes.items()},
+                      "rows": json.loads(frame.to_json(orient="records"))}
+        else:
+            record = {"protocol": "v1", "rows": payload["instances"]}
+        n = len(record["rows"])
+        ids = [uuid.uuid4().hex for _ in range(n)]
+        with open(LOG, "a") as fh:
+            fh.write(json.dumps({**record, "ids": ids}) + "\n")
+        if record["protocol"] == "v1":
+            return {"predictions": [{"decision_id": i, "probability": 0.5} for i in ids]}
+        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[
+            InferOutput(name="probability", shape=[n], datatype="FP64", data=[0.5] * n),
+            InferOutput(name="decision_id", shape=[n], datatype="BYTES", data=ids)])
+
+
+ModelServer(http_port=int(sys.argv[1]), enable_grpc=False, workers=1).start([Trivial()])
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def kserve_server(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("kserve")
+    folder = tmp_path_factory.mktemp("kserve")
+    script, log = folder / "server.py", folder / "requests.jsonl"
+    script.write_text(_KSERVE_SERVER)
+    port = _free_port()
+    env = {**os.environ, "REPLAY_TEST_LOG": str(log), "REPLAY_TEST_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=folder)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/models/credit_risk/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.stdout.read().decode(errors="replace")[-3000:] if proc.stdout else ""
+            pytest.fail(f"the kserve test server did not become ready on {url}:\n{out}")
+        time.sleep(0.3)
+    try:
+        yield url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _logged(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_v2_replay_against_kserve(kserve_server, frame: pd.DataFrame, tmp_path: Path) -> None:
+    url, log = kserve_server
+    seen = len(_logged(log))
+    decisions = tmp_path / "decisions.jsonl"
+    client = replay.Client(url, api_key=KEY)
+    outcome = frame["grade"].isin(["D", "E", "F", "G"]).astype(int)
+    started = time.monotonic()
+    summary = replay.send(client, "credit_risk", frame, ["income"], ["job", "purpose"], decisions, protocol="v2",
+                          rate=40.0, batch=2, outcome=outcome, row_ids=frame["rid"])
+    # 5 requests of 2 rows at 40 rows/s: the last is due 8/40 s after the first
+    assert time.monotonic() - started >= 0.2
+    assert summary.rows == 10 and summary.requests == 5
+    requests = _logged(log)[seen:]
+    assert len(requests) == 5 and all(r["protocol"] == "v2" for r in requests)
+    assert requests[0]["datatypes"] == {"income": "FP64", "job": "BYTES", "purpose": "BYTES"}
+    assert requests[0]["dtypes"]["income"] == "float64"
+    rows = [row for r in requests for row in r["rows"]]
+    assert [r["job"] for r in rows] == frame["job"].tolist()
+    assert rows[2]["income"] is None and rows[0]["income"] == 50_000.0  # NaN arrived as a missing number
+    lines = [json.loads(x) for x in decisions.read_text().splitlines()]
+    assert [x["decision_id"] for x in lines] == [i for r in requests for i in r["ids"]]
+    assert [x["row"] for x in lines] == list(range(100, 110))
+    assert [x["outcome"] for x in lines] == outcome.tolist()
+
+
+def test_v1_replay_and_a_wrong_key_against_kserve(kserve_server, frame: pd.DataFrame, tmp_path: Path) -> None:
+    url, log = kserve_server
+    seen = len(_logged(log))
+    summary = replay.send(replay.Client(url, api_key=KEY), "credit_risk", frame.iloc[:3], ["income"], ["job"],
+                          tmp_path / "v1.jsonl", protocol="v1", batch=3)
+    assert summary.requests == 1
+    (request,) = _logged(log)[seen:]
+    assert request["protocol"] == "v1" and request["rows"][0] == {"income": 50_000.0, "job": "Registered Nurse"}
+    assert len((tmp_path / "v1.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(replay.ReplayError, match=r"/v2/models/credit_risk/infer: HTTP 400 .*not the bearer key"):
+        replay.send(replay.Client(url, api_key="wrong"), "credit_risk", frame.iloc[:1], ["income"], ["job"],
+                    tmp_path / "bad.jsonl")
+
+
+# --- HTTP: the outcomes endpoint, on a stdlib server -------------------------------------------------------
+
+
+class _OutcomesHandler(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def log_message(self, *args) -> None:  # keep pytest's output clean
+        pass
+
+    def _answer(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        if self.headers.get("Authorization") != f"Bearer {KEY}":
+            return self._answer(401, {"error": "missing or wrong bearer key"})
+        if self.path != "/v2/models/credit_risk/outcomes":
+            return self._answer(404, {"error": f"no route {self.path}"})
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        items = body.get("outcomes")
+        ok = isinstance(items, list) and all(set(i) == {"decision_id", "outcome"} and i["outcome"] in (0, 1)
+                                             for i in items)
+        if not ok:
+            return self._answer(422, {"error": "body must be {'outcomes': [{'decision_id', 'outcome': 0|1}]}"})
+        type(self).received.append(body)
+        return self._answer(200, {"recorded": len(items)})
+
+
+@pytest.fixture
+def outcomes_server():
+    _OutcomesHandler.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OutcomesHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", _OutcomesHandler.received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_outcomes_are_reported_in_batches_with_the_key(outcomes_server, tmp_path: Path) -> None:
+    url, received = outcomes_server
+    decisions = tmp_path / "d.jsonl"
+    decisions.write_text("".join(json.dumps({"decision_id": f"id{i}", "row": i, "outcome": i % 2}) + "\n"
+                                 for i in range(7)))
+    n = replay.report_outcomes(replay.Client(url, api_key=KEY), "credit_risk", replay.read_decisions(decisions),
+                               batch=3)
+    assert n == 7 and [len(b["outcomes"]) for b in received] == [3, 3, 1]
+    assert received[0]["outcomes"][1] == {"decision_id": "id1", "outcome": 1}
+    received.clear()
+    assert replay.report_outcomes(replay.Client(url, api_key=KEY), "credit_risk",
+                                  replay.read_decisions(decisions), fraction=0.5, seed=3) == 4
+    assert len({o["decision_id"] for b in received for o in b["outcomes"]}) == 4
+    with pytest.raises(replay.ReplayError, match=r"outcomes: HTTP 401 .*--api-key"):
+        replay.report_outcomes(replay.Client(url), "credit_risk", replay.read_decisions(decisions))
+    with pytest.raises(replay.ReplayError, match="no decision in the file has an outcome"):
+        replay.report_outcomes(replay.Client(url, api_key=KEY), "credit_risk", [{"decision_id": "x"}])
+
+
+def test_command_line_send_then_outcomes(kserve_server, outcomes_server, frame: pd.DataFrame,
+                                         tmp_path: Path) -> None:
+    url, log = kserve_server
+    out_url, received = outcomes_server
+    data = tmp_path / "rows.csv"
+    frame.to_csv(data, index=False)
+    decisions = tmp_path / "d.jsonl"
+    rc = replay.main(["send", "--url", url, "--model", "credit_risk", "--api-key", KEY, "--decisions",
+                      str(decisions), "--data", str(data), "--numeric", "income", "--categorical", "purpose",
+                      "--text", "job", "--target-column", "grade", "--positive", "D,E,F,G", "--id-column", "rid",
+                      "--scale", "income=1.1", "--after", "month=Jan-2018", "--time-format", "%b-%Y", "--batch", "4"])
+    assert rc == 0
+    lines = [json.loads(x) for x in decisions.read_text().splitlines()]
+    assert [x["row"] for x in lines] == [102, 103, 108, 104, 105, 107]  # Feb then Mar
+    sent = [row for r in _logged(log)[-2:] for row in r["rows"]]
+    assert sent[1]["income"] == pytest.approx(61_000 * 1.1)
+    rc = replay.main(["outcomes", "--url", out_url, "--model", "credit_risk", "--api-key", KEY, "--decisions",
+                      str(decisions)])
+    assert rc == 0
+    reported = {o["decision_id"]: o["outcome"] for b in received for o in b["outcomes"]}
+    assert reported == {x["decision_id"]: int(x["row"] in (103, 104, 105)) for x in lines}  # grades D, E, F
+    assert replay.main(["outcomes", "--url", out_url, "--model", "credit_risk", "--decisions",
+                        str(tmp_path / "none.jsonl")]) == 2
