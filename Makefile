@@ -16,7 +16,7 @@ export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
 
 PIPELINE ?= credit_risk
 
-.PHONY: setup run test ui lock dagster-home clean
+.PHONY: setup run test ui serve lock dagster-home clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,11 +32,16 @@ dagster-home:
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 run: setup dagster-home
-	$(BIN)/dagster asset materialize -m orchestration.definitions --select 'key:"$(PIPELINE)/*"'; \
+	$(BIN)/dagster job execute -m orchestration.definitions -j $(PIPELINE)__pipeline; \
 	status=$$?; $(BIN)/python -m orchestration.where $(PIPELINE); exit $$status
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The champion of $(PIPELINE) in the foreground on port $(PORT) (Ctrl-C stops it); every decision is audited.
+PORT ?= 8080
+serve: setup dagster-home
+	$(BIN)/python -m assets.deployment $(PIPELINE) --port $(PORT)
 
 ui: setup dagster-home
 	$(BIN)/dagster dev -w workspace.yaml

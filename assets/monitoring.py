@@ -30,6 +30,7 @@ import pandas as pd
 from assets import naming
 from assets.naming import asset_key
 from assets.spec import LoadedSpec, PipelineSpec
+from resources.servers import AuditResource
 from resources.storage import StorageResource, atomic_write_bytes
 
 # Variants whose decisions were answered to a caller: shadow scores are recorded but were never seen.
@@ -274,7 +275,7 @@ def evaluate_drift_sensor(spec: PipelineSpec, instance: dg.DagsterInstance, stor
     partitions = windows_partitions(spec.name)
     windows = full_windows(store, spec.name, cursor.seq, m.window)
     keys = [window_key(a, b) for a, b in windows]
-    requests = [dg.RunRequest(run_key=f"report:{k}", job_name=naming.job_name(spec.name, "drift_report"),
+    requests = [dg.RunRequest(run_key=f"report:{k}", job_name=naming.job_name(spec.name, "report_drift"),
                               partition_key=k, tags={f"{TAG}window": k}) for k in keys]
     seq = windows[-1][1] if windows else cursor.seq
 
@@ -306,8 +307,8 @@ def evaluate_drift_sensor(spec: PipelineSpec, instance: dg.DagsterInstance, stor
 # --- wiring ---------------------------------------------------------------------------------------------------
 
 
-def definitions(loaded: LoadedSpec) -> dg.Definitions:
-    """drift_report, its job, the drift sensor, the nightly drift check and the weekly retrain (shipped off)."""
+def definitions(loaded: LoadedSpec, retrain: Any) -> dg.Definitions:
+    """drift_report, its job, the drift sensor (which starts `retrain`) and the nightly drift check."""
     spec = loaded.spec
     key = asset_key(spec.name, naming.DRIFT_REPORT)
     partitions = windows_partitions(spec.name)
@@ -324,27 +325,27 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
         return dg.Output({**report.result, "window": report.window, "model_version": report.model_version,
                           "live_auc": report.live_auc, "outcomes": report.outcomes}, metadata=report_metadata(report))
 
-    report_job = dg.define_asset_job(naming.job_name(spec.name, "drift_report"), selection=[key],
+    report_job = dg.define_asset_job(naming.job_name(spec.name, "report_drift"), selection=[key],
                                      partitions_def=partitions, tags={naming.SPEC_TAG: spec.name},
                                      description=f"Report drift for one window of {spec.name}'s served decisions.")
 
-    @dg.sensor(name=naming.drift_sensor_name(spec.name), minimum_interval_seconds=30,
-               default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"audit"},
+    @dg.sensor(name=naming.drift_sensor_name(spec.name), minimum_interval_seconds=30, jobs=[report_job, retrain],
+               default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Reads {spec.name}'s audit log after its cursor: a drift report per window of "
                            f"{spec.monitoring.window} decisions, and a retrain when one finds drift.")
-    def drift_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    def drift_sensor(context: dg.SensorEvaluationContext, audit: AuditResource) -> dg.SensorResult:
         import time
 
-        return evaluate_drift_sensor(spec, context.instance, context.resources.audit.store(),
+        return evaluate_drift_sensor(spec, context.instance, audit.store(),
                                      SensorCursor.parse(context.cursor), time.time(), context.log)
 
     @dg.schedule(name=f"{spec.name}__nightly_drift_check", cron_schedule="0 2 * * *", job=report_job,
-                 default_status=dg.DefaultScheduleStatus.RUNNING, required_resource_keys={"audit"},
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
                  description="Reports the decisions since the last full window, so a quiet deployment is checked too.")
-    def nightly_drift_check(context: dg.ScheduleEvaluationContext):
+    def nightly_drift_check(context: dg.ScheduleEvaluationContext, audit: AuditResource):
         done = [window_bounds(k)[1] for k in context.instance.get_dynamic_partitions(partitions.name)]
         after = max(done, default=0)
-        store = context.resources.audit.store()
+        store = audit.store()
         pending = store.read_after(after, limit=spec.monitoring.window, spec=spec.name, variants=SERVED)
         if not pending:
             return dg.SkipReason(f"no served decision after seq {after}")

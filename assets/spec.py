@@ -222,6 +222,36 @@ class Monitoring(_Strict):
     retrain_cooldown_hours: float = Field(6.0, ge=0)
 
 
+class TrafficPolicy(_Strict):
+    """Who answers: `champion` only; `canary` sends `canary_share` of requests to `@challenger`; `shadow` lets
+    the challenger score every request beside the champion (only the champion answers; both are recorded)."""
+
+    mode: Literal["champion", "canary", "shadow"] = "champion"
+    canary_share: float = Field(0.1, ge=0, le=1)
+
+
+class Deployment(_Strict):
+    """The inference server (workloads/serve.py) and its audit log.
+
+    API keys are the local stand-in for a cluster gateway's auth: `api_keys_file` (JSON, relative to the spec's
+    folder) or the environment variable `api_keys_env` holding the same JSON; neither set means no auth.
+    """
+
+    traffic: TrafficPolicy = TrafficPolicy()
+    slo_p99_ms: float = Field(250.0, gt=0)
+    max_batch_rows: int = Field(256, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    rate_limit_per_minute: int = Field(6000, ge=1)
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    redact: list[str] = []
+    retention_days: int = Field(183, ge=1)
+    port: int | None = Field(None, ge=1, le=65535)  # None: a free port locally; 8080 in a KServe predictor
+    explain_top: int = Field(3, ge=0, le=20)
+    similar_cases: int = Field(3, ge=0, le=50)
+    smoke_requests: int = Field(50, ge=1)
+
+
 # --- the spec -----------------------------------------------------------------------------------------------
 
 
@@ -241,6 +271,7 @@ class PipelineSpec(_Strict):
     training: Training = Training()
     compliance: Compliance = Compliance()
     monitoring: Monitoring = Monitoring()
+    deployment: Deployment = Deployment()
 
     @field_validator("sensitive", mode="after")
     @classmethod
@@ -263,6 +294,9 @@ class PipelineSpec(_Strict):
             raise ValueError(f"id_column {self.id_column!r} is also a feature")
         if self.split.strategy == "time" and not self.time_column:
             raise ValueError("split.strategy 'time' needs time_column")
+        for col in self.deployment.redact:
+            if col not in self.features.all:
+                raise ValueError(f"deployment.redact: {col!r} is not a feature column of this spec")
         for col in self.validation.columns:
             if col not in self.columns:
                 raise ValueError(f"validation.columns: {col!r} is not a column this spec uses")
@@ -294,7 +328,9 @@ class PipelineSpec(_Strict):
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        """What the model learned from and is judged by; how it is served and watched does not change it."""
+        learned = self.model_dump(mode="json", exclude={"deployment", "monitoring"})
+        return hashlib.sha256(json.dumps(learned, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

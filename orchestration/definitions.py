@@ -14,9 +14,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import compliance, data, embeddings, evaluation, naming, training
+from assets import compliance, data, deployment, embeddings, evaluation, monitoring, naming, training
 from assets.spec import LoadedSpec, load_specs
-from orchestration.jobs import spec_jobs
+from orchestration.jobs import spec_jobs, weekly_retrain
 from resources import resources_for
 from resources.settings import Settings
 
@@ -25,10 +25,10 @@ from resources.settings import Settings
 HEAVY_MODULES = ("torch", "mlflow", "great_expectations", "deepspeed", "alibi_detect", "sentence_transformers",
                  "transformers", "lancedb", "sklearn", "kserve")
 
-# Each stage contributes one Definitions per spec: its assets, checks and, from later stages, sensors and schedules.
+# Each stage contributes one Definitions per spec: its assets, checks, jobs, sensors and schedules.
 STAGES: tuple[Callable[[LoadedSpec], dg.Definitions], ...] = (
     data.definitions, embeddings.definitions, training.definitions, evaluation.definitions,
-    compliance.definitions,
+    compliance.definitions, deployment.definitions,
 )
 
 # What each asset is made of, as the UI's kind badges show it (at most three each).
@@ -52,7 +52,12 @@ KINDS: dict[str, set[str]] = {
 def spec_definitions(loaded: LoadedSpec) -> dg.Definitions:
     """Everything one spec contributes, with its owner, tags and kinds stamped on every asset."""
     spec = loaded.spec
-    merged = dg.Definitions.merge(*(stage(loaded) for stage in STAGES), dg.Definitions(jobs=spec_jobs(loaded).all))
+    jobs = spec_jobs(loaded)
+    merged = dg.Definitions.merge(
+        *(stage(loaded) for stage in STAGES),
+        # Monitoring's sensor starts the retrain job, which is no single stage's own.
+        monitoring.definitions(loaded, retrain=jobs.retrain),
+        dg.Definitions(jobs=jobs.all, schedules=[weekly_retrain(loaded, jobs.retrain)]))
 
     def stamp(asset: dg.AssetSpec) -> dg.AssetSpec:
         return asset.merge_attributes(

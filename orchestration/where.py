@@ -44,6 +44,11 @@ def main(spec: str) -> int:
     if evaluation.get("mlflow_run_id"):
         print(f"  MLflow run:         {evaluation['mlflow_run_id']}; browse with")
         print(f"                      .venv/bin/mlflow ui --backend-store-uri {mlflow.resolved_tracking_uri()}")
+    deployment = _latest(instance, spec, "deployment")
+    if deployment.get("endpoint"):
+        print(f"  serving:            {deployment['endpoint']} (v2: /v2/models/{spec}/infer, v1: /v1/models/{spec}:predict)")
+        print(f"  decisions:          .venv/bin/python -m orchestration.decisions --find --spec {spec}; "
+              "--verify checks the audit chain")
     print("  Dagster UI:         make ui, then http://127.0.0.1:3000 (Assets, prefix "
           f"{spec}); state under {home}")
     return 0

@@ -10,6 +10,7 @@ from typing import Any
 
 from resources.launchers import LocalTorchrunLauncher
 from resources.mlflow import MlflowResource
+from resources.servers import AuditResource, LocalServerLauncher
 from resources.settings import KubernetesSettings, Settings
 from resources.storage import ParquetIOManager, StorageResource
 from resources.vectors import VectorIndexResource
@@ -28,10 +29,17 @@ def resources_for(settings: Settings) -> dict[str, Any]:
         "launcher": LocalTorchrunLauncher(),
         # Specs that ask for several nodes (training.launcher: trainjob) also train with torchrun on one machine.
         "trainjob_launcher": LocalTorchrunLauncher(),
+        # The inference server as a process here; a KServe InferenceService under "kubernetes".
+        "server": LocalServerLauncher(home=home),
+        # The decision audit log: SQLite under the home unless INTELLIGENTOPS_AUDIT_URL names a database.
+        "audit": AuditResource(home=home, url=settings.audit_url),
     }
     if settings.deployment == "kubernetes":
         # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.
         from resources.k8s import kubernetes_launchers
+        from resources.servers import kubernetes_server_launcher
 
-        resources.update(kubernetes_launchers(KubernetesSettings.from_env()))
+        k8s = KubernetesSettings.from_env()
+        resources.update(kubernetes_launchers(k8s))
+        resources["server"] = kubernetes_server_launcher(k8s)
     return resources

@@ -103,6 +103,7 @@ class Settings:
     pipelines: Path
     deployment: str = "local"
     mlflow_tracking_uri: str | None = None
+    audit_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
@@ -114,4 +115,5 @@ class Settings:
         env = _env(environ)
         deployment = env.get("INTELLIGENTOPS_DEPLOYMENT") or "local"
         return cls(home=intelligentops_home(env), pipelines=pipelines_dir(env), deployment=deployment,
-                   mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None)
+                   mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+                   audit_url=env.get("INTELLIGENTOPS_AUDIT_URL") or None)

@@ -1,0 +1,95 @@
+"""A small registered model with a text feature, for the serving and deployment tests.
+
+`build_registered_model(root)` materializes the existing graph through `<spec>/registered_model` for a
+300-row spec (numeric, categorical and a job-title text column) in a fresh home, then sets alias `champion`
+and the `operating_threshold` tag the way model_evaluation and champion_model would.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from support import failure_text, materialize, write_spec
+
+SPEC = "serve_loans"
+TITLES = ["nurse", "software engineer", "teacher", "truck driver", "sales manager", "accountant", "cashier",
+          "electrician", "warehouse associate", "registered nurse"]
+
+
+def loans(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    debt = rng.uniform(0, 40, n).round(1)
+    income = rng.lognormal(10.5, 0.4, n).round(0)
+    title = rng.choice(TITLES, n)
+    risk = (debt / 40 - (np.log(income) - 10.5) + rng.normal(0, 0.15, n) + 0.2 * np.isin(title, TITLES[6:])) > 0.6
+    return pd.DataFrame({"loan_id": [f"L{i:05d}" for i in range(n)], "income": income, "debt_ratio": debt,
+                         "purpose": rng.choice(["car", "home", "education"], n), "region": rng.choice(["n", "s"], n),
+                         "title": title, "outcome": np.where(risk, "default", "repaid")})
+
+
+def spec_dict(**over) -> dict:
+    s = {
+        "name": SPEC,
+        "source": {"kind": "file", "path": "loans.csv"},
+        "id_column": "loan_id",
+        "target": {"column": "outcome", "positive": ["default"]},
+        "features": {"numeric": ["income", "debt_ratio"], "categorical": ["purpose"], "text": ["title"]},
+        "sensitive": ["region"],
+        "training": {"epochs": 2, "hidden": [8], "checkpoint_every_steps": 50, "learning_rate": 0.01,
+                     "nproc_per_node": 1},
+        "deployment": {"slo_p99_ms": 2000, "smoke_requests": 20},
+    }
+    s.update(over)
+    return s
+
+
+@dataclass(frozen=True)
+class Registered:
+    home: Path
+    pipelines: Path
+    tracking_uri: str
+    version: str
+
+
+def set_env(home: Path, pipelines: Path) -> dict[str, str | None]:
+    saved = {k: os.environ.get(k) for k in ("INTELLIGENTOPS_HOME", "INTELLIGENTOPS_PIPELINES", "DAGSTER_HOME")}
+    os.environ["INTELLIGENTOPS_HOME"] = str(home)
+    os.environ["INTELLIGENTOPS_PIPELINES"] = str(pipelines)
+    return saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def build_registered_model(root: Path, instance: dg.DagsterInstance, **over) -> Registered:
+    from mlflow import MlflowClient
+
+    from orchestration.definitions import build_definitions
+
+    home, pipelines = root / "home", root / "pipelines"
+    home.mkdir(parents=True, exist_ok=True)
+    pipelines.mkdir(parents=True, exist_ok=True)
+    loans().to_csv(pipelines / "loans.csv", index=False)
+    write_spec(pipelines, spec_dict(**over))
+    defs = build_definitions(pipelines)
+    target = dg.AssetKey([SPEC, "registered_model"])
+    result = materialize(defs, instance, dg.AssetSelection.assets(target).upstream()
+                         | dg.AssetSelection.assets(dg.AssetKey([SPEC, "vector_index"])))
+    assert result.success, failure_text(result)
+    tracking = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking)
+    version = str(client.get_model_version_by_alias(SPEC, "challenger").version)
+    client.set_model_version_tag(SPEC, version, "operating_threshold", "0.4")
+    client.set_registered_model_alias(SPEC, "champion", version)
+    return Registered(home=home, pipelines=pipelines, tracking_uri=tracking, version=version)
