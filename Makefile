@@ -35,6 +35,10 @@ run: setup dagster-home
 	$(BIN)/dagster job execute -m orchestration.definitions -j $(PIPELINE)__pipeline; \
 	status=$$?; $(BIN)/python -m orchestration.where $(PIPELINE); exit $$status
 
+# Normal then shifted traffic to the server `make run` left up; the drift sensor asks for a retrain through the gates.
+demo-drift: setup dagster-home
+	$(BIN)/python -m orchestration.demo_drift $(PIPELINE)
+
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -226,13 +226,19 @@ def report_window(loaded: LoadedSpec, storage: StorageResource, mlflow: Any, sto
                         performance_drop=auc is not None and auc < spec.compliance.min_auc, plot=plot)
 
 
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
 def report_metadata(report: WindowReport) -> dict[str, Any]:
     r = report.result
     rows = ["| detector | statistic | p-value | threshold | drift |", "| --- | --- | --- | --- | --- |"]
     for d in r.get("detectors", []):
         rows.append(f"| {d['name']} | {d['statistic']:.4g} | {d['p_value']:.4g} | {d['threshold']:.4g} | "
                     f"{'yes' if d['drift'] else 'no'} |")
-    moved = [f"- {f}: {v.get('describe') or v}" for f, v in r.get("features_moved", {}).items()]
+    moved = [f"- {f}: {v['direction']}, {v['test']} effect {v['effect']:.3f} (before {_num(v['before'])}, after "
+             f"{_num(v['after'])}{', ' + str(v['category']) if v.get('category') else ''})"
+             for f, v in r.get("features_moved", {}).items()]
     meta: dict[str, Any] = {
         "window": report.window, "first_seq": report.first_seq, "last_seq": report.last_seq,
         "decisions": r.get("window_size", 0), "status": r.get("status", ""), "drift": report.drift,

@@ -2,6 +2,7 @@
 
     python -m orchestration.decisions <decision-id>          the decision, its model version, report, gates, data
     python -m orchestration.decisions --verify               walk the audit log's hash chain; exit 1 if broken
+    python -m orchestration.decisions <decision-id> --outcome 1   record what really happened (1: positive class)
     python -m orchestration.decisions --find [--spec S] [--since 2026-01-01T00:00] [--until ...]
                                              [--version 3] [--variant champion|canary|shadow] [--limit 20]
 
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=["champion", "canary", "shadow"])
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="print the audit record as JSON")
+    parser.add_argument("--outcome", type=int, choices=[0, 1],
+                        help="record what really happened for the decision (1: the positive class); the drift "
+                             "report's live metrics read it")
     args = parser.parse_args(argv)
     if args.verify:
         return verify()
@@ -202,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         return find(args)
     if not args.decision_id:
         parser.error("give a decision id, --verify or --find")
+    if args.outcome is not None:
+        store = _resources()["audit"].store()
+        if store.get(args.decision_id) is None:
+            print(f"no decision {args.decision_id!r} on the audit log {store.location()}", file=sys.stderr)
+            return 1
+        store.record_outcome(args.decision_id, args.outcome)
+        print(f"recorded outcome {args.outcome} for decision {args.decision_id}")
+        return 0
     if args.json:
         from dataclasses import asdict
 

@@ -15,6 +15,8 @@ from orchestration.definitions import build_definitions
 from resources.mlflow import MlflowResource
 
 pytestmark = pytest.mark.slow
+# Everything up to and including the promotion; serving and monitoring are later stages with tests of their own.
+PROMOTION = 'key:"loans/*" and not group:monitoring and not key:"loans/deployment"'
 
 
 def loans(n: int = 600, seed: int = 0, biased: bool = False) -> pd.DataFrame:
@@ -68,7 +70,7 @@ def alias(home: Path, name: str) -> str | None:
 
 def test_promotion_regression_approval_and_rollback(home: Path, pipelines: Path, instance):
     defs = setup(pipelines, loans())
-    first = materialize(defs, instance, 'key:"loans/*"')
+    first = materialize(defs, instance, PROMOTION)
     assert first.success, failure_text(first)
     assert all(c.passed for c in checks(first).values()), {n: c.description for n, c in checks(first).items()}
     assert alias(home, "champion") == "1" and alias(home, "previous") is None
@@ -85,7 +87,7 @@ def test_promotion_regression_approval_and_rollback(home: Path, pipelines: Path,
     defs = setup(pipelines, loans(), training={"max_steps": 1, "hidden": [2], "learning_rate": 1e-6,
                                                "checkpoint_every_steps": 20},
                  compliance={"intended_purpose": "Test lending model.", "min_group_size": 20, "min_auc": 0.0})
-    second = materialize(defs, instance, 'key:"loans/*"')
+    second = materialize(defs, instance, PROMOTION)
     assert not second.success
     perf = checks(second)["performance"]
     assert not perf.passed and "below champion v1's" in perf.description
@@ -131,7 +133,7 @@ def test_biased_model_fails_fairness_and_is_not_promoted(home: Path, pipelines: 
                  features={"numeric": ["income", "debt_ratio"], "categorical": ["purpose", "region"]},
                  compliance={"intended_purpose": "Biased variant for the fairness gate.", "min_group_size": 20,
                              "allow_sensitive_inputs": True})
-    result = materialize(defs, instance, 'key:"loans/*"')
+    result = materialize(defs, instance, PROMOTION)
     assert not result.success
     fairness = checks(result)["fairness"]
     assert not fairness.passed
@@ -146,7 +148,7 @@ def test_biased_model_fails_fairness_and_is_not_promoted(home: Path, pipelines: 
 def test_sensitive_input_without_permission_fails_governance(home: Path, pipelines: Path, instance):
     defs = setup(pipelines, loans(), features={"numeric": ["income", "debt_ratio"],
                                                "categorical": ["purpose", "region"]})
-    result = materialize(defs, instance, 'key:"loans/*"')
+    result = materialize(defs, instance, PROMOTION)
     assert not result.success
     gov = checks(result)["data_governance"]
     assert not gov.passed and "sensitive columns ['region'] are model inputs" in gov.description
@@ -154,7 +156,7 @@ def test_sensitive_input_without_permission_fails_governance(home: Path, pipelin
 
 def test_tampered_weights_fail_integrity_and_cannot_be_approved(home: Path, pipelines: Path, instance):
     defs = setup(pipelines, loans())
-    assert materialize(defs, instance, 'key:"loans/*" and not key:"loans/champion_model"').success
+    assert materialize(defs, instance, f'{PROMOTION} and not key:"loans/champion_model"').success
     weights = list((home / "mlflow").rglob("model.safetensors"))
     assert weights, "the registered model's weights are stored under the home"
     for w in weights:

@@ -101,3 +101,53 @@ def test_monitoring_definitions_ship_the_sensor_running_and_the_weekly_retrain_s
     selected = {k.path[-1] for k in retrain.asset_layer.selected_asset_keys}
     assert {"raw_dataset", "model_checkpoint", "compliance_report", "champion_model"} <= selected
     assert "drift_report" not in selected
+
+
+@pytest.mark.slow
+def test_detectors_of_a_real_version_see_a_shifted_window_and_not_an_unshifted_one(home: Path, pipelines: Path,
+                                                                                  instance):
+    """Train a small spec to model_evaluation (which fits and tags the version's detectors), then score two
+    windows of audited decisions: fresh rows from the same population, and the same rows with incomes tripled."""
+    from support import materialize, write_spec
+    from test_compliance import loans, spec
+
+    from assets.monitoring import load_version_detectors, report_window
+    from assets.spec import load_spec
+    from resources.mlflow import MlflowResource
+    from resources.storage import StorageResource
+
+    loans(1200).to_csv(pipelines / "loans.csv", index=False)
+    write_spec(pipelines, spec(monitoring={"window": 300, "min_window": 200, "permutations": 100}))
+    defs = build_definitions(pipelines)
+    done = materialize(defs, instance, dg.AssetSelection.assets(dg.AssetKey(["loans", "model_evaluation"])).upstream())
+    assert done.success
+    evaluation = done.asset_materializations_for_node("loans__model_evaluation")[0].metadata
+    digest = evaluation["drift_detectors_sha256"].value
+    mlflow, storage = MlflowResource(home=str(home)), StorageResource(home=str(home))
+    assert mlflow.client().get_model_version("loans", "1").tags["drift_detectors_sha256"] == digest
+    assert load_version_detectors(storage, mlflow, "loans", "1") is not None
+
+    model = mlflow.load_model("loans", version="1")
+    loaded = load_spec(pipelines / "loans.yaml")
+    store = defs.resources["audit"].store()
+
+    def audit(frame):
+        rows = frame[["income", "debt_ratio", "purpose"]]
+        p = model.predict(rows)["probability"].to_numpy()
+        return store.append([{"decision_id": uuid.uuid4().hex, "spec": "loans", "model_name": "loans",
+                              "model_version": "1", "variant": "champion", "inputs": r, "probability": float(q),
+                              "decision": int(q >= 0.5), "threshold": 0.5}
+                             for r, q in zip(rows.to_dict(orient="records"), p)])
+
+    fresh = audit(loans(300, seed=11))
+    shifted_rows = loans(300, seed=12)
+    shifted_rows["income"] = shifted_rows["income"] * 3
+    shifted = audit(shifted_rows)
+    calm = report_window(loaded, storage, mlflow, store, window_key(fresh[0].seq, fresh[-1].seq), home / "plots")
+    moved = report_window(loaded, storage, mlflow, store, window_key(shifted[0].seq, shifted[-1].seq), home / "plots")
+    assert calm.result["status"] == "scored" and not calm.drift, calm.result["message"]
+    assert moved.drift and "income" in moved.result["features_moved"], moved.result["message"]
+    assert moved.model_version == "1" and Path(moved.plot).is_file()
+    # The same window scored again gives the same p-values: the detectors load back and are seeded.
+    again = report_window(loaded, storage, mlflow, store, window_key(shifted[0].seq, shifted[-1].seq))
+    assert [d["p_value"] for d in again.result["detectors"]] == [d["p_value"] for d in moved.result["detectors"]]

@@ -215,6 +215,24 @@ def test_v1_v2_and_explain_answer_and_audit_every_decision(main_server: Server, 
     assert "intelligentops_request_latency_seconds_bucket" in metrics
 
 
+def test_outcomes_come_back_over_http_with_the_key_and_bad_reports_name_the_item(main_server: Server):
+    url, store = main_server.url, main_server.store
+    answered = httpx.post(f"{url}/v1/models/{SPEC}:predict", json={"instances": [ROW, ROW]}, headers=AUTH).json()
+    ids = [p["decision_id"] for p in answered["predictions"]]
+    body = {"outcomes": [{"decision_id": ids[0], "outcome": 1}, {"decision_id": ids[1], "outcome": 0}]}
+    assert httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=body).status_code == 401  # same gateway as /infer
+    ok = httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=body, headers=AUTH)
+    assert ok.status_code == 200 and ok.json() == {"recorded": 2}
+    assert store.outcomes(ids) == {ids[0]: 1, ids[1]: 0}
+    bad = [({"outcomes": [{"decision_id": ids[0], "outcome": 2}]}, 400, "outcomes[0].outcome must be 0 or 1"),
+           ({"outcomes": [{"decision_id": "nope", "outcome": 1}]}, 404, "outcomes[0]: no decision 'nope'"),
+           ({"outcomes": []}, 400, "non-empty list")]
+    for payload, code, message in bad:
+        r = httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=payload, headers=AUTH)
+        assert r.status_code == code and message in r.text, r.text
+    assert store.verify().ok  # outcomes live beside the chain, never in it
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"instances": [{**ROW, "income": "lots"}]}, "field 'income' row 0: 'lots' is not a number"),
     ({"instances": [{**ROW, "income": 1e12}]}, "field 'income' row 0: 1000000000000.0 is outside the accepted range"),

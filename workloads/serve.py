@@ -459,7 +459,8 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-_INFER_PATH = re.compile(r"^/v1/models/([^/:]+):(predict|explain)$|^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+_INFER_PATH = re.compile(r"^/v1/models/([^/:]+):(predict|explain)$|^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$"
+                         r"|^/v2/models/([^/]+)/outcomes$")
 
 
 class Gateway:
@@ -485,7 +486,7 @@ class Gateway:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         protocol = "v1" if match.group(1) else "v2"
-        model = match.group(1) or match.group(3)
+        model = match.group(1) or match.group(3) or match.group(4)
         status_seen = {"code": 500}
 
         async def send_counted(message):
@@ -978,6 +979,40 @@ def make_model(engine: Engine):
     return DecisionModel(cfg.spec)
 
 
+class OutcomeError(ValueError):
+    """An outcome report that cannot be recorded; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def record_outcomes(store: Any, spec: str, model: str, body: bytes) -> int:
+    """Validate and record a batch of outcomes; every problem names the item. Returns how many were recorded."""
+    if model != spec:
+        raise OutcomeError(f"this server serves model {spec!r}, not {model!r}", status=404)
+    try:
+        items = json.loads(body or b"{}").get("outcomes")
+    except (ValueError, AttributeError):
+        raise OutcomeError('body must be JSON {"outcomes": [{"decision_id": ..., "outcome": 0 or 1}]}', status=400)
+    if not isinstance(items, list) or not items:
+        raise OutcomeError('"outcomes" must be a non-empty list of {"decision_id", "outcome"}', status=400)
+    checked = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("decision_id"), str):
+            raise OutcomeError(f"outcomes[{i}]: decision_id (a string) is required", status=400)
+        if item.get("outcome") not in (0, 1) or isinstance(item.get("outcome"), bool):
+            raise OutcomeError(f"outcomes[{i}].outcome must be 0 or 1, not {item.get('outcome')!r}", status=400)
+        record = store.get(item["decision_id"])
+        if record is None or record.spec != spec:
+            raise OutcomeError(f"outcomes[{i}]: no decision {item['decision_id']!r} of model {spec!r} on the audit log",
+                             status=404)
+        checked.append((item["decision_id"], int(item["outcome"])))
+    for decision_id, outcome in checked:
+        store.record_outcome(decision_id, outcome)
+    return len(checked)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="server.json written by the deployment asset")
@@ -990,6 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     # kserve parses sys.argv when imported; hand it only what it understands.
     sys.argv = sys.argv[:1]
     import kserve
+    from fastapi import Request
     from fastapi.responses import JSONResponse
     from kserve.model_server import app
 
@@ -1010,7 +1046,16 @@ def main(argv: list[str] | None = None) -> int:
     async def status():
         return JSONResponse(engine.status())
 
+    async def outcomes(name: str, request: Request):
+        """What really happened for earlier decisions: {"outcomes": [{"decision_id": ..., "outcome": 0|1}]}."""
+        try:
+            recorded = record_outcomes(engine.audit, cfg.spec, name, await request.body())
+        except OutcomeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"recorded": recorded})
+
     app.add_api_route("/intelligentops/status", status, methods=["GET"])
+    app.add_api_route("/v2/models/{name}/outcomes", outcomes, methods=["POST"])
     app.add_middleware(Gateway, cfg=cfg, keys=keys, metrics=metrics)
     log.info("%s: serving versions %s on port %d (%s policy), audit log %s", cfg.spec, engine.alias_versions,
              cfg.port, cfg.mode, engine.audit.location())

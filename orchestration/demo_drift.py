@@ -1,0 +1,133 @@
+"""`make demo-drift`: the monitoring loop end to end, with the real daemon, on a pipeline that `make run` served.
+
+    python -m orchestration.demo_drift [spec]        (default credit_risk)
+
+1. Checks that the spec's server answers (`make run` leaves it running) and starts `dagster-daemon` on the same
+   instance, so the drift sensor (on by default) ticks for real.
+2. Sends one window of the spec's own rows as they are, then one window shifted (incomes scaled, one occupation
+   over-represented) with workloads/replay.py over HTTP.
+3. Waits for the sensor to ask for a drift report per window and, for the shifted one, a `<spec>__retrain` run;
+   waits for that run to go through training, evaluation and every blocking gate.
+4. Prints each window's verdict and the retrain's result: a new champion that the server now serves, or the
+   refusal and its reason. The champion is never moved by anything but the gates.
+
+Everything it starts is stopped on exit except the inference server, which was running before.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TAG = "intelligentops/"
+
+
+def _latest_meta(instance, spec: str, asset: str) -> dict:
+    import dagster as dg
+
+    event = instance.get_latest_materialization_event(dg.AssetKey([spec, asset]))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def _ready(endpoint: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{endpoint}/v2/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _replay(endpoint: str, spec: str, rows: int, out: Path, *shift: str) -> None:
+    cmd = [sys.executable, str(REPO / "workloads" / "replay.py"), "send", "--url", endpoint, "--model", spec,
+           "--spec", str(REPO / "pipelines" / f"{spec}.yaml"), "--rows", str(rows), "--rate", "250", "--batch", "25",
+           "--decisions", str(out), *shift]
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def _runs(instance, job: str) -> list:
+    import dagster as dg
+
+    return list(instance.get_runs(filters=dg.RunsFilter(job_name=job)))
+
+
+def main(spec: str = "credit_risk", timeout_s: float = 1800) -> int:
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    deployed = _latest_meta(instance, spec, "deployment")
+    endpoint = str(deployed.get("endpoint") or "")
+    if not endpoint or not _ready(endpoint):
+        print(f"{spec}: no server answers (endpoint {endpoint or 'unknown'}); run `make run PIPELINE={spec}` first")
+        return 2
+    from assets.spec import load_spec
+    from resources.settings import Settings
+
+    window = load_spec(Settings.from_env().pipelines / f"{spec}.yaml").spec.monitoring.window
+    reports_before = {r.run_id for r in _runs(instance, f"{spec}__report_drift")}
+    retrains_before = {r.run_id for r in _runs(instance, f"{spec}__retrain")}
+    log = Path(tempfile.mkstemp(prefix="intelligentops-daemon-", suffix=".log")[1])
+    print(f"{spec}: server {endpoint}; starting dagster-daemon (log {log})")
+    daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
+                               str(REPO / "workspace.yaml")], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"sending {window} decisions as the data is, then {window} shifted (annual_income x1.5, "
+                  "nurses x8)")
+            _replay(endpoint, spec, window, Path(tmp) / "normal.jsonl")
+            _replay(endpoint, spec, window, Path(tmp) / "shifted.jsonl", "--scale", "annual_income=1.5",
+                    "--reweight", "emp_title:nurse=8", "--match", "contains")
+        deadline = time.monotonic() + timeout_s
+        retrain = None
+        while time.monotonic() < deadline:
+            reports = [r for r in _runs(instance, f"{spec}__report_drift") if r.run_id not in reports_before]
+            retrains = [r for r in _runs(instance, f"{spec}__retrain") if r.run_id not in retrains_before]
+            if retrains and retrains[0].is_finished:
+                retrain = retrains[0]
+                break
+            if daemon.poll() is not None:
+                print(f"dagster-daemon exited; see {log}")
+                return 1
+            print(f"  waiting: {len(reports)} drift report run(s), {len(retrains)} retrain run(s) so far", flush=True)
+            time.sleep(15)
+        for r in sorted((r for r in _runs(instance, f"{spec}__report_drift") if r.run_id not in reports_before),
+                        key=lambda r: r.tags.get(f"{TAG}window", "")):
+            print(f"  drift report for window {r.tags.get(f'{TAG}window')}: run {r.status.value}")
+        event = instance.get_latest_materialization_event(dg.AssetKey([spec, "drift_report"]))
+        if event is not None:
+            meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+            print(f"  latest report: window {meta.get('window')}, drift {meta.get('drift')}: {meta.get('message')}")
+        if retrain is None:
+            print(f"no retrain finished within {timeout_s:.0f} s; the Dagster UI (make ui) shows the sensor's ticks")
+            return 1
+        print(f"retrain run {retrain.run_id} ({retrain.tags.get(f'{TAG}trigger')} in window "
+              f"{retrain.tags.get(f'{TAG}window')}): {retrain.status.value}")
+        champion = _latest_meta(instance, spec, "champion_model")
+        if retrain.status == dg.DagsterRunStatus.SUCCESS:
+            print(f"  new champion: version {champion.get('champion_version')}; the server reloaded it")
+        else:
+            failures = [e.message for e in instance.all_logs(retrain.run_id)
+                        if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"]
+            print(f"  refused, the champion keeps serving (version {champion.get('champion_version')}):")
+            for f in failures[:3]:
+                print(f"    {f[:400]}")
+        print(f"  see it in the UI: make ui, then Automation -> {spec}__drift_sensor, and Runs")
+        return 0
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "credit_risk"))
