@@ -103,6 +103,8 @@ class Settings:
     pipelines: Path
     deployment: str = "local"
     mlflow_tracking_uri: str | None = None
+    # Artifacts of MLflow experiments when tracking is on a database; default <home>/mlflow/artifacts.
+    mlflow_artifacts: str | None = None
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
@@ -114,4 +116,5 @@ class Settings:
         env = _env(environ)
         deployment = env.get("INTELLIGENTOPS_DEPLOYMENT") or "local"
         return cls(home=intelligentops_home(env), pipelines=pipelines_dir(env), deployment=deployment,
-                   mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None)
+                   mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+                   mlflow_artifacts=env.get("INTELLIGENTOPS_MLFLOW_ARTIFACTS") or None)
