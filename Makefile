@@ -31,15 +31,20 @@ dagster-home:
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
+# One line per step on the console; the full log stays in the instance (make ui, Runs).
 run: setup dagster-home
-	$(BIN)/dagster asset materialize -m orchestration.definitions --select 'key:"$(PIPELINE)/*"'; \
+	$(BIN)/python -m orchestration.run $(PIPELINE); \
 	status=$$?; $(BIN)/python -m orchestration.where $(PIPELINE); exit $$status
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+UI_PORT ?= 3000
 ui: setup dagster-home
-	$(BIN)/dagster dev -w workspace.yaml
+	@echo "Dagster UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
+	@echo "  First click Assets > View lineage for the graph, then $(PIPELINE)/compliance_report > Checks for the gates."
+	@echo "  Runs lists what make run did; Jobs > $(PIPELINE)__pipeline > Launchpad runs it again from here."
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
 # Re-resolve the lock from requirements.in (needs the registries).
 lock:
