@@ -42,8 +42,8 @@ test: setup
 UI_PORT ?= 3000
 ui: setup dagster-home
 	@echo "Dagster UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
-	@echo "  First click Assets > View lineage for the graph, then $(PIPELINE)/compliance_report > Checks for the gates."
-	@echo "  Runs lists what make run did; Jobs > $(PIPELINE)__pipeline > Launchpad runs it again from here."
+	@echo "  First click Lineage (left) for the asset graph, then $(PIPELINE)/compliance_report > Checks for the gates."
+	@echo "  Runs lists what make run did, with every step's log; Jobs > $(PIPELINE)__pipeline runs it again."
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
 # Re-resolve the lock from requirements.in (needs the registries).
