@@ -97,6 +97,19 @@ def test_mlflow_artifacts_never_in_the_current_directory(tmp_path: Path) -> None
     assert Settings.from_env({"INTELLIGENTOPS_HOME": str(home)}).mlflow_artifacts is None
 
 
+def test_a_stopped_server_is_gone() -> None:
+    """What the session fixture relies on: stop() leaves no postmaster and no data folder behind."""
+    from pg_support import start_postgres
+
+    server = start_postgres()
+    try:
+        assert server.running()
+        assert server.query("postgres", "select 1") == [(1,)]
+    finally:
+        server.stop()
+    assert not server.running() and not server.folder.exists()
+
+
 def test_instance_from_shipped_postgres_yaml(postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, url = fresh_database(postgres, "dagster")
     dagster_home = postgres_dagster_home(tmp_path / "dagster", url, monkeypatch)
