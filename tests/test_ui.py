@@ -315,10 +315,10 @@ def test_ui_lists_the_definitions_runs_the_pipeline_and_shows_the_gates(ui: UI, 
     run_page = open_page(f"{ui.url}/runs/{run_id}", out / "run.png")
     assert f"Run of {job}" in run_page and "Failure" in run_page
     assert f"Errored (1) {SPEC}__compliance_gates" in run_page, run_page[:1500]
-    assert "Not executed (1)" in run_page
+    assert re.search(r"Not executed \(\d+\)", run_page), run_page[:1500]
 
     checks_page = open_page(f"{ui.url}/assets/{SPEC}/{naming.COMPLIANCE_REPORT}?view=checks", out / "gates.png")
-    assert "Checks (7)" in checks_page, checks_page[:1500]
+    assert f"Checks ({len(verdicts)})" in checks_page, checks_page[:1500]
     for gate, verdict in verdicts.items():
         shown = "Failed" if verdict == "FAILED" else "Succeeded"
         assert re.search(rf"\b{gate} {gate} {shown}\b", checks_page), (gate, shown, checks_page[:1500])
