@@ -31,8 +31,9 @@ dagster-home:
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
+# One line per step on the console; the full log stays in the instance (make ui, Runs).
 run: setup dagster-home
-	$(BIN)/dagster job execute -m orchestration.definitions -j $(PIPELINE)__pipeline; \
+	$(BIN)/python -m orchestration.run $(PIPELINE); \
 	status=$$?; $(BIN)/python -m orchestration.where $(PIPELINE); exit $$status
 
 # Normal then shifted traffic to the server `make run` left up; the drift sensor asks for a retrain through the gates.
@@ -47,8 +48,12 @@ PORT ?= 8080
 serve: setup dagster-home
 	$(BIN)/python -m assets.deployment $(PIPELINE) --port $(PORT)
 
+UI_PORT ?= 3000
 ui: setup dagster-home
-	$(BIN)/dagster dev -w workspace.yaml
+	@echo "Dagster UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
+	@echo "  First click Lineage (left) for the asset graph, then $(PIPELINE)/compliance_report > Checks for the gates."
+	@echo "  Runs lists what make run did, with every step's log; Jobs > $(PIPELINE)__pipeline runs it again."
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
 # Re-resolve the lock from requirements.in (needs the registries).
 lock:

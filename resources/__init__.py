@@ -24,7 +24,8 @@ def resources_for(settings: Settings) -> dict[str, Any]:
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
         "vectors": VectorIndexResource(home=home),
         # Tracking on SQLite under the home unless MLFLOW_TRACKING_URI names a server.
-        "mlflow": MlflowResource(home=home, tracking_uri=settings.mlflow_tracking_uri),
+        "mlflow": MlflowResource(home=home, tracking_uri=settings.mlflow_tracking_uri,
+                                 artifact_root=settings.mlflow_artifacts),
         # torchrun on this machine; the "kubernetes" deployment replaces it below.
         "launcher": LocalTorchrunLauncher(),
         # Specs that ask for several nodes (training.launcher: trainjob) also train with torchrun on one machine.

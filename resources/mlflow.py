@@ -22,6 +22,8 @@ import dagster as dg
 from pydantic import Field
 
 MODEL_ARTIFACT_PATH = "model"
+# Tracking URIs of a server, which keeps artifacts in a store of its own choosing.
+SERVER_SCHEMES = ("http://", "https://", "databricks")
 
 
 def refuse_pickle() -> None:
@@ -56,10 +58,20 @@ class MlflowResource(dg.ConfigurableResource):
         return self.registry_uri or self.resolved_tracking_uri()
 
     def artifact_location(self) -> str | None:
+        """Where new experiments keep their artifacts: never the current directory.
+
+        Only a tracking server (http, https, databricks) chooses its own artifact store. Any other tracking URI
+        (SQLite, Postgres, MySQL, a file store) would make MLflow default to `./mlruns` wherever the process
+        happens to run, so those get `artifact_root` (INTELLIGENTOPS_MLFLOW_ARTIFACTS) or `<home>/mlflow/artifacts`.
+        """
         if self.artifact_root:
-            return self.artifact_root
-        if self.tracking_uri and not self.tracking_uri.startswith("sqlite:"):
-            return None  # a server chooses its own artifact store
+            if "://" in self.artifact_root:
+                return self.artifact_root
+            root = Path(self.artifact_root).expanduser().resolve()
+            root.mkdir(parents=True, exist_ok=True)
+            return root.as_uri()
+        if self.tracking_uri and self.tracking_uri.startswith(SERVER_SCHEMES):
+            return None
         root = self._local_root() / "artifacts"
         root.mkdir(parents=True, exist_ok=True)
         return root.as_uri()

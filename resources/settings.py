@@ -104,6 +104,8 @@ class Settings:
     deployment: str = "local"
     mlflow_tracking_uri: str | None = None
     audit_url: str | None = None
+    # Artifacts of MLflow experiments when tracking is on a database; default <home>/mlflow/artifacts.
+    mlflow_artifacts: str | None = None
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
@@ -116,4 +118,5 @@ class Settings:
         deployment = env.get("INTELLIGENTOPS_DEPLOYMENT") or "local"
         return cls(home=intelligentops_home(env), pipelines=pipelines_dir(env), deployment=deployment,
                    mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
-                   audit_url=env.get("INTELLIGENTOPS_AUDIT_URL") or None)
+                   audit_url=env.get("INTELLIGENTOPS_AUDIT_URL") or None,
+                   mlflow_artifacts=env.get("INTELLIGENTOPS_MLFLOW_ARTIFACTS") or None)

@@ -39,3 +39,15 @@ def pipelines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d.mkdir()
     monkeypatch.setenv("INTELLIGENTOPS_PIPELINES", str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 16 server (pgserver wheel) for the whole session; stopped and checked gone at the end."""
+    from pg_support import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
