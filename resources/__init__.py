@@ -41,6 +41,6 @@ def resources_for(settings: Settings) -> dict[str, Any]:
         from resources.servers import kubernetes_server_launcher
 
         k8s = KubernetesSettings.from_env()
-        resources.update(kubernetes_launchers(k8s))
+        resources.update(kubernetes_launchers(k8s, home))
         resources["server"] = kubernetes_server_launcher(k8s)
     return resources

@@ -35,6 +35,7 @@ TRAIN_CONTAINER = "train"
 # The deepspeed-distributed and torch-distributed runtimes both name their training container "node".
 RUNTIME_CONTAINER = "node"
 PATCH_MANAGER = "intelligentops.io/launcher"
+HOME_VOLUME = "intelligentops-home"
 CHECKPOINT_VOLUME = "checkpoints"
 SHM_VOLUME = "dshm"
 # Where the workload finds the checkpoint folder (a mounted PVC) or URL (object store).
@@ -109,6 +110,10 @@ class _KubernetesLauncher(TrainingLauncher):
     checkpoint_claim: str | None = Field(None, description="PVC holding checkpoints (deploy/k8s/checkpoints-pvc.yaml)")
     checkpoint_mount_path: str = Field("/checkpoints", description="Where the checkpoint PVC is mounted")
     checkpoint_url: str | None = Field(None, description="Object-store checkpoint folder (s3://...) when no PVC is used")
+    home_claim: str | None = Field(None, description="ReadWriteMany PVC holding $INTELLIGENTOPS_HOME (deploy/k8s/home-pvc.yaml): "
+                                                     "training reads its prepared data and writes its model there")
+    home_mount_path: str | None = Field(None, description="Where the home claim is mounted: the home's own path, the same in "
+                                                          "every pod")
     env: dict[str, str] = Field(default_factory=dict, description="Plain (non-secret) environment for every rank")
     secret_env: dict[str, str] = Field(default_factory=dict,
                                        description="Environment from Secrets: NAME -> 'secret-name/key'")
@@ -128,6 +133,9 @@ class _KubernetesLauncher(TrainingLauncher):
             _one_of(self, f"tolerations[{i}].operator", t.operator, ("Exists", "Equal"))
             if t.effect is not None:
                 _one_of(self, f"tolerations[{i}].effect", t.effect, ("NoSchedule", "PreferNoSchedule", "NoExecute"))
+        if self.home_claim and not (self.home_mount_path or "").startswith("/"):
+            raise ValueError(f"{type(self).__name__}: home_claim {self.home_claim!r} needs home_mount_path, the absolute "
+                             f"path of $INTELLIGENTOPS_HOME in every pod (got {self.home_mount_path!r})")
         if self.checkpoint_claim and self.checkpoint_url:
             raise ValueError(f"{type(self).__name__}: set checkpoint_claim ({self.checkpoint_claim!r}) or "
                              f"checkpoint_url ({self.checkpoint_url!r}), not both")
@@ -167,6 +175,11 @@ class _KubernetesLauncher(TrainingLauncher):
         """(pod volumes, container volume mounts)."""
         volumes: list[dict[str, Any]] = []
         mounts: list[dict[str, Any]] = []
+        if self.home_claim:
+            # The paths model_checkpoint hands the workload (data.npz, config.json, the model folder) are under the
+            # home, so the pod sees the home at the very path the run pod does.
+            volumes.append({"name": HOME_VOLUME, "persistentVolumeClaim": {"claimName": self.home_claim}})
+            mounts.append({"name": HOME_VOLUME, "mountPath": self.home_mount_path})
         if self.checkpoint_claim:
             volumes.append({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": self.checkpoint_claim}})
             mounts.append({"name": CHECKPOINT_VOLUME, "mountPath": self.checkpoint_mount_path})
@@ -430,7 +443,7 @@ class TrainJobLauncher(_KubernetesLauncher):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def kubernetes_launchers(k8s: KubernetesSettings) -> dict[str, TrainingLauncher]:
+def kubernetes_launchers(k8s: KubernetesSettings, home: str) -> dict[str, TrainingLauncher]:
     """The "kubernetes" deployment's launchers, configured from `INTELLIGENTOPS_K8S_*` (resources/settings.py).
 
     `launcher` is the single-pod launcher; `trainjob_launcher` serves specs with training.launcher: trainjob.
@@ -442,6 +455,8 @@ def kubernetes_launchers(k8s: KubernetesSettings) -> dict[str, TrainingLauncher]
         gpus=k8s.gpus,
         service_account=k8s.service_account,
         checkpoint_claim=k8s.checkpoint_claim,
+        home_claim=k8s.home_claim,
+        home_mount_path=home if k8s.home_claim else None,
         checkpoint_url=k8s.checkpoint_url,
         node_selector=dict(k8s.node_selector),
         tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],

@@ -76,6 +76,7 @@ class KubernetesSettings:
     service_account: str = "intelligentops-train"
     checkpoint_claim: str | None = None
     checkpoint_url: str | None = None
+    home_claim: str | None = None
     node_selector: dict[str, str] = field(default_factory=dict)
     env_secrets: list[str] = field(default_factory=list)
     num_nodes: int = 2
@@ -89,6 +90,7 @@ class KubernetesSettings:
             service_account=env.get("INTELLIGENTOPS_K8S_TRAIN_SERVICE_ACCOUNT") or "intelligentops-train",
             checkpoint_claim=env.get("INTELLIGENTOPS_K8S_CHECKPOINT_PVC") or None,
             checkpoint_url=env.get("INTELLIGENTOPS_K8S_CHECKPOINT_URL") or None,
+            home_claim=env.get("INTELLIGENTOPS_K8S_HOME_PVC") or None,
             node_selector=env_pairs("INTELLIGENTOPS_K8S_NODE_SELECTOR", env),
             env_secrets=env_list("INTELLIGENTOPS_K8S_ENV_SECRETS", env),
             num_nodes=env_int("INTELLIGENTOPS_K8S_NUM_NODES", 2, env, minimum=1),

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 PROMOTION = 'key:"loans/*" and not group:monitoring and not key:"loans/deployment"'
 
 
-def loans(n: int = 600, seed: int = 0, biased: bool = False) -> pd.DataFrame:
+def loans(n: int = 1500, seed: int = 0, biased: bool = False) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     region = rng.choice(["north", "south"], n)
     debt = rng.uniform(0, 40, n).round(1)
@@ -42,7 +42,7 @@ def spec(**over) -> dict:
         "target": {"column": "outcome", "positive": ["default"]},
         "features": {"numeric": ["income", "debt_ratio"], "categorical": ["purpose"]},
         "sensitive": ["region"],
-        "training": {"hidden": [16], "checkpoint_every_steps": 20},
+        "training": {"checkpoint_every_steps": 50},
         "compliance": {"intended_purpose": "Test lending model: flags loans for a person to review.",
                        "min_group_size": 20},
     }

@@ -366,6 +366,7 @@ def test_kubernetes_deployment_uses_the_kubernetes_launchers(home: Path, monkeyp
     monkeypatch.setenv("INTELLIGENTOPS_K8S_NAMESPACE", "ml")
     monkeypatch.setenv("INTELLIGENTOPS_K8S_CHECKPOINT_PVC", "ckpt")
     monkeypatch.setenv("INTELLIGENTOPS_K8S_ENV_SECRETS", "mlflow-credentials,object-store")
+    monkeypatch.setenv("INTELLIGENTOPS_K8S_HOME_PVC", "intelligentops-home")
     res = resources_for(Settings(home=str(home), pipelines=home, deployment="kubernetes"))
     assert isinstance(res["launcher"], K8sPodLauncher) and isinstance(res["trainjob_launcher"], TrainJobLauncher)
     assert res["launcher"].namespace == "ml" and res["launcher"].checkpoint_claim == "ckpt"
@@ -373,7 +374,14 @@ def test_kubernetes_deployment_uses_the_kubernetes_launchers(home: Path, monkeyp
     monkeypatch.setenv("INTELLIGENTOPS_TRAIN_IMAGE", "registry.example.com/train:1")
     pod = res["launcher"].process_config_and_initialize().render_pod_manifest(REQUEST)
     assert pod["spec"]["containers"][0]["image"] == "registry.example.com/train:1"
+    # The training pod sees the home (prepared data, the model folder) at the very path the run pod does.
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert claims["intelligentops-home"] == "intelligentops-home" and mounts["intelligentops-home"] == str(home)
     validate_k8s(pod)
+    with pytest.raises(ValueError, match="home_claim 'h' needs home_mount_path"):
+        K8sPodLauncher(image="i", home_claim="h").render_pod_manifest(REQUEST)
 
 
 def test_importing_the_launchers_stays_light() -> None:
