@@ -158,16 +158,65 @@ def _schema(df: pd.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name=str(c), type=str(t)) for c, t in df.dtypes.items()])
 
 
-def snapshot_source(loaded: LoadedSpec, log: Any) -> dg.Output[pd.DataFrame]:
-    """The source read once, Parquet-safe, with its content hash, schema and a preview."""
+DECISION_ID_PREFIX = "decision:"
+
+
+def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: Any) -> tuple[pd.DataFrame, int]:
+    """Served decisions with a recorded outcome, as rows shaped like the source (labelled by their outcome).
+
+    Returns the rows and the last audit seq read. The id column (when the spec has one) is `decision:<id>`; the
+    time column is the decision's time; columns the server never saw (for example a sensitive column that is
+    not an input) are empty, and the data checks treat them as any other missing value.
+    """
+    from assets.monitoring import SERVED
+
+    labels = label_series(source[spec.target.column], spec)
+    negative = source.loc[labels == 0, spec.target.column].mode()
+    if negative.empty:
+        raise DataValidationError(f"{spec.name}: the source has no negative row, so an outcome of 0 has no target "
+                                  f"value to take ({spec.target.column!r})")
+    positive, negative_value = spec.target.positive[0], negative.iloc[0]
+    records, after = [], 0
+    while True:
+        batch = store.read_after(after, limit=5000, spec=spec.name, variants=SERVED)
+        if not batch:
+            break
+        records += batch
+        after = batch[-1].seq
+    outcomes = store.outcomes([r.decision_id for r in records]) if records else {}
+    rows = []
+    for r in records:
+        if r.decision_id not in outcomes:
+            continue
+        row = {c: (None if r.inputs.get(c) == "<redacted>" else r.inputs.get(c)) for c in spec.features.all}
+        row[spec.target.column] = positive if outcomes[r.decision_id] == 1 else negative_value
+        if spec.id_column:
+            row[spec.id_column] = f"{DECISION_ID_PREFIX}{r.decision_id}"
+        if spec.time_column:
+            row[spec.time_column] = r.time
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=[c for c in source.columns if c in spec.columns])
+    return frame, after
+
+
+def snapshot_source(loaded: LoadedSpec, log: Any, audit: Any | None = None) -> dg.Output[pd.DataFrame]:
+    """The source read once, Parquet-safe, with its content hash, schema and a preview; with
+    `monitoring.learn_from_outcomes`, plus the served decisions whose outcome came back."""
     df, where = read_source(loaded)
+    extra: dict[str, Any] = {}
+    if audit is not None:
+        learned, seq = outcome_rows(loaded.spec, df, audit)
+        if len(learned):
+            df = pd.concat([df, learned.astype(object)], ignore_index=True)
+        extra = {"rows_from_outcomes": len(learned), "outcomes_read_through_seq": seq}
+        log.info(f"{loaded.name}: {len(learned)} served decisions with outcomes join the snapshot")
     df = parquet_safe(df)
     digest = frame_hash(df)
     log.info(f"{loaded.name}: read {len(df)} rows x {df.shape[1]} columns from {where}")
     return dg.Output(df, data_version=dg.DataVersion(digest[:16]), metadata={
         "content_hash": digest, "source": where, "dagster/row_count": len(df),
         "dagster/column_schema": _schema(df), "columns": df.shape[1],
-        "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path),
+        "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path), **extra,
     })
 
 
@@ -254,10 +303,13 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
     raw_key, validated_key, splits_key = (asset_key(spec.name, n) for n in
                                           (naming.RAW_DATASET, naming.VALIDATED_DATASET, naming.TRAINING_SPLITS))
 
-    @dg.asset(key=raw_key, group_name=naming.DATA)
+    learns = spec.monitoring.learn_from_outcomes
+
+    @dg.asset(key=raw_key, group_name=naming.DATA, required_resource_keys={"audit"} if learns else set())
     def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
-        """Snapshot of the spec's source as Parquet: content hash, schema, row count and a preview."""
-        return snapshot_source(loaded, context.log)
+        """Snapshot of the spec's source as Parquet: content hash, schema, row count and a preview (and, when
+        the spec learns from outcomes, the served decisions whose outcome came back, counted in metadata)."""
+        return snapshot_source(loaded, context.log, context.resources.audit.store() if learns else None)
 
     @dg.multi_asset_check(specs=[dg.AssetCheckSpec(name=name, asset=raw_key, blocking=True, description=doc)
                                  for name, doc in DATA_CHECKS.items()],

@@ -211,7 +211,9 @@ class Monitoring(_Strict):
 
     A window is `window` served decisions; it is scored against detectors fitted on the serving version's
     training split, at a false-alarm rate of `p_val` for the whole window. Windows under `min_window` rows are
-    reported as too small. A retrain is asked for at most once per `retrain_cooldown_hours`.
+    reported as too small. A retrain is asked for at most once per `retrain_cooldown_hours`. With
+    `learn_from_outcomes`, every served decision whose outcome was recorded becomes a labelled row of the next
+    raw_dataset snapshot, so a retrain learns from what the deployment saw (raw_dataset's metadata says how many).
     """
 
     window: int = Field(1000, ge=10)
@@ -220,6 +222,8 @@ class Monitoring(_Strict):
     permutations: int = Field(300, ge=20)
     reference_rows: int = Field(5000, ge=100)
     retrain_cooldown_hours: float = Field(6.0, ge=0)
+    # Served decisions whose outcome came back join the next snapshot (and so the next retrain) as labelled rows.
+    learn_from_outcomes: bool = False
 
 
 class TrafficPolicy(_Strict):

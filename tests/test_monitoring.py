@@ -151,3 +151,44 @@ def test_detectors_of_a_real_version_see_a_shifted_window_and_not_an_unshifted_o
     # The same window scored again gives the same p-values: the detectors load back and are seeded.
     again = report_window(loaded, storage, mlflow, store, window_key(shifted[0].seq, shifted[-1].seq))
     assert [d["p_value"] for d in again.result["detectors"]] == [d["p_value"] for d in moved.result["detectors"]]
+
+
+@pytest.mark.slow
+def test_a_retrain_on_biased_outcomes_is_refused_by_fairness_and_the_champion_keeps_serving(
+        home: Path, pipelines: Path, instance):
+    """Outcomes come back labelled by region, not by finances; with learn_from_outcomes they join the next
+    snapshot, the retrain learns the bias, the fairness gate refuses it, and champion stays where it was."""
+    from support import failure_text, materialize, write_spec
+    from test_compliance import PROMOTION, loans, spec
+
+    from resources.mlflow import MlflowResource
+
+    loans(1500).to_csv(pipelines / "loans.csv", index=False)
+    write_spec(pipelines, spec(features={"numeric": ["income", "debt_ratio"], "categorical": ["purpose", "region"]},
+                               compliance={"intended_purpose": "Loans flagged for review.", "min_group_size": 20,
+                                           "allow_sensitive_inputs": True},
+                               monitoring={"learn_from_outcomes": True}))
+    defs = build_definitions(pipelines)
+    first = materialize(defs, instance, PROMOTION)
+    assert first.success, failure_text(first)
+    mlflow = MlflowResource(home=str(home))
+    assert str(mlflow.get_version("loans", "champion").version) == "1"
+
+    store = defs.resources["audit"].store()
+    served = loans(3000, seed=5)
+    records = store.append([{"decision_id": uuid.uuid4().hex, "spec": "loans", "model_name": "loans",
+                             "model_version": "1", "variant": "champion", "probability": 0.5, "decision": 0,
+                             "threshold": 0.5, "inputs": row}
+                            for row in served[["income", "debt_ratio", "purpose", "region"]].to_dict(orient="records")])
+    for r, region in zip(records, served["region"]):
+        store.record_outcome(r.decision_id, int(region == "south"))
+
+    retrain = defs.resolve_job_def("loans__retrain").execute_in_process(instance=instance, raise_on_error=False)
+    assert not retrain.success
+    raw = retrain.asset_materializations_for_node("loans__raw_dataset")[0].metadata
+    assert raw["rows_from_outcomes"].value == 3000
+    fairness = {c.check_name: c for c in retrain.get_asset_check_evaluations()}["fairness"]
+    assert not fairness.passed and "region: demographic parity difference" in fairness.description
+    assert str(mlflow.get_version("loans", "champion").version) == "1"
+    assert str(mlflow.get_version("loans", "challenger").version) == "2"
+    assert not retrain.asset_materializations_for_node("loans__champion_model")
