@@ -20,6 +20,7 @@ from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, Expl
 from assets.features import build_feature_frame
 from assets.naming import CHALLENGER, CHAMPION, LABEL, LINEAGE_TAGS, ROW_ID, SPLIT, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
+from assets.wiring import feature_asset
 from assets.training import manifest_problems
 from resources.mlflow import MlflowResource, refuse_pickle
 from resources.storage import StorageResource, frame_hash, sha256_file
@@ -305,18 +306,6 @@ def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
 
 def definitions(loaded: LoadedSpec) -> dg.Definitions:
     spec = loaded.spec
-    ins = {"validated": dg.AssetIn(key=asset_key(spec.name, naming.VALIDATED_DATASET)),
-           "splits": dg.AssetIn(key=asset_key(spec.name, naming.TRAINING_SPLITS))}
-    if spec.has_text:
-        ins["embeddings"] = dg.AssetIn(key=asset_key(spec.name, naming.TEXT_EMBEDDINGS))
-    common = dict(
-        key=asset_key(spec.name, naming.MODEL_EVALUATION), group_name=naming.EVALUATION, ins=ins,
-        deps=[asset_key(spec.name, naming.REGISTERED_MODEL)], required_resource_keys={"mlflow", "storage"},
-        description="The challenger on the test split: AUC, accuracy, precision and recall at the operating "
-                    "threshold, calibration error, per-group rates for each sensitive feature, the champion and two "
-                    "baselines (logistic regression, gradient boosting) on the same rows, global importance, "
-                    "explanations, robustness, lineage and integrity evidence, plots logged to MLflow, and the "
-                    "version's drift detectors fitted on its training split.")
 
     def run(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
             embeddings: pd.DataFrame | None) -> dg.Output[Evaluation]:
@@ -324,16 +313,12 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
         ev = evaluate(spec, r.mlflow, r.storage, validated, splits, embeddings, context.log)
         return dg.Output(ev, metadata=evaluation_metadata(ev))
 
-    # Dagster reads inputs from the signature, so the text variant names one more.
-    if spec.has_text:
-        @dg.asset(**common)
-        def model_evaluation(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
-                             embeddings: pd.DataFrame) -> dg.Output[Evaluation]:
-            return run(context, validated, splits, embeddings)
-    else:
-        @dg.asset(**common)
-        def model_evaluation(context: dg.AssetExecutionContext, validated: pd.DataFrame,
-                             splits: pd.DataFrame) -> dg.Output[Evaluation]:
-            return run(context, validated, splits, None)
-
+    model_evaluation = feature_asset(
+        spec, run, key=asset_key(spec.name, naming.MODEL_EVALUATION), group_name=naming.EVALUATION,
+        deps=[asset_key(spec.name, naming.REGISTERED_MODEL)], required_resource_keys={"mlflow", "storage"},
+        description="The challenger on the test split: AUC, accuracy, precision and recall at the operating "
+                    "threshold, calibration error, per-group rates for each sensitive feature, the champion and two "
+                    "baselines (logistic regression, gradient boosting) on the same rows, global importance, "
+                    "explanations, robustness, lineage and integrity evidence, plots logged to MLflow, and the "
+                    "version's drift detectors fitted on its training split.")
     return dg.Definitions(assets=[model_evaluation])

@@ -23,6 +23,7 @@ from assets import naming
 from assets.features import build_feature_frame, fit_preprocessing, transform
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec
+from assets.wiring import feature_asset
 from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource
@@ -319,22 +320,11 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: 
 def definitions(loaded: LoadedSpec) -> dg.Definitions:
     """model_checkpoint and registered_model for one spec."""
     spec = loaded.spec
-    validated_key, splits_key, checkpoint_key, registered_key = (
-        asset_key(spec.name, n) for n in (naming.VALIDATED_DATASET, naming.TRAINING_SPLITS,
-                                          naming.MODEL_CHECKPOINT, naming.REGISTERED_MODEL))
-    ins = {"validated": dg.AssetIn(key=validated_key), "splits": dg.AssetIn(key=splits_key)}
-    if spec.has_text:
-        ins["embeddings"] = dg.AssetIn(key=asset_key(spec.name, naming.TEXT_EMBEDDINGS))
+    validated_key, checkpoint_key, registered_key = (
+        asset_key(spec.name, n) for n in (naming.VALIDATED_DATASET, naming.MODEL_CHECKPOINT, naming.REGISTERED_MODEL))
     # `training.launcher: trainjob` asks for several nodes (a Kubeflow TrainJob on Kubernetes); `default` takes
     # the deployment's launcher (torchrun here, a GPU pod on Kubernetes).
     launcher_key = "trainjob_launcher" if spec.training.launcher == "trainjob" else "launcher"
-
-    checkpoint = dict(
-        key=checkpoint_key, group_name=naming.TRAINING, pool=POOL, ins=ins,
-        required_resource_keys={"storage", "mlflow", launcher_key},
-        description="The spec's network trained by DeepSpeed through the training launcher (torchrun locally, pods "
-                    "on Kubernetes) over its numeric, categorical and text-embedding features, resumed from its "
-                    "newest complete checkpoint, exported as safetensors with a sha256 manifest; links the MLflow run.")
 
     def train(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
               embeddings: pd.DataFrame | None) -> dg.Output[dict]:
@@ -342,17 +332,12 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
         return train_checkpoint(spec, r.storage, r.mlflow, getattr(r, launcher_key), context, validated, splits,
                                 embeddings)
 
-    # Dagster reads inputs from the signature, so the text variant names one more.
-    if spec.has_text:
-        @dg.asset(**checkpoint)
-        def model_checkpoint(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
-                             embeddings: pd.DataFrame) -> dg.Output[dict]:
-            return train(context, validated, splits, embeddings)
-    else:
-        @dg.asset(**checkpoint)
-        def model_checkpoint(context: dg.AssetExecutionContext, validated: pd.DataFrame,
-                             splits: pd.DataFrame) -> dg.Output[dict]:
-            return train(context, validated, splits, None)
+    model_checkpoint = feature_asset(
+        spec, train, key=checkpoint_key, group_name=naming.TRAINING, pool=POOL,
+        required_resource_keys={"storage", "mlflow", launcher_key},
+        description="The spec's network trained by DeepSpeed through the training launcher (torchrun locally, pods "
+                    "on Kubernetes) over its numeric, categorical and text-embedding features, resumed from its "
+                    "newest complete checkpoint, exported as safetensors with a sha256 manifest; links the MLflow run.")
 
     @dg.asset(key=registered_key, group_name=naming.TRAINING,
               ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key)})

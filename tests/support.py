@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -47,3 +49,12 @@ def failure_text(result: dg.ExecuteInProcessResult) -> str:
             parts.append(err.message)
             err = err.cause
     return "\n".join(parts)
+
+
+def load_workload(name: str):
+    """A program of workloads/ as a module (nothing in the code location imports them; tests may)."""
+    spec = importlib.util.spec_from_file_location(f"intelligentops_{name}", REPO / "workloads" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ training run on a real table that lands within 0.02 AUC of the better baseline."
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support import REPO
+from support import REPO, load_workload
 
 from assets.baselines import (
     GRADIENT_BOOSTING,
@@ -31,15 +30,7 @@ from assets.features import build_feature_frame, fit_preprocessing
 from assets.spec import Compliance, PipelineSpec, Training, load_spec
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("intelligentops_train", REPO / "workloads" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
+train = load_workload("train")
 sys.path.insert(0, str(REPO / "workloads"))  # tabular_mlp, as train.py itself finds it
 
 

@@ -461,20 +461,12 @@ def _refusals(serve, client, cfg, second_version: str, tmp_path: Path) -> None:
 
 
 def test_deployment_asset_serves_checks_and_observes_the_log(registered, tmp_path):
-    from assets.deployment import definitions
     from orchestration.definitions import build_definitions
-    from resources.servers import LocalServerLauncher
     from support import failure_text, materialize
 
     reg, instance = registered
-    loaded = load_spec(reg.pipelines / f"{SPEC}.yaml")
-    defs = dg.Definitions.merge(build_definitions(reg.pipelines), definitions(loaded))
+    defs = build_definitions(reg.pipelines)
     resources = dict(defs.resources)
-    resources.setdefault("server", LocalServerLauncher(home=str(reg.home)))
-    from resources.servers import AuditResource
-
-    resources.setdefault("audit", AuditResource(home=str(reg.home)))
-    defs = dg.Definitions(assets=list(defs.assets), asset_checks=list(defs.asset_checks or []), resources=resources)
     # champion_model is not re-run here: the module fixture already set the alias.
     selection = 'key:"serve_loans/deployment" or key:"serve_loans/inference_log"'
     launcher = resources["server"]

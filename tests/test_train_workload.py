@@ -3,7 +3,6 @@ config parsing, export and resume of a finished run; and that the code location 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,22 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support import REPO
+from support import REPO, load_workload
 
 from assets.features import FeatureError, build_feature_frame, fit_preprocessing, transform
 from assets.spec import PipelineSpec
 from assets.training import TrainingError, training_key, verify_model_dir
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("intelligentops_train", REPO / "workloads" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
+train = load_workload("train")
 
 
 # --- features -------------------------------------------------------------------------------------------------
@@ -84,7 +75,7 @@ def test_training_key_changes_with_data_and_settings_but_not_with_the_launcher()
     base = {"name": "toy", "source": {"kind": "file", "path": "x.csv"}, "target": {"column": "y", "positive": [1]},
             "features": {"numeric": ["a"]}}
     spec = PipelineSpec.model_validate(base)
-    same = PipelineSpec.model_validate({**base, "training": {"launcher": "kubernetes"}})
+    same = PipelineSpec.model_validate({**base, "training": {"launcher": "trainjob"}})
     other = PipelineSpec.model_validate({**base, "training": {"epochs": 2}})
     assert training_key(spec, "d1", "s1") == training_key(same, "d1", "s1")
     assert len({training_key(spec, "d1", "s1"), training_key(spec, "d2", "s1"), training_key(spec, "d1", "s2"),
@@ -201,24 +192,6 @@ def test_workload_runs_by_hand_and_a_finished_run_is_exported_again(tmp_path: Pa
 
 
 # --- the code location stays light ----------------------------------------------------------------------------
-
-
-def test_loading_definitions_imports_no_ml_library(tmp_path: Path) -> None:
-    folder = tmp_path / "pipelines"
-    folder.mkdir()
-    # A spec with text needs the embeddings stage's asset; until that stage is in the graph use the tabular one.
-    names = ["credit_scoring"] + (["credit_risk"] if (REPO / "assets" / "embeddings.py").exists() else [])
-    for n in names:
-        (folder / f"{n}.yaml").write_text((REPO / "pipelines" / f"{n}.yaml").read_text())
-    code = ("import sys, orchestration.definitions as d; "
-            "d.defs.resolve_asset_graph(); "
-            "print(','.join(m for m in ('torch', 'mlflow', 'deepspeed', 'sklearn', 'transformers', "
-            "'sentence_transformers', 'safetensors') if m in sys.modules))")
-    env = {**os.environ, "INTELLIGENTOPS_PIPELINES": str(folder), "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == ""
 
 
 def test_preprocessing_survives_json_round_trip_in_column_order():

@@ -1025,7 +1025,6 @@ def main(argv: list[str] | None = None) -> int:
     # kserve parses sys.argv when imported; hand it only what it understands.
     sys.argv = sys.argv[:1]
     import kserve
-    from fastapi import Request
     from fastapi.responses import JSONResponse
     from kserve.model_server import app
 
@@ -1046,16 +1045,17 @@ def main(argv: list[str] | None = None) -> int:
     async def status():
         return JSONResponse(engine.status())
 
-    async def outcomes(name: str, request: Request):
+    async def outcomes(request):
         """What really happened for earlier decisions: {"outcomes": [{"decision_id": ..., "outcome": 0|1}]}."""
         try:
-            recorded = record_outcomes(engine.audit, cfg.spec, name, await request.body())
+            recorded = record_outcomes(engine.audit, cfg.spec, request.path_params["name"], await request.body())
         except OutcomeError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         return JSONResponse({"recorded": recorded})
 
     app.add_api_route("/intelligentops/status", status, methods=["GET"])
-    app.add_api_route("/v2/models/{name}/outcomes", outcomes, methods=["POST"])
+    # A plain Starlette route: the handler takes the request as it is, no FastAPI parameter inference.
+    app.add_route("/v2/models/{name}/outcomes", outcomes, methods=["POST"])
     app.add_middleware(Gateway, cfg=cfg, keys=keys, metrics=metrics)
     log.info("%s: serving versions %s on port %d (%s policy), audit log %s", cfg.spec, engine.alias_versions,
              cfg.port, cfg.mode, engine.audit.location())

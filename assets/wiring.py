@@ -1,0 +1,38 @@
+"""Wiring the stage factories share."""
+
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from assets import naming
+from assets.naming import asset_key
+from assets.spec import PipelineSpec
+
+FeatureBody = Callable[[dg.AssetExecutionContext, pd.DataFrame, pd.DataFrame, pd.DataFrame | None], Any]
+
+
+def feature_asset(spec: PipelineSpec, body: FeatureBody, **asset_kwargs: Any) -> dg.AssetsDefinition:
+    """An asset over validated_dataset and training_splits, and text_embeddings when the spec has text.
+
+    Dagster reads an asset's inputs from its function's parameters, so the text variant names one more; `body`
+    gets None for the embeddings of a spec without text.
+    """
+    ins = {"validated": dg.AssetIn(key=asset_key(spec.name, naming.VALIDATED_DATASET)),
+           "splits": dg.AssetIn(key=asset_key(spec.name, naming.TRAINING_SPLITS))}
+    if spec.has_text:
+        ins["embeddings"] = dg.AssetIn(key=asset_key(spec.name, naming.TEXT_EMBEDDINGS))
+
+        @dg.asset(ins=ins, **asset_kwargs)
+        def with_text(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
+                      embeddings: pd.DataFrame):
+            return body(context, validated, splits, embeddings)
+
+        return with_text
+
+    @dg.asset(ins=ins, **asset_kwargs)
+    def tabular(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame):
+        return body(context, validated, splits, None)
+
+    return tabular
