@@ -302,3 +302,35 @@ def test_helm_values_mount_the_shared_home_in_every_pod() -> None:
     mlflow_docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "mlflow.yaml").read_text()))
     (service,) = [d for d in mlflow_docs if d["kind"] == "Service"]
     assert env["MLFLOW_TRACKING_URI"] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+
+
+def test_audit_log_on_postgres_chains_from_two_writers_and_names_an_edited_record(postgres) -> None:
+    """The decision log's second backend: the same store on PostgreSQL (a cluster's INTELLIGENTOPS_AUDIT_URL)."""
+    import threading
+    import uuid
+
+    from resources.audit import AuditStore
+
+    name, url = fresh_database(postgres, "audit")
+    stores = [AuditStore(url), AuditStore(url)]  # two servers writing to one log
+
+    def write(store: AuditStore) -> None:
+        for _ in range(10):
+            store.append([{"decision_id": uuid.uuid4().hex, "spec": "loans", "model_name": "loans",
+                           "model_version": "1", "variant": "champion", "inputs": {"income": 1.0, "purpose": "car"},
+                           "probability": 0.3, "decision": 0, "threshold": 0.5} for _ in range(5)])
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    verified = stores[0].verify()
+    assert verified.ok and verified.checked == 100
+    assert [r.seq for r in stores[1].read_after(0, limit=1000)] == list(range(1, 101))
+    victim = stores[0].read_after(41, limit=1)[0]
+    stores[0].record_outcome(victim.decision_id, 1)
+    assert stores[1].outcomes([victim.decision_id]) == {victim.decision_id: 1}
+    postgres.query(name, f"UPDATE audit_decisions SET probability = 0.99 WHERE seq = {victim.seq}")
+    broken = stores[1].verify()
+    assert not broken.ok and any(f"seq {victim.seq}" in p and victim.decision_id in p for p in broken.problems)
