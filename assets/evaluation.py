@@ -20,7 +20,7 @@ from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, Expl
 from assets.features import build_feature_frame
 from assets.naming import CHALLENGER, CHAMPION, LABEL, LINEAGE_TAGS, ROW_ID, SPLIT, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
-from assets.wiring import feature_asset
+from assets.wiring import feature_asset, png_markdown
 from assets.training import manifest_problems
 from resources.mlflow import MlflowResource, refuse_pickle
 from resources.storage import StorageResource, frame_hash, sha256_file
@@ -284,6 +284,10 @@ def _metrics_table(ev: Evaluation) -> str:
     return "\n".join(rows)
 
 
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
     meta: dict[str, Any] = {"model_version": ev.model_version, "mlflow_run_id": ev.run_id or ""}
     if ev.test is None:
@@ -292,6 +296,13 @@ def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
     meta.update({f"test_{k}": round(v, 4) for k, v in ev.test.model_dump().items() if isinstance(v, float)})
     meta["metrics"] = dg.MetadataValue.md(_metrics_table(ev))
     meta.update({f"plot_{k}": dg.MetadataValue.path(v) for k, v in ev.plots.items()})
+    # Shown inline in the UI: what a reviewer would rather see than read.
+    meta.update({f"{k}_plot": png_markdown(v, f"{k}, version {ev.model_version}") for k, v in ev.plots.items()})
+    if ev.slices:
+        rows = ["| feature | group | rows | selection rate | TPR | FPR | measured |", "|---|---|---|---|---|---|---|"]
+        rows += [f"| {f} | {g} | {r.rows} | {_rate(r.selection_rate)} | {_rate(r.tpr)} | {_rate(r.fpr)} | "
+                 f"{'yes' if r.measured else 'too small'} |" for f, s in ev.slices.items() for g, r in s.groups.items()]
+        meta["group_rates"] = dg.MetadataValue.md("\n".join(rows))
     meta.update({f"baseline_{b.name}_auc": round(b.auc, 4) for b in ev.baselines})
     if ev.drift_detectors:
         meta["drift_detectors_sha256"] = ev.drift_detectors

@@ -30,6 +30,7 @@ import pandas as pd
 from assets import naming
 from assets.naming import asset_key
 from assets.spec import LoadedSpec, PipelineSpec
+from assets.wiring import png_markdown
 from resources.servers import AuditResource
 from resources.storage import StorageResource, atomic_write_bytes
 
@@ -250,7 +251,8 @@ def report_metadata(report: WindowReport) -> dict[str, Any]:
         "message": r.get("message", ""),
     }
     if report.plot:
-        meta["plot"] = dg.MetadataValue.path(report.plot)
+        meta["plot"] = png_markdown(report.plot, f"drift, window {report.window}")
+        meta["plot_path"] = dg.MetadataValue.path(report.plot)
     return meta
 
 

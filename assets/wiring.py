@@ -36,3 +36,12 @@ def feature_asset(spec: PipelineSpec, body: FeatureBody, **asset_kwargs: Any) ->
         return body(context, validated, splits, None)
 
     return tabular
+
+
+def png_markdown(path: str, title: str) -> dg.MetadataValue:
+    """A PNG the UI shows inline (Markdown with the image as a data URI), not a path to go and find."""
+    import base64
+    from pathlib import Path
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")

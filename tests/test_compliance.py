@@ -77,6 +77,9 @@ def test_promotion_regression_approval_and_rollback(home: Path, pipelines: Path,
     meta = {m.asset_key.path[-1]: m.materialization.metadata for m in first.get_asset_materialization_events()}
     assert meta["model_evaluation"]["test_auc"].value > 0.8
     assert Path(meta["model_evaluation"]["plot_roc"].value).is_file()
+    # The plots and per-group rates show in the UI itself, not as paths to go and find.
+    assert meta["model_evaluation"]["roc_plot"].value.startswith("![roc, version 1](data:image/png;base64,")
+    assert "| region | north |" in meta["model_evaluation"]["group_rates"].value
     report = Path(meta["compliance_report"]["report"].value).read_text()
     assert "## Fairness findings" in report and "Fairness gate: passed" in report
 
