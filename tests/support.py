@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import dagster as dg
 import yaml
+from http.server import BaseHTTPRequestHandler
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -58,3 +60,18 @@ def load_workload(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Base of the tests' small loopback HTTP stand-ins: quiet, and answers JSON."""
+
+    def log_message(self, *_args) -> None:  # keep pytest's output clean
+        pass
+
+    def send_json(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

@@ -8,13 +8,14 @@ objects in memory and answers the REST paths the client calls, so the requests t
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+from support import JsonHandler
 
 from resources.servers import CONFIG_FILE, KServeLauncher
 
@@ -110,19 +111,8 @@ class FakeApiServer(ThreadingHTTPServer):
         self.ready_after_gets = 2
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: FakeApiServer
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-    def _send(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _body(self) -> dict[str, Any]:
         return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -141,22 +131,22 @@ class _Handler(BaseHTTPRequestHandler):
         key = f"{kind}/{body['metadata']['name']}"
         self.server.requests.append(("POST", key, self.headers.get("Content-Type", "")))
         if key in self.server.objects:
-            return self._send(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"})
+            return self.send_json(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"})
         self.server.objects[key] = body
-        self._send(201, body)
+        self.send_json(201, body)
 
     def do_PUT(self) -> None:
         kind, name = self._route()
         self.server.requests.append(("PUT", f"{kind}/{name}", self.headers.get("Content-Type", "")))
         self.server.objects[f"{kind}/{name}"] = self._body()
-        self._send(200, self.server.objects[f"{kind}/{name}"])
+        self.send_json(200, self.server.objects[f"{kind}/{name}"])
 
     def do_PATCH(self) -> None:
         kind, name = self._route()
         key = f"{kind}/{name}"
         self.server.requests.append(("PATCH", key, self.headers.get("Content-Type", "")))
         self.server.objects[key] = {**self.server.objects[key], **self._body()}
-        self._send(200, self.server.objects[key])
+        self.send_json(200, self.server.objects[key])
 
     def do_GET(self) -> None:
         kind, name = self._route()
@@ -168,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
         obj["status"] = {"url": f"http://{name}.intelligentops.example.com",
                          "conditions": [{"type": "Ready", "status": "True" if ready else "False",
                                          "reason": "" if ready else "PredictorNotReady"}]}
-        self._send(200, obj)
+        self.send_json(200, obj)
 
 
 @pytest.fixture

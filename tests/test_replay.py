@@ -9,7 +9,6 @@ checks the request's shape and key.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -18,18 +17,15 @@ import sys
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from support import REPO, JsonHandler, load_workload
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("replay", REPO / "workloads" / "replay.py")
-replay = importlib.util.module_from_spec(_spec)
-sys.modules["replay"] = replay
-_spec.loader.exec_module(replay)
+replay = load_workload("replay")
 
 KEY = "test-key-123"
 
@@ -246,33 +242,22 @@ def test_v1_replay_and_a_wrong_key_against_kserve(kserve_server, frame: pd.DataF
 # --- HTTP: the outcomes endpoint, on a stdlib server -------------------------------------------------------
 
 
-class _OutcomesHandler(BaseHTTPRequestHandler):
+class _OutcomesHandler(JsonHandler):
     received: list[dict] = []
-
-    def log_message(self, *args) -> None:  # keep pytest's output clean
-        pass
-
-    def _answer(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self) -> None:
         if self.headers.get("Authorization") != f"Bearer {KEY}":
-            return self._answer(401, {"error": "missing or wrong bearer key"})
+            return self.send_json(401, {"error": "missing or wrong bearer key"})
         if self.path != "/v2/models/credit_risk/outcomes":
-            return self._answer(404, {"error": f"no route {self.path}"})
+            return self.send_json(404, {"error": f"no route {self.path}"})
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         items = body.get("outcomes")
         ok = isinstance(items, list) and all(set(i) == {"decision_id", "outcome"} and i["outcome"] in (0, 1)
                                              for i in items)
         if not ok:
-            return self._answer(422, {"error": "body must be {'outcomes': [{'decision_id', 'outcome': 0|1}]}"})
+            return self.send_json(422, {"error": "body must be {'outcomes': [{'decision_id', 'outcome': 0|1}]}"})
         type(self).received.append(body)
-        return self._answer(200, {"recorded": len(items)})
+        return self.send_json(200, {"recorded": len(items)})
 
 
 @pytest.fixture
