@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support import REPO, JsonHandler, load_workload
+from support import JsonHandler, load_workload
 
 replay = load_workload("replay")
 
