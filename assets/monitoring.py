@@ -15,6 +15,13 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
   report that found drift (or a live AUC under the spec's floor), one `<spec>__retrain` run (run_key
   `retrain:<window>`) with the evidence in its tags. Its cursor moves only with the requests, in the same tick
   result, so a daemon killed mid-tick re-reads the same windows next tick and the run keys stop duplicates.
+- Outcomes usually come back long after a window was reported. The sensor follows the audit log's outcome
+  events and reports a window again each time its labelled decisions pass 30, 100, 300, ... (run_key
+  `outcomes:<window>:<n>`), so the live AUC is computed where outcomes exist and a drop under
+  `compliance.min_auc` asks for the window's retrain (still one per window).
+- When a retrain the sensor asked for finishes, its outcome (promoted, and which version; or refused, and by
+  which gates with their numbers) is written back onto the window's drift report as an observation, so the
+  report's history in the UI says what became of the alarm.
 """
 
 import json
@@ -248,7 +255,7 @@ def report_metadata(report: WindowReport) -> dict[str, Any]:
         "performance_drop": report.performance_drop, "retrain_requested_by_sensor": report.retrain,
         "detectors": dg.MetadataValue.md("\n".join(rows)),
         "features_moved": dg.MetadataValue.md("\n".join(moved) or "none"),
-        "message": r.get("message", ""),
+        "message": r.get("message", ""), "evidence": report.evidence(),
     }
     if report.plot:
         meta["plot"] = png_markdown(report.plot, f"drift, window {report.window}")
@@ -259,33 +266,135 @@ def report_metadata(report: WindowReport) -> dict[str, Any]:
 # --- the sensor -----------------------------------------------------------------------------------------------
 
 
+# Outcome counts at which a window is judged again: live AUC needs 30 labelled decisions, and each step
+# roughly triples the evidence, so a window is re-reported a handful of times, not once per outcome.
+OUTCOME_MILESTONES = (30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+
 @dataclass(frozen=True)
 class SensorCursor:
-    """Last audit seq turned into a window, last drift_report event read, and when a retrain was last asked."""
+    """Where the drift sensor has read to, in each of the four feeds it follows.
+
+    seq: the last audit seq turned into a window; event_id: the last drift_report event read; last_retrain: when
+    a retrain was last asked for (the cooldown); outcome_id: the last outcome event read; retrains_until: the
+    update time of the last finished retrain whose outcome was written back to its window's report.
+    """
 
     seq: int = 0
     event_id: int = 0
     last_retrain: float = 0.0
+    outcome_id: int = 0
+    retrains_until: float = 0.0
 
     @classmethod
     def parse(cls, raw: str | None) -> "SensorCursor":
         return cls(**json.loads(raw)) if raw else cls()
 
     def dump(self) -> str:
-        return json.dumps({"seq": self.seq, "event_id": self.event_id, "last_retrain": self.last_retrain})
+        return json.dumps({"seq": self.seq, "event_id": self.event_id, "last_retrain": self.last_retrain,
+                           "outcome_id": self.outcome_id, "retrains_until": self.retrains_until})
+
+
+def _run_exists(instance: dg.DagsterInstance, job: str, run_key: str) -> bool:
+    runs = instance.get_run_records(dg.RunsFilter(job_name=job, tags={"dagster/run_key": run_key}), limit=1)
+    return bool(runs)
+
+
+def outcome_rechecks(spec: PipelineSpec, instance: dg.DagsterInstance, store: Any, after_event: int,
+                     skip: set[str]) -> tuple[list[dg.RunRequest], int]:
+    """Windows whose outcomes came back since `after_event` are reported again as their labelled share grows
+    (run_key `outcomes:<window>:<milestone>`), so the live AUC, and a drop under the floor, is seen."""
+    import bisect
+
+    events = store.outcome_events_after(after_event, spec.name)
+    if not events:
+        return [], after_event
+    seqs = sorted({seq for _, seq in events})
+    requests = []
+    for key in instance.get_dynamic_partitions(windows_partitions(spec.name).name):
+        first, last = window_bounds(key)
+        i = bisect.bisect_left(seqs, first)
+        if key in skip or i == len(seqs) or seqs[i] > last:
+            continue
+        n = store.outcome_count(spec.name, first, last, variants=SERVED)
+        milestone = max((m for m in OUTCOME_MILESTONES if m <= n), default=0)
+        if milestone:
+            requests.append(dg.RunRequest(run_key=f"outcomes:{key}:{milestone}", partition_key=key,
+                                          job_name=naming.job_name(spec.name, "report_drift"),
+                                          tags={f"{TAG}window": key, f"{TAG}outcomes": str(n)}))
+    return requests, events[-1][0]
+
+
+def retrain_outcome(instance: dg.DagsterInstance, run: Any) -> dict[str, Any]:
+    """What a finished retrain did, from its own events: the version promoted, or the gates that refused it."""
+    events = instance.all_logs(run.run_id, of_type={dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+                                                    dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                    dg.DagsterEventType.STEP_FAILURE})
+    refused, failures, champion = [], [], None
+    for e in events:
+        data = e.dagster_event.event_specific_data
+        kind = e.dagster_event.event_type
+        if kind == dg.DagsterEventType.ASSET_CHECK_EVALUATION and not data.passed:
+            refused.append(f"{data.check_name}: {data.description or 'failed'}")
+        elif kind == dg.DagsterEventType.ASSET_MATERIALIZATION and \
+                data.materialization.asset_key.path[-1] == naming.CHAMPION_MODEL:
+            champion = {k: v.value for k, v in data.materialization.metadata.items()}
+        elif kind == dg.DagsterEventType.STEP_FAILURE:
+            failures.append(f"{e.step_key}: {(data.error.message if data.error else e.user_message).strip()}")
+    if run.status == dg.DagsterRunStatus.SUCCESS and champion is not None:
+        outcome = "promoted" if champion.get("changed") else "not changed"
+        reason = f"champion v{champion.get('champion_version')}: {champion.get('decision', '')}"
+    elif run.status == dg.DagsterRunStatus.CANCELED:
+        outcome, reason = "canceled", "the run was canceled; the champion keeps serving"
+    elif refused:
+        outcome, reason = "refused", "; ".join(refused)
+    else:
+        outcome = "failed"
+        reason = "; ".join(failures) or f"run ended {run.status.value} without promoting"
+    return {"retrain_run": run.run_id, "retrain_outcome": outcome, "retrain_reason": reason[:2000],
+            "champion_version": str(champion.get("champion_version")) if champion else "unchanged"}
+
+
+def retrain_outcomes(spec: PipelineSpec, instance: dg.DagsterInstance, after: float
+                     ) -> tuple[list[dg.AssetObservation], float]:
+    """Each retrain that finished since `after` is written back, as an observation, onto the drift report of the
+    window that asked for it: promoted (and which version) or refused (and by which gates)."""
+    from datetime import UTC, datetime
+
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=naming.job_name(spec.name, "retrain"), statuses=list(FINISHED),
+                      updated_after=datetime.fromtimestamp(after, UTC)),
+        limit=50, order_by="update_timestamp", ascending=True)
+    observations = []
+    for record in records:
+        after = max(after, record.update_timestamp.timestamp())
+        window = record.dagster_run.tags.get(f"{TAG}window")
+        if not window:
+            continue  # a retrain started by hand or by the weekly schedule answers to no window
+        meta = retrain_outcome(instance, record.dagster_run)
+        observations.append(dg.AssetObservation(
+            asset_key=asset_key(spec.name, naming.DRIFT_REPORT), partition=window,
+            description=f"retrain {meta['retrain_outcome']}: {meta['retrain_reason'][:300]}", metadata=meta))
+    return observations, after
 
 
 def evaluate_drift_sensor(spec: PipelineSpec, instance: dg.DagsterInstance, store: Any, cursor: SensorCursor,
                           now: float, log: Any) -> dg.SensorResult:
-    """New full windows become drift_report runs; drift found in a report becomes one retrain run."""
+    """New full windows become drift_report runs; windows whose outcomes came back are reported again; drift
+    (or a live AUC under the floor) found in a report becomes one retrain run; a finished retrain's outcome is
+    written back onto its window's report."""
     m = spec.monitoring
     report_key = asset_key(spec.name, naming.DRIFT_REPORT)
+    retrain_job = naming.job_name(spec.name, "retrain")
     partitions = windows_partitions(spec.name)
     windows = full_windows(store, spec.name, cursor.seq, m.window)
     keys = [window_key(a, b) for a, b in windows]
     requests = [dg.RunRequest(run_key=f"report:{k}", job_name=naming.job_name(spec.name, "report_drift"),
                               partition_key=k, tags={f"{TAG}window": k}) for k in keys]
     seq = windows[-1][1] if windows else cursor.seq
+    rechecks, outcome_id = outcome_rechecks(spec, instance, store, cursor.outcome_id, set(keys))
+    requests += rechecks
 
     event_id, last_retrain = cursor.event_id, cursor.last_retrain
     found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=report_key, after_storage_id=event_id),
@@ -296,20 +405,26 @@ def evaluate_drift_sensor(spec: PipelineSpec, instance: dg.DagsterInstance, stor
         if not meta.get("retrain_requested_by_sensor"):
             continue
         window = str(meta.get("window", record.asset_materialization.partition))
+        run_key = f"retrain:{window}"
+        if _run_exists(instance, retrain_job, run_key):
+            continue  # this window already has its retrain (a re-report after outcomes came back, or a replay)
         if now - last_retrain < m.retrain_cooldown_hours * 3600:
             log.info(f"{spec.name}: window {window} asks for a retrain, but one was requested "
                      f"{(now - last_retrain) / 3600:.1f} h ago (cooldown {m.retrain_cooldown_hours} h)")
             continue
         last_retrain = now
         requests.append(dg.RunRequest(
-            run_key=f"retrain:{window}", job_name=naming.job_name(spec.name, "retrain"),
+            run_key=run_key, job_name=retrain_job,
             tags={f"{TAG}window": window, f"{TAG}trigger": "drift" if meta.get("drift") else "performance",
                   f"{TAG}served_version": str(meta.get("model_version", "")),
-                  f"{TAG}evidence": str(meta.get("message", ""))[:250]}))
+                  f"{TAG}evidence": str(meta.get("evidence") or meta.get("message", ""))[:250]}))
+    observations, retrains_until = retrain_outcomes(spec, instance, cursor.retrains_until)
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[partitions.build_add_request(keys)] if keys else [],
-        cursor=SensorCursor(seq=seq, event_id=event_id, last_retrain=last_retrain).dump())
+        asset_events=observations,
+        cursor=SensorCursor(seq=seq, event_id=event_id, last_retrain=last_retrain, outcome_id=outcome_id,
+                            retrains_until=retrains_until).dump())
 
 
 # --- wiring ---------------------------------------------------------------------------------------------------
@@ -340,7 +455,8 @@ def definitions(loaded: LoadedSpec, retrain: Any) -> dg.Definitions:
     @dg.sensor(name=naming.drift_sensor_name(spec.name), minimum_interval_seconds=30, jobs=[report_job, retrain],
                default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Reads {spec.name}'s audit log after its cursor: a drift report per window of "
-                           f"{spec.monitoring.window} decisions, and a retrain when one finds drift.")
+                           f"{spec.monitoring.window} decisions, again as outcomes come back, a retrain when one finds "
+                           f"drift or a live AUC under the floor, and each retrain's outcome written back.")
     def drift_sensor(context: dg.SensorEvaluationContext, audit: AuditResource) -> dg.SensorResult:
         import time
 

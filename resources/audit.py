@@ -195,6 +195,17 @@ class AuditStore:
             sa.Column("outcome", sa.Integer, nullable=False),
             sa.Column("at", sa.String(40), nullable=False),
         )
+        # Every outcome recorded, in arrival order: the drift sensor's feed for re-judging windows whose outcomes
+        # came back after their report (a new table, so stores written before it simply start it empty).
+        self.outcome_events = sa.Table(
+            "audit_outcome_events", self.meta,
+            sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+            sa.Column("decision_id", sa.String(64), nullable=False),
+            sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
+            sa.Column("spec", sa.String(128), nullable=False, index=True),
+            sa.Column("outcome", sa.Integer, nullable=False),
+            sa.Column("at", sa.String(40), nullable=False),
+        )
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -251,12 +262,36 @@ class AuditStore:
         """The observed outcome of a decision (1 = positive class happened); a later call replaces it."""
         import sqlalchemy as sa
 
-        if self.get(decision_id) is None:
+        record = self.get(decision_id)
+        if record is None:
             raise AuditError(f"no decision {decision_id!r} in the audit log at {self.location()}")
         values = {"decision_id": decision_id, "outcome": int(outcome), "at": at or now_iso()}
         with self._lock, self.engine.begin() as conn:
             conn.execute(sa.delete(self.outcome_table).where(self.outcome_table.c.decision_id == decision_id))
             conn.execute(self.outcome_table.insert().values(**values))
+            conn.execute(self.outcome_events.insert().values(seq=record.seq, spec=record.spec, **values))
+
+    def outcome_events_after(self, event_id: int, spec: str, limit: int = 10000) -> list[tuple[int, int]]:
+        """(event id, decision seq) of the outcomes of `spec` recorded after event `event_id`, oldest first."""
+        import sqlalchemy as sa
+
+        e = self.outcome_events
+        q = (sa.select(e.c.id, e.c.seq).where(e.c.id > int(event_id), e.c.spec == spec).order_by(e.c.id)
+             .limit(int(limit)))
+        with self._read_engine.connect() as conn:
+            return [(int(r.id), int(r.seq)) for r in conn.execute(q)]
+
+    def outcome_count(self, spec: str, first: int, last: int, variants: tuple[str, ...] | None = None) -> int:
+        """How many decisions of `spec` with seq in [first, last] (of the given variants) have an outcome."""
+        import sqlalchemy as sa
+
+        d, o = self.decisions, self.outcome_table
+        q = (sa.select(sa.func.count()).select_from(d.join(o, o.c.decision_id == d.c.decision_id))
+             .where(d.c.spec == spec, d.c.seq >= int(first), d.c.seq <= int(last)))
+        if variants:
+            q = q.where(d.c.variant.in_(list(variants)))
+        with self._read_engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
 
     def outcomes(self, decision_ids: list[str]) -> dict[str, int]:
         import sqlalchemy as sa
@@ -293,6 +328,7 @@ class AuditStore:
                 return 0
             ids = sa.select(d.c.decision_id).where(d.c.seq <= last.seq)
             conn.execute(sa.delete(self.outcome_table).where(self.outcome_table.c.decision_id.in_(ids)))
+            conn.execute(sa.delete(self.outcome_events).where(self.outcome_events.c.seq <= last.seq))
             removed = conn.execute(sa.delete(d).where(d.c.seq <= last.seq)).rowcount
             conn.execute(self.head.update().where(self.head.c.id == 1).values(anchor_seq=last.seq,
                                                                               anchor_hash=last.record_hash))

@@ -93,6 +93,30 @@ def test_a_report_that_found_drift_asks_for_one_retrain_within_the_cooldown(defs
     assert [r.run_key for r in replay.run_requests if r.job_name == f"{SPEC}__retrain"] == [f"retrain:{windows[0]}"]
 
 
+def test_outcomes_that_come_back_later_have_their_window_judged_again(defs, instance):
+    """A window reported before its outcomes arrived is reported again as labelled decisions pass 30, 100, ...,
+    and a report already asked for a retrain does not ask again when a second report of the window does too."""
+    store: AuditStore = defs.resources["audit"].store()
+    served = store.append(decisions(1000))
+    first = _tick(defs, instance, None)
+    (window,) = [r.partition_key for r in first.run_requests]
+    instance.add_dynamic_partitions(f"{SPEC}__drift_windows", [window])
+    for r in served[:29]:
+        store.record_outcome(r.decision_id, 1)
+    few = _tick(defs, instance, first.cursor)
+    assert few.run_requests == []  # 29 labelled decisions: no live AUC yet
+    assert SensorCursor.parse(few.cursor).outcome_id == 29
+    for r in served[29:40]:
+        store.record_outcome(r.decision_id, 0)
+    enough = _tick(defs, instance, few.cursor)
+    assert [(r.run_key, r.partition_key) for r in enough.run_requests] == [(f"outcomes:{window}:30", window)]
+    assert enough.run_requests[0].tags[f"{naming.TAG_PREFIX}outcomes"] == "40"
+    assert _tick(defs, instance, enough.cursor).run_requests == []  # nothing new came back
+    for r in served[40:120]:
+        store.record_outcome(r.decision_id, r.seq % 2)
+    assert [r.run_key for r in _tick(defs, instance, enough.cursor).run_requests] == [f"outcomes:{window}:100"]
+
+
 def test_monitoring_definitions_ship_the_sensor_running_and_the_weekly_retrain_stopped(defs):
     assert defs.get_sensor_def(naming.drift_sensor_name(SPEC)).default_status == dg.DefaultSensorStatus.RUNNING
     weekly = defs.get_schedule_def(f"{SPEC}__weekly_retrain")
@@ -183,7 +207,9 @@ def test_a_retrain_on_biased_outcomes_is_refused_by_fairness_and_the_champion_ke
     for r, region in zip(records, served["region"]):
         store.record_outcome(r.decision_id, int(region == "south"))
 
-    retrain = defs.resolve_job_def("loans__retrain").execute_in_process(instance=instance, raise_on_error=False)
+    window = window_key(records[0].seq, records[-1].seq)
+    retrain = defs.resolve_job_def("loans__retrain").execute_in_process(
+        instance=instance, raise_on_error=False, tags={f"{naming.TAG_PREFIX}window": window})
     assert not retrain.success
     raw = retrain.asset_materializations_for_node("loans__raw_dataset")[0].metadata
     assert raw["rows_from_outcomes"].value == 3000
@@ -192,3 +218,17 @@ def test_a_retrain_on_biased_outcomes_is_refused_by_fairness_and_the_champion_ke
     assert str(mlflow.get_version("loans", "champion").version) == "1"
     assert str(mlflow.get_version("loans", "challenger").version) == "2"
     assert not retrain.asset_materializations_for_node("loans__champion_model")
+
+    # The sensor writes the refusal back onto the drift report of the window that asked for the retrain.
+    sensor = defs.get_sensor_def(naming.drift_sensor_name("loans"))
+    tick = sensor(dg.build_sensor_context(instance=instance, resources={"audit": defs.resources["audit"]},
+                                          definitions=defs, cursor=SensorCursor(seq=records[-1].seq).dump()))
+    (seen,) = tick.asset_events
+    assert seen.asset_key == dg.AssetKey(["loans", "drift_report"]) and seen.partition == window
+    meta = {k: v.value for k, v in seen.metadata.items()}
+    assert meta["retrain_outcome"] == "refused" and meta["retrain_run"] == retrain.run_id
+    assert "fairness: region: demographic parity difference" in meta["retrain_reason"]
+    assert meta["champion_version"] == "unchanged"
+    later = sensor(dg.build_sensor_context(instance=instance, resources={"audit": defs.resources["audit"]},
+                                           definitions=defs, cursor=tick.cursor))
+    assert later.asset_events == []  # written back once
