@@ -452,7 +452,8 @@ def definitions(loaded: LoadedSpec, retrain: Any) -> dg.Definitions:
                                      partitions_def=partitions, tags={naming.SPEC_TAG: spec.name},
                                      description=f"Report drift for one window of {spec.name}'s served decisions.")
 
-    @dg.sensor(name=naming.drift_sensor_name(spec.name), minimum_interval_seconds=30, jobs=[report_job, retrain],
+    @dg.sensor(name=naming.drift_sensor_name(spec.name), jobs=[report_job, retrain],
+               minimum_interval_seconds=spec.monitoring.sensor_interval_seconds,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Reads {spec.name}'s audit log after its cursor: a drift report per window of "
                            f"{spec.monitoring.window} decisions, again as outcomes come back, a retrain when one finds "

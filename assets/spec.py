@@ -222,6 +222,8 @@ class Monitoring(_Strict):
     permutations: int = Field(300, ge=20)
     reference_rows: int = Field(5000, ge=100)
     retrain_cooldown_hours: float = Field(6.0, ge=0)
+    # How often the daemon evaluates the drift sensor (Dagster's minimum_interval_seconds).
+    sensor_interval_seconds: int = Field(30, ge=1, le=86400)
     # Served decisions whose outcome came back join the next snapshot (and so the next retrain) as labelled rows.
     learn_from_outcomes: bool = False
 
