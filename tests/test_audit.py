@@ -106,6 +106,13 @@ def test_outcomes_live_beside_the_chain(store: AuditStore):
     store.record_outcome("d-00002", 0, at="2026-01-01T00:00:00Z")
     store.record_outcome("d-00002", 1)  # a correction replaces the earlier outcome
     assert store.outcomes(["d-00000", "d-00001", "d-00002"]) == {"d-00001": 1, "d-00002": 1}
+    # Every outcome is also an event in arrival order (corrections too), the drift sensor's feed.
+    spec = record(0)["spec"]
+    assert [seq for _, seq in store.outcome_events_after(0, spec)] == [2, 3, 3]
+    first_id = store.outcome_events_after(0, spec)[0][0]
+    assert [seq for _, seq in store.outcome_events_after(first_id, spec)] == [3, 3]
+    assert store.outcome_events_after(0, "another_spec") == []
+    assert store.outcome_count(spec, 1, 3) == 2 and store.outcome_count(spec, 3, 3) == 1
     assert store.verify().ok
     with pytest.raises(AuditError, match="no decision 'nope'"):
         store.record_outcome("nope", 1)
@@ -118,6 +125,7 @@ def test_retention_prunes_the_old_prefix_and_the_rest_verifies(store: AuditStore
     assert store.prune(older_than_days=183) == 3
     assert [r.seq for r in store.read_after(0)] == [4, 5]
     assert store.outcomes(["d-00001"]) == {}
+    assert store.outcome_events_after(0, record(0)["spec"]) == []
     v = store.verify()
     assert v.ok and v.checked == 2
     assert store.prune(older_than_days=183) == 0

@@ -331,6 +331,9 @@ def test_audit_log_on_postgres_chains_from_two_writers_and_names_an_edited_recor
     victim = stores[0].read_after(41, limit=1)[0]
     stores[0].record_outcome(victim.decision_id, 1)
     assert stores[1].outcomes([victim.decision_id]) == {victim.decision_id: 1}
+    stores[1].record_outcome(victim.decision_id, 0)  # a correction, from the other connection
+    assert [seq for _, seq in stores[0].outcome_events_after(0, victim.spec)] == [victim.seq, victim.seq]
+    assert stores[0].outcome_count(victim.spec, 1, 100) == 1
     postgres.query(name, f"UPDATE audit_decisions SET probability = 0.99 WHERE seq = {victim.seq}")
     broken = stores[1].verify()
     assert not broken.ok and any(f"seq {victim.seq}" in p and victim.decision_id in p for p in broken.problems)
