@@ -9,7 +9,8 @@
 3. Waits for the sensor to ask for a drift report per window and, for the shifted one, a `<spec>__retrain` run;
    waits for that run to go through training, evaluation and every blocking gate.
 4. Prints each window's verdict and the retrain's result: a new champion that the server now serves, or the
-   refusal and its reason. The champion is never moved by anything but the gates.
+   refusal and its reason, as the sensor wrote it back onto the window's drift report. The champion is never
+   moved by anything but the gates.
 
 Everything it starts is stopped on exit except the inference server, which was running before.
 """
@@ -56,6 +57,23 @@ def _runs(instance, job: str) -> list:
     import dagster as dg
 
     return list(instance.get_runs(filters=dg.RunsFilter(job_name=job)))
+
+
+def _written_back(instance, spec: str, window: str, run_id: str, daemon: subprocess.Popen,
+                  timeout_s: float = 90) -> dict:
+    """The retrain's outcome as the drift sensor writes it back onto the window's report (next tick or two)."""
+    import dagster as dg
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and daemon.poll() is None:
+        found = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=dg.AssetKey([spec, "drift_report"]),
+                                                                  asset_partitions=[window]), limit=10)
+        for record in found.records:
+            meta = {k: v.value for k, v in record.asset_observation.metadata.items()}
+            if meta.get("retrain_run") == run_id:
+                return meta
+        time.sleep(5)
+    return {}
 
 
 def main(spec: str = "credit_risk", timeout_s: float = 1800) -> int:
@@ -119,7 +137,13 @@ def main(spec: str = "credit_risk", timeout_s: float = 1800) -> int:
             print(f"  refused, the champion keeps serving (version {champion.get('champion_version')}):")
             for f in failures[:3]:
                 print(f"    {f[:400]}")
-        print(f"  see it in the UI: make ui, then Automation -> {spec}__drift_sensor, and Runs")
+        window = retrain.tags.get(f"{TAG}window", "")
+        written = _written_back(instance, spec, window, retrain.run_id, daemon)
+        if written:
+            print(f"  the drift report of window {window} now says: retrain {written.get('retrain_outcome')}: "
+                  f"{str(written.get('retrain_reason', ''))[:300]}")
+        print(f"  see it in the UI: make ui, then Automation -> {spec}__drift_sensor, Runs, and {spec}/drift_report "
+              f"-> Partitions -> {window}")
         return 0
     finally:
         daemon.terminate()
