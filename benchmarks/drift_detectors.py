@@ -121,6 +121,13 @@ def main() -> None:
     parser.add_argument("--p-val", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-only", action="store_true", help="only the end-to-end timing of a window")
+    parser.add_argument("--scores-only", action="store_true",
+                        help="only the score detector's candidate tests (no embeddings, no text, no tabular)")
+    parser.add_argument("--sweep-shares", type=float, nargs="*", default=[0.05, 0.15, 0.2],
+                        help="--scores-only: further high-risk shares swapped in")
+    parser.add_argument("--oracle-windows", type=int, default=20000,
+                        help="--scores-only: windows per side for the Neyman-Pearson bound (index sums only: cheap)")
+    parser.add_argument("--out", default=None, help="where the raw p-values go (default benchmarks/results/)")
     parser.add_argument("--sweep-only", action="store_true",
                         help="only the high-risk share sweep (tabular and scores; no text, no timing)")
     args = parser.parse_args()
@@ -134,28 +141,8 @@ def main() -> None:
     order = rng.permutation(len(df))
     ref = df.iloc[order[: args.reference]].reset_index(drop=True)
     pool = df.iloc[order[args.reference:]].reset_index(drop=True)
-    embed = Embedder()
-    t = time.perf_counter()
-    all_vecs = embed(df["__text"].tolist())
-    print(f"embedded {df['__text'].nunique()} distinct titles in {time.perf_counter() - t:.1f} s", flush=True)
-    ref_vecs = all_vecs[order[: args.reference]]
-    pool_vecs = all_vecs[order[args.reference:]]
     model, oof, insample = score_model(ref, numeric, categorical)
     pool_scores = model.predict_proba(pool[numeric + categorical])[:, 1]
-
-    folder = Path(tempfile.mkdtemp(prefix="drift-bench-"))
-    fit_s = {}
-    bundles = {}
-    for method in ("mmd", "lsdd"):
-        t = time.perf_counter()
-        bundles[method] = drift.fit_detectors(ref, numeric, categorical, {text_col: ref_vecs}, oof, folder / method,
-                                              p_val=args.p_val, seed=args.seed, text_method=method,
-                                              n_permutations=args.permutations if method == "mmd"
-                                              else args.lsdd_permutations)
-        fit_s[method] = time.perf_counter() - t
-    k_det = len(bundles["mmd"].detector_names)
-    level = args.p_val / k_det
-    print(f"fitted: {fit_s}; {k_det} detectors, each at {level:.4f}", flush=True)
 
     health = pool["__text"].str.lower().map(lambda s: any(h in f" {s} " for h in HEALTH)).to_numpy()
     risky = pool["__y"].to_numpy() == 1
@@ -172,6 +159,34 @@ def main() -> None:
             win["annual_income"] = win["annual_income"] * 1.1
         return win, idx
 
+    def window_scores(kind: str, win: pd.DataFrame, idx: np.ndarray) -> np.ndarray:
+        return model.predict_proba(win[numeric + categorical])[:, 1] if kind == "income_x1.1" else pool_scores[idx]
+
+    if args.scores_only:
+        scores_only(args, draw, window_scores, ref, oof, insample, pool_scores, risky, t_start)
+        return
+
+    embed = Embedder()
+    t = time.perf_counter()
+    all_vecs = embed(df["__text"].tolist())
+    print(f"embedded {df['__text'].nunique()} distinct titles in {time.perf_counter() - t:.1f} s", flush=True)
+    ref_vecs = all_vecs[order[: args.reference]]
+    pool_vecs = all_vecs[order[args.reference:]]
+
+    folder = Path(tempfile.mkdtemp(prefix="drift-bench-"))
+    fit_s = {}
+    bundles = {}
+    for method in ("mmd", "lsdd"):
+        t = time.perf_counter()
+        bundles[method] = drift.fit_detectors(ref, numeric, categorical, {text_col: ref_vecs}, oof, folder / method,
+                                              p_val=args.p_val, seed=args.seed, text_method=method,
+                                              n_permutations=args.permutations if method == "mmd"
+                                              else args.lsdd_permutations)
+        fit_s[method] = time.perf_counter() - t
+    k_det = len(bundles["mmd"].detector_names)
+    level = args.p_val / k_det
+    print(f"fitted: {fit_s}; {k_det} detectors, each at {level:.4f}", flush=True)
+
     if args.sweep_only:
         sweep(args, draw, bundles["mmd"], oof, pool_scores, level)
         return
@@ -187,19 +202,20 @@ def main() -> None:
         for i in range(n):
             win, idx = draw(kind, wrng)
             vecs = pool_vecs[idx]
-            scores = model.predict_proba(win[numeric + categorical])[:, 1] if kind == "income_x1.1" \
-                else pool_scores[idx]
+            scores = window_scores(kind, win, idx)
             rec = {"kind": kind, "i": i}
             b = bundles["mmd"]
             x = b._encode(win, "bench")
             feat_p = np.asarray(b._tabular.predict(x, drift_type="feature")["data"]["p_val"], dtype=float)
-            rec["feat_p"] = feat_p
+            rec["feat_p"] = feat_p.tolist()
             for method in ("mmd", "lsdd"):
                 tt = time.perf_counter()
                 _, rec[method] = drift.text_test(bundles[method]._text[text_col], vecs, method,
                                                  bundles[method].config.n_permutations, args.seed)
                 rec[f"{method}_s"] = time.perf_counter() - tt
             rec["scores_oof"] = float(ks_2samp(oof, scores, method="asymp").pvalue)
+            rec["scores_shipped"] = bundles["mmd"]._score_scores(scores)[0].p_value
+            rec["scores_candidates"] = score_candidates(oof, scores)
             rec["scores_insample"] = float(ks_2samp(insample, scores, method="asymp").pvalue)
             rec["income_p"] = float(feat_p[numeric.index("annual_income")])
             records.append(rec)
@@ -248,12 +264,16 @@ def main() -> None:
         "text LSDD, at p_val/3": lambda r: r["lsdd"] <= level,
         "text MMD, at p_val": lambda r: r["mmd"] <= args.p_val,
         "text LSDD, at p_val": lambda r: r["lsdd"] <= args.p_val,
+        "scores ks+mean (shipped: mean at 3/4, KS at 1/4 of p_val/3)": lambda r: r["scores_shipped"] <= level,
         "scores KS (cross-fitted ref), at p_val/3": lambda r: r["scores_oof"] <= level,
         "scores KS (in-sample ref), at p_val/3": lambda r: r["scores_insample"] <= level,
-        "window (any of tabular fdr, MMD, scores) at p_val/3 each": lambda r: (
+        "scores mean (Welch t), at p_val/3": lambda r: r["scores_candidates"]["mean"] <= level,
+        "window (any of tabular fdr, MMD, scores ks+mean) at p_val/3 each": lambda r: (
+            tab("fdr", level)(r) or r["mmd"] <= level or r["scores_shipped"] <= level),
+        "window (any of tabular fdr, LSDD, scores ks+mean) at p_val/3 each": lambda r: (
+            tab("fdr", level)(r) or r["lsdd"] <= level or r["scores_shipped"] <= level),
+        "window (any of tabular fdr, MMD, scores KS) at p_val/3 each, before": lambda r: (
             tab("fdr", level)(r) or r["mmd"] <= level or r["scores_oof"] <= level),
-        "window (any of tabular fdr, LSDD, scores) at p_val/3 each": lambda r: (
-            tab("fdr", level)(r) or r["lsdd"] <= level or r["scores_oof"] <= level),
     }
     header = "| rule | " + " | ".join(k for k, _ in kinds) + " |"
     print()
@@ -271,6 +291,13 @@ def main() -> None:
           f"LSDD median {statistics.median(lsdd_s):.2f} s (max {max(lsdd_s):.2f})")
     report_timing(timing)
     sweep(args, draw, bundles["mmd"], oof, pool_scores, level)
+    import json
+
+    out = Path(args.out or REPO / "benchmarks" / "results" / "drift_detectors.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "level": level, "load_average": os.getloadavg()[0],
+                               "records": records, "timing": timing}, indent=1))
+    print(f"raw p-values: {out}")
     print(f"fit: MMD bundle {fit_s['mmd']:.1f} s, LSDD bundle {fit_s['lsdd']:.1f} s; torch threads "
           f"{torch.get_num_threads()}; total run {time.perf_counter() - t_start:.0f} s; load average "
           f"{os.getloadavg()[0]:.1f}")
@@ -291,24 +318,153 @@ def sweep(args, draw, bundle, oof, pool_scores, level) -> None:
     from scipy.stats import ks_2samp
 
     print()
-    print(f"high-risk rows swapped into {args.null} windows each (tabular fdr and scores KS at {level:.4f}; "
-          f"window = either):")
-    print("| high-risk rows swapped in | high-risk share of window | tabular | scores | either |")
-    print("|---|---|---|---|---|")
+    print(f"high-risk rows swapped into {args.null} windows each (tabular fdr and scores at {level:.4f}; "
+          f"window = tabular or the shipped score detector):")
+    print("| high-risk rows swapped in | high-risk share of window | tabular | scores KS | scores ks+mean (shipped) "
+          "| either |")
+    print("|---|---|---|---|---|---|")
     for j, share in enumerate((0.1, 0.2, 0.3)):
         wrng = np.random.default_rng(args.seed + 50 + j)
-        hits = np.zeros(3)
+        hits = np.zeros(4)
         risk = []
         for _ in range(args.null):
             win, idx = draw("high_risk_10pct", wrng, share)
             x = bundle._encode(win, "bench")
             fam, _ = drift.correct(bundle._tabular.predict(x, drift_type="feature")["data"]["p_val"], level, "fdr")
             p_s = ks_2samp(oof, pool_scores[idx], method="asymp").pvalue
-            t, sc = fam <= level, p_s <= level
-            hits += [t, sc, t or sc]
+            p_shipped = bundle._score_scores(pool_scores[idx])[0].p_value
+            t, sc, shipped = fam <= level, p_s <= level, p_shipped <= level
+            hits += [t, sc, shipped, t or shipped]
             risk.append(win["__y"].mean())
         print(f"| {share:.0%} | {np.mean(risk):.2f} | " + " | ".join(f"{h / args.null:.2f}" for h in hits) + " |",
               flush=True)
+
+
+# --- the score detector's candidates ------------------------------------------------------------------------
+
+SCORE_TESTS = ("ks", "mean", "mean_logit", "cvm", "ad", "ks+mean", "ks+mean_logit", "shipped")
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def score_candidates(ref: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    """Two-sided p-values of every candidate test of "the window's scores are distributed as the reference's".
+
+    `ks+mean` and `ks+mean_logit` are Bonferroni pairs: min(1, 2 min(p_ks, p_mean)), i.e. each part at half
+    the level. Anderson-Darling's p-value is scipy's interpolation, clipped to [0.001, 0.25]: the levels used
+    here (0.0167, 0.05) lie inside that range, so the decisions are exact even where the p-value is not.
+    """
+    import warnings
+
+    from scipy.stats import anderson_ksamp, cramervonmises_2samp, ks_2samp, ttest_ind
+
+    p = {"ks": float(ks_2samp(ref, s, method="asymp").pvalue),
+         "mean": float(ttest_ind(s, ref, equal_var=False).pvalue),
+         "mean_logit": float(ttest_ind(_logit(s), _logit(ref), equal_var=False).pvalue),
+         "cvm": float(cramervonmises_2samp(ref, s).pvalue)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "p-value capped": see the docstring
+        p["ad"] = float(anderson_ksamp([ref, s]).pvalue)
+    p["ks+mean"] = min(1.0, 2 * min(p["ks"], p["mean"]))
+    p["ks+mean_logit"] = min(1.0, 2 * min(p["ks"], p["mean_logit"]))
+    return p
+
+
+def scores_only(args, draw, window_scores, ref: pd.DataFrame, oof: np.ndarray, insample: np.ndarray,
+                pool_scores: np.ndarray, risky: np.ndarray, t_start: float) -> None:
+    """Every score candidate on the same windows, null and shifted; raw p-values to benchmarks/results/.
+
+    `shipped` is resources/drift.py's score detector itself (a bundle holding only it, fitted at the level the
+    credit_risk bundle gives each of its three detectors), so the row measures the code that runs.
+    """
+    import json
+
+    level = args.p_val / 3  # the credit_risk bundle has three detectors: tabular, text, scores
+    folder = Path(tempfile.mkdtemp(prefix="drift-bench-scores-"))
+    shipped = {name: drift.fit_detectors(ref, [], [], {}, ref_scores, folder / name, p_val=level, seed=args.seed)
+               for name, ref_scores in (("p_oof", oof), ("p_insample", insample))}
+    kinds = [("null", args.null), ("income_x1.1", args.shifted), ("occupations_10pct", args.shifted),
+             ("high_risk_10pct", args.shifted)]
+    kinds += [(f"high_risk_{share:.0%}", args.shifted) for share in args.sweep_shares]
+    records = []
+    t_loop = time.perf_counter()
+    for j, (kind, n) in enumerate(kinds):
+        wrng = np.random.default_rng(args.seed + 1 + j if j < 4 else args.seed + 50 + j)
+        share = 0.1 if j < 4 else args.sweep_shares[j - 4]
+        for i in range(n):
+            win, idx = draw("high_risk_10pct" if j >= 4 else kind, wrng, share)
+            s = window_scores(kind, win, idx)
+            rec = {"kind": kind, "i": i, "high_risk_share": float(win["__y"].mean()), "score_mean": float(s.mean()),
+                   "p_oof": score_candidates(oof, s), "p_insample": score_candidates(insample, s)}
+            for name, bundle in shipped.items():
+                rec[name]["shipped"] = bundle._score_scores(s)[0].p_value
+            records.append(rec)
+        print(f"{kind}: {n} windows, {time.perf_counter() - t_loop:.0f} s so far", flush=True)
+
+    def rate(kind: str, test: str, ref_kind: str = "p_oof", alpha: float = level) -> str:
+        rows = [r for r in records if r["kind"] == kind]
+        k = sum(r[ref_kind][test] <= alpha for r in rows)
+        lo, hi = wilson(k, len(rows))
+        return f"{k / len(rows):.2f} ({k}/{len(rows)}; {lo:.2f}-{hi:.2f})"
+
+    print()
+    print(f"scores only, seed {args.seed}: p_val={args.p_val}, score detector at {level:.4f}, reference "
+          f"{args.reference} (cross-fitted scores unless marked), window {args.window}; rate (count; 95% Wilson)")
+    print("| test | " + " | ".join(k for k, _ in kinds) + " |")
+    print("|" + "---|" * (len(kinds) + 1))
+    for test in SCORE_TESTS:
+        print(f"| {test} | " + " | ".join(rate(k, test) for k, _ in kinds) + " |")
+    for test in ("ks", "mean", "shipped"):
+        print(f"| {test}, in-sample ref | " + " | ".join(rate(k, test, "p_insample") for k, _ in kinds) + " |")
+    shares = {k: statistics.mean(r["high_risk_share"] for r in records if r["kind"] == k) for k, _ in kinds}
+    means = {k: statistics.mean(r["score_mean"] for r in records if r["kind"] == k) for k, _ in kinds}
+    print("high-risk share: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
+    print(f"mean score: reference {oof.mean():.4f} (in-sample {insample.mean():.4f}); "
+          + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    bound = oracle_bound(args, pool_scores, risky, level)
+    print(f"Neyman-Pearson bound for high-risk 10% at {level:.4f} (the null distribution known exactly, "
+          f"{args.oracle_windows} windows each): power {bound['power']:.3f}, its false alarms "
+          f"{bound['false_alarms']:.3f}")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"drift_scores-seed{args.seed}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "level": level, "reference_mean": float(oof.mean()),
+                               "oracle": bound, "load_average": os.getloadavg()[0], "records": records}, indent=1))
+    print(f"raw p-values: {out}; total run {time.perf_counter() - t_start:.0f} s; load average "
+          f"{os.getloadavg()[0]:.1f}")
+
+
+def oracle_bound(args, pool_scores: np.ndarray, risky: np.ndarray, level: float, share: float = 0.1) -> dict:
+    """Power of the most powerful test of the scores against high-risk 10%, given the null exactly.
+
+    Swapping a share of rows for high-risk ones makes the window's score density (1 - share) f + share f_r,
+    with f_r(s) = f(s) q(s) / base rate, q(s) = P(high risk | score). By Neyman-Pearson the best test at a
+    level rejects when sum_i log(1 - share + share q(s_i) / base rate) is large; its threshold here is the
+    null windows' own quantile, so it also knows the pool's distribution exactly (no reference sample to
+    estimate it from). q is an isotonic fit of the label on the score over the pool: a smooth population
+    curve, not the rows' own labels. No test on the scores alone can beat this; it is an upper bound (up to
+    the fit of q and the Monte Carlo error).
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    q = IsotonicRegression(y_min=1e-6, y_max=1.0, out_of_bounds="clip").fit(pool_scores, risky.astype(float))
+    row_llr = np.log(1 - share + share * q.predict(pool_scores) / risky.mean())
+    source = np.nonzero(risky)[0]
+    wrng = np.random.default_rng(args.seed + 1000)
+    stats = {"null": [], "alt": []}
+    for kind in stats:
+        for _ in range(args.oracle_windows):
+            idx = wrng.choice(len(pool_scores), size=args.window, replace=False)
+            if kind == "alt":
+                swap = wrng.choice(args.window, size=int(round(args.window * share)), replace=False)
+                idx[swap] = wrng.choice(source, size=swap.size, replace=True)
+            stats[kind].append(row_llr[idx].sum())
+    null, alt = np.asarray(stats["null"]), np.asarray(stats["alt"])
+    threshold = float(np.quantile(null, 1 - level))
+    return {"power": float(np.mean(alt > threshold)), "false_alarms": float(np.mean(null > threshold)),
+            "threshold": threshold, "windows": args.oracle_windows, "share": share}
 
 
 if __name__ == "__main__":
