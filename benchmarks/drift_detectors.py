@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,37 @@ def score_model(ref: pd.DataFrame, numeric: list[str], categorical: list[str]):
     return model, oof, insample
 
 
+class Split:
+    """One shuffle of the data: reference and pool, the score model, and how windows are drawn from the pool."""
+
+    def __init__(self, args, df: pd.DataFrame, numeric: list[str], categorical: list[str], seed: int) -> None:
+        self.seed, self.window, self.features = seed, args.window, numeric + categorical
+        self.order = np.random.default_rng(seed).permutation(len(df))
+        self.ref = df.iloc[self.order[: args.reference]].reset_index(drop=True)
+        self.pool = df.iloc[self.order[args.reference:]].reset_index(drop=True)
+        self.model, self.oof, self.insample = score_model(self.ref, numeric, categorical)
+        self.pool_scores = self.model.predict_proba(self.pool[self.features])[:, 1]
+        self.health = self.pool["__text"].str.lower().map(lambda s: any(h in f" {s} " for h in HEALTH)).to_numpy()
+        self.risky = self.pool["__y"].to_numpy() == 1
+        print(f"split {seed}: pool has {self.health.sum()} health-care titles, {self.risky.sum()} high-risk rows",
+              flush=True)
+
+    def draw(self, kind: str, wrng: np.random.Generator, share: float = 0.1) -> tuple[pd.DataFrame, np.ndarray]:
+        idx = wrng.choice(len(self.pool), size=self.window, replace=False)
+        if kind in ("occupations_10pct", "high_risk_10pct"):
+            source = np.nonzero(self.health if kind == "occupations_10pct" else self.risky)[0]
+            swap = wrng.choice(self.window, size=int(round(self.window * share)), replace=False)
+            idx[swap] = wrng.choice(source, size=swap.size, replace=True)
+        win = self.pool.iloc[idx].reset_index(drop=True).copy()
+        if kind == "income_x1.1":
+            win["annual_income"] = win["annual_income"] * 1.1
+        return win, idx
+
+    def window_scores(self, kind: str, win: pd.DataFrame, idx: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(win[self.features])[:, 1] if kind == "income_x1.1" \
+            else self.pool_scores[idx]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--null", type=int, default=100, help="unshifted windows (false alarms)")
@@ -125,6 +157,8 @@ def main() -> None:
                         help="only the score detector's candidate tests (no embeddings, no text, no tabular)")
     parser.add_argument("--sweep-shares", type=float, nargs="*", default=[0.05, 0.15, 0.2],
                         help="--scores-only: further high-risk shares swapped in")
+    parser.add_argument("--splits", type=int, default=1,
+                        help="--scores-only: reference/pool shuffles (seed, seed+1, ...); each gets its own windows")
     parser.add_argument("--oracle-windows", type=int, default=20000,
                         help="--scores-only: windows per side for the Neyman-Pearson bound (index sums only: cheap)")
     parser.add_argument("--out", default=None, help="where the raw p-values go (default benchmarks/results/)")
@@ -137,34 +171,14 @@ def main() -> None:
     from scipy.stats import ks_2samp
 
     df, numeric, categorical, text_col = load()
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(df))
-    ref = df.iloc[order[: args.reference]].reset_index(drop=True)
-    pool = df.iloc[order[args.reference:]].reset_index(drop=True)
-    model, oof, insample = score_model(ref, numeric, categorical)
-    pool_scores = model.predict_proba(pool[numeric + categorical])[:, 1]
-
-    health = pool["__text"].str.lower().map(lambda s: any(h in f" {s} " for h in HEALTH)).to_numpy()
-    risky = pool["__y"].to_numpy() == 1
-    print(f"pool: {health.sum()} health-care titles, {risky.sum()} high-risk rows", flush=True)
-
-    def draw(kind: str, wrng: np.random.Generator, share: float = 0.1) -> tuple[pd.DataFrame, np.ndarray]:
-        idx = wrng.choice(len(pool), size=args.window, replace=False)
-        if kind in ("occupations_10pct", "high_risk_10pct"):
-            source = np.nonzero(health if kind == "occupations_10pct" else risky)[0]
-            swap = wrng.choice(args.window, size=int(round(args.window * share)), replace=False)
-            idx[swap] = wrng.choice(source, size=swap.size, replace=True)
-        win = pool.iloc[idx].reset_index(drop=True).copy()
-        if kind == "income_x1.1":
-            win["annual_income"] = win["annual_income"] * 1.1
-        return win, idx
-
-    def window_scores(kind: str, win: pd.DataFrame, idx: np.ndarray) -> np.ndarray:
-        return model.predict_proba(win[numeric + categorical])[:, 1] if kind == "income_x1.1" else pool_scores[idx]
-
     if args.scores_only:
-        scores_only(args, draw, window_scores, ref, oof, insample, pool_scores, risky, t_start)
+        scores_only(args, [Split(args, df, numeric, categorical, args.seed + k) for k in range(args.splits)],
+                    t_start)
         return
+    split = Split(args, df, numeric, categorical, args.seed)
+    order, ref, pool, model = split.order, split.ref, split.pool, split.model
+    oof, insample, pool_scores, draw, window_scores = (split.oof, split.insample, split.pool_scores, split.draw,
+                                                       split.window_scores)
 
     embed = Embedder()
     t = time.perf_counter()
@@ -295,8 +309,9 @@ def main() -> None:
 
     out = Path(args.out or REPO / "benchmarks" / "results" / "drift_detectors.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "level": level, "load_average": os.getloadavg()[0],
-                               "records": records, "timing": timing}, indent=1))
+    out.write_text(json.dumps(_rounded({"args": vars(args), "level": level, "load_average": os.getloadavg()[0],
+                                        "records": records, "timing": [list(t) for t in timing]}),
+                              separators=(",", ":")))
     print(f"raw p-values: {out}")
     print(f"fit: MMD bundle {fit_s['mmd']:.1f} s, LSDD bundle {fit_s['lsdd']:.1f} s; torch threads "
           f"{torch.get_num_threads()}; total run {time.perf_counter() - t_start:.0f} s; load average "
@@ -373,70 +388,119 @@ def score_candidates(ref: np.ndarray, s: np.ndarray) -> dict[str, float]:
     return p
 
 
-def scores_only(args, draw, window_scores, ref: pd.DataFrame, oof: np.ndarray, insample: np.ndarray,
-                pool_scores: np.ndarray, risky: np.ndarray, t_start: float) -> None:
-    """Every score candidate on the same windows, null and shifted; raw p-values to benchmarks/results/.
+def scores_only(args, splits: list[Split], t_start: float) -> None:
+    """Every score candidate on the same windows, null and shifted, over several reference/pool splits.
 
     `shipped` is resources/drift.py's score detector itself (a bundle holding only it, fitted at the level the
     credit_risk bundle gives each of its three detectors), so the row measures the code that runs.
+
+    Windows drawn from one pool share that pool's chance difference from the reference, so their false alarms
+    are correlated: a rate over many windows of one split is the rate for that one reference. The rate a user
+    can expect is the average over splits; its interval here is the t interval of the per-split rates.
     """
+    import gzip
     import json
 
     level = args.p_val / 3  # the credit_risk bundle has three detectors: tabular, text, scores
-    folder = Path(tempfile.mkdtemp(prefix="drift-bench-scores-"))
-    shipped = {name: drift.fit_detectors(ref, [], [], {}, ref_scores, folder / name, p_val=level, seed=args.seed)
-               for name, ref_scores in (("p_oof", oof), ("p_insample", insample))}
     kinds = [("null", args.null), ("income_x1.1", args.shifted), ("occupations_10pct", args.shifted),
              ("high_risk_10pct", args.shifted)]
     kinds += [(f"high_risk_{share:.0%}", args.shifted) for share in args.sweep_shares]
-    records = []
+    raw = []
     t_loop = time.perf_counter()
-    for j, (kind, n) in enumerate(kinds):
-        wrng = np.random.default_rng(args.seed + 1 + j if j < 4 else args.seed + 50 + j)
-        share = 0.1 if j < 4 else args.sweep_shares[j - 4]
-        for i in range(n):
-            win, idx = draw("high_risk_10pct" if j >= 4 else kind, wrng, share)
-            s = window_scores(kind, win, idx)
-            rec = {"kind": kind, "i": i, "high_risk_share": float(win["__y"].mean()), "score_mean": float(s.mean()),
-                   "p_oof": score_candidates(oof, s), "p_insample": score_candidates(insample, s)}
-            for name, bundle in shipped.items():
-                rec[name]["shipped"] = bundle._score_scores(s)[0].p_value
-            records.append(rec)
-        print(f"{kind}: {n} windows, {time.perf_counter() - t_loop:.0f} s so far", flush=True)
+    for split in splits:
+        folder = Path(tempfile.mkdtemp(prefix="drift-bench-scores-"))
+        shipped = {name: drift.fit_detectors(split.ref, [], [], {}, ref_scores, folder / name, p_val=level,
+                                             seed=split.seed)
+                   for name, ref_scores in (("p_oof", split.oof), ("p_insample", split.insample))}
+        out: dict = {"seed": split.seed, "reference_mean": float(split.oof.mean()),
+                     "pool_mean": float(split.pool_scores.mean()), "kinds": {}}
+        for j, (kind, n) in enumerate(kinds):
+            wrng = np.random.default_rng(split.seed + 1 + j if j < 4 else split.seed + 50 + j)
+            share = 0.1 if j < 4 else args.sweep_shares[j - 4]
+            cols: dict = {"high_risk_share": [], "score_mean": [], "p_oof": {}, "p_insample": {}}
+            for _ in range(n):
+                win, idx = split.draw("high_risk_10pct" if j >= 4 else kind, wrng, share)
+                sc = split.window_scores(kind, win, idx)
+                cols["high_risk_share"].append(float(win["__y"].mean()))
+                cols["score_mean"].append(float(sc.mean()))
+                for name, ref_scores in (("p_oof", split.oof), ("p_insample", split.insample)):
+                    p = score_candidates(ref_scores, sc)
+                    p["shipped"] = shipped[name]._score_scores(sc)[0].p_value
+                    for test, value in p.items():
+                        cols[name].setdefault(test, []).append(value)
+            out["kinds"][kind] = cols
+        out["oracle"] = oracle_bound(args, split, level)
+        raw.append(out)
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"split {split.seed}: reference mean score {out['reference_mean']:.4f}, pool {out['pool_mean']:.4f}; "
+              f"{time.perf_counter() - t_loop:.0f} s so far", flush=True)
 
-    def rate(kind: str, test: str, ref_kind: str = "p_oof", alpha: float = level) -> str:
-        rows = [r for r in records if r["kind"] == kind]
-        k = sum(r[ref_kind][test] <= alpha for r in rows)
-        lo, hi = wilson(k, len(rows))
-        return f"{k / len(rows):.2f} ({k}/{len(rows)}; {lo:.2f}-{hi:.2f})"
+    def cell(kind: str, test: str, ref_kind: str = "p_oof") -> str:
+        rates = [float(np.mean(np.asarray(r["kinds"][kind][ref_kind][test]) <= level)) for r in raw]
+        k = sum(int(np.sum(np.asarray(r["kinds"][kind][ref_kind][test]) <= level)) for r in raw)
+        n = sum(len(r["kinds"][kind][ref_kind][test]) for r in raw)
+        lo, hi = between_splits(rates)
+        return f"{statistics.mean(rates):.3f} ({lo:.3f}-{hi:.3f}; {k}/{n})"
 
     print()
-    print(f"scores only, seed {args.seed}: p_val={args.p_val}, score detector at {level:.4f}, reference "
-          f"{args.reference} (cross-fitted scores unless marked), window {args.window}; rate (count; 95% Wilson)")
+    print(f"scores only, {len(raw)} split(s) from seed {args.seed}: p_val={args.p_val}, score detector at "
+          f"{level:.4f}, reference {args.reference} (cross-fitted scores unless marked), window {args.window}, "
+          f"{args.null} null and {args.shifted} shifted windows per split; mean of the per-split rates (95% "
+          f"interval between splits; windows flagged / windows)")
     print("| test | " + " | ".join(k for k, _ in kinds) + " |")
     print("|" + "---|" * (len(kinds) + 1))
     for test in SCORE_TESTS:
-        print(f"| {test} | " + " | ".join(rate(k, test) for k, _ in kinds) + " |")
+        print(f"| {test} | " + " | ".join(cell(k, test) for k, _ in kinds) + " |")
     for test in ("ks", "mean", "shipped"):
-        print(f"| {test}, in-sample ref | " + " | ".join(rate(k, test, "p_insample") for k, _ in kinds) + " |")
-    shares = {k: statistics.mean(r["high_risk_share"] for r in records if r["kind"] == k) for k, _ in kinds}
-    means = {k: statistics.mean(r["score_mean"] for r in records if r["kind"] == k) for k, _ in kinds}
-    print("high-risk share: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
-    print(f"mean score: reference {oof.mean():.4f} (in-sample {insample.mean():.4f}); "
-          + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    bound = oracle_bound(args, pool_scores, risky, level)
-    print(f"Neyman-Pearson bound for high-risk 10% at {level:.4f} (the null distribution known exactly, "
-          f"{args.oracle_windows} windows each): power {bound['power']:.3f}, its false alarms "
-          f"{bound['false_alarms']:.3f}")
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"drift_scores-seed{args.seed}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "level": level, "reference_mean": float(oof.mean()),
-                               "oracle": bound, "load_average": os.getloadavg()[0], "records": records}, indent=1))
-    print(f"raw p-values: {out}; total run {time.perf_counter() - t_start:.0f} s; load average "
+        print(f"| {test}, in-sample ref | " + " | ".join(cell(k, test, "p_insample") for k, _ in kinds) + " |")
+    print()
+    print(f"per split, null false alarms (target at most {level + 0.03:.4f}) and high-risk 10% power:")
+    print("| split | reference mean score | pool mean score | " + " | ".join(
+        f"{t} null / high-risk 10%" for t in ("ks", "mean", "ad", "shipped")) + " | Neyman-Pearson bound |")
+    print("|" + "---|" * 8)
+    for r in raw:
+        rates = [f"{np.mean(np.asarray(r['kinds']['null']['p_oof'][t]) <= level):.3f} / "
+                 f"{np.mean(np.asarray(r['kinds']['high_risk_10pct']['p_oof'][t]) <= level):.2f}"
+                 for t in ("ks", "mean", "ad", "shipped")]
+        print(f"| {r['seed']} | {r['reference_mean']:.4f} | {r['pool_mean']:.4f} | " + " | ".join(rates)
+              + f" | {r['oracle']['power']:.2f} |")
+    bounds = [r["oracle"]["power"] for r in raw]
+    print(f"Neyman-Pearson bound for high-risk 10% at {level:.4f} (null known exactly, {args.oracle_windows} "
+          f"windows a side per split): mean {statistics.mean(bounds):.3f}, range {min(bounds):.3f}-{max(bounds):.3f}")
+    shares = {k: statistics.mean(statistics.mean(r["kinds"][k]["high_risk_share"]) for r in raw) for k, _ in kinds}
+    print("high-risk share of the window: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
+    path = Path(args.out or REPO / "benchmarks" / "results" / "drift_scores.json.gz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as fh:
+        json.dump({"args": vars(args), "level": level, "load_average": os.getloadavg()[0],
+                   "splits": _rounded(raw)}, fh, separators=(",", ":"))
+    print(f"raw p-values: {path}; total run {time.perf_counter() - t_start:.0f} s; load average "
           f"{os.getloadavg()[0]:.1f}")
 
 
-def oracle_bound(args, pool_scores: np.ndarray, risky: np.ndarray, level: float, share: float = 0.1) -> dict:
+def between_splits(rates: list[float]) -> tuple[float, float]:
+    """95% t interval of the mean of per-split rates (the splits are independent; windows within one are not)."""
+    if len(rates) < 2:
+        return float("nan"), float("nan")
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(rates) - 1) * statistics.stdev(rates) / math.sqrt(len(rates))
+    mean = statistics.mean(rates)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def _rounded(obj):
+    """Floats to 4 significant digits, so the raw file stays small; decisions at 0.0167 are unaffected."""
+    if isinstance(obj, float):
+        return float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+def oracle_bound(args, split: Split, level: float, share: float = 0.1) -> dict:
     """Power of the most powerful test of the scores against high-risk 10%, given the null exactly.
 
     Swapping a share of rows for high-risk ones makes the window's score density (1 - share) f + share f_r,
@@ -449,10 +513,12 @@ def oracle_bound(args, pool_scores: np.ndarray, risky: np.ndarray, level: float,
     """
     from sklearn.isotonic import IsotonicRegression
 
+    pool_scores, risky = split.pool_scores, split.risky
+
     q = IsotonicRegression(y_min=1e-6, y_max=1.0, out_of_bounds="clip").fit(pool_scores, risky.astype(float))
     row_llr = np.log(1 - share + share * q.predict(pool_scores) / risky.mean())
     source = np.nonzero(risky)[0]
-    wrng = np.random.default_rng(args.seed + 1000)
+    wrng = np.random.default_rng(split.seed + 1000)
     stats = {"null": [], "alt": []}
     for kind in stats:
         for _ in range(args.oracle_windows):

@@ -21,15 +21,15 @@ A bundle holds up to three kinds of detector, each an alibi-detect detector save
   split of its level: Welch's t-test on the mean score at 3/4 of it, Kolmogorov-Smirnov (`KSDrift`) at 1/4.
   The detector's p-value is min(1, p_mean / 0.75, p_ks / 0.25). The mean is the test to bet on: for a
   calibrated model, the score density of the riskier (or safer) applicants is the reference's times s / base
-  rate, so the likelihood ratio of "more of them in the window" is linear in the score and the mean score is
-  its most powerful statistic; KS stays to catch a change of shape with the same mean (scores collapsing to
+  rate, so the log likelihood ratio of "a few more of them in the window" is, to first order, linear in the
+  score, and the mean score is the locally most powerful statistic; KS stays to catch a change of shape with the same mean (scores collapsing to
   a spike, or splitting in two), which is large when it happens, so a quarter of the level is enough. The
   t-test reads the reference scores from KSDrift's own `x_ref.npy`, covered by the manifest.
-  Measured (benchmarks/README.md, "Drift detectors"): on a 1,000-row window where 10% of the rows are swapped
-  for high-risk ones (high-risk share 18% -> 27%), KS alone flags 43% of windows and this pair 53% (the mean
-  test alone 56%, Anderson-Darling 52%), with false alarms at 0.8% against a level of 1.7%. No test of the
-  scores reaches 90% there: the mean score moves by 2.5 standard errors of a window, and a Neyman-Pearson
-  oracle that knows the null distribution exactly reaches only about 70%.
+  Measured (benchmarks/README.md, "Drift detectors", 500 windows of 1,000 rows each): where 10% of a
+  window's rows are swapped for high-risk ones (high-risk share 18% -> 27%), KS alone flags 43% of windows and
+  this pair 53% (the mean test alone 56%, Anderson-Darling 52%, Cramer-von Mises 48%), with false alarms at
+  0.8% against a level of 1.7%. No test of the scores reaches 90% there: the mean score moves by about 2.5
+  standard errors, and a Neyman-Pearson test that knows the null distribution exactly reaches 80%.
 
 Decisions across detectors: `p_val` is the false-alarm rate of a whole window. It is split evenly over the
 detectors (Bonferroni: each tests at p_val / k), so a window of unchanged traffic raises an alarm with

@@ -282,3 +282,16 @@ def test_a_small_segment_of_high_scores_is_flagged_by_the_mean_test_where_ks_mis
     assert mean.direction == "up" and mean.effect == pytest.approx(mean.after - mean.before) and mean.effect > 0.03
     assert set(result.features_moved) == {"scores:mean"}
     assert "scores:mean: mean" in result.message and "Welch t=" in result.message
+
+
+def test_a_change_of_shape_with_the_same_mean_is_still_flagged_by_ks(fitted: drift.DetectorBundle,
+                                                                   loans: dict) -> None:
+    window = loans["pool"].iloc[:WINDOW].reset_index(drop=True)
+    vectors, scores = {"emp_title": loans["embed"](window)}, loans["score"](window)
+    spike = scores.copy()
+    spike[::2] = scores.mean()  # half the decisions collapse onto the mean score: same mean, another shape
+    result = fitted.score(window, vectors, spike)
+    outcome = next(d for d in result.detectors if d.name == "scores")
+    by_test = {f.test: f for f in result.features if f.kind == "scores"}
+    assert by_test["welch-t"].p_value > 0.1 and not by_test["welch-t"].moved  # the mean did not move
+    assert by_test["ks"].moved and outcome.drift and set(result.features_moved) == {"scores"}
