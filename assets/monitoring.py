@@ -6,9 +6,9 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
 ```
 
 - Detectors are fitted when a version is evaluated, on its training split (tabular KS/Chi-squared, MMD on the
-  text embeddings, KS on the held-out validation and test scores; resources/drift.py), saved under
-  `<home>/<spec>/drift/v<version>/` with a sha256 manifest, logged to the version's MLflow run and named by the
-  version tag `drift_detectors_sha256`.
+  text embeddings, KS and a mean test on the held-out validation and test scores; resources/drift.py), saved
+  under `<home>/<spec>/drift/v<version>/` with a sha256 manifest, logged to the version's MLflow run and named by
+  the version tag `drift_detectors_sha256`.
 - Windows are dynamic partitions: a window is a count of decisions (default 1,000), not a span of time, so it
   closes when traffic fills it. The key is `<first seq>-<last seq>` of the audit log.
 - The sensor requests one drift_report run per full window (run_key `report:<window>`), then, for every drift

@@ -253,3 +253,45 @@ def test_fit_refuses_bad_references(loans: dict, tmp_path: Path) -> None:
     with pytest.raises(drift.DriftDetectorError, match="text_method 'pca'"):
         drift.fit_detectors(ref, ["annual_income"], [], {}, None, tmp_path / "c", text_method="pca")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".*"))  # nothing half-written
+
+
+
+
+def test_a_small_segment_of_high_scores_is_flagged_by_the_mean_test_where_ks_misses(
+        fitted: drift.DetectorBundle, loans: dict) -> None:
+    window = loans["pool"].iloc[:WINDOW].reset_index(drop=True)
+    vectors, scores = {"emp_title": loans["embed"](window)}, loans["score"](window)
+
+    unshifted = {f.feature: f for f in fitted.score(window, vectors, scores).features}
+    assert not unshifted["scores:mean"].moved and unshifted["scores:mean"].p_value > 0.5
+
+    # 6% of the decisions scored 0.9 (a segment of near-certain defaults): the mean moves by about three
+    # standard errors while the distribution function moves by at most 0.06, too little for KS at 300 rows.
+    mixed = scores.copy()
+    mixed[:18] = 0.9
+    result = fitted.score(window, vectors, mixed)
+    outcome = next(d for d in result.detectors if d.name == "scores")
+    by_test = {f.test: f for f in result.features if f.kind == "scores"}
+    ks, mean = by_test["ks"], by_test["welch-t"]
+    assert ks.p_value > outcome.threshold and not ks.moved  # KS alone, even at the whole level, misses it
+    assert mean.p_value <= drift.SCORE_MEAN_SHARE * outcome.threshold and mean.moved
+    assert outcome.drift and result.drift and outcome.method == "ks+mean"
+    assert outcome.p_value == pytest.approx(min(1.0, mean.p_value / drift.SCORE_MEAN_SHARE,
+                                                ks.p_value / (1 - drift.SCORE_MEAN_SHARE)))
+    assert outcome.statistic == mean.statistic > 2.5
+    assert mean.direction == "up" and mean.effect == pytest.approx(mean.after - mean.before) and mean.effect > 0.03
+    assert set(result.features_moved) == {"scores:mean"}
+    assert "scores:mean: mean" in result.message and "Welch t=" in result.message
+
+
+def test_a_change_of_shape_with_the_same_mean_is_still_flagged_by_ks(fitted: drift.DetectorBundle,
+                                                                   loans: dict) -> None:
+    window = loans["pool"].iloc[:WINDOW].reset_index(drop=True)
+    vectors, scores = {"emp_title": loans["embed"](window)}, loans["score"](window)
+    spike = scores.copy()
+    spike[::2] = scores.mean()  # half the decisions collapse onto the mean score: same mean, another shape
+    result = fitted.score(window, vectors, spike)
+    outcome = next(d for d in result.detectors if d.name == "scores")
+    by_test = {f.test: f for f in result.features if f.kind == "scores"}
+    assert by_test["welch-t"].p_value > 0.1 and not by_test["welch-t"].moved  # the mean did not move
+    assert by_test["ks"].moved and outcome.drift and set(result.features_moved) == {"scores"}
