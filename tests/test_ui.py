@@ -179,6 +179,23 @@ query($runId: ID!) {
 }
 """
 
+AUTOMATION_QUERY = """
+query($sensor: SensorSelector!, $nightly: ScheduleSelector!, $weekly: ScheduleSelector!) {
+  sensorOrError(sensorSelector: $sensor) {
+    __typename
+    ... on Sensor { name sensorState { status ticks(limit: 20) { status timestamp } } }
+  }
+  nightly: scheduleOrError(scheduleSelector: $nightly) {
+    __typename
+    ... on Schedule { name cronSchedule scheduleState { status } futureTicks(limit: 1) { results { timestamp } } }
+  }
+  weekly: scheduleOrError(scheduleSelector: $weekly) {
+    __typename
+    ... on Schedule { name scheduleState { status } }
+  }
+}
+"""
+
 CHECKS_QUERY = """
 query($key: AssetKeyInput!) {
   assetNodeOrError(assetKey: $key) {
@@ -322,4 +339,21 @@ def test_ui_lists_the_definitions_runs_the_pipeline_and_shows_the_gates(ui: UI, 
     for gate, verdict in verdicts.items():
         shown = "Failed" if verdict == "FAILED" else "Succeeded"
         assert re.search(rf"\b{gate} {gate} {shown}\b", checks_page), (gate, shown, checks_page[:1500])
+
+    # The monitoring automation: the drift sensor is on and the daemon of `dagster dev` has ticked it (nothing to
+    # report: no decision was served), the nightly drift check is on with its next tick, the weekly retrain off.
+    where = {"repositoryLocationName": entry["name"], "repositoryName": repo["name"]}
+    automation = ui.gql(AUTOMATION_QUERY, sensor={**where, "sensorName": naming.drift_sensor_name(SPEC)},
+                        nightly={**where, "scheduleName": f"{SPEC}__nightly_drift_check"},
+                        weekly={**where, "scheduleName": f"{SPEC}__weekly_retrain"})
+    sensor = automation["sensorOrError"]
+    assert sensor["sensorState"]["status"] == "RUNNING", sensor
+    assert sensor["sensorState"]["ticks"], f"the drift sensor never ticked:\n{ui.tail()}"
+    assert {t["status"] for t in sensor["sensorState"]["ticks"]} <= {"SKIPPED", "SUCCESS"}, sensor
+    nightly = automation["nightly"]
+    assert nightly["scheduleState"]["status"] == "RUNNING" and nightly["futureTicks"]["results"], nightly
+    assert automation["weekly"]["scheduleState"]["status"] == "STOPPED", automation["weekly"]
+    automation_page = open_page(f"{ui.url}/automation", out / "automation.png")
+    for name in (naming.drift_sensor_name(SPEC), f"{SPEC}__nightly_drift_check", f"{SPEC}__weekly_retrain"):
+        assert name in automation_page, (name, automation_page[:1500])
     print(json.dumps({"screenshots": sorted(str(p) for p in out.iterdir())}))  # docs/asset-graph.png is one
