@@ -95,15 +95,17 @@ def smoke_key(folder: Path) -> str:
 
 def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: str, profile: Any | None,
                   registry_uri: str | None = None) -> tuple[dict[str, Any], str | None]:
-    """The JSON config workloads/serve.py runs from, and the key the smoke requests use (None without auth)."""
+    """The JSON config workloads/serve.py runs from, and the key the smoke requests use."""
     spec, d = loaded.spec, loaded.spec.deployment
     folder = Path(home) / spec.name / "deployment"
     folder.mkdir(parents=True, exist_ok=True)
     numeric, categorical = accepted_ranges(spec, profile)
-    keys_file, key = None, None
+    keys_file = None
+    # The smoke requests always carry the deployment's own key: with api keys it is one of them, on an open server
+    # the server still recognises it, so their decisions are marked (key id deployment-smoke) and left out of drift.
+    key = smoke_key(folder)
     document = _keys_document(loaded)
     if document is not None:
-        key = smoke_key(folder)
         own = {"id": SMOKE_KEY_ID, "sha256": hashlib.sha256(key.encode()).hexdigest(), "models": [spec.name]}
         merged = {"keys": [*[k for k in document.get("keys", []) if k.get("id") != SMOKE_KEY_ID], own]}
         keys_file = folder / "keys.json"
@@ -119,6 +121,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "similar_cases": d.similar_cases if spec.has_text else 0,
         "vector_db": str(Path(home) / spec.name / "vector_index") if spec.has_text else None,
         "model_cache": str(folder / "models"),
+        "probe_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
     }
     return config, key
 

@@ -10,7 +10,8 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
   under `<home>/<spec>/drift/v<version>/` with a sha256 manifest, logged to the version's MLflow run and named by
   the version tag `drift_detectors_sha256`.
 - Windows are dynamic partitions: a window is a count of decisions (default 1,000), not a span of time, so it
-  closes when traffic fills it. The key is `<first seq>-<last seq>` of the audit log.
+  closes when traffic fills it. The key is `<first seq>-<last seq>` of the audit log. The deployment's own
+  smoke requests (key id `deployment-smoke`) are on the audit log but are not traffic: no window counts them.
 - The sensor requests one drift_report run per full window (run_key `report:<window>`), then, for every drift
   report that found drift (or a live AUC under the spec's floor), one `<spec>__retrain` run (run_key
   `retrain:<window>`) with the evidence in its tags. Its cursor moves only with the requests, in the same tick
@@ -35,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from assets import naming
+from assets.deployment import SMOKE_KEY_ID
 from assets.naming import asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import png_markdown
@@ -43,6 +45,8 @@ from resources.storage import StorageResource, atomic_write_bytes
 
 # Variants whose decisions were answered to a caller: shadow scores are recorded but were never seen.
 SERVED = ("champion", "canary")
+# Decisions that are not traffic: the deployment's own smoke requests.
+PROBES = (SMOKE_KEY_ID,)
 DETECTORS_TAG = "drift_detectors_sha256"
 TAG = naming.TAG_PREFIX
 
@@ -71,7 +75,7 @@ def window_records(store: Any, spec_name: str, first: int, last: int) -> list[An
     out: list[Any] = []
     after = first - 1
     while True:
-        batch = store.read_after(after, limit=1000, spec=spec_name, variants=SERVED)
+        batch = store.read_after(after, limit=1000, spec=spec_name, variants=SERVED, exclude_key_ids=PROBES)
         out += [r for r in batch if r.seq <= last]
         if not batch or batch[-1].seq >= last:
             return out
@@ -82,7 +86,7 @@ def full_windows(store: Any, spec_name: str, after: int, size: int, most: int = 
     """(first, last) seq of each complete window of `size` served decisions after seq `after`."""
     windows: list[tuple[int, int]] = []
     while len(windows) < most:
-        batch = store.read_after(after, limit=size, spec=spec_name, variants=SERVED)
+        batch = store.read_after(after, limit=size, spec=spec_name, variants=SERVED, exclude_key_ids=PROBES)
         if len(batch) < size:
             return windows
         windows.append((batch[0].seq, batch[-1].seq))
@@ -317,7 +321,7 @@ def outcome_rechecks(spec: PipelineSpec, instance: dg.DagsterInstance, store: An
         i = bisect.bisect_left(seqs, first)
         if key in skip or i == len(seqs) or seqs[i] > last:
             continue
-        n = store.outcome_count(spec.name, first, last, variants=SERVED)
+        n = store.outcome_count(spec.name, first, last, variants=SERVED, exclude_key_ids=PROBES)
         milestone = max((m for m in OUTCOME_MILESTONES if m <= n), default=0)
         if milestone:
             requests.append(dg.RunRequest(run_key=f"outcomes:{key}:{milestone}", partition_key=key,
@@ -471,7 +475,8 @@ def definitions(loaded: LoadedSpec, retrain: Any) -> dg.Definitions:
         done = [window_bounds(k)[1] for k in context.instance.get_dynamic_partitions(partitions.name)]
         after = max(done, default=0)
         store = audit.store()
-        pending = store.read_after(after, limit=spec.monitoring.window, spec=spec.name, variants=SERVED)
+        pending = store.read_after(after, limit=spec.monitoring.window, spec=spec.name, variants=SERVED,
+                                   exclude_key_ids=PROBES)
         if not pending:
             return dg.SkipReason(f"no served decision after seq {after}")
         k = window_key(pending[0].seq, pending[-1].seq)

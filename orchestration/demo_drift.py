@@ -1,6 +1,9 @@
 """`make demo-drift`: the monitoring loop end to end, with the real daemon, on a pipeline that `make run` served.
 
-    python -m orchestration.demo_drift [spec]        (default credit_risk)
+    python -m orchestration.demo_drift [spec] [shift]     (default credit_risk)
+
+`shift` is workloads/replay.py's shift flags (`--scale COLUMN=FACTOR`, `--reweight COLUMN:VALUE=WEIGHT`, ...);
+without them, credit_risk gets its documented shift and any other spec one chosen from its training data.
 
 1. Checks that the spec's server answers (`make run` leaves it running) and starts `dagster-daemon` on the same
    instance, so the drift sensor (on by default) ticks for real.
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "intelligentops/"
@@ -46,11 +50,47 @@ def _ready(endpoint: str) -> bool:
         return False
 
 
-def _replay(endpoint: str, spec: str, rows: int, out: Path, *shift: str) -> None:
-    cmd = [sys.executable, str(REPO / "workloads" / "replay.py"), "send", "--url", endpoint, "--model", spec,
-           "--spec", str(REPO / "pipelines" / f"{spec}.yaml"), "--rows", str(rows), "--rate", "250", "--batch", "25",
+def _replay(endpoint: str, spec_path: Path, rows: int, out: Path, *shift: str) -> None:
+    cmd = [sys.executable, str(REPO / "workloads" / "replay.py"), "send", "--url", endpoint, "--model",
+           spec_path.stem, "--spec", str(spec_path), "--rows", str(rows), "--rate", "250", "--batch", "25",
            "--decisions", str(out), *shift]
     subprocess.run(cmd, check=True, cwd=REPO)
+
+
+# credit_risk's shift is the one the README and benchmarks describe.
+KNOWN_SHIFTS = {"credit_risk": (["--scale", "annual_income=1.5", "--reweight", "emp_title:nurse=8", "--match",
+                                 "contains"], "annual_income x1.5, nurses x8")}
+
+
+def default_shift(spec: Any, home: Path) -> tuple[list[str], str]:
+    """A shift for any spec, from the data it was trained on: its first categorical feature's rarest common value
+    eight times as likely, and its first non-negative numeric feature scaled by 1.25 where that stays inside the
+    range the server accepts (the training span's half again above the maximum)."""
+    import pandas as pd
+
+    if spec.name in KNOWN_SHIFTS:
+        return KNOWN_SHIFTS[spec.name]
+    snapshot = home / "assets" / spec.name / "validated_dataset.parquet"
+    if not snapshot.is_file():
+        return [], "no shift (no validated snapshot to choose one from)"
+    frame = pd.read_parquet(snapshot)
+    args: list[str] = []
+    said: list[str] = []
+    for col in spec.features.categorical:
+        shares = frame[col].dropna().astype(str).value_counts(normalize=True)
+        common = shares[shares >= 0.02]
+        if len(common) >= 2:
+            value = str(common.index[-1])
+            args += ["--reweight", f"{col}:{value}={8}"]
+            said.append(f"{col}={value} x8")
+            break
+    for col in spec.features.numeric:
+        values = pd.to_numeric(frame[col], errors="coerce").dropna()
+        if len(values) and values.min() >= 0 and values.min() <= 0.5 * values.max() and values.max() > 0:
+            args += ["--scale", f"{col}=1.25"]
+            said.append(f"{col} x1.25")
+            break
+    return args, ", ".join(said) or "no shift (no feature to shift)"
 
 
 def _runs(instance, job: str) -> list:
@@ -76,7 +116,7 @@ def _written_back(instance, spec: str, window: str, run_id: str, daemon: subproc
     return {}
 
 
-def main(spec: str = "credit_risk", timeout_s: float = 1800) -> int:
+def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: float = 1800) -> int:
     import dagster as dg
 
     instance = dg.DagsterInstance.get()
@@ -88,7 +128,11 @@ def main(spec: str = "credit_risk", timeout_s: float = 1800) -> int:
     from assets.spec import load_spec
     from resources.settings import Settings
 
-    window = load_spec(Settings.from_env().pipelines / f"{spec}.yaml").spec.monitoring.window
+    settings = Settings.from_env()
+    spec_path = settings.pipelines / f"{spec}.yaml"
+    loaded = load_spec(spec_path).spec
+    window = loaded.monitoring.window
+    shift_args, shift_said = (shift, " ".join(shift)) if shift else default_shift(loaded, Path(settings.home))
     reports_before = {r.run_id for r in _runs(instance, f"{spec}__report_drift")}
     retrains_before = {r.run_id for r in _runs(instance, f"{spec}__retrain")}
     log = Path(tempfile.mkstemp(prefix="intelligentops-daemon-", suffix=".log")[1])
@@ -98,11 +142,15 @@ def main(spec: str = "credit_risk", timeout_s: float = 1800) -> int:
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"sending {window} decisions as the data is, then {window} shifted (annual_income x1.5, "
-                  "nurses x8)")
-            _replay(endpoint, spec, window, Path(tmp) / "normal.jsonl")
-            _replay(endpoint, spec, window, Path(tmp) / "shifted.jsonl", "--scale", "annual_income=1.5",
-                    "--reweight", "emp_title:nurse=8", "--match", "contains")
+            print(f"sending {window} decisions as the data is, then {window} shifted ({shift_said})")
+            try:
+                # Random rows (a data file's order, by time or by id, is itself a shift), different ones each time.
+                _replay(endpoint, spec_path, window, Path(tmp) / "normal.jsonl", "--shuffle", "--seed", "1")
+                _replay(endpoint, spec_path, window, Path(tmp) / "shifted.jsonl", "--shuffle", "--seed", "2",
+                        *shift_args)
+            except subprocess.CalledProcessError:
+                print("replay failed (its message is above); nothing was changed")
+                return 1
         deadline = time.monotonic() + timeout_s
         retrain = None
         while time.monotonic() < deadline:
@@ -154,4 +202,5 @@ def main(spec: str = "credit_risk", timeout_s: float = 1800) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "credit_risk"))
+    # python -m orchestration.demo_drift [spec] [replay.py shift flags, e.g. --scale lvrat=1.2]
+    raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "credit_risk", sys.argv[2:] or None))

@@ -281,7 +281,8 @@ class AuditStore:
         with self._read_engine.connect() as conn:
             return [(int(r.id), int(r.seq)) for r in conn.execute(q)]
 
-    def outcome_count(self, spec: str, first: int, last: int, variants: tuple[str, ...] | None = None) -> int:
+    def outcome_count(self, spec: str, first: int, last: int, variants: tuple[str, ...] | None = None,
+                      exclude_key_ids: tuple[str, ...] = ()) -> int:
         """How many decisions of `spec` with seq in [first, last] (of the given variants) have an outcome."""
         import sqlalchemy as sa
 
@@ -290,6 +291,8 @@ class AuditStore:
              .where(d.c.spec == spec, d.c.seq >= int(first), d.c.seq <= int(last)))
         if variants:
             q = q.where(d.c.variant.in_(list(variants)))
+        if exclude_key_ids:
+            q = q.where(sa.or_(d.c.key_id.is_(None), d.c.key_id.not_in(list(exclude_key_ids))))
         with self._read_engine.connect() as conn:
             return int(conn.execute(q).scalar() or 0)
 
@@ -349,8 +352,10 @@ class AuditStore:
         return AuditRecord(**{k: m[k] for k in _FIELDS})
 
     def read_after(self, seq: int, limit: int = 1000, spec: str | None = None,
-                   variants: tuple[str, ...] | None = None) -> list[AuditRecord]:
-        """Records with seq > `seq`, oldest first: the cursor the drift sensor reads windows with."""
+                   variants: tuple[str, ...] | None = None,
+                   exclude_key_ids: tuple[str, ...] = ()) -> list[AuditRecord]:
+        """Records with seq > `seq`, oldest first: the cursor the drift sensor reads windows with.
+        `exclude_key_ids` leaves out the decisions made for those API key ids (the deployment's smoke requests)."""
         import sqlalchemy as sa
 
         d = self.decisions
@@ -359,6 +364,8 @@ class AuditStore:
             q = q.where(d.c.spec == spec)
         if variants:
             q = q.where(d.c.variant.in_(list(variants)))
+        if exclude_key_ids:
+            q = q.where(sa.or_(d.c.key_id.is_(None), d.c.key_id.not_in(list(exclude_key_ids))))
         with self._read_engine.connect() as conn:
             return [self._record(r) for r in conn.execute(q.order_by(d.c.seq).limit(int(limit)))]
 

@@ -73,6 +73,19 @@ def test_each_full_window_is_requested_once_and_the_cursor_moves_with_the_reques
     assert [window_bounds(r.partition_key) for r in later.run_requests] == [(2301, 4299)]
 
 
+def test_the_deployments_smoke_requests_are_not_traffic(defs, instance):
+    store: AuditStore = defs.resources["audit"].store()
+    probes = [{**d, "key_id": "deployment-smoke"} for d in decisions(400)]
+    store.append(probes[:200] + decisions(600) + probes[200:] + decisions(400))
+    (request,) = _tick(defs, instance, None).run_requests
+    # 1,000 served decisions of traffic: seq 201-800 and 1001-1400; the 400 smoke decisions are in no window.
+    assert window_bounds(request.partition_key) == (201, 1400)
+    from assets.monitoring import window_records
+
+    records = window_records(store, SPEC, 201, 1400)
+    assert len(records) == 1000 and not [r for r in records if r.key_id == "deployment-smoke"]
+
+
 def test_a_report_that_found_drift_asks_for_one_retrain_within_the_cooldown(defs, instance):
     windows = [window_key(1, 1000), window_key(1001, 2000)]
     instance.add_dynamic_partitions(f"{SPEC}__drift_windows", windows)
