@@ -116,6 +116,47 @@ def _written_back(instance, spec: str, window: str, run_id: str, daemon: subproc
     return {}
 
 
+def _open_window(instance, settings: Any, spec: str, window: int) -> int:
+    """How many served decisions are already after the last window the sensor opened (partial windows aside)."""
+    from assets.monitoring import PROBES, SERVED, window_bounds
+    from resources import resources_for
+
+    keys = instance.get_dynamic_partitions(f"{spec}__drift_windows")
+    full = [window_bounds(k) for k in keys]
+    after = max((b for a, b in full if b - a + 1 >= window), default=0)
+    store = resources_for(settings)["audit"].store()
+    return len(store.read_after(after, limit=window, spec=spec, variants=SERVED, exclude_key_ids=PROBES)) % window
+
+
+def _no_retrain(instance, spec: str, loaded: Any, reports: list) -> int:
+    """Both windows were reported and no retrain came: say which windows drifted, and why none was asked for."""
+    import dagster as dg
+
+    drifted = []
+    for r in sorted(reports, key=lambda r: r.tags.get(f"{TAG}window", "")):
+        window = r.tags.get(f"{TAG}window", "")
+        found = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey([spec, "drift_report"]), asset_partitions=[window]), limit=1).records
+        meta = {k: v.value for k, v in found[0].asset_materialization.metadata.items()} if found else {}
+        print(f"  window {window}: run {r.status.value}, drift {meta.get('drift', 'n/a')}: {meta.get('message', '')}")
+        if meta.get("retrain_requested_by_sensor"):
+            drifted.append(window)
+    if not drifted:
+        print("no window found drift, so no retrain was asked for; try a larger shift (SHIFT=...)")
+        return 1
+    earlier = instance.get_run_records(dg.RunsFilter(job_name=f"{spec}__retrain"), limit=1)
+    hours = loaded.monitoring.retrain_cooldown_hours
+    if earlier:
+        ago = (time.time() - earlier[0].create_timestamp.timestamp()) / 3600
+        print(f"window(s) {', '.join(drifted)} found drift, but a retrain was asked for {ago:.1f} h ago and "
+              f"monitoring.retrain_cooldown_hours ({hours} h) holds this one back; lower it in the spec to try "
+              "again sooner")
+    else:
+        print(f"window(s) {', '.join(drifted)} found drift but no retrain was asked for; the sensor's ticks in the "
+              "UI (make ui, Automation) say why")
+    return 1
+
+
 def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: float = 1800) -> int:
     import dagster as dg
 
@@ -142,8 +183,15 @@ def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: f
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            open_rows = _open_window(instance, settings, spec, window)
+            if open_rows:
+                print(f"{open_rows} earlier decisions wait in an open window: completing it with {window - open_rows} "
+                      "rows as the data is first, so this run's windows are its own")
             print(f"sending {window} decisions as the data is, then {window} shifted ({shift_said})")
             try:
+                if open_rows:
+                    _replay(endpoint, spec_path, window - open_rows, Path(tmp) / "flush.jsonl", "--shuffle", "--seed",
+                            "3")
                 # Random rows (a data file's order, by time or by id, is itself a shift), different ones each time.
                 _replay(endpoint, spec_path, window, Path(tmp) / "normal.jsonl", "--shuffle", "--seed", "1")
                 _replay(endpoint, spec_path, window, Path(tmp) / "shifted.jsonl", "--shuffle", "--seed", "2",
@@ -153,12 +201,18 @@ def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: f
                 return 1
         deadline = time.monotonic() + timeout_s
         retrain = None
+        reported_at = None  # when both windows' reports had finished
         while time.monotonic() < deadline:
             reports = [r for r in _runs(instance, f"{spec}__report_drift") if r.run_id not in reports_before]
             retrains = [r for r in _runs(instance, f"{spec}__retrain") if r.run_id not in retrains_before]
             if retrains and retrains[0].is_finished:
                 retrain = retrains[0]
                 break
+            if not retrains and len(reports) >= 2 and all(r.is_finished for r in reports):
+                reported_at = reported_at or time.monotonic()
+                # The sensor reads finished reports on its next tick; give it two before explaining why not.
+                if time.monotonic() - reported_at > 2 * loaded.monitoring.sensor_interval_seconds + 30:
+                    return _no_retrain(instance, spec, loaded, reports)
             if daemon.poll() is not None:
                 print(f"dagster-daemon exited; see {log}")
                 return 1
