@@ -130,6 +130,38 @@ def test_outcomes_that_come_back_later_have_their_window_judged_again(defs, inst
     assert [r.run_key for r in _tick(defs, instance, enough.cursor).run_requests] == [f"outcomes:{window}:100"]
 
 
+def test_a_live_auc_under_the_floor_asks_for_a_retrain_that_says_so(defs, instance):
+    window = window_key(1, 1000)
+    instance.add_dynamic_partitions(f"{SPEC}__drift_windows", [window])
+    instance.report_runless_asset_event(dg.AssetMaterialization(REPORT, partition=window, metadata={
+        "window": window, "drift": False, "performance_drop": True, "retrain_requested_by_sensor": True,
+        "model_version": "1", "message": "no drift",
+        "evidence": f"window {window} served by v1; live AUC 0.612 on 400 outcomes under the floor"}))
+    (retrain,) = _tick(defs, instance, SensorCursor(seq=1000).dump()).run_requests
+    assert retrain.job_name == f"{SPEC}__retrain" and retrain.run_key == f"retrain:{window}"
+    assert retrain.tags[f"{naming.TAG_PREFIX}trigger"] == "performance"
+    assert "live AUC 0.612" in retrain.tags[f"{naming.TAG_PREFIX}evidence"]
+
+
+def test_the_nightly_check_reports_a_partial_window_and_skips_a_quiet_night(defs, instance):
+    schedule = defs.get_schedule_def(f"{SPEC}__nightly_drift_check")
+    audit = defs.resources["audit"]
+
+    def night():
+        return schedule(dg.build_schedule_context(instance=instance, resources={"audit": audit}))
+
+    quiet = night()
+    assert isinstance(quiet, dg.SkipReason) and "no served decision" in quiet.skip_message
+    store: AuditStore = audit.store()
+    store.append(decisions(1000) + decisions(250))
+    instance.add_dynamic_partitions(f"{SPEC}__drift_windows", [window_key(1, 1000)])  # the sensor's full window
+    partial = night()
+    assert partial.partition_key == window_key(1001, 1250) and partial.run_key == f"report:{partial.partition_key}"
+    assert partial.tags[f"{naming.TAG_PREFIX}partial"] == "true"
+    assert partial.partition_key in instance.get_dynamic_partitions(f"{SPEC}__drift_windows")
+    assert isinstance(night(), dg.SkipReason)  # nothing new since that partial window
+
+
 def test_monitoring_definitions_ship_the_sensor_running_and_the_weekly_retrain_stopped(defs):
     assert defs.get_sensor_def(naming.drift_sensor_name(SPEC)).default_status == dg.DefaultSensorStatus.RUNNING
     weekly = defs.get_schedule_def(f"{SPEC}__weekly_retrain")
