@@ -227,6 +227,13 @@ class Monitoring(_Strict):
     # Served decisions whose outcome came back join the next snapshot (and so the next retrain) as labelled rows.
     learn_from_outcomes: bool = False
 
+    @model_validator(mode="after")
+    def _window_can_be_scored(self) -> "Monitoring":
+        if self.min_window > self.window:
+            raise ValueError(f"min_window ({self.min_window}) is larger than window ({self.window}): no full window "
+                             "would ever be scored; lower min_window or raise window")
+        return self
+
 
 class TrafficPolicy(_Strict):
     """Who answers: `champion` only; `canary` sends `canary_share` of requests to `@challenger`; `shadow` lets

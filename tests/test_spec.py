@@ -60,6 +60,8 @@ def test_source_unknown_key(tmp_path: Path):
     (lambda s: s["split"].update(strategy="time"), r"needs time_column"),
     (lambda s: s["validation"]["columns"].update(nope={"min": 1}), r"'nope' is not a column"),
     (lambda s: s["sensitive"][0].update(bins=[40, 25]), r"ascending"),
+    (lambda s: s.update(monitoring={"window": 100}), r"'monitoring'.*min_window \(200\) is larger than window \(100\)"),
+    (lambda s: s.update(monitoring={"sensor_interval_seconds": 0}), r"'monitoring.sensor_interval_seconds'"),
 ])
 def test_bad_values_are_named(tmp_path: Path, mutate, message):
     spec = shipped_spec("credit_scoring")
