@@ -148,7 +148,10 @@ def test_the_nightly_check_reports_a_partial_window_and_skips_a_quiet_night(defs
     audit = defs.resources["audit"]
 
     def night():
-        return schedule(dg.build_schedule_context(instance=instance, resources={"audit": audit}))
+        # Closed after use: an open schedule context keeps a Dagster instance entered, and a later test's
+        # definitions load would find its state storage without the instance.
+        with dg.build_schedule_context(instance=instance, resources={"audit": audit}) as context:
+            return schedule(context)
 
     quiet = night()
     assert isinstance(quiet, dg.SkipReason) and "no served decision" in quiet.skip_message
