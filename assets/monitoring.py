@@ -360,6 +360,13 @@ def retrain_outcome(instance: dg.DagsterInstance, run: Any) -> dict[str, Any]:
             "champion_version": str(champion.get("champion_version")) if champion else "unchanged"}
 
 
+def _written_back(instance: dg.DagsterInstance, report_key: dg.AssetKey, window: str, run_id: str) -> bool:
+    found = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=report_key, asset_partitions=[window]),
+                                        limit=20)
+    return any(str(getattr(r.asset_observation.metadata.get("retrain_run"), "value", "")) == run_id
+               for r in found.records)
+
+
 def retrain_outcomes(spec: PipelineSpec, instance: dg.DagsterInstance, after: float
                      ) -> tuple[list[dg.AssetObservation], float]:
     """Each retrain that finished since `after` is written back, as an observation, onto the drift report of the
@@ -371,11 +378,14 @@ def retrain_outcomes(spec: PipelineSpec, instance: dg.DagsterInstance, after: fl
                       updated_after=datetime.fromtimestamp(after, UTC)),
         limit=50, order_by="update_timestamp", ascending=True)
     observations = []
+    report_key = asset_key(spec.name, naming.DRIFT_REPORT)
     for record in records:
         after = max(after, record.update_timestamp.timestamp())
         window = record.dagster_run.tags.get(f"{TAG}window")
         if not window:
             continue  # a retrain started by hand or by the weekly schedule answers to no window
+        if _written_back(instance, report_key, window, record.dagster_run.run_id):
+            continue  # a daemon that died after storing the observation but before its cursor: not twice
         meta = retrain_outcome(instance, record.dagster_run)
         observations.append(dg.AssetObservation(
             asset_key=asset_key(spec.name, naming.DRIFT_REPORT), partition=window,

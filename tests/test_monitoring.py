@@ -280,3 +280,8 @@ def test_a_retrain_on_biased_outcomes_is_refused_by_fairness_and_the_champion_ke
     later = sensor(dg.build_sensor_context(instance=instance, resources={"audit": defs.resources["audit"]},
                                            definitions=defs, cursor=tick.cursor))
     assert later.asset_events == []  # written back once
+    # A daemon that stored the observation and died before its cursor: the old cursor again writes nothing twice.
+    instance.report_runless_asset_event(seen)
+    replay = sensor(dg.build_sensor_context(instance=instance, resources={"audit": defs.resources["audit"]},
+                                            definitions=defs, cursor=SensorCursor(seq=records[-1].seq).dump()))
+    assert replay.asset_events == []
