@@ -234,11 +234,13 @@ def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: f
         if retrain.status == dg.DagsterRunStatus.SUCCESS:
             print(f"  new champion: version {champion.get('champion_version')}; the server reloaded it")
         else:
-            failures = [e.message for e in instance.all_logs(retrain.run_id)
-                        if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"]
-            print(f"  refused, the champion keeps serving (version {champion.get('champion_version')}):")
-            for f in failures[:3]:
-                print(f"    {f[:400]}")
+            from assets.monitoring import retrain_outcome
+
+            outcome = retrain_outcome(instance, retrain)
+            print(f"  {outcome['retrain_outcome']}, the champion keeps serving (version "
+                  f"{champion.get('champion_version')}):")
+            for reason in outcome["retrain_reason"].split("; ")[:4]:
+                print(f"    {reason[:400]}")
         window = retrain.tags.get(f"{TAG}window", "")
         written = _written_back(instance, spec, window, retrain.run_id, daemon)
         if written:
