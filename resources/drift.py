@@ -45,12 +45,12 @@ The folder holds the detectors, `bundle.json` (features, category codes, levels,
 `manifest.json` (sha256 of every other file). `load_detectors` refuses a folder whose files do not match it,
 naming the file, the same way model weights are verified.
 
-No Dagster import; alibi_detect, torch and matplotlib are imported inside the functions that use them.
+Atomic writes and file digests are resources/storage.py's; alibi_detect, torch and matplotlib are imported
+inside the functions that use them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -63,6 +63,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from resources.storage import atomic_write_bytes, sha256_file
 
 MIN_WINDOW = 200
 DEFAULT_PERMUTATIONS = 300
@@ -205,25 +207,8 @@ class BundleConfig:
 # --- files: atomic writes and the manifest ------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def _files(folder: Path) -> list[Path]:
@@ -232,7 +217,7 @@ def _files(folder: Path) -> list[Path]:
 
 def write_manifest(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (relative POSIX paths), written as `manifest.json`."""
-    files = {p.relative_to(folder).as_posix(): _sha256(p) for p in _files(folder)}
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _files(folder)}
     _write_json(folder / MANIFEST, {"files": files, "algorithm": "sha256"})
     return files
 
@@ -253,7 +238,7 @@ def verify_manifest(folder: Path) -> dict[str, str]:
         path = folder / rel
         if rel not in present:
             raise DriftDetectorError(f"{path}: listed in {manifest_path.name} but missing; refit the detectors")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != digest:
             raise DriftDetectorError(
                 f"{path}: sha256 {actual[:16]}... does not match {manifest_path.name} ({digest[:16]}...); the "
