@@ -16,7 +16,7 @@ export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
 
 PIPELINE ?= credit_risk
 
-.PHONY: setup run test ui serve lock dagster-home clean
+.PHONY: setup run test test-fast ui serve lock dagster-home clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,14 @@ run: setup dagster-home
 demo-drift: setup dagster-home
 	$(BIN)/python -m orchestration.demo_drift $(PIPELINE) $(SHIFT)
 
+# Every lane: tests/unit (pure functions), tests/stage (one stage on a real instance), tests/e2e (servers,
+# daemons, the browser). .ci/run calls this.
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit lane alone: no Dagster run, no subprocess; under two minutes.
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # The champion of $(PIPELINE) in the foreground on port $(PORT) (Ctrl-C stops it); every decision is audited.
 PORT ?= 8080

@@ -168,7 +168,7 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: Any) -> tuple[
     time column is the decision's time; columns the server never saw (for example a sensitive column that is
     not an input) are empty, and the data checks treat them as any other missing value.
     """
-    from assets.monitoring import SERVED
+    from core.audit.traffic import all_traffic, record_features
 
     labels = label_series(source[spec.target.column], spec)
     negative = source.loc[labels == 0, spec.target.column].mode()
@@ -176,19 +176,14 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: Any) -> tuple[
         raise DataValidationError(f"{spec.name}: the source has no negative row, so an outcome of 0 has no target "
                                   f"value to take ({spec.target.column!r})")
     positive, negative_value = spec.target.positive[0], negative.iloc[0]
-    records, after = [], 0
-    while True:
-        batch = store.read_after(after, limit=5000, spec=spec.name, variants=SERVED)
-        if not batch:
-            break
-        records += batch
-        after = batch[-1].seq
+    records = all_traffic(store, spec.name)
+    after = records[-1].seq if records else 0
     outcomes = store.outcomes([r.decision_id for r in records]) if records else {}
     rows = []
     for r in records:
         if r.decision_id not in outcomes:
             continue
-        row = {c: (None if r.inputs.get(c) == "<redacted>" else r.inputs.get(c)) for c in spec.features.all}
+        row = record_features(r, spec.features.all)
         row[spec.target.column] = positive if outcomes[r.decision_id] == 1 else negative_value
         if spec.id_column:
             row[spec.id_column] = f"{DECISION_ID_PREFIX}{r.decision_id}"

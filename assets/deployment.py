@@ -29,9 +29,9 @@ import pandas as pd
 
 from assets import naming
 from assets.spec import LoadedSpec, PipelineSpec
+from core.names import SMOKE_KEY_ID
 from resources.storage import atomic_write_bytes
 
-SMOKE_KEY_ID = "deployment-smoke"
 
 
 # --- the server's config -------------------------------------------------------------------------------------

@@ -21,25 +21,34 @@ from assets.features import build_feature_frame
 from assets.naming import CHALLENGER, CHAMPION, LABEL, LINEAGE_TAGS, ROW_ID, SPLIT, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import feature_asset, png_markdown
-from assets.training import manifest_problems
 from resources.mlflow import MlflowResource, refuse_pickle
-from resources.storage import StorageResource, frame_hash, sha256_file
+from core.files import sha256_file
+from core.names import MANIFEST_TAG, THRESHOLD_TAG
+from resources.storage import StorageResource, frame_hash
 
 IMPORTANCE_ROWS = 1000
 EXPLAIN_TOP = 3
-# The model-version tag that carries the operating threshold chosen on the validation split; the server reads it.
-THRESHOLD_TAG = "operating_threshold"
 
 
 def verify_integrity(local: Path, version) -> Integrity:
     """Hash the downloaded version's artifacts against its manifest and the checkpoint digest training reported."""
-    # The pyfunc keeps its artifacts side by side under artifacts/; a carried text encoder folder has its own
-    # model.safetensors (and maybe a manifest.json), so nothing is searched for.
+    # Registration gathers every artifact under one manifest (assets/training.py), so artifacts/ is checked as a
+    # whole: a changed, missing or added file is named.
+    from core.manifest import ManifestError, manifest_problems, read_manifest
+
     artifacts = local / "artifacts"
-    if not (artifacts / "manifest.json").is_file():
-        return Integrity(problems=[f"version {version.version} has no artifacts/manifest.json"], files_verified=0)
-    manifest, problems = manifest_problems(artifacts)
-    verified = len(manifest["files"]) - len(problems)
+    try:
+        listed = read_manifest(artifacts)["files"]
+    except ManifestError:
+        return Integrity(problems=[f"version {version.version} has no readable artifacts/manifest.json"],
+                         files_verified=0)
+    problems = manifest_problems(artifacts)
+    tagged = (version.tags or {}).get(MANIFEST_TAG)
+    if not tagged:
+        problems.append(f"the version has no {MANIFEST_TAG} tag, so its manifest cannot be checked")
+    elif sha256_file(artifacts / "manifest.json") != tagged:
+        problems.append(f"artifacts/manifest.json is not the manifest {tagged[:16]}... registered with the version")
+    verified = max(0, len(listed) - len(problems))
     weights = artifacts / "model.safetensors"
     reported = (version.tags or {}).get("checkpoint_sha256")
     if reported and weights.is_file() and sha256_file(weights) != reported:

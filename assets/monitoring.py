@@ -6,7 +6,7 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
 ```
 
 - Detectors are fitted when a version is evaluated, on its training split (tabular KS/Chi-squared, MMD on the
-  text embeddings, KS and a mean test on the held-out validation and test scores; resources/drift.py), saved
+  text embeddings, KS and a mean test on the held-out validation and test scores; core/drift/), saved
   under `<home>/<spec>/drift/v<version>/` with a sha256 manifest, logged to the version's MLflow run and named by
   the version tag `drift_detectors_sha256`.
 - Windows are dynamic partitions: a window is a count of decisions (default 1,000), not a span of time, so it
@@ -36,62 +36,23 @@ import numpy as np
 import pandas as pd
 
 from assets import naming
-from assets.deployment import SMOKE_KEY_ID
 from assets.naming import asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import png_markdown
+from core.audit.traffic import (full_windows, record_features, traffic_after, traffic_outcome_count, window_bounds,
+                                window_key, window_records)
+from core.names import DETECTORS_TAG
 from resources.servers import AuditResource
 from resources.storage import StorageResource, atomic_write_bytes
 
-# Variants whose decisions were answered to a caller: shadow scores are recorded but were never seen.
-SERVED = ("champion", "canary")
-# Decisions that are not traffic: the deployment's own smoke requests.
-PROBES = (SMOKE_KEY_ID,)
-DETECTORS_TAG = "drift_detectors_sha256"
 TAG = naming.TAG_PREFIX
 
 
 # --- windows --------------------------------------------------------------------------------------------------
 
 
-def window_key(first_seq: int, last_seq: int) -> str:
-    return f"{first_seq:010d}-{last_seq:010d}"
-
-
-def window_bounds(key: str) -> tuple[int, int]:
-    try:
-        first, last = (int(p) for p in key.split("-"))
-    except ValueError:
-        raise ValueError(f"{key!r} is not a drift window key (<first seq>-<last seq>)") from None
-    return first, last
-
-
 def windows_partitions(spec_name: str) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=f"{spec_name}__drift_windows")
-
-
-def window_records(store: Any, spec_name: str, first: int, last: int) -> list[Any]:
-    """The served decisions of one window, in log order."""
-    out: list[Any] = []
-    after = first - 1
-    while True:
-        batch = store.read_after(after, limit=1000, spec=spec_name, variants=SERVED, exclude_key_ids=PROBES)
-        out += [r for r in batch if r.seq <= last]
-        if not batch or batch[-1].seq >= last:
-            return out
-        after = batch[-1].seq
-
-
-def full_windows(store: Any, spec_name: str, after: int, size: int, most: int = 20) -> list[tuple[int, int]]:
-    """(first, last) seq of each complete window of `size` served decisions after seq `after`."""
-    windows: list[tuple[int, int]] = []
-    while len(windows) < most:
-        batch = store.read_after(after, limit=size, spec=spec_name, variants=SERVED, exclude_key_ids=PROBES)
-        if len(batch) < size:
-            return windows
-        windows.append((batch[0].seq, batch[-1].seq))
-        after = batch[-1].seq
-    return windows
 
 
 # --- detectors versioned with the model ------------------------------------------------------------------------
@@ -108,8 +69,9 @@ def fit_version_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: 
 
     Returns the sha256 of the detectors' manifest, also set as the version tag `drift_detectors_sha256`.
     """
-    from resources.drift import fit_detectors
-    from resources.storage import frame_to_parquet_bytes, sha256_file
+    from core.drift import fit_detectors
+    from core.files import sha256_file
+    from resources.storage import frame_to_parquet_bytes
 
     m = spec.monitoring
     folder = detectors_dir(storage, spec.name, version)
@@ -130,8 +92,8 @@ def fit_version_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: 
 
 def load_version_detectors(storage: StorageResource, mlflow: Any, spec_name: str, version: str):
     """The version's detectors, refused unless their manifest is the one the version's tag names."""
-    from resources.drift import DriftDetectorError, load_detectors
-    from resources.storage import sha256_file
+    from core.drift import DriftDetectorError, load_detectors
+    from core.files import sha256_file
 
     folder = detectors_dir(storage, spec_name, version) / "detectors"
     expected = (mlflow.client().get_model_version(spec_name, version).tags or {}).get(DETECTORS_TAG)
@@ -176,8 +138,7 @@ class WindowReport:
 
 def window_frame(spec: PipelineSpec, records: list[Any]) -> pd.DataFrame:
     """The decisions' raw inputs as a frame in the spec's types; redacted values count as missing."""
-    rows = [{c: (None if r.inputs.get(c) == "<redacted>" else r.inputs.get(c)) for c in spec.features.all}
-            for r in records]
+    rows = [record_features(r, spec.features.all) for r in records]
     frame = pd.DataFrame(rows, columns=spec.features.all)
     for col in spec.features.numeric:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
@@ -214,7 +175,7 @@ def live_metrics(records: list[Any], outcomes: dict[str, int]) -> tuple[int, flo
 def report_window(loaded: LoadedSpec, storage: StorageResource, mlflow: Any, store: Any, key: str,
                   plot_dir: Path | None = None) -> WindowReport:
     """Score one window against the detectors of the version that served most of it."""
-    from resources.drift import drift_plot
+    from core.drift import drift_plot
 
     spec = loaded.spec
     first, last = window_bounds(key)
@@ -321,7 +282,7 @@ def outcome_rechecks(spec: PipelineSpec, instance: dg.DagsterInstance, store: An
         i = bisect.bisect_left(seqs, first)
         if key in skip or i == len(seqs) or seqs[i] > last:
             continue
-        n = store.outcome_count(spec.name, first, last, variants=SERVED, exclude_key_ids=PROBES)
+        n = traffic_outcome_count(store, spec.name, first, last)
         milestone = max((m for m in OUTCOME_MILESTONES if m <= n), default=0)
         if milestone:
             requests.append(dg.RunRequest(run_key=f"outcomes:{key}:{milestone}", partition_key=key,
@@ -485,8 +446,7 @@ def definitions(loaded: LoadedSpec, retrain: Any) -> dg.Definitions:
         done = [window_bounds(k)[1] for k in context.instance.get_dynamic_partitions(partitions.name)]
         after = max(done, default=0)
         store = audit.store()
-        pending = store.read_after(after, limit=spec.monitoring.window, spec=spec.name, variants=SERVED,
-                                   exclude_key_ids=PROBES)
+        pending = traffic_after(store, spec.name, after, spec.monitoring.window)
         if not pending:
             return dg.SkipReason(f"no served decision after seq {after}")
         k = window_key(pending[0].seq, pending[-1].seq)

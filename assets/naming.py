@@ -1,7 +1,7 @@
 """Every name users, tests and later stages rely on: asset keys, groups, jobs, sensors, aliases, tag names.
 
-A name used in more than one module lives here and nowhere else. Dagster-free on purpose, apart from
-`asset_key`, so that a workload running in the project's image may read the alias and tag names too.
+A name used in more than one module lives here or, when the Dagster-free floor needs it too, in core/names.py
+(re-exported below) and nowhere else.
 """
 
 from __future__ import annotations
@@ -40,14 +40,9 @@ ROW_ID = "row_id"
 LABEL = "label"
 SPLIT = "split"
 
-# --- MLflow registry aliases (stages are deprecated in MLflow 3; never use them) ------------------------------
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS = "previous"
-
-# --- model-version tags: lineage from a version back to the exact rows it learned from ------------------------
-LINEAGE_TAGS = ("dataset_hash", "splits_hash", "embeddings_version", "spec_hash", "code_revision",
-                "checkpoint_sha256")
+# --- aliases, version tags and serving names: core/names.py spells them (the workloads read them too) --------
+from core.names import (CHALLENGER, CHAMPION, DETECTORS_TAG, LINEAGE_TAGS, MANIFEST_TAG, PREVIOUS,  # noqa: E402,F401
+                        SERVED_VARIANTS, SMOKE_KEY_ID, THRESHOLD_TAG)
 
 # --- Dagster run tags -----------------------------------------------------------------------------------------
 TAG_PREFIX = "intelligentops/"

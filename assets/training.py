@@ -27,7 +27,9 @@ from assets.wiring import feature_asset
 from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource
-from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, sha256_file
+from core.files import sha256_file
+from core.names import MANIFEST_TAG
+from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash
 
 # One training at a time per pool (dagster.yaml sets the default limit): two DeepSpeed runs on one machine
 # would only slow each other down.
@@ -44,29 +46,40 @@ class TrainingError(RuntimeError):
 # --- plain functions (tested on their own) --------------------------------------------------------------------
 
 
-def manifest_problems(model_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """The manifest in `model_dir` and every way its files fail to match it (empty when all match)."""
-    manifest_path = model_dir / "manifest.json"
-    if not manifest_path.is_file():
-        return None, [f"{manifest_path} does not exist"]
-    manifest = json.loads(manifest_path.read_text())
-    problems = []
-    for name, expected in manifest["files"].items():
-        path = model_dir / name
-        if not path.is_file():
-            problems.append(f"{path} listed in {manifest_path} is missing")
-        elif (actual := sha256_file(path)) != expected:
-            problems.append(f"{name} does not match the sha256 in {manifest_path.name} (file {actual[:16]}..., "
-                            f"manifest {expected[:16]}...)")
-    return manifest, problems
-
-
 def verify_model_dir(spec_name: str, model_dir: Path) -> dict[str, Any]:
-    """The manifest, after checking every file it lists against its sha256."""
-    manifest, problems = manifest_problems(model_dir)
-    if manifest is None or problems:
-        raise TrainingError(f"{spec_name}: {'; '.join(problems)}; materialize model_checkpoint again")
-    return manifest
+    """The manifest of a training output, after checking it strictly (core/manifest.py)."""
+    from core.manifest import ManifestError, verify_manifest
+
+    try:
+        return verify_manifest(model_dir)
+    except ManifestError as exc:
+        raise TrainingError(f"{spec_name}: {exc}; materialize model_checkpoint again") from None
+
+
+def stage_version_artifacts(spec_name: str, model_dir: Path, manifest: dict[str, Any], staging: Path,
+                            encoder: dict[str, str]) -> dict[str, str]:
+    """The files a registered version carries, gathered in `staging` under one manifest that lists them all.
+
+    `artifacts/` of the registered model is then exactly `staging`, so the integrity gate and every server load
+    check it with core.manifest's one strictness (no file unlisted). The training manifest's fields
+    (architecture, calibration, steps) are kept. `encoder` is resources.embedder.encoder_artifacts' answer.
+    """
+    from core.manifest import write_manifest
+
+    artifacts = {}
+    for key, name in (("weights", "model.safetensors"), ("preprocessing", "preprocessing.json")):
+        shutil.copyfile(model_dir / name, staging / name)
+        artifacts[key] = str(staging / name)
+    for key, source in encoder.items():
+        target = staging / Path(source).name
+        if Path(source).is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns(".*"))
+        elif Path(source).resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        artifacts[key] = str(target)
+    write_manifest(staging, **{k: v for k, v in manifest.items() if k not in ("files", "algorithm")})
+    artifacts["manifest"] = str(staging / "manifest.json")
+    return artifacts
 
 
 def training_key(spec: PipelineSpec, data_digest: str, splits_hash: str) -> str:
@@ -263,24 +276,25 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: 
                                                         "spec_hash")}
     lineage["code_revision"] = code_revision()
     lineage["checkpoint_sha256"] = checkpoint["weights_sha256"]
-    version_tags = {**lineage, "spec": spec.name, "manifest_sha256": sha256_file(model_dir / "manifest.json"),
-                    "training_key": checkpoint["training_key"], "dagster_run_id": dagster_run_id}
+    version_tags = {**lineage, "spec": spec.name, "training_key": checkpoint["training_key"],
+                    "dagster_run_id": dagster_run_id}
     experiment_id = mlflow.experiment_id(spec.name)
     client = mlflow.client()
     run_id = checkpoint.get("mlflow_run_id") or client.create_run(
         experiment_id, run_name=f"{spec.name}-register-{dagster_run_id[:8]}").info.run_id
-    with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir:
+    with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir, \
+            tempfile.TemporaryDirectory(prefix="intelligentops-artifacts-") as staging:
         # The transform ships under a name no other distribution uses (see workloads/model_code.py).
         shutil.copyfile(Path(feature_module.__file__), Path(code_dir) / "intelligentops_features.py")
         shutil.copyfile(REPO_ROOT / "workloads" / "tabular_mlp.py", Path(code_dir) / "tabular_mlp.py")
+        encoder = (encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, Path(staging))
+                   if spec.has_text else {})
+        artifacts = stage_version_artifacts(spec.name, model_dir, manifest, Path(staging), encoder)
+        version_tags[MANIFEST_TAG] = sha256_file(artifacts["manifest"])
         source = mlflow.log_pyfunc(
             run_id,
             python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
-            artifacts={"weights": str(model_dir / "model.safetensors"),
-                       "preprocessing": str(model_dir / "preprocessing.json"),
-                       "manifest": str(model_dir / "manifest.json"),
-                       **(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, Path(code_dir))
-                          if spec.has_text else {})},
+            artifacts=artifacts,
             code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
             pip_requirements=_pip_requirements(spec),
             signature=_signature(spec),

@@ -1,4 +1,4 @@
-"""False alarms, power and scoring time of the drift detectors in resources/drift.py, on credit_risk's real data.
+"""False alarms, power and scoring time of the drift detectors in core/drift/, on credit_risk's real data.
 
     PYTHONPATH=. .venv/bin/python benchmarks/drift_detectors.py            # 100 null windows, 50 per shift
     PYTHONPATH=. .venv/bin/python benchmarks/drift_detectors.py --null 20 --shifted 10   # a quick look
@@ -51,7 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from resources import drift  # noqa: E402
+from core import drift  # noqa: E402
 
 HEALTH = ("nurse", " rn", "rn ", "medical", "health", "hospital", "pharm", "therap", "dental", "physician",
           "clinical", "patient", "surgical", "caregiver")
@@ -396,7 +396,7 @@ def score_candidates(ref: np.ndarray, s: np.ndarray) -> dict[str, float]:
 def scores_only(args, splits: list[Split], t_start: float) -> None:
     """Every score candidate on the same windows, null and shifted, over several reference/pool splits.
 
-    `shipped` is resources/drift.py's score detector itself (a bundle holding only it, fitted at the level the
+    `shipped` is core/drift/'s score detector itself (a bundle holding only it, fitted at the level the
     credit_risk bundle gives each of its three detectors), so the row measures the code that runs.
 
     Windows drawn from one pool share that pool's chance difference from the reference, so their false alarms

@@ -170,7 +170,7 @@ def main() -> int:
     from assets.deployment import sample_rows, server_config
     from assets.spec import load_specs
     from resources import resources_for
-    from resources.audit import AuditStore
+    from core.audit import AuditStore
 
     from dataclasses import replace
 

@@ -20,7 +20,7 @@ from orchestration.jobs import spec_jobs, weekly_retrain
 from resources import resources_for
 from resources.settings import Settings
 
-# Loading the code location imports none of these (tests/test_definitions.py and benchmarks/ check it): they are
+# Loading the code location imports none of these (tests/unit/test_definitions.py and benchmarks/ check it): they are
 # imported inside the functions that use them, so a UI reload or a sensor tick never pays for them.
 HEAVY_MODULES = ("torch", "mlflow", "great_expectations", "deepspeed", "alibi_detect", "sentence_transformers",
                  "transformers", "lancedb", "sklearn", "kserve")

@@ -118,14 +118,14 @@ def _written_back(instance, spec: str, window: str, run_id: str, daemon: subproc
 
 def _open_window(instance, settings: Any, spec: str, window: int) -> int:
     """How many served decisions are already after the last window the sensor opened (partial windows aside)."""
-    from assets.monitoring import PROBES, SERVED, window_bounds
+    from core.audit.traffic import traffic_after, window_bounds
     from resources import resources_for
 
     keys = instance.get_dynamic_partitions(f"{spec}__drift_windows")
     full = [window_bounds(k) for k in keys]
     after = max((b for a, b in full if b - a + 1 >= window), default=0)
     store = resources_for(settings)["audit"].store()
-    return len(store.read_after(after, limit=window, spec=spec, variants=SERVED, exclude_key_ids=PROBES)) % window
+    return len(traffic_after(store, spec, after, window)) % window
 
 
 def _no_retrain(instance, spec: str, loaded: Any, reports: list) -> int:

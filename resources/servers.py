@@ -10,7 +10,7 @@ asset builds (assets/deployment.py):
   kserve SDK's typed models, whose predictor container runs the same program, and applies both through the
   Kubernetes client. `render()` is pure, so tests validate the manifests without a cluster.
 
-`AuditResource` hands the assets the audit store (resources/audit.py) behind one URL.
+`AuditResource` hands the assets the audit store (core/audit/) behind one URL.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from resources.audit import default_audit_url
+from core.audit import default_audit_url
 from resources.storage import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ class AuditResource(dg.ConfigurableResource):
         return self.url or default_audit_url(self.home)
 
     def store(self):
-        from resources.audit import AuditStore
+        from core.audit import AuditStore
 
         return AuditStore(self.resolved_url())
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import pandas as pd
 from pydantic import BaseModel
 from upath import UPath
 
+from core.files import atomic_write_local, json_bytes
 
 
 def _is_local(path: UPath) -> bool:
@@ -30,30 +29,19 @@ def _is_local(path: UPath) -> bool:
 def atomic_write_bytes(path: UPath | Path, data: bytes) -> None:
     """Write all of `data` or nothing: a reader never sees a half-written file.
 
-    Locally the bytes go to a temporary file beside the target, are flushed to disk, then renamed over it.
-    Object stores put whole objects, so there a plain write already has that property.
+    Locally that is core.files.atomic_write_local (a temporary file, flushed, renamed over the target). Object
+    stores put whole objects, so there a plain write already has that property.
     """
     path = UPath(path)
     if not _is_local(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return
-    local = Path(path.path)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, local)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_local(Path(path.path), data)
 
 
 def atomic_write_json(path: UPath | Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def frame_to_parquet_bytes(df: pd.DataFrame) -> bytes:
@@ -82,14 +70,6 @@ def frame_hash(df: pd.DataFrame) -> str:
         h.update(str(c).encode())
         for v in df[c]:
             h.update(b"\0" if v is None else np.ascontiguousarray(v, dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -17,7 +17,7 @@ What it speaks (the model name is the spec's name):
 
 Every answered row carries probability, decision (at the version's `operating_threshold` tag), top factors,
 model version, variant and a decision id; the decision is committed to the hash-chained audit log
-(resources/audit.py) before the response leaves. Concurrent requests are scored and committed together
+(core/audit/) before the response leaves. Concurrent requests are scored and committed together
 (micro-batching and group commit), which is what keeps a durable write per decision cheap.
 
 The model is loaded by alias (`models:/<spec>@champion`, and `@challenger` for a canary or shadow policy) with
@@ -58,13 +58,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from resources.audit import AuditStore, input_hash, now_iso, redact  # noqa: E402  (Dagster-free)
+from core.audit import AuditStore, input_hash, now_iso, redact  # noqa: E402  (Dagster-free)
+from core.manifest import ManifestError, verify_manifest  # noqa: E402
+from core.names import CHALLENGER, CHAMPION, KEY_ID_HEADER, MANIFEST_TAG, OUTPUTS, SMOKE_KEY_ID, THRESHOLD_TAG  # noqa: E402
 
 log = logging.getLogger("intelligentops.serve")
-KEY_ID_HEADER = "x-intelligentops-key-id"
-# The key id of the deployment's own smoke requests (assets/deployment.py): on the audit log, not in drift windows.
-PROBE_KEY_ID = "deployment-smoke"
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 # --- configuration ---------------------------------------------------------------------------------------------
@@ -136,14 +134,6 @@ class ServeError(RuntimeError):
 # --- the model versions ----------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class ServedVersion:
     """One loaded, verified model version."""
@@ -166,26 +156,16 @@ class ServedVersion:
         return probability, factors
 
 
-def verify_model_files(model_dir: Path, expected_manifest_sha: str | None, label: str) -> str:
-    """Check the downloaded model's manifest against the version's tag and every file against the manifest."""
-    manifests = list(model_dir.rglob("manifest.json"))
-    if not manifests:
-        raise ServeError(f"{label}: no manifest.json among the model's files in {model_dir}: refusing to serve")
-    manifest_path = manifests[0]
-    digest = _sha256(manifest_path)
-    if expected_manifest_sha and digest != expected_manifest_sha:
-        raise ServeError(f"{label}: manifest.json has sha256 {digest[:16]}..., the version's tag manifest_sha256 "
-                         f"says {expected_manifest_sha[:16]}...: refusing to serve")
-    manifest = json.loads(manifest_path.read_text())
-    for name, expected in manifest.get("files", {}).items():
-        path = manifest_path.parent / name
-        if not path.is_file():
-            raise ServeError(f"{label}: {name} listed in the manifest is missing from {path.parent}")
-        actual = _sha256(path)
-        if actual != expected:
-            raise ServeError(f"{label}: {name} has sha256 {actual[:16]}..., the manifest says {expected[:16]}...: "
-                             "refusing to serve")
-    return digest
+def verify_model_files(model_root: Path, expected_manifest_sha: str | None, label: str) -> str:
+    """Check the version's artifacts strictly against their manifest, and the manifest against the version's tag."""
+    artifacts = model_root / "artifacts"
+    if not expected_manifest_sha:
+        raise ServeError(f"{label} has no tag {MANIFEST_TAG}, so its files cannot be checked: refusing to serve")
+    try:
+        verify_manifest(artifacts, expected_sha256=expected_manifest_sha)
+    except ManifestError as exc:
+        raise ServeError(f"{label}: {exc}: refusing to serve") from None
+    return expected_manifest_sha
 
 
 def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
@@ -195,7 +175,7 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
     label = f"model {cfg.spec!r} version {version}"
     mv = client.get_model_version(cfg.spec, version)
     tags = dict(mv.tags or {})
-    raw_threshold = tags.get("operating_threshold")
+    raw_threshold = tags.get(THRESHOLD_TAG)
     if raw_threshold is None:
         raise ServeError(f"{label} has no tag 'operating_threshold', so no decision can be made from its scores: "
                          f"materialize {cfg.spec}/model_evaluation for it (it sets the tag), or set it by hand with "
@@ -226,14 +206,14 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (cache / ".complete").is_file():
                 raise
-    try:
-        digest = verify_model_files(cache, tags.get("manifest_sha256"), label)
-    except ServeError as exc:
-        raise ServeError(f"{exc} (files cached at {cache}; if the registry's copy is intact, delete that folder "
-                         "to fetch it again)") from None
     model_root = next((p.parent for p in cache.rglob("MLmodel")), None)
     if model_root is None:
         raise ServeError(f"{label}: no MLmodel file in {cache}")
+    try:
+        digest = verify_model_files(model_root, tags.get(MANIFEST_TAG), label)
+    except ServeError as exc:
+        raise ServeError(f"{exc} (files cached at {cache}; if the registry's copy is intact, delete that folder "
+                         "to fetch it again)") from None
     pyfunc = mlflow.pyfunc.load_model(str(model_root))
     return ServedVersion(version=str(version), threshold=threshold, python_model=pyfunc.unwrap_python_model(),
                          run_id=mv.run_id, manifest_sha256=digest)
@@ -515,7 +495,7 @@ class Gateway:
         if not self.keys and key and self.cfg.probe_key_sha256 and \
                 hmac.compare_digest(hashlib.sha256(key.encode()).hexdigest(), self.cfg.probe_key_sha256):
             # An open server still tells the deployment's own smoke requests apart, so monitoring can leave them out.
-            headers.append((KEY_ID_HEADER.encode(), PROBE_KEY_ID.encode()))
+            headers.append((KEY_ID_HEADER.encode(), SMOKE_KEY_ID.encode()))
         if self.keys:
             if not key:
                 return await self._reply(send, 401, "missing API key: send 'Authorization: Bearer <key>' or "
@@ -936,10 +916,7 @@ def make_model(engine: Engine):
             return types + [{"name": c, "datatype": "BYTES", "shape": [-1]} for c in [*cfg.categorical, *cfg.text]]
 
         def get_output_types(self) -> list[dict]:
-            return [{"name": n, "datatype": t, "shape": [-1]} for n, t in (
-                ("probability", "FP64"), ("decision", "INT64"), ("decision_id", "BYTES"),
-                ("model_version", "BYTES"), ("variant", "BYTES"), ("top_factors", "BYTES"),
-                ("similar_cases", "BYTES"))]
+            return [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS]
 
         async def _decide(self, payload, headers, explain: int):
             key_id = (headers or {}).get(KEY_ID_HEADER)

@@ -11,9 +11,9 @@ from support import write_spec
 from assets.checks.data_quality import Profile
 from assets.deployment import accepted_ranges, observe_inference_log, percentile, server_config, v2_request
 from assets.spec import SpecError, load_spec
-from resources.audit import AuditStore
+from core.audit import AuditStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("intelligentops_serve", REPO / "workloads" / "serve.py")
 serve = importlib.util.module_from_spec(_spec)
 sys.modules["intelligentops_serve"] = serve  # dataclasses look their module up while the class is made

@@ -309,7 +309,7 @@ def test_audit_log_on_postgres_chains_from_two_writers_and_names_an_edited_recor
     import threading
     import uuid
 
-    from resources.audit import AuditStore
+    from core.audit import AuditStore
 
     name, url = fresh_database(postgres, "audit")
     stores = [AuditStore(url), AuditStore(url)]  # two servers writing to one log

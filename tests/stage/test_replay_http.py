@@ -1,11 +1,4 @@
-"""workloads/replay.py: the shift functions on small frames, and the HTTP client against real loopback servers.
-
-Inference goes to a real `kserve.ModelServer` (a subprocess on a free loopback port) serving a trivial
-`kserve.Model` that decodes the request with KServe's own pandas codec, checks the bearer key and answers one
-decision id per row, so the wire format is checked by the library the real server uses. The outcomes endpoint
-is the server's own addition (not part of KServe), so it is tested against a stdlib `http.server` handler that
-checks the request's shape and key.
-"""
+"""workloads/replay.py against real HTTP servers: KServe's ModelServer and an outcomes stand-in."""
 
 from __future__ import annotations
 
@@ -23,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from support import JsonHandler, load_workload
 
 replay = load_workload("replay")
+
 
 KEY = "test-key-123"
 
@@ -45,75 +40,6 @@ def frame() -> pd.DataFrame:
 
 # --- shifts -------------------------------------------------------------------------------------------------
 
-
-def test_reweight_makes_a_value_as_common_as_its_weight_says(frame: pd.DataFrame) -> None:
-    out = replay.reweight(frame, "job", {"nurse": 4.0}, seed=1, rows=20_000, match="contains")
-    # two nurse rows of ten, weight 4 each: 8 / (8 + 8) = half the draws
-    share = out["job"].str.contains("urse", na=False).mean()
-    assert 0.47 < share < 0.53
-    exact = replay.reweight(frame, "job", {"clerk": 0.0}, seed=1, rows=500)
-    assert "clerk" not in set(exact["job"]) and len(exact) == 500
-    assert replay.reweight(frame, "job", {"clerk": 2}, seed=5).equals(replay.reweight(frame, "job", {"clerk": 2}, seed=5))
-    with pytest.raises(replay.ReplayError, match=r"no row has the value 'pilot' \(exact match\)"):
-        replay.reweight(frame, "job", {"pilot": 3})
-    with pytest.raises(replay.ReplayError, match=r"reweight: no column 'title'"):
-        replay.reweight(frame, "title", {"x": 1})
-
-
-def test_scale_multiplies_a_numeric_column_only(frame: pd.DataFrame) -> None:
-    out = replay.scale(frame, "income", 1.1)
-    assert out["income"].iloc[0] == pytest.approx(55_000) and np.isnan(out["income"].iloc[2])
-    assert frame["income"].iloc[0] == 50_000  # the input is left alone
-    with pytest.raises(replay.ReplayError, match=r"scale: column 'purpose' is not numeric"):
-        replay.scale(frame, "purpose", 2)
-
-
-def test_replace_category_all_or_a_fraction(frame: pd.DataFrame) -> None:
-    out = replay.replace_category(frame, "purpose", "car", "medical")
-    assert (out["purpose"] == "car").sum() == 0 and (out["purpose"] == "medical").sum() == 7
-    half = replay.replace_category(frame, "purpose", "car", "medical", fraction=0.5, seed=2)
-    assert (half["purpose"] == "car").sum() == 3 and (half["purpose"] == "medical").sum() == 4  # 3 of 6 cars
-    with pytest.raises(replay.ReplayError, match=r"replace purpose: no row has the value 'boat'"):
-        replay.replace_category(frame, "purpose", "boat", "car")
-
-
-def test_after_time_keeps_a_later_slice_in_time_order(frame: pd.DataFrame) -> None:
-    out = replay.after_time(frame, "month", "Jan-2018", fmt="%b-%Y")
-    assert list(out["month"]) == ["Feb-2018"] * 3 + ["Mar-2018"] * 3
-    assert list(replay.after_time(frame, "month", "Feb-2018", fmt="%b-%Y")["rid"]) == [104, 105, 107]
-    with pytest.raises(replay.ReplayError, match=r"no row of 'month' is after 'Mar-2018'"):
-        replay.after_time(frame, "month", "Mar-2018", fmt="%b-%Y")
-    with pytest.raises(replay.ReplayError, match=r"column 'month' holds no parseable dates with format '%Y-%m'"):
-        replay.after_time(frame, "month", "2018-01", fmt="%Y-%m")
-
-
-def test_command_line_shifts_are_parsed_and_applied_in_order(frame: pd.DataFrame) -> None:
-    args = replay.build_parser().parse_args([
-        "send", "--url", "http://x", "--model", "m", "--decisions", "d.jsonl", "--scale", "income=2",
-        "--reweight", "job:clerk=0,driver=1", "--replace", "purpose:car=boat", "--after", "month=Jan-2018",
-        "--time-format", "%b-%Y"])
-    shift = replay.parse_shift(args)
-    assert shift.scales == (("income", 2.0),) and shift.reweights == (("job", {"clerk": 0.0, "driver": 1.0}),)
-    assert shift.replaces == (("purpose", "car", "boat"),) and shift.after == ("month", "Jan-2018")
-    out = replay.apply_shifts(frame, shift)
-    assert set(out["month"]) <= {"Feb-2018", "Mar-2018"} and "clerk" not in set(out["job"])
-    assert "car" not in set(out["purpose"]) and out["income"].min() >= 2 * 30_000
-    bad = replay.build_parser().parse_args(["send", "--url", "u", "--model", "m", "--decisions", "d",
-                                            "--scale", "income=lots"])
-    with pytest.raises(replay.ReplayError, match=r"--scale 'income=lots': 'lots' is not a number"):
-        replay.parse_shift(bad)
-
-
-def test_v2_request_is_the_pandas_codec(frame: pd.DataFrame) -> None:
-    body = replay.v2_request(frame.iloc[:3], ["income"], ["job", "purpose"], "req-1")
-    json.dumps(body, allow_nan=False)  # strict JSON: a missing number travels as null, never NaN
-    assert body["parameters"] == {"content_type": "pd"} and body["id"] == "req-1"
-    tensors = {t["name"]: t for t in body["inputs"]}
-    assert tensors["income"] == {"name": "income", "shape": [3], "datatype": "FP64", "data": [50_000.0, 40_000.0, None]}
-    assert tensors["job"]["datatype"] == "BYTES" and tensors["job"]["data"] == ["Registered Nurse", "clerk", "clerk"]
-
-
-# --- HTTP: a real KServe server -----------------------------------------------------------------------------
 
 _KSERVE_SERVER = r'''
 import json, os, sys, uuid
@@ -200,6 +126,37 @@ def _logged(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+class _OutcomesHandler(JsonHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:
+        if self.headers.get("Authorization") != f"Bearer {KEY}":
+            return self.send_json(401, {"error": "missing or wrong bearer key"})
+        if self.path != "/v2/models/credit_risk/outcomes":
+            return self.send_json(404, {"error": f"no route {self.path}"})
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        items = body.get("outcomes")
+        ok = isinstance(items, list) and all(set(i) == {"decision_id", "outcome"} and i["outcome"] in (0, 1)
+                                             for i in items)
+        if not ok:
+            return self.send_json(422, {"error": "body must be {'outcomes': [{'decision_id', 'outcome': 0|1}]}"})
+        type(self).received.append(body)
+        return self.send_json(200, {"recorded": len(items)})
+
+
+@pytest.fixture
+def outcomes_server():
+    _OutcomesHandler.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OutcomesHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", _OutcomesHandler.received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_v2_replay_against_kserve(kserve_server, frame: pd.DataFrame, tmp_path: Path) -> None:
     url, log = kserve_server
     seen = len(_logged(log))
@@ -240,37 +197,6 @@ def test_v1_replay_and_a_wrong_key_against_kserve(kserve_server, frame: pd.DataF
 
 
 # --- HTTP: the outcomes endpoint, on a stdlib server -------------------------------------------------------
-
-
-class _OutcomesHandler(JsonHandler):
-    received: list[dict] = []
-
-    def do_POST(self) -> None:
-        if self.headers.get("Authorization") != f"Bearer {KEY}":
-            return self.send_json(401, {"error": "missing or wrong bearer key"})
-        if self.path != "/v2/models/credit_risk/outcomes":
-            return self.send_json(404, {"error": f"no route {self.path}"})
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        items = body.get("outcomes")
-        ok = isinstance(items, list) and all(set(i) == {"decision_id", "outcome"} and i["outcome"] in (0, 1)
-                                             for i in items)
-        if not ok:
-            return self.send_json(422, {"error": "body must be {'outcomes': [{'decision_id', 'outcome': 0|1}]}"})
-        type(self).received.append(body)
-        return self.send_json(200, {"recorded": len(items)})
-
-
-@pytest.fixture
-def outcomes_server():
-    _OutcomesHandler.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _OutcomesHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", _OutcomesHandler.received
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_outcomes_are_reported_in_batches_with_the_key(outcomes_server, tmp_path: Path) -> None:

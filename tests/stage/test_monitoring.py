@@ -2,20 +2,19 @@
 evaluated with build_sensor_context, and real detectors fitted on a real model version."""
 
 from __future__ import annotations
-
 import uuid
 from pathlib import Path
-
 import dagster as dg
 import pytest
 from support import copy_shipped
-
 from assets import naming
 from assets.monitoring import SensorCursor, window_bounds, window_key
 from orchestration.definitions import build_definitions
-from resources.audit import AuditStore
+from core.audit import AuditStore
 
 SPEC = "credit_scoring"
+
+
 REPORT = dg.AssetKey([SPEC, "drift_report"])
 
 
@@ -36,12 +35,6 @@ def _tick(defs: dg.Definitions, instance, cursor: str | None) -> dg.SensorResult
     context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"audit": defs.resources["audit"]},
                                       definitions=defs)
     return sensor(context)
-
-
-def test_window_keys_round_trip_and_bad_keys_say_what_they_expect():
-    assert window_bounds(window_key(1, 1000)) == (1, 1000)
-    with pytest.raises(ValueError, match="not a drift window key"):
-        window_bounds("yesterday")
 
 
 def test_each_full_window_is_requested_once_and_the_cursor_moves_with_the_requests(defs, instance, home: Path):

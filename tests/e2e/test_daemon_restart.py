@@ -27,7 +27,7 @@ from support import REPO, shipped_spec, write_spec
 
 from assets import naming
 from assets.monitoring import window_key
-from resources.audit import AuditStore, default_audit_url
+from core.audit import AuditStore, default_audit_url
 
 SPEC = "credit_scoring"
 WINDOW = 20

@@ -31,11 +31,11 @@ from serving_support import SPEC, build_registered_model, restore_env, set_env
 from assets.data import load_profile
 from assets.deployment import server_config, v2_request
 from assets.spec import load_spec
-from resources.audit import AuditStore
+from core.audit import AuditStore
 from resources.storage import StorageResource
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROW = {"income": 52000.0, "debt_ratio": 12.5, "purpose": "car", "title": "registered nurse"}
 
 

@@ -11,67 +11,20 @@ Storage is any SQLAlchemy URL: SQLite in WAL mode under the home by default (`de
 server groups the decisions of concurrent requests into one commit (group commit), which is what makes a durable
 write per decision affordable.
 
-Dagster-free on purpose: the inference server (workloads/serve.py) imports this module.
+Dagster-free: the inference server imports it (core/ ships in the serving image).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import threading
-from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-GENESIS = "0" * 64
-DEFAULT_RETENTION_DAYS = 183  # six months, the AI Act's floor for deployers' logs (Art. 26(6))
-VARIANTS = ("champion", "canary", "shadow")
-REDACTED = "<redacted>"
-
-
-class AuditError(RuntimeError):
-    """A record that cannot be written, or a store that cannot be opened; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    """One decision as stored: what came in, what was answered, by which model version, for whom."""
-
-    seq: int
-    decision_id: str
-    time: str
-    spec: str
-    model_name: str
-    model_version: str
-    variant: str
-    input_hash: str
-    inputs: dict
-    probability: float
-    decision: int
-    threshold: float
-    top_factors: list
-    similar_cases: list
-    latency_ms: float
-    key_id: str | None
-    prev_hash: str
-    record_hash: str
-
-
-@dataclass(frozen=True)
-class ChainVerification:
-    """The result of walking the chain: `problems` names the seq and decision id of each row that breaks it."""
-
-    ok: bool
-    checked: int
-    problems: list[str]
-
-
-_FIELDS = [f.name for f in fields(AuditRecord)]
-_JSON_FIELDS = ("inputs", "top_factors", "similar_cases")
-_REQUIRED = ("decision_id", "spec", "model_name", "model_version", "variant", "inputs", "probability", "decision",
-             "threshold")
+from core.audit.records import (DEFAULT_RETENTION_DAYS, FIELDS, GENESIS, JSON_FIELDS, REQUIRED, VARIANTS, AuditError,
+                                AuditRecord, ChainVerification, canonical_json, input_hash, now_iso, row_hash)
 
 
 def default_audit_url(home: str) -> str:
@@ -83,44 +36,6 @@ def default_audit_url(home: str) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'audit.db'}"
 
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-stable copy: NaN and infinities become None, numpy scalars plain Python."""
-    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def input_hash(inputs: dict) -> str:
-    """sha256 of the raw inputs (before redaction), so a caller can prove which inputs were decided on."""
-    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()
-
-
-def redact(inputs: dict, fields_to_redact: list[str] | tuple[str, ...]) -> dict:
-    return {k: (REDACTED if k in fields_to_redact and v is not None else v) for k, v in inputs.items()}
-
-
-def _row_hash(row: dict[str, Any]) -> str:
-    """Hash over every stored field but record_hash; JSON fields are hashed as the exact text stored."""
-    payload = {k: row[k] for k in _FIELDS if k != "record_hash"}
-    payload["probability"] = repr(float(payload["probability"]))
-    payload["threshold"] = repr(float(payload["threshold"]))
-    payload["latency_ms"] = repr(float(payload["latency_ms"]))
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class AuditStore:
@@ -210,7 +125,7 @@ class AuditStore:
     # --- writing ---------------------------------------------------------------------------------------------
 
     def _prepare(self, rec: dict[str, Any]) -> dict[str, Any]:
-        missing = [k for k in _REQUIRED if rec.get(k) is None]
+        missing = [k for k in REQUIRED if rec.get(k) is None]
         if missing:
             raise AuditError(f"audit record {rec.get('decision_id', '?')} lacks {', '.join(missing)}")
         if rec["variant"] not in VARIANTS:
@@ -252,7 +167,7 @@ class AuditStore:
             for p in prepared:
                 seq += 1
                 row = {**p, "seq": seq, "prev_hash": prev}
-                row["record_hash"] = prev = _row_hash(row)
+                row["record_hash"] = prev = row_hash(row)
                 rows.append(row)
             conn.execute(self.decisions.insert(), rows)
             conn.execute(self.head.update().where(self.head.c.id == 1).values(seq=seq, hash=prev))
@@ -346,10 +261,10 @@ class AuditStore:
     @staticmethod
     def _record(row: Any) -> AuditRecord:
         m = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
-        for k in _JSON_FIELDS:
+        for k in JSON_FIELDS:
             m[k] = json.loads(m[k])
         m["seq"] = int(m["seq"])
-        return AuditRecord(**{k: m[k] for k in _FIELDS})
+        return AuditRecord(**{k: m[k] for k in FIELDS})
 
     def read_after(self, seq: int, limit: int = 1000, spec: str | None = None,
                    variants: tuple[str, ...] | None = None,
@@ -379,14 +294,16 @@ class AuditStore:
                                  .where(self.decisions.c.spec == spec)).scalar()
         return int(value or 0)
 
-    def count(self, spec: str | None = None) -> dict[str, int]:
-        """Decisions per variant (all variants when `spec` is None)."""
+    def count(self, spec: str | None = None, exclude_key_ids: tuple[str, ...] = ()) -> dict[str, int]:
+        """Decisions per variant (all variants when `spec` is None), leaving out those API key ids."""
         import sqlalchemy as sa
 
         d = self.decisions
         q = sa.select(d.c.variant, sa.func.count()).group_by(d.c.variant)
         if spec is not None:
             q = q.where(d.c.spec == spec)
+        if exclude_key_ids:
+            q = q.where(sa.or_(d.c.key_id.is_(None), d.c.key_id.not_in(list(exclude_key_ids))))
         with self._read_engine.connect() as conn:
             return {r[0]: int(r[1]) for r in conn.execute(q)}
 
@@ -443,7 +360,7 @@ class AuditStore:
                     if m["prev_hash"] != prev:
                         problems.append(f"seq {seq} (decision {did}): prev_hash does not match the record before "
                                         "it: a record before it was removed, edited or reordered")
-                    if _row_hash(m) != m["record_hash"]:
+                    if row_hash(m) != m["record_hash"]:
                         problems.append(f"seq {seq} (decision {did}): contents do not match its record_hash: "
                                         "the record was edited")
                     expected_seq, prev = seq, m["record_hash"]

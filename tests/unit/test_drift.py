@@ -1,4 +1,4 @@
-"""Drift detectors (resources/drift.py) on credit_risk's real data: fit, save, verify, load, score, plot.
+"""Drift detectors (core/drift/) on credit_risk's real data: fit, save, verify, load, score, plot.
 
 The reference is 1,000 real loans, windows are 300 loans from the rest; emp_title is embedded with the shipped
 all-MiniLM-L6-v2 and the scores come from a logistic regression fitted on the reference, so every detector
@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from resources import drift
+from core import drift
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REF_ROWS, WINDOW = 1000, 300
 HEALTH = ("nurse", "medical", "health", "hospital", "pharm", "therap", "dental", "physician", "clinical")
 

@@ -2,13 +2,11 @@
 
 import json
 from pathlib import Path
-
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
 from support import copy_shipped, failure_text, materialize, write_spec
-
 from orchestration.definitions import build_definitions
 
 DATA_KEYS = ("raw_dataset", "validated_dataset", "training_splits")
@@ -244,13 +242,3 @@ def test_sql_source_error_names_the_query_target(home: Path, pipelines: Path, in
     assert not result.success
     msg = failure_text(result)
     assert "missing_table" in msg and "query against sqlite" in msg
-
-
-def test_frame_hash_covers_vector_columns():
-    """text_embeddings frames hold one vector per cell; their hash must see every number."""
-    from resources.storage import frame_hash
-
-    a = pd.DataFrame({"row_id": ["1", "2"], "t__embedding": [np.ones(3, np.float32), np.zeros(3, np.float32)]})
-    b = a.copy()
-    b.at[1, "t__embedding"] = np.array([0, 0, 1e-6], np.float32)
-    assert frame_hash(a) == frame_hash(a.copy()) != frame_hash(b)

@@ -1,0 +1,103 @@
+"""What one audit record is: its fields, its canonical JSON and the hash that chains it (Dagster-free)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from core.names import VARIANTS
+
+__all__ = ["VARIANTS", "AuditError", "AuditRecord", "ChainVerification", "canonical_json", "input_hash", "now_iso",
+           "redact", "row_hash"]
+
+GENESIS = "0" * 64
+DEFAULT_RETENTION_DAYS = 183  # six months, the AI Act's floor for deployers' logs (Art. 26(6))
+REDACTED = "<redacted>"
+
+
+class AuditError(RuntimeError):
+    """A record that cannot be written, or a store that cannot be opened; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One decision as stored: what came in, what was answered, by which model version, for whom."""
+
+    seq: int
+    decision_id: str
+    time: str
+    spec: str
+    model_name: str
+    model_version: str
+    variant: str
+    input_hash: str
+    inputs: dict
+    probability: float
+    decision: int
+    threshold: float
+    top_factors: list
+    similar_cases: list
+    latency_ms: float
+    key_id: str | None
+    prev_hash: str
+    record_hash: str
+
+
+@dataclass(frozen=True)
+class ChainVerification:
+    """The result of walking the chain: `problems` names the seq and decision id of each row that breaks it."""
+
+    ok: bool
+    checked: int
+    problems: list[str]
+
+
+FIELDS = [f.name for f in fields(AuditRecord)]
+JSON_FIELDS = ("inputs", "top_factors", "similar_cases")
+REQUIRED = ("decision_id", "spec", "model_name", "model_version", "variant", "inputs", "probability", "decision",
+             "threshold")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-stable copy: NaN and infinities become None, numpy scalars plain Python."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def input_hash(inputs: dict) -> str:
+    """sha256 of the raw inputs (before redaction), so a caller can prove which inputs were decided on."""
+    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()
+
+
+def redact(inputs: dict, fields_to_redact: list[str] | tuple[str, ...]) -> dict:
+    return {k: (REDACTED if k in fields_to_redact and v is not None else v) for k, v in inputs.items()}
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    """Hash over every stored field but record_hash; JSON fields are hashed as the exact text stored."""
+    payload = {k: row[k] for k in FIELDS if k != "record_hash"}
+    payload["probability"] = repr(float(payload["probability"]))
+    payload["threshold"] = repr(float(payload["threshold"]))
+    payload["latency_ms"] = repr(float(payload["latency_ms"]))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
