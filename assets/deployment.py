@@ -130,13 +130,10 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
 
 
 def v2_request(spec: PipelineSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """An Open Inference Protocol v2 body in the pandas-codec convention: one tensor per feature column."""
-    inputs = []
-    for kind, datatype in (("numeric", "FP64"), ("categorical", "BYTES"), ("text", "BYTES")):
-        for col in getattr(spec.features, kind):
-            inputs.append({"name": col, "datatype": datatype, "shape": [len(rows)],
-                           "data": [r.get(col) for r in rows]})
-    return {"inputs": inputs}
+    """A v2 body for the spec's features (core/protocol.py builds every client's)."""
+    from core.protocol import v2_request as build
+
+    return build(rows, spec.features.numeric, [*spec.features.categorical, *spec.features.text])
 
 
 def sample_rows(spec: PipelineSpec, frame: pd.DataFrame, n: int) -> list[dict[str, Any]]:
@@ -173,11 +170,12 @@ def smoke_decision(endpoint: str, spec: PipelineSpec, row: dict[str, Any], key: 
         return SmokeResult(False, f"smoke request to {endpoint} failed: {exc}", None, [])
     if r.status_code != 200:
         return SmokeResult(False, f"smoke request answered HTTP {r.status_code}: {r.text[:500]}", None, [])
-    outputs = {o["name"]: o["data"] for o in r.json().get("outputs", [])}
-    missing = [n for n in ("probability", "decision", "decision_id", "model_version", "variant", "top_factors")
-               if n not in outputs]
-    if missing:
-        return SmokeResult(False, f"smoke answer lacks outputs {missing}", None, [])
+    from core.protocol import v2_outputs
+
+    try:
+        outputs = v2_outputs(r.json())
+    except ValueError as exc:
+        return SmokeResult(False, f"smoke answer: {exc}", None, [])
     p, decision, did = outputs["probability"][0], outputs["decision"][0], outputs["decision_id"][0]
     if not (0.0 <= float(p) <= 1.0) or decision not in (0, 1):
         return SmokeResult(False, f"smoke answer has probability {p} and decision {decision}", did, [])

@@ -51,7 +51,7 @@ def _ready(endpoint: str) -> bool:
 
 
 def _replay(endpoint: str, spec_path: Path, rows: int, out: Path, *shift: str) -> None:
-    cmd = [sys.executable, str(REPO / "workloads" / "replay.py"), "send", "--url", endpoint, "--model",
+    cmd = [sys.executable, "-m", "workloads.replay", "send", "--url", endpoint, "--model",
            spec_path.stem, "--spec", str(spec_path), "--rows", str(rows), "--rate", "250", "--batch", "25",
            "--decisions", str(out), *shift]
     subprocess.run(cmd, check=True, cwd=REPO)

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core import protocol
+
 
 class ReplayError(RuntimeError):
     """Bad arguments, data or server answers; the message names the column, file, field or URL."""
@@ -173,30 +175,13 @@ def apply_shifts(frame: pd.DataFrame, shift: Shift) -> pd.DataFrame:
 # --- the wire formats ---------------------------------------------------------------------------------------
 
 
-def _plain(value: Any, numeric: bool) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value is pd.NaT:
-        return None
-    if numeric:
-        return float(value)
-    return str(value)
-
-
 def v2_request(rows: pd.DataFrame, numeric: Sequence[str], text_like: Sequence[str], request_id: str) -> dict:
-    """An Open Inference Protocol v2 request in KServe's pandas codec: one tensor per column."""
-    inputs = []
-    for col in [*numeric, *text_like]:
-        is_num = col in numeric
-        data = [_plain(v, is_num) for v in rows[col].tolist()]
-        tensor = {"name": col, "shape": [len(rows)], "datatype": "FP64" if is_num else "BYTES", "data": data}
-        if not is_num:
-            tensor["parameters"] = {"content_type": "str"}
-        inputs.append(tensor)
-    return {"id": request_id, "parameters": {"content_type": "pd"}, "inputs": inputs}
+    """An Open Inference Protocol v2 request in KServe's pandas codec (core/protocol.py): one tensor per column."""
+    return protocol.v2_request(rows.to_dict("records"), numeric, text_like, request_id)
 
 
 def v1_request(rows: pd.DataFrame, numeric: Sequence[str], text_like: Sequence[str]) -> dict:
-    cols = [*numeric, *text_like]
-    return {"instances": [{c: _plain(r[c], c in numeric) for c in cols} for r in rows[cols].to_dict("records")]}
+    return protocol.v1_request(rows.to_dict("records"), numeric, text_like)
 
 
 def decision_ids(protocol: str, body: dict, rows: int, url: str) -> list[str]:

@@ -29,7 +29,7 @@ TAG = naming.TAG_PREFIX
 
 
 def _replay(endpoint: str, pipelines: Path, data: Path, out: Path, *extra: str) -> None:
-    sent = subprocess.run([sys.executable, str(REPO / "workloads" / "replay.py"), "send", "--url", endpoint,
+    sent = subprocess.run([sys.executable, "-m", "workloads.replay", "send", "--url", endpoint,
                            "--model", "loans", "--spec", str(pipelines / "loans.yaml"), "--data", str(data),
                            "--batch", "25", "--decisions", str(out), *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -101,7 +101,7 @@ def test_shifted_traffic_over_http_asks_for_exactly_one_retrain_which_the_gates_
             [f"retrain:{shifted}"]
 
         # Outcomes of the normal window come back later, over HTTP: the window is judged again with a live AUC.
-        reported = subprocess.run([sys.executable, str(REPO / "workloads" / "replay.py"), "outcomes", "--url",
+        reported = subprocess.run([sys.executable, "-m", "workloads.replay", "outcomes", "--url",
                                    endpoint, "--model", "loans", "--decisions", str(tmp_path / "normal.jsonl")],
                                   cwd=REPO, capture_output=True, text=True, timeout=120)
         assert reported.returncode == 0, reported.stdout + reported.stderr
