@@ -50,4 +50,3 @@ def test_workload_runs_by_hand_and_a_finished_run_is_exported_again(tmp_path: Pa
     assert "training had finished" in again.stderr
     result2 = json.loads((tmp_path / "model" / "result.json").read_text())
     assert result2["resumed_from_step"] == 24 and result2["weights_sha256"] == result["weights_sha256"]
-

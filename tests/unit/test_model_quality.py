@@ -222,8 +222,3 @@ def test_min_steps_above_max_steps_is_refused_with_both_numbers() -> None:
             "features": {"numeric": ["a"]}}
     with pytest.raises(ValueError, match=r"min_steps \(10\) is above max_steps \(5\)"):
         PipelineSpec.model_validate({**base, "training": {"min_steps": 10, "max_steps": 5}})
-
-
-# --- baselines ----------------------------------------------------------------------------------------------
-
-

@@ -250,4 +250,3 @@ def finish(s: Session) -> dict[str, Any]:
     s.reporter.end_mlflow("FINISHED")
     s.reporter.report_materialization(result, s.resumed_from)
     return result
-
