@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.train_config import DeepSpeedSettings, TrainSettings
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 
@@ -144,51 +146,22 @@ class Embeddings(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
-class DeepSpeedSettings(_Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    micro_batch_size: int = Field(128, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    bf16: Literal["auto", True, False] = "auto"
+class Training(_Strict, TrainSettings):
+    """Model and training settings: every key of core.train_config's TrainSettings (the network, the optimizer, the
+    step budget and schedule, class weighting, calibration; their defaults are written there, once), plus how the
+    graph runs the workload.
 
-
-class Training(_Strict):
-    """Model and training settings; workloads/train.py (TrainConfig, plan_budget) says what each one does.
-
-    Every key but `deepspeed`, `launcher`, `nproc_per_node`, `max_categories` and `keep_runs` is a field of the training
-    workload's TrainConfig with the same name and meaning, so the whole section is handed to it as is. The
-    budget is counted in optimizer steps; left null, `max_steps`, `min_steps` and `eval_every_steps` are
-    fitted to the number of training rows, which works from a few hundred rows to a few hundred thousand.
+    All but `deepspeed`, `launcher`, `nproc_per_node`, `max_categories` and `keep_runs` are TrainConfig fields of
+    the same name and meaning; `deepspeed` holds the engine's (core.train_config.DeepSpeedSettings). The
+    `model_checkpoint` asset builds the workload's config from them (assets/training.py, workload_config).
     """
 
-    hidden: list[int] = [64, 32]
-    dropout: float = Field(0.1, ge=0, lt=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    max_steps: int | None = Field(None, ge=1)
-    min_steps: int | None = Field(None, ge=1)
-    eval_every_steps: int | None = Field(None, ge=1)
-    epochs: int | None = Field(None, ge=1)  # an optional cap on passes over the training rows
-    early_stopping_patience: int = Field(10, ge=1)  # evaluations without a better `monitor`
-    monitor: Literal["auc", "loss"] = "loss"
-    warmup_fraction: float = Field(0.05, ge=0, le=1)
-    min_lr_fraction: float = Field(0.05, ge=0, le=1)
-    max_batch_fraction: float = Field(0.05, gt=0, le=1)
-    class_weighting: bool = True
-    calibrate: bool = True
-    checkpoint_every_steps: int = Field(50, ge=1)
     max_categories: int = Field(30, ge=1)
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     # default: the deployment's launcher (torchrun here, a GPU pod on Kubernetes); trainjob: several nodes.
     launcher: Literal["default", "trainjob"] = "default"
     nproc_per_node: int = Field(2, ge=1)
     keep_runs: int = Field(5, ge=1)        # training run folders kept under <home>/<spec>/training/runs
-
-    @model_validator(mode="after")
-    def _budget_consistent(self) -> Training:
-        if self.min_steps is not None and self.max_steps is not None and self.min_steps > self.max_steps:
-            raise ValueError(f"min_steps ({self.min_steps}) is above max_steps ({self.max_steps}); lower min_steps "
-                             "or raise max_steps")
-        return self
 
 
 class Compliance(_Strict):

@@ -22,21 +22,22 @@ from assets import features as feature_module
 from assets import naming
 from assets.features import build_feature_frame, fit_preprocessing, transform
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
-from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec
+from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec, Training
 from assets.wiring import feature_asset
 from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource
 from core.files import sha256_file
 from core.names import MANIFEST_TAG
-from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash
+from core.train_config import TrainConfig, TrainSettings
+from resources.storage import StorageResource, atomic_write_bytes, frame_hash
 
 # One training at a time per pool (dagster.yaml sets the default limit): two DeepSpeed runs on one machine
 # would only slow each other down.
 POOL = "training"
-# Spec `training:` keys that are not settings of the workload itself: every other key is a TrainConfig field of
-# the same name in workloads/train.py, passed through as is.
-NOT_WORKLOAD_SETTINGS = {"deepspeed", "launcher", "nproc_per_node", "max_categories", "keep_runs"}
+# Spec `training:` keys that are not settings of the workload itself: every other key is a TrainSettings field
+# (core/train_config.py), passed to the workload as is; `deepspeed` holds its DeepSpeedSettings.
+NOT_WORKLOAD_SETTINGS = frozenset(Training.model_fields) - frozenset(TrainSettings.model_fields)
 
 
 class TrainingError(RuntimeError):
@@ -165,14 +166,11 @@ def _pip_requirements(spec: PipelineSpec) -> list[str]:
     return [f"{d}=={importlib_metadata.version(d).split('+')[0]}" for d in dists]
 
 
-def workload_config(spec: PipelineSpec) -> dict[str, Any]:
-    """The spec's training settings as workloads/train.py's TrainConfig fields."""
+def workload_config(spec: PipelineSpec, **run: Any) -> TrainConfig:
+    """The spec's training settings plus the run's own fields (`data`, `output_dir`, ...) as the workload's
+    TrainConfig, validated here with the schema the workload validates it with again when it reads it."""
     t = spec.training
-    ds = t.deepspeed
-    return {**t.model_dump(mode="json", exclude=NOT_WORKLOAD_SETTINGS),
-            "zero_stage": ds.zero_stage, "micro_batch_size": ds.micro_batch_size,
-            "gradient_accumulation_steps": ds.gradient_accumulation_steps, "bf16": str(ds.bf16).lower(),
-            "seed": spec.split.seed}
+    return TrainConfig.from_settings(t, t.deepspeed, f"spec {spec.name!r}, training", seed=spec.split.seed, **run)
 
 
 def prune_runs(runs_dir: Path, keep: int, current: Path) -> list[Path]:
@@ -199,16 +197,13 @@ def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: Mlflo
     lineage = {"dataset_hash": frame_hash(validated), "splits_hash": splits_hash,
                "embeddings_version": recorded_embeddings_version(context.instance, spec, embeddings),
                "spec_hash": spec.spec_hash}
-    config = {
-        **workload_config(spec),
-        "data": str(run_dir / "data.npz"), "preprocessing": str(run_dir / "preprocessing.json"),
-        "output_dir": str(run_dir / "model"), "checkpoint_dir": str(checkpoint_dir),
-        "checkpoint_subdir": f"{spec.name}/{key}",
-        "run_name": f"{spec.name}-train-{context.run_id[:8]}",
-        "mlflow_tracking_uri": mlflow.resolved_tracking_uri(), "mlflow_experiment_id": experiment_id,
-        "mlflow_tags": {"spec": spec.name, "dagster_run_id": context.run_id, "training_key": key, **lineage},
-    }
-    atomic_write_json(run_dir / "config.json", config)
+    config = workload_config(
+        spec, data=str(run_dir / "data.npz"), preprocessing=str(run_dir / "preprocessing.json"),
+        output_dir=str(run_dir / "model"), checkpoint_dir=str(checkpoint_dir), checkpoint_subdir=f"{spec.name}/{key}",
+        run_name=f"{spec.name}-train-{context.run_id[:8]}",
+        mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_experiment_id=experiment_id,
+        mlflow_tags={"spec": spec.name, "dagster_run_id": context.run_id, "training_key": key, **lineage})
+    config.write(run_dir / "config.json")
     context.log.info(f"{spec.name}: {prepared['train_rows']} train / {prepared['val_rows']} validation rows, "
                      f"{prepared['n_features']} features; checkpoints in {checkpoint_dir}")
     request = TrainRequest(spec_name=spec.name, args=["--config", str(run_dir / "config.json")],

@@ -1,5 +1,6 @@
-"""GPU check of the training workload: workloads/train.py on one GPU with NCCL, next to a plain PyTorch loop
-on the same GPU, model and data. Run by benchmarks/gpu_smoke.sh; writes $OUT/gpu_smoke.json.
+"""GPU check of the training workload: `-m workloads.training` on one GPU with NCCL, next to a plain PyTorch loop
+on the same GPU, model and data. Run by benchmarks/gpu_smoke.sh (`python -m benchmarks.gpu_smoke` from the
+repository root); writes $OUT/gpu_smoke.json.
 
 The data is synthetic and shaped like credit_risk's feature matrix (about 420 columns once the 384-wide
 text embedding is appended); the network is wider than the shipped default so the GPU has work to do.
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.train_config import TrainConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workloads"))
 
 ROWS = int(os.environ.get("ROWS", 409_600))
 FEATURES = int(os.environ.get("FEATURES", 420))
@@ -35,11 +37,10 @@ def make_run(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "data.npz", x_train=x[n_val:], y_train=y[n_val:], x_val=x[:n_val], y_val=y[:n_val])
     (folder / "preprocessing.json").write_text(json.dumps({"synthetic": True, "n_features": FEATURES}))
-    cfg = {"data": str(folder / "data.npz"), "preprocessing": str(folder / "preprocessing.json"),
-           "output_dir": str(folder / "model"), "checkpoint_dir": str(folder / "ckpt"), "epochs": EPOCHS,
-           "micro_batch_size": BATCH, "hidden": HIDDEN, "checkpoint_every_steps": 100,
-           "early_stopping_patience": EPOCHS + 1, "backend": "nccl", "bf16": "auto"}
-    (folder / "config.json").write_text(json.dumps(cfg))
+    TrainConfig(data=str(folder / "data.npz"), preprocessing=str(folder / "preprocessing.json"),
+                output_dir=str(folder / "model"), checkpoint_dir=str(folder / "ckpt"), epochs=EPOCHS,
+                micro_batch_size=BATCH, hidden=HIDDEN, checkpoint_every_steps=100,
+                early_stopping_patience=EPOCHS + 1, backend="nccl", bf16="auto").write(folder / "config.json")
     return folder
 
 
@@ -48,7 +49,7 @@ def plain_loop(folder: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tabular_mlp import build_mlp
+    from workloads.tabular_mlp import build_mlp
 
     torch.manual_seed(7)
     with np.load(folder / "data.npz") as npz:
@@ -81,8 +82,8 @@ def workload(folder: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           str(REPO / "workloads" / "train.py"), "--config", str(folder / "config.json")],
-                          env=env, capture_output=True, text=True)
+                           "-m", "workloads.training", "--config", str(folder / "config.json")],
+                          env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (folder / "train.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

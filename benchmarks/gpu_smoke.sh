@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_smoke.sh            # results in ${OUT:-benchmarks/results}/gpu_smoke.json
 #   ROWS=204800 BATCH=2048 EPOCHS=3 bash benchmarks/gpu_smoke.sh
 #
-# Runs workloads/train.py under `torchrun --nproc_per_node 1` with NCCL on a synthetic prepared run shaped
+# Runs the training workload (`-m workloads.training`) under `torchrun --nproc_per_node 1` with NCCL on a synthetic prepared run shaped
 # like credit_risk's features, for a few hundred optimizer steps, next to a plain PyTorch loop on the same
 # GPU, model and data (benchmarks/gpu_smoke.py). It installs nothing: it checks the python packages first
 # and says which are missing (a machine without a registry can take them as wheels: see benchmarks/README.md).
@@ -18,10 +18,10 @@ mkdir -p "$OUT"
 echo "== gpu_smoke: python=$($PYTHON -c 'import sys; print(sys.version.split()[0])' 2>/dev/null) out=$OUT"
 
 # ---- 0. packages -------------------------------------------------------------------------------------------------
-echo "needs: torch (CUDA build), deepspeed, numpy, safetensors; optional: dagster-pipes"
+echo "needs: torch (CUDA build), deepspeed, numpy, safetensors, pydantic; optional: dagster-pipes"
 $PYTHON - <<'PY'
 import importlib.util, sys
-need = ["torch", "deepspeed", "numpy", "safetensors"]
+need = ["torch", "deepspeed", "numpy", "safetensors", "pydantic"]
 optional = ["dagster_pipes"]
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 for m in need + optional:
@@ -43,6 +43,6 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 unset DS_ACCELERATOR   # the CPU accelerator the local tests use must not leak in here
 
 # ---- the workload and its baseline ----------------------------------------------------------------------------
-# workloads/train.py under torchrun (one rank, NCCL, bf16 where supported) on a synthetic prepared run, and a
+# `-m workloads.training` under torchrun (one rank, NCCL, bf16 where supported) on a synthetic prepared run, and a
 # plain PyTorch loop on the same GPU, model and batches; both figures land in $OUT/gpu_smoke.json.
-OUT="$OUT" ROWS="${ROWS:-409600}" BATCH="${BATCH:-4096}" EPOCHS="${EPOCHS:-3}" $PYTHON benchmarks/gpu_smoke.py
+OUT="$OUT" ROWS="${ROWS:-409600}" BATCH="${BATCH:-4096}" EPOCHS="${EPOCHS:-3}" $PYTHON -m benchmarks.gpu_smoke

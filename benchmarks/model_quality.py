@@ -3,14 +3,14 @@
 For every spec (by default the four in benchmarks/specs/ and the two shipped ones) it does what the graph does
 up to `model_checkpoint`, with the same code: read the source, clean the rows (`assets.data.clean_rows`),
 split them (`assign_splits`), embed text with the shipped MiniLM when the spec has text, fit the preprocessing
-on the train split (`assets.features`), write the run folder and launch `workloads/train.py` under torchrun with
-the spec's `training:` section as its config (every key but deepspeed/launcher/nproc_per_node/max_categories
-is a TrainConfig field). Then it scores the exported network on the test rows and fits the baselines
-(`assets.baselines`) on the same train rows and matrix.
+on the train split (`assets.features`), write the run folder and launch the training workload
+(`-m workloads.training`) under torchrun with the config the asset would write (`assets.training.workload_config`).
+Then it scores the exported network on the test rows and fits the baselines (`assets.baselines`) on the same train
+rows and matrix. Run it from the repository root:
 
-    PYTHONPATH=. .venv/bin/python benchmarks/model_quality.py                  # all six
-    PYTHONPATH=. .venv/bin/python benchmarks/model_quality.py --only creditcard,hmda --nproc 1
-    PYTHONPATH=. .venv/bin/python benchmarks/model_quality.py --set learning_rate=0.003   # try a setting
+    .venv/bin/python -m benchmarks.model_quality                  # all six
+    .venv/bin/python -m benchmarks.model_quality --only creditcard,hmda --nproc 1
+    .venv/bin/python -m benchmarks.model_quality --set learning_rate=0.003   # try a setting
 
 Prints a markdown table and writes benchmarks/results/model_quality.json.
 """
@@ -18,7 +18,6 @@ Prints a markdown table and writes benchmarks/results/model_quality.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -31,41 +30,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from assets.baselines import best_baseline, fit_baselines
+from assets.data import assign_splits, clean_rows
+from assets.features import LABEL, ROW_ID, SPLIT, build_feature_frame, dumps, fit_preprocessing, transform
+from assets.sources import read_source
+from assets.spec import LoadedSpec, load_spec
+from assets.training import workload_config
+from core.train_config import TrainConfig
+from workloads.training.calibration import network_logits
+from workloads.training.metrics import log_loss, roc_auc
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from assets.baselines import best_baseline, fit_baselines  # noqa: E402
-from assets.data import assign_splits, clean_rows  # noqa: E402
-from assets.features import LABEL, ROW_ID, SPLIT, build_feature_frame, dumps, fit_preprocessing, transform  # noqa: E402
-from assets.sources import read_source  # noqa: E402
-from assets.spec import LoadedSpec, load_spec  # noqa: E402
-
 SPECS = [REPO / "benchmarks" / "specs" / f"{n}.yaml" for n in ("swisslabor", "creditcard", "hmda", "default")]
 SHIPPED = [REPO / "pipelines" / f"{n}.yaml" for n in ("credit_scoring", "credit_risk")]
-from assets.training import NOT_WORKLOAD_SETTINGS as NOT_TRAIN_CONFIG  # noqa: E402
 TOLERANCE = 0.02
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("intelligentops_train", REPO / "workloads" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def train_config(loaded: LoadedSpec, run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The spec's training section as a TrainConfig: what the model_checkpoint asset is to hand the workload."""
-    t = loaded.spec.training
-    config = {k: v for k, v in t.model_dump(mode="json").items() if k not in NOT_TRAIN_CONFIG}
-    ds = t.deepspeed
-    config.update(zero_stage=ds.zero_stage, micro_batch_size=ds.micro_batch_size,
-                  gradient_accumulation_steps=ds.gradient_accumulation_steps, bf16=str(ds.bf16).lower(),
-                  seed=loaded.spec.split.seed, data=str(run_dir / "data.npz"),
-                  preprocessing=str(run_dir / "preprocessing.json"), output_dir=str(run_dir / "model"),
-                  checkpoint_dir=str(run_dir / "checkpoints"), run_name=f"{loaded.name}-benchmark")
-    config.update(overrides)
-    return config
+def train_config(loaded: LoadedSpec, run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The config the model_checkpoint asset would write for this spec, with `overrides` on top (validated)."""
+    config = workload_config(loaded.spec, data=str(run_dir / "data.npz"),
+                             preprocessing=str(run_dir / "preprocessing.json"), output_dir=str(run_dir / "model"),
+                             checkpoint_dir=str(run_dir / "checkpoints"), run_name=f"{loaded.name}-benchmark")
+    return TrainConfig.build({**config.model_dump(), **overrides}, f"{loaded.path} with --set {overrides}")
 
 
 def embeddings_for(loaded: LoadedSpec, validated: pd.DataFrame, work: Path) -> pd.DataFrame | None:
@@ -115,23 +101,23 @@ def launch(config_path: Path, nproc: int) -> float:
     env.pop("DAGSTER_PIPES_CONTEXT", None)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "workloads" / "train.py"), "--config", str(config_path)]
+               "-m", "workloads.training", "--config", str(config_path)]
     else:
-        cmd = [sys.executable, str(REPO / "workloads" / "train.py"), "--config", str(config_path)]
+        cmd = [sys.executable, "-m", "workloads.training", "--config", str(config_path)]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"training failed for {config_path}:\n{out.stderr[-4000:]}")
     return seconds
 
 
-def run_one(path: Path, work: Path, nproc: int | None, overrides: dict[str, Any], train) -> dict[str, Any]:
+def run_one(path: Path, work: Path, nproc: int | None, overrides: dict[str, Any]) -> dict[str, Any]:
     loaded = load_spec(path)
     run_dir = work / loaded.name
     data = prepare(loaded, run_dir, work)
     config = train_config(loaded, run_dir, overrides)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    config.write(run_dir / "config.json")
     import shutil
 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # every benchmark run trains from scratch
@@ -140,9 +126,9 @@ def run_one(path: Path, work: Path, nproc: int | None, overrides: dict[str, Any]
     from safetensors.torch import load_file
 
     weights = load_file(str(run_dir / "model" / "model.safetensors"))
-    z = train.network_logits(weights, data["n_features"], list(loaded.spec.training.hidden), data["x_test"])
+    z = network_logits(weights, data["n_features"], list(config.hidden), data["x_test"])
     p = 1.0 / (1.0 + np.exp(-z))
-    model_auc = train.roc_auc(data["y_test"], p)
+    model_auc = roc_auc(data["y_test"], p)
     baselines = fit_baselines(data["x_train"], data["y_train"], data["x_test"], data["y_test"],
                               seed=loaded.spec.split.seed)
     best = best_baseline(baselines)
@@ -155,7 +141,7 @@ def run_one(path: Path, work: Path, nproc: int | None, overrides: dict[str, Any]
         "gradient_boosting_auc": by_name["gradient_boosting"].auc,
         "baseline_fit_seconds": {b.name: b.fit_seconds for b in baselines},
         "gap_to_best_baseline": best.auc - model_auc, "within_tolerance": best.auc - model_auc <= TOLERANCE,
-        "test_log_loss": train.log_loss(data["y_test"], p), "test_mean_probability": float(p.mean()),
+        "test_log_loss": log_loss(data["y_test"], p), "test_mean_probability": float(p.mean()),
         "test_positive_rate": float(data["y_test"].mean()),
         "train_wall_seconds": wall, "train_seconds_in_loop": result["train_seconds"], "steps": result["steps"],
         "best_step": result["best_step"], "epochs": result["epochs"], "stopped_early": result["stopped_early"],
@@ -192,11 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     wanted = {n for n in args.only.split(",") if n}
     paths = [p for p in [*SPECS, *SHIPPED] if not wanted or p.stem in wanted]
-    train = _train_module()
     work = Path(args.work)
     rows = []
     for path in paths:
-        r = run_one(path, work, args.nproc, overrides, train)
+        r = run_one(path, work, args.nproc, overrides)
         rows.append(r)
         print(f"{r['name']}: model {r['model_auc']:.4f}, LR {r['logistic_regression_auc']:.4f}, "
               f"GB {r['gradient_boosting_auc']:.4f}, {r['steps']} steps (best {r['best_step']}), "

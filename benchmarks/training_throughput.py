@@ -1,7 +1,9 @@
 """Training throughput: the DeepSpeed workload against a plain PyTorch loop on the same model and data, and
 the wall time of one full `credit_scoring/model_checkpoint` materialization.
 
-    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/training_throughput.py [--rows 20000] [--epochs 3]
+    DS_ACCELERATOR=cpu .venv/bin/python -m benchmarks.training_throughput [--rows 20000] [--epochs 3]
+
+(from the repository root).
 
 Prints a JSON summary; benchmarks/README.md (section Training) records a run. Samples per second count training
 steps only (no start-up, validation or checkpoint writes); every rank runs with one intra-op thread, as
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.train_config import TrainConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workloads"))
-sys.path.insert(0, str(REPO))
 
 
 def make_data(folder: Path, rows: int, features: int) -> Path:
@@ -41,7 +43,7 @@ def plain_loop(data: Path, epochs: int, micro: int, hidden: list[int]) -> float:
     import torch
     import torch.nn.functional as F
 
-    from tabular_mlp import build_mlp
+    from workloads.tabular_mlp import build_mlp
 
     torch.set_num_threads(1)
     torch.manual_seed(7)
@@ -68,16 +70,16 @@ def plain_loop(data: Path, epochs: int, micro: int, hidden: list[int]) -> float:
 
 def deepspeed_run(data: Path, folder: Path, nproc: int, epochs: int, micro: int, hidden: list[int]) -> dict:
     out = folder / f"ds{nproc}"
-    cfg = {"data": str(data), "output_dir": str(out / "model"), "checkpoint_dir": str(out / "ckpt"),
-           "epochs": epochs, "micro_batch_size": micro, "hidden": hidden, "checkpoint_every_steps": 10**9,
-           "early_stopping_patience": epochs + 1, "backend": "gloo"}
+    cfg = TrainConfig(data=str(data), output_dir=str(out / "model"), checkpoint_dir=str(out / "ckpt"),
+                      epochs=epochs, micro_batch_size=micro, hidden=hidden, checkpoint_every_steps=10**9,
+                      early_stopping_patience=epochs + 1, backend="gloo")
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(cfg))
+    cfg.write(out / "config.json")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                    str(REPO / "workloads" / "train.py"), "--config", str(out / "config.json")],
-                   env=env, check=True, capture_output=True)
+                    "-m", "workloads.training", "--config", str(out / "config.json")],
+                   env=env, cwd=REPO, check=True, capture_output=True)
     wall = time.perf_counter() - t0
     result = json.loads((out / "model" / "result.json").read_text())
     return {"samples_per_second": result["samples_per_second"], "launch_wall_seconds": wall,

@@ -1,11 +1,11 @@
 """Kubernetes training launchers: one GPU pod (dagster-k8s `PipesK8sClient`) or several nodes (Kubeflow Trainer).
 
-Both start the same workload, `workloads/train.py`, from the training image and read its Dagster Pipes messages
-from global rank 0's pod log:
+Both start the same workload, the module `workloads.training`, from the training image's working directory and
+read its Dagster Pipes messages from global rank 0's pod log:
 
-- `K8sPodLauncher`: one pod runs `torchrun --standalone --nproc_per_node <gpus> workloads/train.py <args>`.
+- `K8sPodLauncher`: one pod runs `torchrun --standalone --nproc_per_node <gpus> -m workloads.training <args>`.
 - `TrainJobLauncher`: a `TrainJob` (trainer.kubeflow.org/v1alpha1) on the `deepspeed-distributed` runtime, where
-  `mpirun` in the launcher pod (also node 0) starts `python workloads/train.py <args>` on every slot; rank 0's
+  `mpirun` in the launcher pod (also node 0) starts `python -m workloads.training <args>` on every slot; rank 0's
   output comes back through mpirun into the launcher pod's log.
 
 Each launcher has a pure `render_*` method that returns exactly what it would submit, so the manifests are
@@ -25,7 +25,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from resources.launchers import TrainingLauncher, TrainRequest
+from core.train_config import CHECKPOINT_DIR_ENV
+from resources.launchers import WORKLOAD_MODULE, TrainingLauncher, TrainRequest
 from resources.settings import KubernetesSettings
 
 TRAINER_GROUP = "trainer.kubeflow.org"
@@ -38,8 +39,6 @@ PATCH_MANAGER = "intelligentops.io/launcher"
 HOME_VOLUME = "intelligentops-home"
 CHECKPOINT_VOLUME = "checkpoints"
 SHM_VOLUME = "dshm"
-# Where the workload finds the checkpoint folder (a mounted PVC) or URL (object store).
-CHECKPOINT_ENV = "INTELLIGENTOPS_CHECKPOINT_DIR"
 # JobSet labels every pod it creates; the Trainer names the JobSet after the TrainJob.
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
@@ -117,7 +116,8 @@ class _KubernetesLauncher(TrainingLauncher):
     env: dict[str, str] = Field(default_factory=dict, description="Plain (non-secret) environment for every rank")
     secret_env: dict[str, str] = Field(default_factory=dict,
                                        description="Environment from Secrets: NAME -> 'secret-name/key'")
-    working_dir: str = Field("/app", description="Folder in the image that holds workloads/train.py")
+    working_dir: str = Field("/app", description="Folder in the image that holds the workloads and core packages "
+                                                 "(the workload runs as `-m workloads.training` from there)")
     load_incluster_config: bool | None = Field(None, description="None: in-cluster when KUBERNETES_SERVICE_HOST is set")
     kubeconfig_file: str | None = None
     kube_context: str | None = None
@@ -150,7 +150,8 @@ class _KubernetesLauncher(TrainingLauncher):
         """Container env: launcher env, request env, checkpoint location, then references to Secrets."""
         plain = {**self.env, **request.env, **(extra or {})}
         if location := self._checkpoint_location():
-            plain.setdefault(CHECKPOINT_ENV, location)
+            # Where the workload finds the checkpoint folder (a mounted PVC) or URL (object store).
+            plain.setdefault(CHECKPOINT_DIR_ENV, location)
         out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
         for name, ref in self.secret_env.items():
             secret, key = ref.split("/", 1)
@@ -211,7 +212,7 @@ class PodRender:
 class K8sPodLauncher(_KubernetesLauncher):
     """Trains on one Kubernetes pod with all of its GPUs, through dagster-k8s's PipesK8sClient.
 
-    The pod runs `torchrun --standalone --nproc_per_node <gpus> workloads/train.py <args>`; rank 0's Pipes
+    The pod runs `torchrun --standalone --nproc_per_node <gpus> -m workloads.training <args>`; rank 0's Pipes
     messages are read from the pod log.
     """
 
@@ -221,7 +222,7 @@ class K8sPodLauncher(_KubernetesLauncher):
     def render_pod(self, request: TrainRequest, context: dg.AssetExecutionContext | None = None) -> PodRender:
         self._check()
         nproc = self._procs_per_node(context, request)
-        command = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), "workloads/train.py", *request.args]
+        command = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), "-m", WORKLOAD_MODULE, *request.args]
         volumes, mounts = self._volumes()
         container: dict[str, Any] = {
             "name": TRAIN_CONTAINER,
@@ -280,8 +281,8 @@ class TrainJobLauncher(_KubernetesLauncher):
     """Trains on several GPU nodes with a Kubeflow Trainer `TrainJob` (DeepSpeed runtime by default).
 
     With `deepspeed-distributed` (OpenMPI, the launcher pod is also node 0) the trainer command is
-    `mpirun --hostfile /etc/mpi/hostfile -x <env>... python workloads/train.py <args>`; with
-    `torch-distributed` it is `torchrun workloads/train.py <args>` on every node (the Trainer sets torchrun's
+    `mpirun --hostfile /etc/mpi/hostfile -x <env>... python -m workloads.training <args>`; with
+    `torch-distributed` it is `torchrun -m workloads.training <args>` on every node (the Trainer sets torchrun's
     PET_* variables). Rank 0's Pipes messages are read from the log of the pod labelled with
     `rank0_replicated_job` and completion index 0.
     """
@@ -302,11 +303,11 @@ class TrainJobLauncher(_KubernetesLauncher):
 
     def render_command(self, request: TrainRequest, env_names: list[str]) -> list[str]:
         if self.runtime_kind == "torch":
-            return ["torchrun", "workloads/train.py", *request.args]
+            return ["torchrun", "-m", WORKLOAD_MODULE, *request.args]
         # mpirun starts remote ranks through ssh; -x copies each variable from the launcher's environment.
         exported = [a for name in env_names for a in ("-x", name)]
         return ["mpirun", "--hostfile", self.hostfile, "--wdir", self.working_dir, *exported,
-                self.python, "workloads/train.py", *request.args]
+                self.python, "-m", WORKLOAD_MODULE, *request.args]
 
     def render_trainjob(self, request: TrainRequest, name: str,
                         pipes_env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Training launchers: one interface, a local torchrun implementation and Kubernetes ones.
 
 The asset that trains (`model_checkpoint`) builds a `TrainRequest` and hands it to whichever launcher the
-deployment configured; the launcher starts `workloads/train.py` and relays its Dagster Pipes messages.
+deployment configured; the launcher starts the training workload (`python -m workloads.training`, the package
+`workloads/training/`) and relays its Dagster Pipes messages.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class TrainRequest:
     """Everything a launcher needs to start one training run of one spec."""
 
     spec_name: str
-    # Arguments for workloads/train.py (after the script path); paths in them must be visible to the workload.
+    # Arguments for the workload (after `-m workloads.training`); paths in them must be visible to the workload.
     args: Sequence[str]
     # Extra environment for every rank (never secrets in plain text: launchers read those from the cluster).
     env: Mapping[str, str] = field(default_factory=dict)
@@ -30,34 +31,38 @@ class TrainRequest:
 
 
 class TrainingLauncher(dg.ConfigurableResource):
-    """Starts workloads/train.py for a TrainRequest and returns Dagster Pipes' completed invocation."""
+    """Starts the training workload for a TrainRequest and returns Dagster Pipes' completed invocation."""
 
     def launch(self, context: dg.AssetExecutionContext, request: TrainRequest) -> dg.PipesClientCompletedInvocation:
         raise NotImplementedError(f"{type(self).__name__} does not implement launch()")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The training workload, run as a module (`python -m`, `torchrun -m`, `deepspeed --module`) from the repository
+# root locally and from the training image's working directory on Kubernetes.
+WORKLOAD_MODULE = "workloads.training"
 
 
 class LocalTorchrunLauncher(TrainingLauncher):
-    """Runs `torchrun --standalone --nproc_per_node N workloads/train.py ...` on this machine through
-    `dg.PipesSubprocessClient`: DeepSpeed on the CPU accelerator with gloo unless configured otherwise.
+    """Runs `torchrun --standalone --nproc_per_node N -m workloads.training ...` on this machine, from the
+    repository root, through `dg.PipesSubprocessClient`: DeepSpeed on the CPU accelerator with gloo unless
+    configured otherwise.
 
     Every rank inherits the Pipes environment; the workload lets only global rank 0 open it.
     """
 
-    workload: str = "workloads/train.py"  # relative to the repository root
+    module: str = WORKLOAD_MODULE  # run with `-m` from the repository root
     accelerator: str = "cpu"  # DS_ACCELERATOR for the ranks; "" lets DeepSpeed detect a GPU
     backend: str = "gloo"
     omp_num_threads: int = 1  # the ranks share this machine's cores
 
     def command(self, request: TrainRequest) -> list[str]:
-        script = Path(self.workload)
-        script = script if script.is_absolute() else REPO_ROOT / script
-        if not script.is_file():
-            raise FileNotFoundError(f"{request.spec_name}: training workload {script} does not exist")
+        package = REPO_ROOT.joinpath(*self.module.split("."))
+        if not (package / "__main__.py").is_file() and not package.with_suffix(".py").is_file():
+            raise FileNotFoundError(f"{request.spec_name}: training workload {self.module} ({package}) does not exist "
+                                    f"under {REPO_ROOT}")
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", str(request.nproc_per_node), str(script), *request.args,
+                "--nproc_per_node", str(request.nproc_per_node), "-m", self.module, *request.args,
                 "--backend", self.backend]
 
     def launch(self, context: dg.AssetExecutionContext, request: TrainRequest) -> dg.PipesClientCompletedInvocation:

@@ -12,6 +12,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from core.manifest import MANIFEST, verify_manifest
 from support import failure_text, materialize
 from training_support import SPEC_NAME, write_small_spec
 
@@ -35,7 +36,7 @@ def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, 
 
 def _checkpoint_tags(home: Path) -> tuple[Path, list[str]]:
     [key_dir] = list((home / SPEC_NAME / "training" / "checkpoints").iterdir())
-    complete = sorted(d.name for d in key_dir.iterdir() if (d / "COMPLETE.json").exists())
+    complete = sorted(d.name for d in key_dir.iterdir() if (d / MANIFEST).exists())
     return key_dir, complete
 
 
@@ -52,10 +53,11 @@ def test_small_spec_trains_and_registers_a_challenger(home: Path, instance, pipe
 
     assert ck["resumed_from_step"] == 0 and ck["steps"] > 0 and ck["epochs"] >= 1
     assert ck["best_val_auc"] > 0.75
-    assert Path(ck["checkpoint_path"]).is_dir() and (Path(ck["checkpoint_path"]) / "COMPLETE.json").exists()
+    final = verify_manifest(Path(ck["checkpoint_path"]))  # the final checkpoint, vouched for by core's manifest
+    assert final["world_size"] == 2 and final["step"] == ck["steps"]
     model_dir = Path(ck["model_dir"])
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.safetensors", "preprocessing.json"}
+    manifest = verify_manifest(model_dir)
+    assert set(manifest["files"]) == {"model.safetensors", "preprocessing.json", "result.json"}
     assert manifest["files"]["model.safetensors"] == ck["weights_sha256"]
 
     ml = MlflowResource(home=str(home))

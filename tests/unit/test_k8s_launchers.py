@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubeflow_trainer_api import models as trainer_models
 from resources.k8s import K8sPodLauncher, TrainJobLauncher, Toleration
-from resources.launchers import TrainRequest
+from resources.launchers import REPO_ROOT, LocalTorchrunLauncher, TrainRequest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_pod_manifest_is_a_valid_pod(config: dict) -> None:
     assert pod["spec"]["restartPolicy"] == "Never"
     gpus = config.get("gpus", 1)
     assert container["command"][:4] == ["torchrun", "--standalone", "--nproc_per_node", str(gpus or 2)]
-    assert container["command"][4:] == ["workloads/train.py", *REQUEST.args]
+    assert container["command"][4:] == ["-m", "workloads.training", *REQUEST.args]
     if gpus:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
     else:
@@ -138,7 +138,8 @@ def test_trainjob_matches_the_trainer_api_and_kubernetes_schema(config: dict) ->
         assert set(env_of(trainer)) <= exported
     else:
         assert trainer["command"][0] == "torchrun"
-    assert trainer["command"][-len(REQUEST.args) - 1:] == ["workloads/train.py", *REQUEST.args]
+    assert trainer["command"][-len(REQUEST.args) - 2:] == ["-m", "workloads.training", *REQUEST.args]
+    assert trainer["command"][-len(REQUEST.args) - 3] == ("python" if launcher.runtime_kind == "mpi" else "torchrun")
     for pod in trainjob_core_objects(job):
         validate_k8s(pod)
 
@@ -148,6 +149,15 @@ def test_trainjob_requires_a_runtime_ref() -> None:
     del job["spec"]["runtimeRef"]
     with pytest.raises(ValueError, match="runtimeRef"):
         trainer_models.TrainerV1alpha1TrainJob.from_dict(job)
+
+
+def test_local_launcher_runs_the_workload_module_under_torchrun() -> None:
+    command = LocalTorchrunLauncher().command(REQUEST)
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    assert command[5:] == ["2", "-m", "workloads.training", *REQUEST.args, "--backend", "gloo"]
+    assert (REPO_ROOT / "workloads" / "training" / "__main__.py").is_file()
+    with pytest.raises(FileNotFoundError, match="credit_risk: training workload workloads.trainer .* does not exist"):
+        LocalTorchrunLauncher(module="workloads.trainer").command(REQUEST)
 
 
 def test_trainjob_names_are_dns_labels() -> None:

@@ -1,20 +1,23 @@
-"""The training workload's plain parts and one real single-rank run: features, AUC, checkpoint selection,
-config parsing, export and resume of a finished run; and that the code location stays light."""
+"""The training workload's plain parts: features, AUC, checkpoint selection (core's manifest, strictly), pruning,
+the config read from a file, the environment and flags, and a config error as a clean exit."""
 
 from __future__ import annotations
 import json
 import os
+import re
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support import load_workload
 from assets.features import FeatureError, build_feature_frame, fit_preprocessing, transform
 from assets.spec import PipelineSpec
 from assets.training import TrainingError, training_key, verify_model_dir
-from core.manifest import write_manifest
-
-train = load_workload("train")
+from core.manifest import MANIFEST, write_manifest
+from core.train_config import TrainConfig, TrainConfigError
+from workloads.training import __main__ as entry
+from workloads.training.checkpoints import complete_checkpoints, mark_complete, prune
+from workloads.training.config import config_from_args
+from workloads.training.metrics import roc_auc
 
 
 # --- features -------------------------------------------------------------------------------------------------
@@ -86,64 +89,123 @@ def test_roc_auc_matches_sklearn_with_ties() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 500)
     p = np.round(rng.random(500) + 0.3 * y, 1)  # many ties
-    assert train.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
-    assert np.isnan(train.roc_auc(np.ones(3), np.arange(3)))
+    assert roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+    assert np.isnan(roc_auc(np.ones(3), np.arange(3)))
 
 
-def _fake_checkpoint(root: Path, tag: str, world: int = 2, marker: bool = True) -> Path:
+def _fake_checkpoint(root: Path, tag: str, world: int = 2, complete: bool = True) -> Path:
+    """A tag folder as save_checkpoint leaves it: DeepSpeed's files, then (when complete) the manifest."""
     d = root / tag
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(os.urandom(256))
     (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(128))
-    if marker:
-        files = {p.name: {"size": p.stat().st_size, "sha256": train.sha256_file(p)} for p in d.iterdir()}
-        (d / train.MARKER).write_text(json.dumps({"step": 0, "world_size": world, "files": files}))
+    if complete:
+        mark_complete(d, step=int(tag.removeprefix("global_step").removesuffix(".final")), world_size=world)
     return d
 
 
 def test_newest_complete_checkpoint_wins_and_every_other_is_named(tmp_path: Path) -> None:
     _fake_checkpoint(tmp_path, "global_step10")
     _fake_checkpoint(tmp_path, "global_step20")
-    cut_off = _fake_checkpoint(tmp_path, "global_step30", marker=False)
+    cut_off = _fake_checkpoint(tmp_path, "global_step30", complete=False)
     truncated = _fake_checkpoint(tmp_path, "global_step25")
     (truncated / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
     flipped = _fake_checkpoint(tmp_path, "global_step22")
     data = bytearray((flipped / "mp_rank_00_model_states.pt").read_bytes())
     data[0] ^= 0xFF
     (flipped / "mp_rank_00_model_states.pt").write_bytes(bytes(data))
+    missing = _fake_checkpoint(tmp_path, "global_step24")
+    (missing / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    extra = _fake_checkpoint(tmp_path, "global_step26")
+    (extra / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"a rank's late write")
     other_world = _fake_checkpoint(tmp_path, "global_step40", world=4)
     _fake_checkpoint(tmp_path, "global_step20.final")
     warnings: list[str] = []
-    assert train.complete_checkpoints(tmp_path, 2, warnings.append) == ["global_step20.final", "global_step20",
-                                                                       "global_step10"]
-    text = "\n".join(warnings)
-    for d, why in ((cut_off, "no COMPLETE.json"), (truncated, "truncated"), (flipped, "corrupted"),
-                   (other_world, "written by 4 ranks")):
-        assert any(str(d) in w and why in w for w in warnings), text
+    assert complete_checkpoints(tmp_path, 2, warnings.append) == ["global_step20.final", "global_step20",
+                                                                 "global_step10"]
+    assert len(warnings) == 6, warnings
+    for d, why in ((cut_off, f"no {MANIFEST} (the save was cut off"),
+                   (truncated, "mp_rank_00_model_states.pt: sha256"), (flipped, "mp_rank_00_model_states.pt: sha256"),
+                   (missing, "zero_pp_rank_0_mp_rank_00_optim_states.pt: listed in manifest.json but missing"),
+                   (extra, "zero_pp_rank_1_mp_rank_00_optim_states.pt: not listed in manifest.json"),
+                   (other_world, "written by 4 ranks and this run has 2")):
+        assert any(w.startswith(f"skipping checkpoint {d}: ") and why in w for w in warnings), (d, warnings)
+    # The completion marker is core's manifest, with the save's step and world size beside the files.
+    manifest = json.loads((tmp_path / "global_step20" / MANIFEST).read_text())
+    assert manifest["algorithm"] == "sha256" and manifest["world_size"] == 2 and manifest["step"] == 20
+    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
 
 
 def test_prune_keeps_the_newest_complete(tmp_path: Path) -> None:
     for step in (5, 10, 15, 20):
         _fake_checkpoint(tmp_path, f"global_step{step}")
-    _fake_checkpoint(tmp_path, "global_step3", marker=False)
-    train.prune(tmp_path, 2, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step15", "global_step20"]
+    _fake_checkpoint(tmp_path, "global_step3", complete=False)
+    _fake_checkpoint(tmp_path, "global_step25", complete=False)  # a save in progress is never pruned
+    prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step15", "global_step20", "global_step25"]
 
 
-def test_config_from_file_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"data": "d.npz", "output_dir": "o", "checkpoint_dir": "c", "epochs": 3}))
-    cfg = train.TrainConfig.from_args(["--config", str(cfg_file), "--epochs", "5", "--hidden", "[8]",
-                                       "--bf16", "false"])
-    assert (cfg.epochs, cfg.hidden, cfg.bf16, cfg.data) == (5, [8], "false", "d.npz")
-    pod = train.TrainConfig.from_args(["--config", str(cfg_file), "--checkpoint-subdir", "toy/k1"])
+def _config_file(path: Path, **values) -> Path:
+    path.write_text(json.dumps({"data": "d.npz", "output_dir": "o", "checkpoint_dir": "c", **values}))
+    return path
+
+
+def test_config_from_file_flags_and_environment(tmp_path: Path) -> None:
+    cfg_file = _config_file(tmp_path / "c.json", epochs=3)
+    cfg = config_from_args(["--config", str(cfg_file), "--epochs", "5", "--hidden", "[8]", "--bf16", "false",
+                            "--monitor", "auc", "--run-name", "123"], environ={})
+    assert (cfg.epochs, cfg.hidden, cfg.bf16, cfg.monitor, cfg.run_name, cfg.data) == (5, [8], False, "auc", "123",
+                                                                                          "d.npz")
+    pod = config_from_args(["--config", str(cfg_file), "--checkpoint-subdir", "toy/k1"], environ={})
     assert pod.checkpoint_dir == "c"
-    monkeypatch.setenv("INTELLIGENTOPS_CHECKPOINT_DIR", "/checkpoints")  # set by the Kubernetes launchers
-    pod = train.TrainConfig.from_args(["--config", str(cfg_file), "--checkpoint-subdir", "toy/k1"])
+    # Set by the Kubernetes launchers: checkpoints on the pod's mounted volume.
+    pod = config_from_args(["--config", str(cfg_file), "--checkpoint-subdir", "toy/k1"],
+                           environ={"INTELLIGENTOPS_CHECKPOINT_DIR": "/checkpoints"})
     assert pod.checkpoint_dir == "/checkpoints/toy/k1"
-    cfg_file.write_text(json.dumps({"data": "d", "output_dir": "o", "checkpoint_dir": "c", "epoch": 3}))
-    with pytest.raises(SystemExit, match="unknown config key"):
-        train.TrainConfig.from_args(["--config", str(cfg_file)])
+    # The test hooks come from the environment, over the file; a flag still wins.
+    hooks = {"INTELLIGENTOPS_TRAIN_KILL_AT_STEP": "7", "INTELLIGENTOPS_TRAIN_KILL_RANK": "0",
+             "INTELLIGENTOPS_TRAIN_STEP_DELAY_S": "0.5"}
+    hooked = config_from_args(["--config", str(_config_file(tmp_path / "h.json", kill_at_step=0))], environ=hooks)
+    assert (hooked.kill_at_step, hooked.kill_rank, hooked.step_delay_s) == (7, 0, 0.5)
+    assert config_from_args(["--config", str(cfg_file), "--kill-at-step", "3"], environ=hooks).kill_at_step == 3
+    # DeepSpeed's launcher passes --local_rank=N to the program: accepted, not a config field.
+    assert config_from_args(["--local_rank=1", "--config", str(cfg_file)], environ={}) == config_from_args(
+        ["--config", str(cfg_file)], environ={})
+
+
+def test_config_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
+    typo = _config_file(tmp_path / "typo.json", epoch=3)
+    with pytest.raises(TrainConfigError, match=f"^{re.escape(str(typo))}: unknown key 'epoch'$"):
+        config_from_args(["--config", str(typo)], environ={})
+    bad = _config_file(tmp_path / "bad.json", max_steps=0)
+    with pytest.raises(TrainConfigError, match=f"^{re.escape(str(bad))}: key 'max_steps' = 0: Input should be greater than or equal"):
+        TrainConfig.read(bad)
+    with pytest.raises(TrainConfigError, match=r"\$INTELLIGENTOPS_TRAIN_KILL_AT_STEP: key 'kill_at_step' = 'soon'"):
+        config_from_args(["--config", str(_config_file(tmp_path / "ok.json"))],
+                         environ={"INTELLIGENTOPS_TRAIN_KILL_AT_STEP": "soon"})
+    with pytest.raises(TrainConfigError, match="key 'output_dir' is required .*--output-dir"):
+        config_from_args(["--data", "d.npz", "--checkpoint-dir", "c"], environ={})
+    with pytest.raises(TrainConfigError, match=f"{re.escape(str(tmp_path / 'none.json'))}: cannot read the training config"):
+        TrainConfig.read(tmp_path / "none.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(TrainConfigError, match="list.json: a training config is a JSON object"):
+        TrainConfig.read(tmp_path / "list.json")
+
+
+def test_a_config_error_is_a_clean_exit_that_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RANK", "0")  # as a launcher would set it: main() sets up no process group of its own
+    monkeypatch.delenv("DAGSTER_PIPES_CONTEXT", raising=False)
+    typo = _config_file(tmp_path / "c.json", learning_rat=0.1)
+    assert entry.main(["--config", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert f"ERROR: workloads.training: {typo}: unknown key 'learning_rat'" in err and "Traceback" not in err
+
+
+def test_the_rank_comes_from_whichever_launcher_started_the_process() -> None:
+    assert entry.global_rank({"RANK": "3", "OMPI_COMM_WORLD_RANK": "1"}) == 3  # torchrun, deepspeed
+    assert entry.global_rank({"OMPI_COMM_WORLD_RANK": "1"}) == 1  # mpirun (Kubeflow Trainer's DeepSpeed runtime)
+    assert entry.global_rank({}) is None  # no launcher: main() makes this process the only rank
 
 
 def test_verify_model_dir_names_the_tampered_file(tmp_path: Path) -> None:
@@ -153,9 +215,6 @@ def test_verify_model_dir_names_the_tampered_file(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"other")
     with pytest.raises(TrainingError, match="toy: .*model.safetensors: sha256 .* does not match manifest.json"):
         verify_model_dir("toy", tmp_path)
-
-
-# --- one real run, by hand: python workloads/train.py (one rank, no launcher, no Dagster) --------------------
 
 
 def test_preprocessing_survives_json_round_trip_in_column_order():

@@ -1,0 +1,132 @@
+"""Checkpoints: DeepSpeed's save plus the best weights, vouched for by a manifest; the resume choice; pruning.
+
+Every `checkpoint_every_steps` optimizer steps every rank calls DeepSpeed's `save_checkpoint` into
+`checkpoint_dir/global_step<N>`; then rank 0 saves the best weights so far (`best.safetensors`) and writes the tag
+folder's `manifest.json` (core.manifest: sha256 of every file, plus `world_size` and `step`). The manifest is
+written last, so it is the completion marker. On start the newest tag whose manifest exists, matches its files
+strictly (a missing, changed or extra file is named) and was written by this many ranks is resumed; every
+other tag is skipped with a warning that names it, so a checkpoint cut off mid-write is never taken as the newest.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from core.manifest import MANIFEST, manifest_problems, read_manifest, write_manifest
+from workloads.training.session import Session, fresh_state
+
+TAG_PATTERN = re.compile(r"^global_step(\d+)(\.final)?$")
+BEST = "best.safetensors"
+
+
+def tag_for(step: int, final: bool = False) -> str:
+    return f"global_step{step}" + (".final" if final else "")
+
+
+def _tags(checkpoint_dir: Path) -> list[tuple[tuple[int, bool], Path]]:
+    """((step, final), folder) of every tag folder, newest first (a final tag after the plain one of its step)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for d in checkpoint_dir.iterdir():
+        m = TAG_PATTERN.match(d.name)
+        if d.is_dir() and m:
+            found.append(((int(m.group(1)), bool(m.group(2))), d))
+    return sorted(found, key=lambda t: t[0], reverse=True)
+
+
+def checkpoint_problem(d: Path, world_size: int) -> str | None:
+    """Why the tag folder `d` cannot be resumed by `world_size` ranks, or None when it can."""
+    if not (d / MANIFEST).is_file():
+        return f"no {MANIFEST} (the save was cut off before it finished)"
+    problems = manifest_problems(d)
+    if problems:
+        return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+    written_by = read_manifest(d).get("world_size")
+    if written_by != world_size:
+        return f"it was written by {written_by} ranks and this run has {world_size}"
+    return None
+
+
+def complete_checkpoints(checkpoint_dir: Path, world_size: int, warn: Callable[[str], None]) -> list[str]:
+    """Tags of usable checkpoints, newest first; every other tag folder is named in a warning."""
+    usable = []
+    for _, d in _tags(checkpoint_dir):
+        problem = checkpoint_problem(d, world_size)
+        if problem:
+            warn(f"skipping checkpoint {d}: {problem}")
+        else:
+            usable.append(d.name)
+    return usable
+
+
+def mark_complete(d: Path, step: int, world_size: int) -> None:
+    """The tag folder's manifest: written after every file of the save, so it vouches for all of them."""
+    write_manifest(d, world_size=world_size, step=step)
+
+
+def prune(checkpoint_dir: Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints; drop older ones (complete or not)."""
+    tags = _tags(checkpoint_dir)
+    complete = [k for k, d in tags if (d / MANIFEST).is_file()]
+    if len(complete) <= keep:
+        return
+    cutoff = complete[keep - 1]
+    for k, d in tags:
+        if k < cutoff:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def save_checkpoint(s: Session, tag: str) -> None:
+    """DeepSpeed's checkpoint plus the best weights, then (rank 0) the manifest that vouches for them."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    if s.rank == 0 and (s.ckpt_dir / tag).exists():
+        shutil.rmtree(s.ckpt_dir / tag)  # an older save under this name is replaced, never half-mixed
+    dist.barrier()
+    s.engine.save_checkpoint(str(s.ckpt_dir), tag=tag, client_state={"intelligentops": s.state}, save_latest=False)
+    dist.barrier()
+    if s.rank == 0:
+        d = s.ckpt_dir / tag
+        if s.best_state is not None:
+            save_file(s.best_state, str(d / BEST))
+        mark_complete(d, s.state["step"], s.world)
+        prune(s.ckpt_dir, s.cfg.keep_checkpoints)
+        s.reporter.info(f"checkpoint {d} saved at step {s.state['step']}")
+    dist.barrier()
+
+
+def resume(s: Session) -> None:
+    """Load the newest checkpoint that every rank can load; any other is named in a warning and skipped."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    candidates = [complete_checkpoints(s.ckpt_dir, s.world, s.reporter.warning) if s.rank == 0 else None]
+    dist.broadcast_object_list(candidates, src=0)
+    initial = {k: v.detach().clone() for k, v in s.engine.module.state_dict().items()}
+    for tag in candidates[0]:
+        err = None
+        client = None
+        try:
+            path, client = s.engine.load_checkpoint(str(s.ckpt_dir), tag=tag)
+            ok = path is not None and "intelligentops" in (client or {})
+            err = None if ok else "DeepSpeed found nothing to load"
+        except Exception as exc:  # a file that hashes right but does not load is still skipped, not fatal
+            ok, err = False, f"{type(exc).__name__}: {exc}"
+        if s.all_ok(ok):
+            s.state = {**fresh_state(), **client["intelligentops"]}
+            s.resumed_from, s.resumed_tag = s.state["step"], tag
+            if s.rank == 0 and (s.ckpt_dir / tag / BEST).exists():
+                s.best_state = load_file(str(s.ckpt_dir / tag / BEST))
+            break
+        s.reporter.warning(f"skipping checkpoint {s.ckpt_dir / tag}: it failed to load ({err or 'on another rank'})")
+        s.engine.module.load_state_dict(initial)
+    if s.resumed_tag:
+        s.reporter.info(f"resuming from checkpoint {s.ckpt_dir / s.resumed_tag} at step {s.resumed_from}"
+                        + (" (training had finished; exporting it again)" if s.state["finished"] else ""))
+    else:
+        s.reporter.info(f"starting fresh; checkpoints go to {s.ckpt_dir}")

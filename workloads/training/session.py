@@ -1,0 +1,72 @@
+"""One launch on one rank: the DeepSpeed engine, its data, the budget and where the loop stands."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.train_config import TrainConfig
+from workloads.training.reporter import Reporter
+from workloads.training.schedule import Budget
+
+
+def fresh_state() -> dict[str, Any]:
+    """The loop's position and early-stopping record; it travels inside every checkpoint."""
+    return {"micro_steps": 0, "step": 0, "samples": 0, "history": [], "best": None, "best_step": 0,
+            "bad_evaluations": 0, "finished": False, "stopped_early": False}
+
+
+@dataclass
+class Session:
+    """One launch on one rank: the engine, its data shard and where the loop stands."""
+
+    cfg: TrainConfig
+    reporter: Reporter
+    engine: Any
+    rank: int
+    world: int
+    backend: str
+    bf16: bool
+    data: dict[str, Any]                    # x_train, y_train, x_val, y_val as numpy arrays
+    budget: Budget
+    pos_weight: float
+    ckpt_dir: Path
+    state: dict[str, Any] = field(default_factory=fresh_state)
+    best_state: dict[str, Any] | None = None  # rank 0 only: weights of the best evaluation so far
+    resumed_from: int = 0
+    resumed_tag: str | None = None
+    t_start: float = field(default_factory=time.time)
+    train_seconds: float = 0.0
+    samples_now: int = 0
+
+    @property
+    def device(self) -> Any:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> Any:
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def all_ok(self, flag: bool) -> bool:
+        """True on every rank only when it is true on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def full_state(self) -> dict[str, Any]:
+        """Every parameter, gathered (collective under ZeRO-3, so every rank calls it), on the CPU in fp32."""
+        import deepspeed
+
+        module = self.engine.module
+        ctx = (deepspeed.zero.GatheredParameters(list(module.parameters())) if self.cfg.zero_stage == 3
+               else contextlib.nullcontext())
+        with ctx:
+            return {k: v.detach().float().cpu().clone().contiguous() for k, v in module.state_dict().items()}
