@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.files import atomic_write_json_local
+from core.files import atomic_write_local
 
 # --- what the spec's `deployment:` section shares with the server (the one place their defaults live) ---------
 Mode = Annotated[Literal["champion", "canary", "shadow"], Field(
@@ -144,10 +144,15 @@ def parse_server_config(raw: Any, source: str) -> ServerConfig:
         raise ServerConfigError(f"{source}: " + "; ".join(_problem(e) for e in exc.errors())) from None
 
 
+def server_config_json(config: ServerConfig) -> str:
+    """The file's text. Keys keep their order: the order of the feature columns is the model's input order."""
+    return json.dumps(config.to_json(), indent=2)
+
+
 def write_server_config(path: Path | str, config: ServerConfig | Mapping[str, Any]) -> ServerConfig:
     """Validate `config` and write it atomically as JSON (mode 0600: it names the registry and the audit log)."""
     checked = parse_server_config(config.to_json() if isinstance(config, ServerConfig) else config, source=str(path))
-    atomic_write_json_local(path, checked.to_json(), mode=0o600)
+    atomic_write_local(path, server_config_json(checked).encode(), mode=0o600)
     return checked
 
 

@@ -31,7 +31,7 @@ import dagster as dg
 from pydantic import Field
 
 from core.audit import default_audit_url
-from core.server_config import DEFAULT_PORT, ServerConfig, write_server_config
+from core.server_config import DEFAULT_PORT, ServerConfig, server_config_json, write_server_config
 from resources.storage import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -290,8 +290,7 @@ class KServeLauncher(ServerLauncher):
         cluster_config = config.replace(**changes)  # validated again, as the server will read it
         config_map = k.V1ConfigMap(api_version="v1", kind="ConfigMap",
                                    metadata=k.V1ObjectMeta(name=cm_name, namespace=self.namespace, labels=labels),
-                                   data={CONFIG_FILE: json.dumps(cluster_config.to_json(), indent=2,
-                                                                 sort_keys=True)})
+                                   data={CONFIG_FILE: server_config_json(cluster_config)})
         env = [k.V1EnvVar(name=n, value=v) for n, v in {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                                                         "PYTHONPATH": self.working_dir, **self.env}.items()]
         for name, ref in secret_env.items():

@@ -22,8 +22,8 @@ from resources.servers import CONFIG_FILE, KServeLauncher
 
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
 CONFIG = ServerConfig(spec="credit_risk", tracking_uri="http://mlflow.intelligentops:5000", audit_url="env:AUDIT_URL",
-                      mode="canary", canary_share=0.1, numeric={"income": [0, 1e6]}, categorical={"purpose": None},
-                      text=["emp_title"], port=None)
+                      mode="canary", canary_share=0.1, numeric={"income": [0, 1e6], "age": [18, 100]},
+                      categorical={"purpose": None}, text=["emp_title"], port=None)
 FULL = dict(image="registry.example.com/intelligentops:0.1.0", namespace="intelligentops",
             service_account="intelligentops-serve", env={"LOG_LEVEL": "info"},
             secret_env={"AUDIT_URL": "audit-db/url"}, min_replicas=2, max_replicas=5)
@@ -71,6 +71,7 @@ def test_inference_service_and_config_map_are_valid(settings: dict, tmp_path: Pa
     monkeypatch.setenv("AUDIT_URL", "postgresql+psycopg2://audit@db/audit")
     assert read_server_config(mounted) == CONFIG.replace(port=8080, model_cache="/tmp/intelligentops-models",
                                                           audit_url="postgresql+psycopg2://audit@db/audit")
+    assert list(served["numeric"]) == list(CONFIG.numeric)  # column order is the model's input order
 
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
     assert isvc["metadata"]["name"] == "credit-risk"

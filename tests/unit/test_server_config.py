@@ -16,7 +16,7 @@ from core.server_config import ServerConfig, ServerConfigError, read_server_conf
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"name": "loans", "source": {"kind": "file", "path": "loans.csv"},
         "target": {"column": "outcome", "positive": ["default"]},
-        "features": {"numeric": ["income"], "categorical": ["purpose"], "text": ["title"]}}
+        "features": {"numeric": ["income", "age"], "categorical": ["purpose"], "text": ["title"]}}
 SHARED = {"max_batch_rows", "max_body_bytes", "rate_limit_per_minute", "retention_days", "port", "explain_top",
           "similar_cases"}
 
@@ -36,6 +36,7 @@ def test_what_the_asset_writes_the_server_reads_back_unchanged(tmp_path: Path) -
     path, written = _written(tmp_path, traffic={"mode": "shadow"}, max_batch_rows=64, redact=["title"])
     read = read_server_config(path)
     assert read == written and read.mode == "shadow" and read.max_batch_rows == 64 and read.redact == ["title"]
+    assert read.features == ["income", "age", "purpose", "title"]  # the spec's order: the model's input order
     assert path.stat().st_mode & 0o077 == 0  # it names the registry and the audit database
     assert read_server_config(path, port=9100, audit_url=None).port == 9100  # --port wins, an unset flag does not
 
