@@ -291,8 +291,8 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                      dg.AssetCheckSpec("latency_slo", asset=key, blocking=True,
                                        description="The p99 latency of a smoke burst is within "
                                                    "deployment.slo_p99_ms.")],
-        description=f"{spec.name}'s champion served by workloads/serve.py (KServe model server; v1 and Open "
-                    "Inference Protocol v2), every decision on the hash-chained audit log.",
+        description=f"{spec.name}'s champion served by python -m workloads.serving (KServe model server; v1 and "
+                    "Open Inference Protocol v2), every decision on the hash-chained audit log.",
     )
     def deployment(context: dg.AssetExecutionContext, validated: pd.DataFrame) -> dg.MaterializeResult:
         """Starts or reloads the inference server on the champion (a local process, or a KServe
