@@ -214,6 +214,9 @@ def test_v1_v2_and_explain_answer_and_audit_every_decision(main_server: Server, 
         or f'intelligentops_decisions_total{{decision="1",model="{SPEC}",variant="champion",version="1"}}' in metrics
     assert 'intelligentops_requests_total{code="200",protocol="v2"}' in metrics
     assert "intelligentops_request_latency_seconds_bucket" in metrics
+    # KServe times each stage of the model: decoding, scoring (with the audit commit) and answering, apart.
+    for stage in ("preprocess", "predict", "explain", "postprocess"):
+        assert f'request_{stage}_seconds_count{{model_name="{SPEC}"}}' in metrics, stage
 
 
 def test_outcomes_come_back_over_http_with_the_key_and_bad_reports_name_the_item(main_server: Server):
@@ -462,7 +465,7 @@ def _refusals(client, cfg: ServerConfig, second_version: str, tmp_path: Path) ->
     assert loaded.threshold == 0.4 and loaded.version == second_version
     weights = next((tmp_path / "models").rglob("model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    with pytest.raises(ServingRefused, match="model.safetensors has sha256 .* the manifest says"):
+    with pytest.raises(ServingRefused, match="model.safetensors: sha256 .* does not match manifest.json"):
         load_version(client, cfg, second_version)
 
 
