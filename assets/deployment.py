@@ -30,6 +30,7 @@ import pandas as pd
 from assets import naming
 from assets.spec import LoadedSpec, PipelineSpec
 from core.names import SMOKE_KEY_ID
+from core.server_config import ServerConfig, parse_server_config, write_server_config
 from resources.storage import atomic_write_bytes
 
 
@@ -94,8 +95,9 @@ def smoke_key(folder: Path) -> str:
 
 
 def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: str, profile: Any | None,
-                  registry_uri: str | None = None) -> tuple[dict[str, Any], str | None]:
-    """The JSON config workloads/serve.py runs from, and the key the smoke requests use."""
+                  registry_uri: str | None = None) -> tuple[ServerConfig, str | None]:
+    """The typed config `python -m workloads.serving` runs from (core/server_config.py), and the key the smoke
+    requests use. Building it validates it; the launcher validates it again when it writes the file."""
     spec, d = loaded.spec, loaded.spec.deployment
     folder = Path(home) / spec.name / "deployment"
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         keys_file = folder / "keys.json"
         atomic_write_bytes(keys_file, json.dumps(merged, indent=2).encode())
         keys_file.chmod(0o600)
-    config = {
+    config = parse_server_config({
         "spec": spec.name, "tracking_uri": tracking_uri, "registry_uri": registry_uri, "audit_url": audit_url,
         "port": d.port, "mode": d.traffic.mode, "canary_share": d.traffic.canary_share,
         "numeric": numeric, "categorical": categorical, "text": list(spec.features.text),
@@ -121,8 +123,8 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "similar_cases": d.similar_cases if spec.has_text else 0,
         "vector_db": str(Path(home) / spec.name / "vector_index") if spec.has_text else None,
         "model_cache": str(folder / "models"),
-        "probe_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
-    }
+        "smoke_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+    }, source=f"{loaded.path} (deployment)")
     return config, key
 
 
@@ -289,8 +291,8 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                      dg.AssetCheckSpec("latency_slo", asset=key, blocking=True,
                                        description="The p99 latency of a smoke burst is within "
                                                    "deployment.slo_p99_ms.")],
-        description=f"{spec.name}'s champion served by workloads/serve.py (KServe model server; v1 and Open "
-                    "Inference Protocol v2), every decision on the hash-chained audit log.",
+        description=f"{spec.name}'s champion served by python -m workloads.serving (KServe model server; v1 and "
+                    "Open Inference Protocol v2), every decision on the hash-chained audit log.",
     )
     def deployment(context: dg.AssetExecutionContext, validated: pd.DataFrame) -> dg.MaterializeResult:
         """Starts or reloads the inference server on the champion (a local process, or a KServe
@@ -387,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     config, _ = server_config(loaded, home, res["mlflow"].resolved_tracking_uri(), res["audit"].resolved_url(),
                               profile, res["mlflow"].registry_uri)
     path = Path(home) / loaded.name / "deployment" / "serve-foreground.json"
-    atomic_write_bytes(path, json.dumps({**config, "port": args.port}, indent=2).encode())
-    serve = Path(__file__).resolve().parents[1] / "workloads" / "serve.py"
-    os.execv(sys.executable, [sys.executable, str(serve), "--config", str(path)])
+    write_server_config(path, config.replace(port=args.port))
+    os.chdir(Path(__file__).resolve().parents[1])  # `-m workloads.serving` resolves from the repository root
+    os.execv(sys.executable, [sys.executable, "-m", "workloads.serving", "--config", str(path)])
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core import server_config
 from core.train_config import DeepSpeedSettings, TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -212,29 +213,31 @@ class TrafficPolicy(_Strict):
     """Who answers: `champion` only; `canary` sends `canary_share` of requests to `@challenger`; `shadow` lets
     the challenger score every request beside the champion (only the champion answers; both are recorded)."""
 
-    mode: Literal["champion", "canary", "shadow"] = "champion"
-    canary_share: float = Field(0.1, ge=0, le=1)
+    mode: server_config.Mode
+    canary_share: server_config.CanaryShare
 
 
 class Deployment(_Strict):
-    """The inference server (workloads/serve.py) and its audit log.
+    """The inference server (`python -m workloads.serving`) and its audit log.
 
-    API keys are the local stand-in for a cluster gateway's auth: `api_keys_file` (JSON, relative to the spec's
-    folder) or the environment variable `api_keys_env` holding the same JSON; neither set means no auth.
+    The keys the server reads take their defaults and bounds from core/server_config.py, the server's own schema,
+    so each is written once. API keys are the local stand-in for a cluster gateway's auth: `api_keys_file` (JSON,
+    relative to the spec's folder) or the environment variable `api_keys_env` holding the same JSON; neither set
+    means no auth.
     """
 
     traffic: TrafficPolicy = TrafficPolicy()
     slo_p99_ms: float = Field(250.0, gt=0)
-    max_batch_rows: int = Field(256, ge=1)
-    max_body_bytes: int = Field(1_048_576, ge=1024)
-    rate_limit_per_minute: int = Field(6000, ge=1)
+    max_batch_rows: server_config.MaxBatchRows
+    max_body_bytes: server_config.MaxBodyBytes
+    rate_limit_per_minute: server_config.RateLimitPerMinute
     api_keys_file: str | None = None
     api_keys_env: str | None = None
     redact: list[str] = []
-    retention_days: int = Field(183, ge=1)
-    port: int | None = Field(None, ge=1, le=65535)  # None: a free port locally; 8080 in a KServe predictor
-    explain_top: int = Field(3, ge=0, le=20)
-    similar_cases: int = Field(3, ge=0, le=50)
+    retention_days: server_config.RetentionDays
+    port: server_config.Port
+    explain_top: server_config.ExplainTop
+    similar_cases: server_config.SimilarCases
     smoke_requests: int = Field(50, ge=1)
 
 

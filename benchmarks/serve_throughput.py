@@ -171,6 +171,7 @@ def main() -> int:
     from assets.spec import load_specs
     from resources import resources_for
     from core.audit import AuditStore
+    from core.server_config import write_server_config
 
     from dataclasses import replace
 
@@ -210,12 +211,11 @@ def main() -> int:
     for explain in (3, 0):
         config, _ = server_config(loaded, home, mlflow.resolved_tracking_uri(), audit_url, profile)
         port = _free_port()
-        config.update(port=port, explain_top=explain, api_keys_file=None)
         path = work / f"server-explain{explain}.json"
-        path.write_text(json.dumps(config))
+        write_server_config(path, config.replace(port=port, explain_top=explain, api_keys_file=None))
         log = work / f"server-explain{explain}.log"
         with open(log, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, str(REPO / "workloads" / "serve.py"), "--config", str(path)],
+            proc = subprocess.Popen([sys.executable, "-m", "workloads.serving", "--config", str(path)],
                                     cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:
             _wait(f"http://127.0.0.1:{port}/v2/health/ready", proc, log)

@@ -2,13 +2,14 @@
 
     python -m orchestration.demo_drift [spec] [shift]     (default credit_risk)
 
-`shift` is workloads/replay.py's shift flags (`--scale COLUMN=FACTOR`, `--reweight COLUMN:VALUE=WEIGHT`, ...);
-without them, credit_risk gets its documented shift and any other spec one chosen from its training data.
+`shift` is `python -m workloads.replay send`'s shift flags (`--scale COLUMN=FACTOR`,
+`--reweight COLUMN:VALUE=WEIGHT`, ...); without them, credit_risk gets its documented shift and any other spec
+one chosen from its training data.
 
 1. Checks that the spec's server answers (`make run` leaves it running) and starts `dagster-daemon` on the same
    instance, so the drift sensor (on by default) ticks for real.
 2. Sends one window of the spec's own rows as they are, then one window shifted (incomes scaled, one occupation
-   over-represented) with workloads/replay.py over HTTP.
+   over-represented) with `python -m workloads.replay` over HTTP.
 3. Waits for the sensor to ask for a drift report per window and, for the shifted one, a `<spec>__retrain` run;
    waits for that run to go through training, evaluation and every blocking gate.
 4. Prints each window's verdict and the retrain's result: a new champion that the server now serves, or the
@@ -258,5 +259,5 @@ def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: f
 
 
 if __name__ == "__main__":
-    # python -m orchestration.demo_drift [spec] [replay.py shift flags, e.g. --scale lvrat=1.2]
+    # python -m orchestration.demo_drift [spec] [workloads.replay shift flags, e.g. --scale lvrat=1.2]
     raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "credit_risk", sys.argv[2:] or None))

@@ -1,7 +1,7 @@
 """Where the inference server runs: a local process, or a KServe InferenceService on Kubernetes.
 
-Both launchers run the same program, `workloads/serve.py --config server.json`, with the config the deployment
-asset builds (assets/deployment.py):
+Both launchers run the same program, `python -m workloads.serving --config server.json` from the repository
+root, with the typed config the deployment asset builds (core/server_config.py, assets/deployment.py):
 
 - `LocalServerLauncher` starts the server as a process on this machine (pid, port, config and log under
   `<home>/<spec>/deployment/`), or, when one already runs with the same config, sends it SIGHUP so it re-reads
@@ -31,6 +31,7 @@ import dagster as dg
 from pydantic import Field
 
 from core.audit import default_audit_url
+from core.server_config import DEFAULT_PORT, ServerConfig, server_config_json, write_server_config
 from resources.storage import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +40,12 @@ STATE_FILE = "server.pid.json"
 LOG_FILE = "server.log"
 ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 CONFIG_MOUNT = "/etc/intelligentops"
+SERVER_MODULE = "workloads.serving"  # run with `python -m`, from the repository root (the image's working dir)
 
 
-class ServerError(RuntimeError):
-    """The server did not start or did not become ready; the message says where its log is."""
+class ServerLaunchError(RuntimeError):
+    """The launcher could not get a server to serve: it did not start, exited, or did not become ready in
+    time; the message says where its log or status is."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class AuditResource(dg.ConfigurableResource):
 class ServerLauncher(dg.ConfigurableResource):
     """Starts or reloads a spec's inference server from its config and waits until it serves."""
 
-    def deploy(self, spec_name: str, config: dict[str, Any], expect: dict[str, str],
+    def deploy(self, spec_name: str, config: ServerConfig, expect: dict[str, str],
                log: Any = None) -> Deployed:
         raise NotImplementedError
 
@@ -97,18 +100,30 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def server_command(python: str, config_path: str) -> list[str]:
+    """The server's command line; it runs with the repository root as its working directory."""
+    return [python, "-m", SERVER_MODULE, "--config", config_path]
+
+
 def _alive(pid: int) -> bool:
     """The pid runs and is one of our servers (not a reused pid)."""
     try:
         os.kill(pid, 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b"serve.py"
-        return b"serve.py" in cmdline
+        proc = Path(f"/proc/{pid}/cmdline")
+        if not proc.parent.exists():  # no /proc here: trust the pid
+            return True
+        args = proc.read_bytes().split(b"\0")
+        # workloads/serve.py: a server started before the package existed, so an upgrade stops it, not orphans it
+        return any(a == b"-m" and b == SERVER_MODULE.encode() for a, b in zip(args, args[1:])) or \
+            any(a.endswith(b"workloads/serve.py") for a in args)
     except (ProcessLookupError, PermissionError, FileNotFoundError):
         return False
 
 
-def config_digest(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+def config_digest(config: ServerConfig, leave_out: tuple[str, ...] = ()) -> str:
+    """The sha256 of the config's JSON (keys sorted), without the keys in `leave_out`."""
+    data = {k: v for k, v in config.to_json().items() if k not in leave_out}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class LocalServerLauncher(ServerLauncher):
@@ -145,12 +160,12 @@ class LocalServerLauncher(ServerLauncher):
         (self.folder(spec_name) / STATE_FILE).unlink(missing_ok=True)
         return True
 
-    def deploy(self, spec_name: str, config: dict[str, Any], expect: dict[str, str],
+    def deploy(self, spec_name: str, config: ServerConfig, expect: dict[str, str],
                log: Any = None) -> Deployed:
         folder = self.folder(spec_name)
         state = self.state(spec_name)
-        wanted_port = config.get("port")
-        digest = config_digest({k: v for k, v in config.items() if k != "port"})
+        wanted_port = config.port
+        digest = config_digest(config, leave_out=("port",))
         if state is not None and state["digest"] == digest and wanted_port in (None, state["port"]):
             os.kill(int(state["pid"]), signal.SIGHUP)  # re-read the aliases now; in-flight requests finish
             serving = self._wait(spec_name, int(state["port"]), expect, int(state["pid"]))
@@ -164,15 +179,14 @@ class LocalServerLauncher(ServerLauncher):
             how = "restarted"
         port = wanted_port or (previous_port if previous_port and _port_free(previous_port) else _free_port())
         if not _port_free(port):
-            raise ServerError(f"{spec_name}: port {port} (deployment.port) is taken by another process; free it or "
+            raise ServerLaunchError(f"{spec_name}: port {port} (deployment.port) is taken by another process; free it or "
                               "choose another port in the spec")
         config_path = folder / CONFIG_FILE
-        atomic_write_json(config_path, {**config, "port": port})
+        write_server_config(config_path, config.replace(port=port))
         log_path = folder / LOG_FILE
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
-                [self.python or sys.executable, str(REPO_ROOT / "workloads" / "serve.py"), "--config",
-                 str(config_path)],
+                server_command(self.python or sys.executable, str(config_path)),
                 cwd=str(REPO_ROOT), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # outlives the Dagster step that started it
                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
@@ -199,7 +213,7 @@ class LocalServerLauncher(ServerLauncher):
         while time.monotonic() < deadline:
             if (proc is not None and proc.poll() is not None) or not _alive(pid):
                 tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
-                raise ServerError(f"{spec_name}: the server (pid {pid}) exited before it was ready; the end of "
+                raise ServerLaunchError(f"{spec_name}: the server (pid {pid}) exited before it was ready; the end of "
                                   f"{log_path}:\n{tail}")
             try:
                 status = httpx.get(f"{self._url(port)}/intelligentops/status", timeout=2.0).json()
@@ -209,7 +223,7 @@ class LocalServerLauncher(ServerLauncher):
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.25)
-        raise ServerError(f"{spec_name}: the server on port {port} did not serve {expect} within "
+        raise ServerLaunchError(f"{spec_name}: the server on port {port} did not serve {expect} within "
                           f"{self.ready_timeout:.0f} s (it serves {seen or 'nothing yet'}); see {log_path}")
 
 
@@ -223,7 +237,8 @@ class KubeServingApis:
 
 
 class KServeLauncher(ServerLauncher):
-    """A KServe InferenceService whose predictor container runs workloads/serve.py from the project's image.
+    """A KServe InferenceService whose predictor container runs `python -m workloads.serving` from the
+    project's image.
 
     The server's config travels as a ConfigMap; secrets (the audit database URL, MLflow credentials) as
     environment from Secrets, referenced in the config as `env:VAR`.
@@ -253,7 +268,7 @@ class KServeLauncher(ServerLauncher):
         base = spec_name.replace("_", "-")[:50]
         return base, f"{base}-server-config"
 
-    def render(self, spec_name: str, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def render(self, spec_name: str, config: ServerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         """(ConfigMap, InferenceService) as plain dicts, built from the kubernetes and kserve typed models."""
         from kserve import (
             ApiClient,
@@ -264,17 +279,18 @@ class KServeLauncher(ServerLauncher):
         from kubernetes import client as k
 
         isvc_name, cm_name = self.names(spec_name)
-        port = 8080
+        port = DEFAULT_PORT
         labels = {"app.kubernetes.io/name": "intelligentops-server", "intelligentops.io/spec": spec_name}
-        cluster_config = {**config, "port": port, "model_cache": "/tmp/intelligentops-models"}
+        changes: dict[str, Any] = {"port": port, "model_cache": "/tmp/intelligentops-models"}
         secret_env = dict(self.secret_env)
-        if not str(config.get("audit_url", "")).startswith("env:"):
+        if not config.audit_url.startswith("env:"):
             # A database URL carries credentials: the predictor reads it from a Secret, not from the ConfigMap.
-            cluster_config["audit_url"] = "env:INTELLIGENTOPS_AUDIT_URL"
+            changes["audit_url"] = "env:INTELLIGENTOPS_AUDIT_URL"
             secret_env.setdefault("INTELLIGENTOPS_AUDIT_URL", self.audit_url_secret)
+        cluster_config = config.replace(**changes)  # validated again, as the server will read it
         config_map = k.V1ConfigMap(api_version="v1", kind="ConfigMap",
                                    metadata=k.V1ObjectMeta(name=cm_name, namespace=self.namespace, labels=labels),
-                                   data={CONFIG_FILE: json.dumps(cluster_config, indent=2, sort_keys=True)})
+                                   data={CONFIG_FILE: server_config_json(cluster_config)})
         env = [k.V1EnvVar(name=n, value=v) for n, v in {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                                                         "PYTHONPATH": self.working_dir, **self.env}.items()]
         for name, ref in secret_env.items():
@@ -290,7 +306,7 @@ class KServeLauncher(ServerLauncher):
                           period_seconds=5, failure_threshold=3)
         container = k.V1Container(
             name="kserve-container", image=self.image, working_dir=self.working_dir,
-            command=["python", "workloads/serve.py", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
+            command=server_command("python", f"{CONFIG_MOUNT}/{CONFIG_FILE}"),
             ports=[k.V1ContainerPort(container_port=port, protocol="TCP")], env=env,
             resources=k.V1ResourceRequirements(**resources), readiness_probe=probe,
             volume_mounts=[k.V1VolumeMount(name="server-config", mount_path=CONFIG_MOUNT, read_only=True)])
@@ -312,7 +328,7 @@ class KServeLauncher(ServerLauncher):
         apis = connect(self.load_incluster_config, self.kubeconfig_file, self.kube_context)
         return KubeServingApis(core=apis.core, custom=apis.custom)
 
-    def deploy(self, spec_name: str, config: dict[str, Any], expect: dict[str, str], log: Any = None,
+    def deploy(self, spec_name: str, config: ServerConfig, expect: dict[str, str], log: Any = None,
                apis: KubeServingApis | None = None) -> Deployed:
         from kubernetes.client.exceptions import ApiException
 
@@ -347,7 +363,7 @@ class KServeLauncher(ServerLauncher):
             if ready is not None:
                 last = f"Ready={ready.get('status')} ({ready.get('reason', '')}: {ready.get('message', '')})"
             time.sleep(self.poll_interval)
-        raise ServerError(f"{spec_name}: InferenceService {self.namespace}/{name} not ready within "
+        raise ServerLaunchError(f"{spec_name}: InferenceService {self.namespace}/{name} not ready within "
                           f"{self.ready_timeout:.0f} s: {last}")
 
 

@@ -1,8 +1,8 @@
 """The inference server and the deployment stage on real components.
 
 One small model with a text feature is trained and registered once for the module (real torchrun + DeepSpeed on
-CPU, MLflow on SQLite, LanceDB, MiniLM); every test then runs the real server (workloads/serve.py, KServe's
-ModelServer on loopback) as a process and talks HTTP to it.
+CPU, MLflow on SQLite, LanceDB, MiniLM); every test then runs the real server (`python -m workloads.serving`,
+KServe's ModelServer on loopback) as a process and talks HTTP to it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from assets.data import load_profile
 from assets.deployment import server_config, v2_request
 from assets.spec import load_spec
 from core.audit import AuditStore
+from core.server_config import ServerConfig, write_server_config
 from resources.storage import StorageResource
+from workloads.serving.versions import ServingRefused, load_version
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -97,18 +99,17 @@ class Server:
         self.audit_url = f"sqlite:///{tmp / name}-audit.db"
         config, _ = server_config(loaded, home, reg.tracking_uri, self.audit_url,
                                   load_profile(StorageResource(home=home), loaded.spec))
-        config.update(port=_free_port(), poll_seconds=0.5, **overrides)
+        config = config.replace(port=_free_port(), poll_seconds=0.5, **overrides)
         self.config_path = tmp / f"{name}.json"
-        self.config_path.write_text(json.dumps(config))
-        self.url = f"http://127.0.0.1:{config['port']}"
+        write_server_config(self.config_path, config)
+        self.url = f"http://127.0.0.1:{config.port}"
         self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Server:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, str(REPO / "workloads" / "serve.py"), "--config",
-                                          str(self.config_path)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONPATH": str(REPO)})
+            self.proc = subprocess.Popen([sys.executable, "-m", "workloads.serving", "--config",
+                                          str(self.config_path)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         if wait:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -213,6 +214,9 @@ def test_v1_v2_and_explain_answer_and_audit_every_decision(main_server: Server, 
         or f'intelligentops_decisions_total{{decision="1",model="{SPEC}",variant="champion",version="1"}}' in metrics
     assert 'intelligentops_requests_total{code="200",protocol="v2"}' in metrics
     assert "intelligentops_request_latency_seconds_bucket" in metrics
+    # KServe times each stage of the model: decoding, scoring (with the audit commit) and answering, apart.
+    for stage in ("preprocess", "predict", "explain", "postprocess"):
+        assert f'request_{stage}_seconds_count{{model_name="{SPEC}"}}' in metrics, stage
 
 
 def test_outcomes_come_back_over_http_with_the_key_and_bad_reports_name_the_item(main_server: Server):
@@ -440,35 +444,45 @@ def test_canary_share_and_shadow_records(servers, client, registered, second_ver
 
 
 def test_a_version_without_operating_threshold_is_refused(client, registered, second_version, tmp_path):
-    import importlib.util
-
-    module = importlib.util.spec_from_file_location("intelligentops_serve", REPO / "workloads" / "serve.py")
-    serve = importlib.util.module_from_spec(module)
-    sys.modules["intelligentops_serve"] = serve
-    module.loader.exec_module(serve)
-    cfg = serve.ServerConfig(spec=SPEC, tracking_uri=registered[0].tracking_uri, audit_url="unused",
-                             model_cache=str(tmp_path / "models"))
+    cfg = ServerConfig(spec=SPEC, tracking_uri=registered[0].tracking_uri, audit_url="unused", text=["title"],
+                       model_cache=str(tmp_path / "models"))
     client.delete_model_version_tag(SPEC, second_version, "operating_threshold")
     with default_tracking(registered[0].tracking_uri):
-        _refusals(serve, client, cfg, second_version, tmp_path)
+        _refusals(client, cfg, second_version, tmp_path)
 
 
-def _refusals(serve, client, cfg, second_version: str, tmp_path: Path) -> None:
+def _refusals(client, cfg: ServerConfig, second_version: str, tmp_path: Path) -> None:
     try:
-        with pytest.raises(serve.ServeError, match=f"version {second_version} has no tag 'operating_threshold'"):
-            serve.load_version(client, cfg, second_version)
+        with pytest.raises(ServingRefused, match=f"version {second_version} has no tag 'operating_threshold'"):
+            load_version(client, cfg, second_version)
         client.set_model_version_tag(SPEC, second_version, "operating_threshold", "1.5")
-        with pytest.raises(serve.ServeError, match="operating_threshold = 1.5 is outside"):
-            serve.load_version(client, cfg, second_version)
+        with pytest.raises(ServingRefused, match="operating_threshold = 1.5 is outside"):
+            load_version(client, cfg, second_version)
     finally:
         client.set_model_version_tag(SPEC, second_version, "operating_threshold", "0.4")
     # The files are checked against the manifest before anything loads: a flipped byte is refused.
-    loaded = serve.load_version(client, cfg, second_version)
+    loaded = load_version(client, cfg, second_version)
     assert loaded.threshold == 0.4 and loaded.version == second_version
     weights = next((tmp_path / "models").rglob("model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    with pytest.raises(serve.ServeError, match="model.safetensors has sha256 .* the manifest says"):
-        serve.load_version(client, cfg, second_version)
+    with pytest.raises(ServingRefused, match="model.safetensors: sha256 .* does not match manifest.json"):
+        load_version(client, cfg, second_version)
+
+
+def test_a_server_whose_registry_is_down_refuses_to_start_naming_it(tmp_path):
+    """A registry that does not answer is not mistaken for a missing champion alias."""
+    registry = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    path = tmp_path / "server.json"
+    write_server_config(path, ServerConfig(spec=SPEC, tracking_uri=registry, audit_url=f"sqlite:///{tmp_path}/a.db",
+                                           text=["title"], port=_free_port()))
+    done = subprocess.run([sys.executable, "-m", "workloads.serving", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"serving: the model registry at {registry} is unreachable"), last
+    assert "materialize" not in last
 
 
 def test_deployment_asset_serves_checks_and_observes_the_log(registered, tmp_path):

@@ -1,4 +1,4 @@
-"""workloads/replay.py against real HTTP servers: KServe's ModelServer and an outcomes stand-in."""
+"""workloads/replay/ against real HTTP servers: KServe's ModelServer and an outcomes stand-in."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from support import JsonHandler, load_workload
+from support import JsonHandler
 
-replay = load_workload("replay")
+from workloads.replay import ReplayError, cli
+from workloads.replay.client import Client, read_decisions, report_outcomes, send
 
 
 KEY = "test-key-123"
@@ -161,11 +162,11 @@ def test_v2_replay_against_kserve(kserve_server, frame: pd.DataFrame, tmp_path: 
     url, log = kserve_server
     seen = len(_logged(log))
     decisions = tmp_path / "decisions.jsonl"
-    client = replay.Client(url, api_key=KEY)
+    http = Client(url, api_key=KEY)
     outcome = frame["grade"].isin(["D", "E", "F", "G"]).astype(int)
     started = time.monotonic()
-    summary = replay.send(client, "credit_risk", frame, ["income"], ["job", "purpose"], decisions, protocol="v2",
-                          rate=40.0, batch=2, outcome=outcome, row_ids=frame["rid"])
+    summary = send(http, "credit_risk", frame, ["income"], ["job", "purpose"], decisions, protocol="v2",
+                   rate=40.0, batch=2, outcome=outcome, row_ids=frame["rid"])
     # 5 requests of 2 rows at 40 rows/s: the last is due 8/40 s after the first
     assert time.monotonic() - started >= 0.2
     assert summary.rows == 10 and summary.requests == 5
@@ -185,15 +186,15 @@ def test_v2_replay_against_kserve(kserve_server, frame: pd.DataFrame, tmp_path: 
 def test_v1_replay_and_a_wrong_key_against_kserve(kserve_server, frame: pd.DataFrame, tmp_path: Path) -> None:
     url, log = kserve_server
     seen = len(_logged(log))
-    summary = replay.send(replay.Client(url, api_key=KEY), "credit_risk", frame.iloc[:3], ["income"], ["job"],
-                          tmp_path / "v1.jsonl", protocol="v1", batch=3)
+    summary = send(Client(url, api_key=KEY), "credit_risk", frame.iloc[:3], ["income"], ["job"],
+                   tmp_path / "v1.jsonl", protocol="v1", batch=3)
     assert summary.requests == 1
     (request,) = _logged(log)[seen:]
     assert request["protocol"] == "v1" and request["rows"][0] == {"income": 50_000.0, "job": "Registered Nurse"}
     assert len((tmp_path / "v1.jsonl").read_text().splitlines()) == 3
-    with pytest.raises(replay.ReplayError, match=r"/v2/models/credit_risk/infer: HTTP 400 .*not the bearer key"):
-        replay.send(replay.Client(url, api_key="wrong"), "credit_risk", frame.iloc[:1], ["income"], ["job"],
-                    tmp_path / "bad.jsonl")
+    with pytest.raises(ReplayError, match=r"/v2/models/credit_risk/infer: HTTP 400 .*not the bearer key"):
+        send(Client(url, api_key="wrong"), "credit_risk", frame.iloc[:1], ["income"], ["job"],
+             tmp_path / "bad.jsonl")
 
 
 # --- HTTP: the outcomes endpoint, on a stdlib server -------------------------------------------------------
@@ -204,18 +205,18 @@ def test_outcomes_are_reported_in_batches_with_the_key(outcomes_server, tmp_path
     decisions = tmp_path / "d.jsonl"
     decisions.write_text("".join(json.dumps({"decision_id": f"id{i}", "row": i, "outcome": i % 2}) + "\n"
                                  for i in range(7)))
-    n = replay.report_outcomes(replay.Client(url, api_key=KEY), "credit_risk", replay.read_decisions(decisions),
-                               batch=3)
+    n = report_outcomes(Client(url, api_key=KEY), "credit_risk", read_decisions(decisions),
+                        batch=3)
     assert n == 7 and [len(b["outcomes"]) for b in received] == [3, 3, 1]
     assert received[0]["outcomes"][1] == {"decision_id": "id1", "outcome": 1}
     received.clear()
-    assert replay.report_outcomes(replay.Client(url, api_key=KEY), "credit_risk",
-                                  replay.read_decisions(decisions), fraction=0.5, seed=3) == 4
+    assert report_outcomes(Client(url, api_key=KEY), "credit_risk",
+                           read_decisions(decisions), fraction=0.5, seed=3) == 4
     assert len({o["decision_id"] for b in received for o in b["outcomes"]}) == 4
-    with pytest.raises(replay.ReplayError, match=r"outcomes: HTTP 401 .*--api-key"):
-        replay.report_outcomes(replay.Client(url), "credit_risk", replay.read_decisions(decisions))
-    with pytest.raises(replay.ReplayError, match="no decision in the file has an outcome"):
-        replay.report_outcomes(replay.Client(url, api_key=KEY), "credit_risk", [{"decision_id": "x"}])
+    with pytest.raises(ReplayError, match=r"outcomes: HTTP 401 .*--api-key"):
+        report_outcomes(Client(url), "credit_risk", read_decisions(decisions))
+    with pytest.raises(ReplayError, match="no decision in the file has an outcome"):
+        report_outcomes(Client(url, api_key=KEY), "credit_risk", [{"decision_id": "x"}])
 
 
 def test_command_line_send_then_outcomes(kserve_server, outcomes_server, frame: pd.DataFrame,
@@ -225,19 +226,19 @@ def test_command_line_send_then_outcomes(kserve_server, outcomes_server, frame: 
     data = tmp_path / "rows.csv"
     frame.to_csv(data, index=False)
     decisions = tmp_path / "d.jsonl"
-    rc = replay.main(["send", "--url", url, "--model", "credit_risk", "--api-key", KEY, "--decisions",
-                      str(decisions), "--data", str(data), "--numeric", "income", "--categorical", "purpose",
-                      "--text", "job", "--target-column", "grade", "--positive", "D,E,F,G", "--id-column", "rid",
-                      "--scale", "income=1.1", "--after", "month=Jan-2018", "--time-format", "%b-%Y", "--batch", "4"])
+    rc = cli.main(["send", "--url", url, "--model", "credit_risk", "--api-key", KEY, "--decisions",
+                   str(decisions), "--data", str(data), "--numeric", "income", "--categorical", "purpose",
+                   "--text", "job", "--target-column", "grade", "--positive", "D,E,F,G", "--id-column", "rid",
+                   "--scale", "income=1.1", "--after", "month=Jan-2018", "--time-format", "%b-%Y", "--batch", "4"])
     assert rc == 0
     lines = [json.loads(x) for x in decisions.read_text().splitlines()]
     assert [x["row"] for x in lines] == [102, 103, 108, 104, 105, 107]  # Feb then Mar
     sent = [row for r in _logged(log)[-2:] for row in r["rows"]]
     assert sent[1]["income"] == pytest.approx(61_000 * 1.1)
-    rc = replay.main(["outcomes", "--url", out_url, "--model", "credit_risk", "--api-key", KEY, "--decisions",
-                      str(decisions)])
+    rc = cli.main(["outcomes", "--url", out_url, "--model", "credit_risk", "--api-key", KEY, "--decisions",
+                   str(decisions)])
     assert rc == 0
     reported = {o["decision_id"]: o["outcome"] for b in received for o in b["outcomes"]}
     assert reported == {x["decision_id"]: int(x["row"] in (103, 104, 105)) for x in lines}  # grades D, E, F
-    assert replay.main(["outcomes", "--url", out_url, "--model", "credit_risk", "--decisions",
-                        str(tmp_path / "none.jsonl")]) == 2
+    assert cli.main(["outcomes", "--url", out_url, "--model", "credit_risk", "--decisions",
+                     str(tmp_path / "none.jsonl")]) == 2

@@ -1,8 +1,6 @@
 """The deployment section of the spec, the server config built from it, and request validation: plain functions."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +10,9 @@ from assets.checks.data_quality import Profile
 from assets.deployment import accepted_ranges, observe_inference_log, percentile, server_config, v2_request
 from assets.spec import SpecError, load_spec
 from core.audit import AuditStore
-
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("intelligentops_serve", REPO / "workloads" / "serve.py")
-serve = importlib.util.module_from_spec(_spec)
-sys.modules["intelligentops_serve"] = serve  # dataclasses look their module up while the class is made
-_spec.loader.exec_module(serve)
+from core.server_config import ServerConfig
+from workloads.serving.decoding import InvalidRequest, columns_from_v2, validate_columns
+from workloads.serving.gateway import ApiKey, TokenBucket, load_keys
 
 BASE = {"name": "loans", "source": {"kind": "file", "path": "loans.csv"},
         "target": {"column": "outcome", "positive": ["default"]},
@@ -48,23 +43,22 @@ def test_server_config_from_spec_and_profile(tmp_path: Path):
     assert numeric == {"income": [0.0, 5000.0 + 0.5 * 4000.0]}  # declared min wins; learned max plus tolerance
     assert categorical == {"purpose": ["car", "home"], "term": ["36", "60"]}
     config, key = server_config(loaded, str(tmp_path / "home"), "sqlite:///m.db", "sqlite:///a.db", profile)
-    assert config["mode"] == "canary" and config["canary_share"] == 0.2 and config["redact"] == ["title"]
-    keys = json.loads(Path(config["api_keys_file"]).read_text())["keys"]
+    assert config.mode == "canary" and config.canary_share == 0.2 and config.redact == ["title"]
+    keys = json.loads(Path(config.api_keys_file).read_text())["keys"]
     assert [k["id"] for k in keys] == ["ops", "deployment-smoke"] and key and key not in json.dumps(keys)
-    assert Path(config["api_keys_file"]).stat().st_mode & 0o077 == 0
-    cfg = serve.ServerConfig(**{k: v for k, v in config.items()})
-    assert set(serve.load_keys(cfg).values()) >= {serve.ApiKey("ops", ("*",), 6000)}
+    assert Path(config.api_keys_file).stat().st_mode & 0o077 == 0
+    assert set(load_keys(config).values()) >= {ApiKey("ops", ("*",), 6000)}
 
 
-def _cfg(**over) -> "serve.ServerConfig":
+def _cfg(**over) -> ServerConfig:
     base = dict(spec="loans", tracking_uri="x", audit_url="y", numeric={"income": [0.0, 100.0]},
                 categorical={"purpose": ["car", "home"], "term": ["36", "60.0"]}, text=["title"], max_batch_rows=3)
-    return serve.ServerConfig(**{**base, **over})
+    return ServerConfig(**{**base, **over})
 
 
 def test_validation_names_the_field_and_keeps_good_rows():
     cfg = _cfg()
-    rows = serve.validate_columns({"income": [5, None, "7.5"], "purpose": ["car", None, "home"],
+    rows = validate_columns({"income": [5, None, "7.5"], "purpose": ["car", None, "home"],
                                    "term": [36, 60, "36"], "title": ["nurse", None, ""]}, cfg)
     assert rows[0] == {"income": 5.0, "purpose": "car", "term": "36", "title": "nurse"}
     assert rows[1]["term"] == "60.0" and rows[2]["income"] == 7.5
@@ -76,12 +70,12 @@ def test_validation_names_the_field_and_keeps_good_rows():
            ({"title": [{"a": 1}]}, "field 'title' row 0: expected text")]
     good = {"income": [1.0], "purpose": ["car"], "term": ["36"], "title": ["x"]}
     for change, message in bad:
-        with pytest.raises(serve.InvalidRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
-            serve.validate_columns({**good, **change}, cfg)
-    with pytest.raises(serve.InvalidRequest, match="4 rows in one request; at most 3"):
-        serve.validate_columns({k: v * 4 for k, v in good.items()}, cfg)
-    with pytest.raises(serve.InvalidRequest, match="different numbers of rows"):
-        serve.validate_columns({**good, "income": [1.0, 2.0]}, cfg)
+        with pytest.raises(InvalidRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
+            validate_columns({**good, **change}, cfg)
+    with pytest.raises(InvalidRequest, match="4 rows in one request; at most 3"):
+        validate_columns({k: v * 4 for k, v in good.items()}, cfg)
+    with pytest.raises(InvalidRequest, match="different numbers of rows"):
+        validate_columns({**good, "income": [1.0, 2.0]}, cfg)
 
 
 def test_v2_request_round_trips_through_the_pandas_codec_reader(tmp_path: Path):
@@ -96,16 +90,16 @@ def test_v2_request_round_trips_through_the_pandas_codec_reader(tmp_path: Path):
         ("income", "FP64", [2]), ("purpose", "BYTES", [2]), ("term", "BYTES", [2]), ("title", "BYTES", [2])]
     request = InferRequest(model_name="loans", infer_inputs=[
         InferInput(t["name"], t["shape"], t["datatype"], t["data"]) for t in body["inputs"]])
-    assert serve.validate_columns(serve.columns_from_v2(request, _cfg()), _cfg()) == rows
+    assert validate_columns(columns_from_v2(request, _cfg()), _cfg()) == rows
     nested = InferRequest(model_name="loans", infer_inputs=[InferInput("income", [2, 1], "FP64", [[1.0], [2.0]])])
-    assert serve.columns_from_v2(nested, _cfg()) == {"income": [1.0, 2.0]}
-    with pytest.raises(serve.InvalidRequest, match="text goes as datatype BYTES"):
-        serve.columns_from_v2(InferRequest(model_name="loans", infer_inputs=[
+    assert columns_from_v2(nested, _cfg()) == {"income": [1.0, 2.0]}
+    with pytest.raises(InvalidRequest, match="text goes as datatype BYTES"):
+        columns_from_v2(InferRequest(model_name="loans", infer_inputs=[
             InferInput("title", [1], "INT64", [3])]), _cfg())
 
 
 def test_token_bucket_and_percentile():
-    bucket = serve.TokenBucket(per_minute=2)
+    bucket = TokenBucket(per_minute=2)
     assert bucket.take() == 0 and bucket.take() == 0 and bucket.take() > 0
     assert percentile([1, 2, 3, 4, 100], 99) == 100 and percentile([5.0], 50) == 5.0
 

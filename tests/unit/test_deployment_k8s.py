@@ -17,12 +17,13 @@ import pytest
 import yaml
 from support import JsonHandler
 
+from core.server_config import ServerConfig, read_server_config
 from resources.servers import CONFIG_FILE, KServeLauncher
 
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-CONFIG = {"spec": "credit_risk", "tracking_uri": "http://mlflow.intelligentops:5000", "audit_url": "env:AUDIT_URL",
-          "mode": "canary", "canary_share": 0.1, "numeric": {"income": [0, 1e6]}, "categorical": {"purpose": None},
-          "text": ["emp_title"], "port": None}
+CONFIG = ServerConfig(spec="credit_risk", tracking_uri="http://mlflow.intelligentops:5000", audit_url="env:AUDIT_URL",
+                      mode="canary", canary_share=0.1, numeric={"income": [0, 1e6], "age": [18, 100]},
+                      categorical={"purpose": None}, text=["emp_title"], port=None)
 FULL = dict(image="registry.example.com/intelligentops:0.1.0", namespace="intelligentops",
             service_account="intelligentops-serve", env={"LOG_LEVEL": "info"},
             secret_env={"AUDIT_URL": "audit-db/url"}, min_replicas=2, max_replicas=5)
@@ -59,11 +60,18 @@ def validate_k8s(obj: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("settings", [dict(image="img:1"), FULL])
-def test_inference_service_and_config_map_are_valid(settings: dict) -> None:
+def test_inference_service_and_config_map_are_valid(settings: dict, tmp_path: Path, monkeypatch) -> None:
     config_map, isvc = KServeLauncher(**settings).render("credit_risk", CONFIG)
     validate_k8s(config_map)
     served = json.loads(config_map["data"][CONFIG_FILE])
     assert served["port"] == 8080 and served["spec"] == "credit_risk" and served["audit_url"] == "env:AUDIT_URL"
+    # The ConfigMap holds exactly what the server reads: the same schema, with the secret from the environment.
+    mounted = tmp_path / CONFIG_FILE
+    mounted.write_text(config_map["data"][CONFIG_FILE])
+    monkeypatch.setenv("AUDIT_URL", "postgresql+psycopg2://audit@db/audit")
+    assert read_server_config(mounted) == CONFIG.replace(port=8080, model_cache="/tmp/intelligentops-models",
+                                                          audit_url="postgresql+psycopg2://audit@db/audit")
+    assert list(served["numeric"]) == list(CONFIG.numeric)  # column order is the model's input order
 
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
     assert isvc["metadata"]["name"] == "credit-risk"
@@ -77,7 +85,9 @@ def test_inference_service_and_config_map_are_valid(settings: dict) -> None:
                     **({"serviceAccountName": predictor["serviceAccountName"]}
                        if "serviceAccountName" in predictor else {})}}
     validate_k8s(pod)
-    assert container["command"] == ["python", "workloads/serve.py", "--config", f"/etc/intelligentops/{CONFIG_FILE}"]
+    assert container["command"] == ["python", "-m", "workloads.serving", "--config",
+                                    f"/etc/intelligentops/{CONFIG_FILE}"]
+    assert container["workingDir"] == "/app"  # the image's repository root, where `-m workloads.serving` resolves
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/credit_risk/ready"
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
@@ -89,7 +99,7 @@ def test_inference_service_and_config_map_are_valid(settings: dict) -> None:
 
 def test_the_audit_database_url_stays_out_of_the_config_map() -> None:
     url = "postgresql+psycopg2://audit:s3cret@db:5432/audit"
-    config_map, isvc = KServeLauncher(image="img:1").render("credit_risk", {**CONFIG, "audit_url": url})
+    config_map, isvc = KServeLauncher(image="img:1").render("credit_risk", CONFIG.replace(audit_url=url))
     assert "s3cret" not in json.dumps(config_map) and "s3cret" not in json.dumps(isvc)
     assert json.loads(config_map["data"][CONFIG_FILE])["audit_url"] == "env:INTELLIGENTOPS_AUDIT_URL"
     env = {e["name"]: e.get("valueFrom") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
@@ -191,7 +201,7 @@ def test_deploy_applies_through_the_kubernetes_client_and_waits_for_ready(api) -
     # A second deploy with a changed config replaces the ConfigMap and patches the InferenceService, whose new
     # config annotation rolls the predictor.
     server.ready_after_gets = 1
-    second = launcher.deploy("credit_risk", {**CONFIG, "mode": "shadow"}, {"champion": "4"})
+    second = launcher.deploy("credit_risk", CONFIG.replace(mode="shadow"), {"champion": "4"})
     assert second.how == "patched"
     methods = [(m, k.split("/")[0]) for m, k, _ in server.requests]
     assert ("PUT", "configmaps") in methods and ("PATCH", "inferenceservices") in methods

@@ -1,20 +1,13 @@
-"""workloads/replay.py: the shift functions on small frames, and the HTTP client against real loopback servers.
-
-Inference goes to a real `kserve.ModelServer` (a subprocess on a free loopback port) serving a trivial
-`kserve.Model` that decodes the request with KServe's own pandas codec, checks the bearer key and answers one
-decision id per row, so the wire format is checked by the library the real server uses. The outcomes endpoint
-is the server's own addition (not part of KServe), so it is tested against a stdlib `http.server` handler that
-checks the request's shape and key.
-"""
+"""workloads/replay/: the shift functions, the command line's shift flags and the v2 body, on small frames
+(the HTTP side against real servers is tests/stage/test_replay_http.py)."""
 
 from __future__ import annotations
 import json
 import numpy as np
 import pandas as pd
 import pytest
-from support import load_workload
 
-replay = load_workload("replay")
+from workloads.replay import ReplayError, cli, client, shifts
 
 
 @pytest.fixture
@@ -34,65 +27,65 @@ def frame() -> pd.DataFrame:
 
 
 def test_reweight_makes_a_value_as_common_as_its_weight_says(frame: pd.DataFrame) -> None:
-    out = replay.reweight(frame, "job", {"nurse": 4.0}, seed=1, rows=20_000, match="contains")
+    out = shifts.reweight(frame, "job", {"nurse": 4.0}, seed=1, rows=20_000, match="contains")
     # two nurse rows of ten, weight 4 each: 8 / (8 + 8) = half the draws
     share = out["job"].str.contains("urse", na=False).mean()
     assert 0.47 < share < 0.53
-    exact = replay.reweight(frame, "job", {"clerk": 0.0}, seed=1, rows=500)
+    exact = shifts.reweight(frame, "job", {"clerk": 0.0}, seed=1, rows=500)
     assert "clerk" not in set(exact["job"]) and len(exact) == 500
-    assert replay.reweight(frame, "job", {"clerk": 2}, seed=5).equals(replay.reweight(frame, "job", {"clerk": 2}, seed=5))
-    with pytest.raises(replay.ReplayError, match=r"no row has the value 'pilot' \(exact match\)"):
-        replay.reweight(frame, "job", {"pilot": 3})
-    with pytest.raises(replay.ReplayError, match=r"reweight: no column 'title'"):
-        replay.reweight(frame, "title", {"x": 1})
+    assert shifts.reweight(frame, "job", {"clerk": 2}, seed=5).equals(shifts.reweight(frame, "job", {"clerk": 2}, seed=5))
+    with pytest.raises(ReplayError, match=r"no row has the value 'pilot' \(exact match\)"):
+        shifts.reweight(frame, "job", {"pilot": 3})
+    with pytest.raises(ReplayError, match=r"reweight: no column 'title'"):
+        shifts.reweight(frame, "title", {"x": 1})
 
 
 def test_scale_multiplies_a_numeric_column_only(frame: pd.DataFrame) -> None:
-    out = replay.scale(frame, "income", 1.1)
+    out = shifts.scale(frame, "income", 1.1)
     assert out["income"].iloc[0] == pytest.approx(55_000) and np.isnan(out["income"].iloc[2])
     assert frame["income"].iloc[0] == 50_000  # the input is left alone
-    with pytest.raises(replay.ReplayError, match=r"scale: column 'purpose' is not numeric"):
-        replay.scale(frame, "purpose", 2)
+    with pytest.raises(ReplayError, match=r"scale: column 'purpose' is not numeric"):
+        shifts.scale(frame, "purpose", 2)
 
 
 def test_replace_category_all_or_a_fraction(frame: pd.DataFrame) -> None:
-    out = replay.replace_category(frame, "purpose", "car", "medical")
+    out = shifts.replace_category(frame, "purpose", "car", "medical")
     assert (out["purpose"] == "car").sum() == 0 and (out["purpose"] == "medical").sum() == 7
-    half = replay.replace_category(frame, "purpose", "car", "medical", fraction=0.5, seed=2)
+    half = shifts.replace_category(frame, "purpose", "car", "medical", fraction=0.5, seed=2)
     assert (half["purpose"] == "car").sum() == 3 and (half["purpose"] == "medical").sum() == 4  # 3 of 6 cars
-    with pytest.raises(replay.ReplayError, match=r"replace purpose: no row has the value 'boat'"):
-        replay.replace_category(frame, "purpose", "boat", "car")
+    with pytest.raises(ReplayError, match=r"replace purpose: no row has the value 'boat'"):
+        shifts.replace_category(frame, "purpose", "boat", "car")
 
 
 def test_after_time_keeps_a_later_slice_in_time_order(frame: pd.DataFrame) -> None:
-    out = replay.after_time(frame, "month", "Jan-2018", fmt="%b-%Y")
+    out = shifts.after_time(frame, "month", "Jan-2018", fmt="%b-%Y")
     assert list(out["month"]) == ["Feb-2018"] * 3 + ["Mar-2018"] * 3
-    assert list(replay.after_time(frame, "month", "Feb-2018", fmt="%b-%Y")["rid"]) == [104, 105, 107]
-    with pytest.raises(replay.ReplayError, match=r"no row of 'month' is after 'Mar-2018'"):
-        replay.after_time(frame, "month", "Mar-2018", fmt="%b-%Y")
-    with pytest.raises(replay.ReplayError, match=r"column 'month' holds no parseable dates with format '%Y-%m'"):
-        replay.after_time(frame, "month", "2018-01", fmt="%Y-%m")
+    assert list(shifts.after_time(frame, "month", "Feb-2018", fmt="%b-%Y")["rid"]) == [104, 105, 107]
+    with pytest.raises(ReplayError, match=r"no row of 'month' is after 'Mar-2018'"):
+        shifts.after_time(frame, "month", "Mar-2018", fmt="%b-%Y")
+    with pytest.raises(ReplayError, match=r"column 'month' holds no parseable dates with format '%Y-%m'"):
+        shifts.after_time(frame, "month", "2018-01", fmt="%Y-%m")
 
 
 def test_command_line_shifts_are_parsed_and_applied_in_order(frame: pd.DataFrame) -> None:
-    args = replay.build_parser().parse_args([
+    args = cli.build_parser().parse_args([
         "send", "--url", "http://x", "--model", "m", "--decisions", "d.jsonl", "--scale", "income=2",
         "--reweight", "job:clerk=0,driver=1", "--replace", "purpose:car=boat", "--after", "month=Jan-2018",
         "--time-format", "%b-%Y"])
-    shift = replay.parse_shift(args)
+    shift = cli.parse_shift(args)
     assert shift.scales == (("income", 2.0),) and shift.reweights == (("job", {"clerk": 0.0, "driver": 1.0}),)
     assert shift.replaces == (("purpose", "car", "boat"),) and shift.after == ("month", "Jan-2018")
-    out = replay.apply_shifts(frame, shift)
+    out = shifts.apply_shifts(frame, shift)
     assert set(out["month"]) <= {"Feb-2018", "Mar-2018"} and "clerk" not in set(out["job"])
     assert "car" not in set(out["purpose"]) and out["income"].min() >= 2 * 30_000
-    bad = replay.build_parser().parse_args(["send", "--url", "u", "--model", "m", "--decisions", "d",
-                                            "--scale", "income=lots"])
-    with pytest.raises(replay.ReplayError, match=r"--scale 'income=lots': 'lots' is not a number"):
-        replay.parse_shift(bad)
+    bad = cli.build_parser().parse_args(["send", "--url", "u", "--model", "m", "--decisions", "d",
+                                         "--scale", "income=lots"])
+    with pytest.raises(ReplayError, match=r"--scale 'income=lots': 'lots' is not a number"):
+        cli.parse_shift(bad)
 
 
 def test_v2_request_is_the_pandas_codec(frame: pd.DataFrame) -> None:
-    body = replay.v2_request(frame.iloc[:3], ["income"], ["job", "purpose"], "req-1")
+    body = client.v2_request(frame.iloc[:3], ["income"], ["job", "purpose"], "req-1")
     json.dumps(body, allow_nan=False)  # strict JSON: a missing number travels as null, never NaN
     assert body["parameters"] == {"content_type": "pd"} and body["id"] == "req-1"
     tensors = {t["name"]: t for t in body["inputs"]}

@@ -1,0 +1,23 @@
+"""The server's own Prometheus metrics, beside KServe's per-stage histograms on the same /metrics page:
+requests and latency per protocol (counted by the gateway), decisions per variant and version, rows per batch,
+the version each alias serves, and alias moves that could not be loaded."""
+
+from __future__ import annotations
+
+
+class Metrics:
+    """The counters and histograms, registered once per process in prometheus_client's default registry."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("intelligentops_requests_total", "Inference requests by protocol and HTTP status",
+                                ["protocol", "code"])
+        self.latency = Histogram("intelligentops_request_latency_seconds", "Inference request latency",
+                                 ["protocol"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.decisions = Counter("intelligentops_decisions_total", "Audited decisions",
+                                 ["model", "variant", "version", "decision"])
+        self.batch_rows = Histogram("intelligentops_batch_rows", "Rows scored and committed together",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.serving = Gauge("intelligentops_serving_version", "Model version serving per alias", ["alias"])
+        self.swap_failures = Counter("intelligentops_swap_failures_total", "Alias moves that could not be loaded")

@@ -1,0 +1,120 @@
+"""The spec's model behind KServe's v1 and v2 protocols: one `kserve.Model` whose stages do one thing each.
+
+KServe calls `preprocess` -> `predict` (or `explain`) -> `postprocess` for every request and times each stage
+on /metrics (`request_preprocess_seconds`, `request_predict_seconds`, ...), so the stages split the work:
+
+- `preprocess` decodes the v1 body or the v2 `InferRequest` into checked feature rows (workloads/serving/
+  decoding.py); bad input is a 400 naming the field.
+- `predict` scores the rows: they join the batching engine's queue and come back as decision records that are
+  already committed to the audit log. `explain` does the same with the top factors always filled in.
+- `postprocess` shapes the answer: `{"predictions": [...]}` (or `"explanations"`) for v1, an `InferResponse`
+  with one output tensor per field of core.names.OUTPUTS for v2.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import kserve
+from kserve import InferOutput, InferRequest, InferResponse
+from kserve.errors import InvalidInput
+
+from core.names import KEY_ID_HEADER, OUTPUT_NAMES, OUTPUTS
+from core.server_config import ServerConfig
+from workloads.serving.batching import BatchingEngine
+from workloads.serving.decoding import InvalidRequest, columns_from_v1, columns_from_v2, validate_columns
+from workloads.serving.versions import ServedVersions
+
+EXPLAIN_AT_LEAST = 3  # an explanation always carries at least this many top factors
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What `preprocess` hands on: checked rows, the v2 request they came in (None for v1) and the caller's key id."""
+
+    rows: list[dict[str, Any]]
+    request: InferRequest | None
+    key_id: str | None
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What `predict` and `explain` hand on: the committed decision records, and how they were asked for."""
+
+    records: list[dict[str, Any]]
+    request: InferRequest | None
+    field: str  # the v1 answer's list: predictions | explanations
+
+
+def v1_answer(record: dict[str, Any]) -> dict[str, Any]:
+    """One decision as v1 answers it: the output fields, and the threshold it was decided at."""
+    return {**{name: record[name] for name in OUTPUT_NAMES}, "threshold": record["threshold"]}
+
+
+def _tensor_value(value: Any, datatype: str) -> Any:
+    return json.dumps(value) if datatype == "BYTES" and not isinstance(value, str) else value
+
+
+def v2_answer(request: InferRequest, records: list[dict[str, Any]], model_name: str) -> InferResponse:
+    """The decisions as v2 output tensors, one per field of core.names.OUTPUTS (lists travel as JSON text)."""
+    outputs = [InferOutput(name=name, shape=[len(records)], datatype=datatype,
+                           data=[_tensor_value(r[name], datatype) for r in records]) for name, datatype in OUTPUTS]
+    return InferResponse(response_id=request.id or uuid.uuid4().hex, model_name=model_name,
+                         model_version=records[0]["model_version"] if records else None, infer_outputs=outputs)
+
+
+class DecisionModel(kserve.Model):
+    """The spec's champion (and challenger) behind KServe's v1 and v2 protocols."""
+
+    def __init__(self, cfg: ServerConfig, versions: ServedVersions, engine: BatchingEngine):
+        super().__init__(cfg.spec)
+        self.cfg, self.versions, self.engine = cfg, versions, engine
+
+    def load(self) -> bool:
+        self.versions.refresh()
+        self.ready = True
+        return True
+
+    def get_input_types(self) -> list[dict]:
+        types = [{"name": c, "datatype": "FP64", "shape": [-1]} for c in self.cfg.numeric]
+        return types + [{"name": c, "datatype": "BYTES", "shape": [-1]}
+                        for c in [*self.cfg.categorical, *self.cfg.text]]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS]
+
+    def validate(self, payload: Any) -> Any:
+        """`preprocess` has validated everything already (KServe's own check looks only at v1/v2 dict shapes)."""
+        return payload
+
+    async def preprocess(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> Decoded:
+        v2 = isinstance(payload, InferRequest)
+        try:
+            columns = columns_from_v2(payload, self.cfg) if v2 else columns_from_v1(payload, self.cfg)
+            rows = validate_columns(columns, self.cfg)
+        except InvalidRequest as exc:
+            raise InvalidInput(str(exc)) from None
+        return Decoded(rows=rows, request=payload if v2 else None, key_id=(headers or {}).get(KEY_ID_HEADER))
+
+    async def _decide(self, decoded: Decoded, explain: int, field: str) -> Decided:
+        try:
+            records = await self.engine.submit(decoded.rows, explain, decoded.key_id)
+        except InvalidRequest as exc:  # rows whose values give no finite score
+            raise InvalidInput(str(exc)) from None
+        return Decided(records=records, request=decoded.request, field=field)
+
+    async def predict(self, payload: Decoded, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Decided:
+        return await self._decide(payload, self.cfg.explain_top, "predictions")
+
+    async def explain(self, payload: Decoded, headers: dict[str, str] | None = None) -> Decided:
+        return await self._decide(payload, max(self.cfg.explain_top, EXPLAIN_AT_LEAST), "explanations")
+
+    async def postprocess(self, result: Decided, headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        if result.request is not None:
+            return v2_answer(result.request, result.records, self.cfg.spec)
+        return {result.field: [v1_answer(r) for r in result.records]}

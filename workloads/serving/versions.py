@@ -1,0 +1,224 @@
+"""Version loading and verification: the versions the registry aliases point to, checked before they serve.
+
+A version is loaded by alias (`@champion`, and `@challenger` for a canary or shadow policy) from the MLflow
+registry, its files downloaded once into the model cache and checked strictly against the version's manifest
+(core/manifest.py), whose own digest must equal the version's `manifest_sha256` tag; it needs an
+`operating_threshold` tag to decide at. MLflow is told never to unpickle. `ServedVersions` polls the aliases
+(and at once on SIGHUP); a moved alias is loaded and verified beside the serving version and swapped in by one
+reference, so a request in flight finishes on the version it started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.manifest import ManifestError, verify_manifest
+from core.names import CHALLENGER, CHAMPION, MANIFEST_TAG, THRESHOLD_TAG
+from core.server_config import ServerConfig
+from workloads.serving.metrics import Metrics
+
+log = logging.getLogger("intelligentops.serving")
+
+
+class ServingRefused(RuntimeError):
+    """The server refuses to serve: a version fails its checks, or the registry has no champion or cannot be
+    reached. The message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One loaded, verified model version."""
+
+    version: str
+    threshold: float
+    python_model: Any
+    run_id: str | None
+    manifest_sha256: str
+
+    def score(self, frame, explain: int):
+        """(probabilities, top factors per row) for a frame of raw feature values."""
+        import torch
+
+        # The pyfunc may have been loaded on another thread; autograd state is per thread.
+        with torch.inference_mode():
+            out = self.python_model.predict(None, frame, params={"explain": explain} if explain else None)
+        probability = out["probability"].to_numpy(dtype="float64")
+        factors = [json.loads(v) for v in out["top_factors"]] if explain and "top_factors" in out else None
+        return probability, factors
+
+
+def verify_model_files(model_root: Path, expected_manifest_sha: str | None, label: str) -> str:
+    """Check the version's artifacts strictly against their manifest, and the manifest against the version's tag."""
+    artifacts = model_root / "artifacts"
+    if not expected_manifest_sha:
+        raise ServingRefused(f"{label} has no tag {MANIFEST_TAG}, so its files cannot be checked: refusing to serve")
+    try:
+        verify_manifest(artifacts, expected_sha256=expected_manifest_sha)
+    except ManifestError as exc:
+        raise ServingRefused(f"{label}: {exc}: refusing to serve") from None
+    return expected_manifest_sha
+
+
+def _threshold(tags: dict[str, str], cfg: ServerConfig, version: str, label: str) -> float:
+    raw = tags.get(THRESHOLD_TAG)
+    if raw is None:
+        raise ServingRefused(f"{label} has no tag '{THRESHOLD_TAG}', so no decision can be made from its scores: "
+                             f"materialize {cfg.spec}/model_evaluation for it (it sets the tag), or set it by hand "
+                             f"with MlflowClient().set_model_version_tag({cfg.spec!r}, {version!r}, "
+                             f"'{THRESHOLD_TAG}', '0.5')")
+    try:
+        threshold = float(raw)
+    except ValueError:
+        raise ServingRefused(f"{label}: tag {THRESHOLD_TAG} = {raw!r} is not a number") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise ServingRefused(f"{label}: tag {THRESHOLD_TAG} = {threshold} is outside [0, 1]")
+    return threshold
+
+
+def _download(client, cfg: ServerConfig, version: str) -> Path:
+    """The version's files in the model cache, downloaded once (a marker file says the copy is complete)."""
+    import mlflow
+
+    cache = Path(cfg.model_cache or Path.home() / ".cache" / "intelligentops" / cfg.spec) / f"v{version}"
+    if (cache / ".complete").is_file():
+        return cache
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # Resolved through this client, never mlflow's process-wide default store.
+    uri = client.get_model_version_download_uri(cfg.spec, version)
+    if uri.startswith("models:/m-"):  # MLflow 3: the version points at a logged model
+        uri = client.get_logged_model(uri.split("/", 1)[1]).artifact_location
+    mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+    (tmp / ".complete").write_text(version)
+    try:
+        os.replace(tmp, cache)
+    except OSError:  # another server process finished the same download first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (cache / ".complete").is_file():
+            raise
+    return cache
+
+
+def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
+    """Download, verify and load one version of the spec's model; refuse one without an operating threshold."""
+    # The server never unpickles: a model from code loads without it, anything else is refused.
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    import mlflow
+
+    label = f"model {cfg.spec!r} version {version}"
+    mv = client.get_model_version(cfg.spec, version)
+    tags = dict(mv.tags or {})
+    threshold = _threshold(tags, cfg, version, label)
+    cache = _download(client, cfg, version)
+    model_root = next((p.parent for p in cache.rglob("MLmodel")), None)
+    if model_root is None:
+        raise ServingRefused(f"{label}: no MLmodel file in {cache}")
+    try:
+        digest = verify_model_files(model_root, tags.get(MANIFEST_TAG), label)
+    except ServingRefused as exc:
+        raise ServingRefused(f"{exc} (files cached at {cache}; if the registry's copy is intact, delete that "
+                             "folder to fetch it again)") from None
+    pyfunc = mlflow.pyfunc.load_model(str(model_root))
+    return ServedVersion(version=str(version), threshold=threshold, python_model=pyfunc.unwrap_python_model(),
+                         run_id=mv.run_id, manifest_sha256=digest)
+
+
+def _alias_missing(exc: Exception) -> bool:
+    """An MLflow answer that says the alias (or the registered model) does not exist, as opposed to no answer."""
+    code = getattr(exc, "error_code", None)
+    return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+
+
+class ServedVersions:
+    """The versions the aliases point to now, loaded and verified; `current` is swapped by one reference."""
+
+    def __init__(self, cfg: ServerConfig, metrics: Metrics):
+        import mlflow
+
+        self.cfg, self.metrics = cfg, metrics
+        self.registry_uri = cfg.registry_uri or cfg.tracking_uri
+        self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri or None)
+        self.current: dict[str, ServedVersion] = {}
+        self.last_error: str | None = None
+        self.poll_now = threading.Event()
+        self.stop = threading.Event()
+
+    @property
+    def alias_versions(self) -> dict[str, str]:
+        return {alias: v.version for alias, v in self.current.items()}
+
+    def alias_version(self, alias: str) -> str | None:
+        """The version `alias` points to; None when it points nowhere. A registry that does not answer is an
+        error that names it, never mistaken for a missing alias."""
+        try:
+            return str(self.client.get_model_version_by_alias(self.cfg.spec, alias).version)
+        except Exception as exc:
+            if _alias_missing(exc):
+                return None
+            raise ServingRefused(f"the model registry at {self.registry_uri} is unreachable or failed "
+                                 f"({type(exc).__name__}: {str(exc)[:300]}); check that it runs and that "
+                                 "tracking_uri/registry_uri in the server config name it") from None
+
+    def refresh(self) -> bool:
+        """Load whatever the aliases point to now; keep serving the old version if a new one fails to load."""
+        wanted = {CHAMPION: self.alias_version(CHAMPION)}
+        if self.cfg.mode != "champion":
+            wanted[CHALLENGER] = self.alias_version(CHALLENGER)
+        if wanted[CHAMPION] is None:
+            raise ServingRefused(f"model {self.cfg.spec!r} has no '{CHAMPION}' alias in the registry at "
+                                 f"{self.registry_uri}: materialize {self.cfg.spec}/champion_model first")
+        changed = False
+        new = dict(self.current)
+        for alias, version in wanted.items():
+            if version is None:
+                new.pop(alias, None)
+                continue
+            current = new.get(alias)
+            if current is not None and current.version == version:
+                continue
+            reuse = next((v for v in new.values() if v.version == version), None)
+            loaded = reuse or load_version(self.client, self.cfg, version)
+            self.warm(loaded)
+            new[alias] = loaded
+            changed = True
+            log.info("%s: alias %s -> version %s (threshold %.4f)", self.cfg.spec, alias, version, loaded.threshold)
+        if changed or set(new) != set(self.current):
+            self.current = new  # one reference swap: a batch in flight keeps the dict it started with
+            for alias, v in new.items():
+                self.metrics.serving.labels(alias=alias).set(float(v.version))
+        return changed
+
+    def warm(self, version: ServedVersion) -> None:
+        """Score one typical row so the first real request pays no lazy loading (e.g. the text encoder)."""
+        import pandas as pd
+
+        row: dict[str, Any] = {}
+        for col, bounds in self.cfg.numeric.items():
+            row[col] = (bounds[0] + bounds[1]) / 2 if bounds else 0.0
+        for col, allowed in self.cfg.categorical.items():
+            row[col] = allowed[0] if allowed else None
+        for col in self.cfg.text:
+            row[col] = ""
+        version.score(pd.DataFrame([row], columns=self.cfg.features), self.cfg.explain_top or 1)
+
+    def watch(self) -> None:
+        """Poll the aliases every `poll_seconds` (or at once when `poll_now` is set) until `stop`."""
+        while not self.stop.is_set():
+            self.poll_now.wait(self.cfg.poll_seconds)
+            self.poll_now.clear()
+            try:
+                self.refresh()
+                self.last_error = None
+            except Exception as exc:  # keep serving what we have; say why on /intelligentops/status
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.metrics.swap_failures.inc()
+                log.error("%s: alias refresh failed, still serving %s: %s", self.cfg.spec, self.alias_versions,
+                          self.last_error)
