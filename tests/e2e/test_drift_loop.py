@@ -17,10 +17,11 @@ import dagster as dg
 import httpx
 import pytest
 from support import REPO, failure_text, materialize, write_spec
-from test_compliance import loans, spec
+from stage.test_compliance import loans, spec
 
 from assets import naming
-from assets.monitoring import SensorCursor, window_bounds
+from assets.drift_sensor import SensorCursor
+from core.audit.traffic import window_bounds
 from orchestration.definitions import build_definitions
 
 pytestmark = pytest.mark.slow

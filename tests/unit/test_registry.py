@@ -6,10 +6,17 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import dagster as dg
 import pytest
+from support import write_spec
 
+from assets.deployment import _versions
+from assets.spec import load_spec
 from core.registry import RegistryUnreachable, shown_uri
 from resources.mlflow import MlflowResource
+
+SPEC = {"name": "loans", "source": {"kind": "file", "path": "loans.csv"},
+        "target": {"column": "outcome", "positive": ["default"]}, "features": {"numeric": ["income"]}}
 
 
 @pytest.fixture
@@ -61,6 +68,16 @@ def test_a_database_that_cannot_be_opened_is_unreachable(tmp_path: Path):
     with pytest.raises(RegistryUnreachable, match="registry at sqlite:////proc/no-such-folder/mlflow.db is "
                                                   "unreachable .*No such file or directory"):
         MlflowResource(home=str(tmp_path), tracking_uri=uri).alias_version("loans", "champion")
+
+
+def test_the_deployment_says_materialize_only_when_the_alias_is_really_missing(tmp_path: Path, closed_port: int):
+    spec = load_spec(write_spec(tmp_path, SPEC)).spec
+    with pytest.raises(dg.Failure, match="no model version has alias 'champion' in the registry at sqlite:///.*; "
+                                         "materialize loans/champion_model"):
+        _versions(MlflowResource(home=str(tmp_path / "home")), spec)
+    down = MlflowResource(home=str(tmp_path / "home"), tracking_uri=f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(RegistryUnreachable, match=f"registry at http://127.0.0.1:{closed_port} is unreachable"):
+        _versions(down, spec)
 
 
 def test_uris_without_a_password_are_shown_as_they_are():
