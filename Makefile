@@ -53,7 +53,7 @@ test-fast: setup
 # The champion of $(PIPELINE) in the foreground on port $(PORT) (Ctrl-C stops it); every decision is audited.
 PORT ?= 8080
 serve: setup dagster-home
-	$(BIN)/python -m assets.deployment $(PIPELINE) --port $(PORT)
+	$(BIN)/python -m orchestration.serve $(PIPELINE) --port $(PORT)
 
 UI_PORT ?= 3000
 ui: setup dagster-home

@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 
@@ -13,6 +12,7 @@ from assets.evidence import ComplianceReport, Evaluation, GateVerdict
 from assets.naming import CHALLENGER, CHAMPION, PREVIOUS, asset_key
 from assets.report import build_report, missing_sections, to_html, to_markdown
 from assets.spec import LoadedSpec, PipelineSpec
+from assets.wiring import Log
 from resources.mlflow import MlflowResource
 from resources.storage import StorageResource, atomic_write_bytes
 
@@ -52,7 +52,7 @@ def _report_paths(storage: StorageResource, spec: PipelineSpec, version: str):
 
 
 def _write_report(storage: StorageResource, mlflow: MlflowResource, spec: PipelineSpec, ev: Evaluation,
-                  gates: list[GateOutcome], log: Any) -> tuple[str, str]:
+                  gates: list[GateOutcome], log: Log) -> tuple[str, str]:
     title = f"Compliance report: {spec.name} version {ev.model_version}"
     sections = build_report(spec, ev, gates, ev.lineage, _history(mlflow, spec.name))
     md_path, html_path = _report_paths(storage, spec, ev.model_version)
@@ -86,7 +86,7 @@ class PromotionConfig(dg.Config):
 
 
 def write_compliance_report(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, ev: Evaluation,
-                            log: Any) -> dg.Output[ComplianceReport]:
+                            log: Log) -> dg.Output[ComplianceReport]:
     """The report for the evaluated version, with the verdict of every gate that needs no report."""
     gates = evaluate_gates(ev, spec)
     md_path, html_path = _write_report(storage, mlflow, spec, ev, gates, log)
@@ -100,7 +100,7 @@ def write_compliance_report(spec: PipelineSpec, storage: StorageResource, mlflow
     })
 
 
-def gate_results(spec: PipelineSpec, ev: Evaluation, report: ComplianceReport, log: Any
+def gate_results(spec: PipelineSpec, ev: Evaluation, report: ComplianceReport, log: Log
                  ) -> list[dg.AssetCheckResult]:
     results = []
     for g in [*evaluate_gates(ev, spec), documentation_gate(report.markdown)]:

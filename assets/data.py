@@ -13,8 +13,11 @@ from assets import naming
 from assets.checks.data_quality import DATA_CHECKS, CheckOutcome, Profile, label_series, validate_frame
 from assets.features import clean_text
 from assets.naming import LABEL, ROW_ID, SPLIT, asset_key
+from assets.profile import load_profile, write_profile
 from assets.sources import parquet_safe, read_source
 from assets.spec import LoadedSpec, PipelineSpec
+from assets.wiring import Log
+from core.audit import AuditStore
 from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, \
     frame_to_parquet_bytes
 
@@ -30,15 +33,6 @@ class DataValidationError(RuntimeError):
 
 def _validation_record_path(storage: StorageResource, spec: PipelineSpec, raw_hash: str):
     return storage.spec_dir(spec.name, "validation") / f"{raw_hash}.json"
-
-
-def _profile_path(storage: StorageResource, spec: PipelineSpec):
-    return storage.spec_dir(spec.name, "validation") / "profile.json"
-
-
-def load_profile(storage: StorageResource, spec: PipelineSpec) -> Profile | None:
-    path = _profile_path(storage, spec)
-    return Profile.from_json(json.loads(path.read_text())) if path.exists() else None
 
 
 def run_validation(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame) -> list[CheckOutcome]:
@@ -161,7 +155,7 @@ def _schema(df: pd.DataFrame) -> dg.TableSchema:
 DECISION_ID_PREFIX = "decision:"
 
 
-def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: Any) -> tuple[pd.DataFrame, int]:
+def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore) -> tuple[pd.DataFrame, int]:
     """Served decisions with a recorded outcome, as rows shaped like the source (labelled by their outcome).
 
     Returns the rows and the last audit seq read. The id column (when the spec has one) is `decision:<id>`; the
@@ -194,13 +188,13 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: Any) -> tuple[
     return frame, after
 
 
-def snapshot_source(loaded: LoadedSpec, log: Any, audit: Any | None = None) -> dg.Output[pd.DataFrame]:
+def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None) -> dg.Output[pd.DataFrame]:
     """The source read once, Parquet-safe, with its content hash, schema and a preview; with
-    `monitoring.learn_from_outcomes`, plus the served decisions whose outcome came back."""
+    `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back."""
     df, where = read_source(loaded)
     extra: dict[str, Any] = {}
-    if audit is not None:
-        learned, seq = outcome_rows(loaded.spec, df, audit)
+    if store is not None:
+        learned, seq = outcome_rows(loaded.spec, df, store)
         if len(learned):
             df = pd.concat([df, learned.astype(object)], ignore_index=True)
         extra = {"rows_from_outcomes": len(learned), "outcomes_read_through_seq": seq}
@@ -215,7 +209,7 @@ def snapshot_source(loaded: LoadedSpec, log: Any, audit: Any | None = None) -> d
     })
 
 
-def check_results(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Any
+def check_results(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log
                   ) -> list[dg.AssetCheckResult]:
     """One blocking check result per family of the generated Great Expectations suite."""
     results = []
@@ -231,7 +225,7 @@ def check_results(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFram
     return results
 
 
-def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Any
+def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log
                       ) -> dg.Output[pd.DataFrame]:
     """Typed, cleaned rows of a snapshot whose data checks passed; refuses one whose checks failed."""
     raw_hash = frame_hash(raw)
@@ -253,7 +247,7 @@ def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.Data
             f"is {spec.validation.min_rows}); reasons: {dict(Counter(rejected['reason']).most_common(5))}")
     rejected_path = storage.spec_dir(spec.name, "validation") / "rejected_rows.parquet"
     atomic_write_bytes(rejected_path, frame_to_parquet_bytes(rejected))
-    atomic_write_json(_profile_path(storage, spec), Profile.of(clean, spec, raw).to_json())
+    write_profile(storage, spec, Profile.of(clean, spec, raw))
     digest = frame_hash(clean)
     reasons = Counter(rejected["reason"])
     return dg.Output(clean, data_version=dg.DataVersion(digest[:16]), metadata={

@@ -4,11 +4,11 @@
 data stage's learned profile, starts or reloads the server through the `server` resource (a local process here,
 a KServe InferenceService on Kubernetes), waits until it serves the champion, then checks it: `smoke_decision`
 (one real request answered with a valid decision that is on the audit log, chain intact) and `latency_slo` (the
-p99 of a short burst within `deployment.slo_p99_ms`). `<spec>/inference_log` (group monitoring) observes the
-audit store: decisions per variant, complete windows, the latest seq, whether the chain verifies.
+p99 of a short burst within `deployment.slo_p99_ms`); the client those checks use is assets/serving_client.py.
+`<spec>/inference_log`, which observes the audit log the server writes, is the monitoring stage's.
 
-The work is in the plain functions below; the asset bodies wire them to resources. `python -m assets.deployment
-<spec>` writes the config and runs the server in the foreground (what `make serve` does).
+The work is in the plain functions below; the asset bodies wire them to resources. `python -m
+orchestration.serve <spec>` writes the config and runs the server in the foreground (what `make serve` does).
 """
 
 
@@ -18,9 +18,6 @@ import math
 import os
 import secrets
 import statistics
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +25,15 @@ import dagster as dg
 import pandas as pd
 
 from assets import naming
+from assets.profile import load_profile
+from assets.serving_client import latency_burst, percentile, sample_rows, smoke_decision
 from assets.spec import LoadedSpec, PipelineSpec
+from assets.wiring import Log
 from core.names import SMOKE_KEY_ID
-from core.server_config import ServerConfig, parse_server_config, write_server_config
-from resources.storage import atomic_write_bytes
+from core.server_config import ServerConfig, parse_server_config
+from resources.mlflow import MlflowResource
+from resources.servers import AuditResource, Deployed, ServerLauncher
+from resources.storage import StorageResource, atomic_write_bytes
 
 
 
@@ -128,163 +130,44 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
     return config, key
 
 
-# --- talking to the server --------------------------------------------------------------------------------------
-
-
-def v2_request(spec: PipelineSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A v2 body for the spec's features (core/protocol.py builds every client's)."""
-    from core.protocol import v2_request as build
-
-    return build(rows, spec.features.numeric, [*spec.features.categorical, *spec.features.text])
-
-
-def sample_rows(spec: PipelineSpec, frame: pd.DataFrame, n: int) -> list[dict[str, Any]]:
-    """`n` feature rows of real data, as JSON values (NaN becomes null)."""
-    picked = frame[spec.features.all].head(max(1, n))
-    rows = []
-    for rec in picked.to_dict(orient="records"):
-        rows.append({k: (None if isinstance(v, float) and math.isnan(v) else
-                         (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()})
-    return rows
-
-
-@dataclass(frozen=True)
-class SmokeResult:
-    passed: bool
-    description: str
-    decision_id: str | None
-    latencies_ms: list[float]
-
-
-def _headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def smoke_decision(endpoint: str, spec: PipelineSpec, row: dict[str, Any], key: str | None, store: Any,
-                   expected_version: str) -> SmokeResult:
-    """One v2 request; its answer must be well formed, name the champion and be on a verifiable audit log."""
-    import httpx
-
-    try:
-        r = httpx.post(f"{endpoint}/v2/models/{spec.name}/infer", json=v2_request(spec, [row]),
-                       headers=_headers(key), timeout=30)
-    except httpx.HTTPError as exc:
-        return SmokeResult(False, f"smoke request to {endpoint} failed: {exc}", None, [])
-    if r.status_code != 200:
-        return SmokeResult(False, f"smoke request answered HTTP {r.status_code}: {r.text[:500]}", None, [])
-    from core.protocol import v2_outputs
-
-    try:
-        outputs = v2_outputs(r.json())
-    except ValueError as exc:
-        return SmokeResult(False, f"smoke answer: {exc}", None, [])
-    p, decision, did = outputs["probability"][0], outputs["decision"][0], outputs["decision_id"][0]
-    if not (0.0 <= float(p) <= 1.0) or decision not in (0, 1):
-        return SmokeResult(False, f"smoke answer has probability {p} and decision {decision}", did, [])
-    if outputs["model_version"][0] != expected_version:
-        return SmokeResult(False, f"smoke answer came from version {outputs['model_version'][0]}, the champion is "
-                                  f"{expected_version}", did, [])
-    record = store.get(did)
-    if record is None:
-        return SmokeResult(False, f"decision {did} was answered but is not on the audit log {store.url}", did, [])
-    if abs(record.probability - float(p)) > 1e-12 or record.decision != decision:
-        return SmokeResult(False, f"decision {did}: the audit record ({record.probability}, {record.decision}) "
-                                  f"differs from the answer ({p}, {decision})", did, [])
-    chain = store.verify()
-    if not chain.ok:
-        return SmokeResult(False, f"the audit chain does not verify: {'; '.join(chain.problems[:5])}", did, [])
-    return SmokeResult(True, f"decision {did}: probability {float(p):.3f}, decision {decision} by version "
-                             f"{expected_version}; on the audit log as seq {record.seq}; chain of "
-                             f"{chain.checked} records verifies", did, [])
-
-
-def latency_burst(endpoint: str, spec: PipelineSpec, rows: list[dict[str, Any]], n: int,
-                  key: str | None) -> list[float]:
-    """Milliseconds per v1 request, one applicant each, sent one after another."""
-    import httpx
-
-    out = []
-    with httpx.Client(base_url=endpoint, headers=_headers(key), timeout=30) as client:
-        for i in range(n):
-            t = time.perf_counter()
-            r = client.post(f"/v1/models/{spec.name}:predict", json={"instances": [rows[i % len(rows)]]})
-            out.append((time.perf_counter() - t) * 1000.0)
-            if r.status_code != 200:
-                raise RuntimeError(f"burst request {i} answered HTTP {r.status_code}: {r.text[:300]}")
-    return out
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
-# --- the audit log as an observation ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InferenceLogObservation:
-    decisions: int
-    per_variant: dict[str, int]
-    latest_seq: int
-    complete_windows: int
-    window_size: int
-    chain_ok: bool
-    chain_checked: int
-    problems: list[str]
-
-
-def observe_inference_log(store: Any, spec_name: str, window_size: int) -> InferenceLogObservation:
-    per_variant = store.count(spec_name)
-    total = sum(per_variant.values())
-    chain = store.verify()
-    served = per_variant.get("champion", 0) + per_variant.get("canary", 0)
-    return InferenceLogObservation(decisions=total, per_variant=per_variant, latest_seq=store.latest_seq(spec_name),
-                                   complete_windows=served // window_size, window_size=window_size,
-                                   chain_ok=chain.ok, chain_checked=chain.checked, problems=chain.problems[:20])
-
-
 # --- the stage's Definitions -------------------------------------------------------------------------------------
 
 
-def _versions(mlflow: Any, spec: PipelineSpec) -> dict[str, str]:
-    expect = {naming.CHAMPION: str(mlflow.get_version(spec.name, naming.CHAMPION).version)}
+def _versions(mlflow: MlflowResource, spec: PipelineSpec) -> dict[str, str]:
+    """The versions the server must come up serving: the champion, and the challenger when traffic splits."""
+    champion = mlflow.alias_version(spec.name, naming.CHAMPION)
+    if champion is None:
+        raise dg.Failure(f"{spec.name}: no model version has alias '{naming.CHAMPION}' in the registry at "
+                         f"{mlflow.shown_registry_uri()}; materialize {spec.name}/champion_model")
+    expect = {naming.CHAMPION: str(champion.version)}
     if spec.deployment.traffic.mode != "champion":
-        try:
-            expect[naming.CHALLENGER] = str(mlflow.get_version(spec.name, naming.CHALLENGER).version)
-        except Exception:
-            pass  # no challenger: the server answers with the champion alone
+        challenger = mlflow.alias_version(spec.name, naming.CHALLENGER)
+        if challenger is not None:  # without one, the server answers with the champion alone
+            expect[naming.CHALLENGER] = str(challenger.version)
     return expect
 
 
-def deploy(loaded: LoadedSpec, home: str, mlflow: Any, audit: Any, server: Any, validated: pd.DataFrame,
-           log: Any = None) -> tuple[Any, dict[str, str], str | None, list[dict[str, Any]]]:
+def deploy(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource, audit: AuditResource,
+           server: ServerLauncher, validated: pd.DataFrame, log: Log | None = None
+           ) -> tuple[Deployed, dict[str, str], str | None, list[dict[str, Any]]]:
     """Start or reload the server on the champion; (Deployed, expected versions, smoke key, smoke rows)."""
-    from assets.data import load_profile
-    from resources.storage import StorageResource
-
     spec = loaded.spec
-    profile = load_profile(StorageResource(home=home), spec)
-    config, key = server_config(loaded, home, mlflow.resolved_tracking_uri(), audit.resolved_url(), profile,
-                                mlflow.registry_uri)
+    config, key = server_config(loaded, storage.home, mlflow.resolved_tracking_uri(), audit.resolved_url(),
+                                load_profile(storage, spec), mlflow.registry_uri)
     expect = _versions(mlflow, spec)
     deployed = server.deploy(spec.name, config, expect, log)
     return deployed, expect, key, sample_rows(spec, validated, 20)
 
 
 def definitions(loaded: LoadedSpec) -> dg.Definitions:
-    """`<spec>/deployment` with its two blocking checks, and `<spec>/inference_log`."""
+    """`<spec>/deployment` with its two blocking checks."""
     spec = loaded.spec
     key = naming.asset_key(spec.name, naming.DEPLOYMENT_ASSET)
-    log_key = naming.asset_key(spec.name, naming.INFERENCE_LOG)
 
     @dg.asset(
         key=key, group_name=naming.DEPLOYMENT,
         deps=[naming.asset_key(spec.name, naming.CHAMPION_MODEL)],
         ins={"validated": dg.AssetIn(key=naming.asset_key(spec.name, naming.VALIDATED_DATASET))},
-        required_resource_keys={"storage", "mlflow", "audit", "server"},
         check_specs=[dg.AssetCheckSpec("smoke_decision", asset=key, blocking=True,
                                        description="A smoke request gets a valid decision from the champion and "
                                                    "leaves a verifiable record on the audit log."),
@@ -294,14 +177,13 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
         description=f"{spec.name}'s champion served by python -m workloads.serving (KServe model server; v1 and "
                     "Open Inference Protocol v2), every decision on the hash-chained audit log.",
     )
-    def deployment(context: dg.AssetExecutionContext, validated: pd.DataFrame) -> dg.MaterializeResult:
+    def deployment(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
+                   audit: AuditResource, server: ServerLauncher, validated: pd.DataFrame) -> dg.MaterializeResult:
         """Starts or reloads the inference server on the champion (a local process, or a KServe
         InferenceService on Kubernetes), waits until it serves that version, then sends a smoke decision and
         a short latency burst. Metadata: endpoint, versions served, traffic policy, where the log is."""
-        r = context.resources
-        store = r.audit.store()
-        deployed, expect, smoke_key_, rows = deploy(loaded, r.storage.home, r.mlflow, r.audit, r.server, validated,
-                                                    context.log)
+        store = audit.store()
+        deployed, expect, smoke_key_, rows = deploy(loaded, storage, mlflow, audit, server, validated, context.log)
         smoke = smoke_decision(deployed.endpoint, spec, rows[0], smoke_key_, store, expect[naming.CHAMPION])
         slo = spec.deployment.slo_p99_ms
         try:
@@ -335,66 +217,4 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                                                metadata={"decision_id": smoke.decision_id or "none"}), latency],
         )
 
-    @dg.asset(key=log_key, group_name=naming.MONITORING, deps=[key],
-              required_resource_keys={"audit"},
-              description=f"What {spec.name}'s server has decided: the audit log's decisions per variant, complete "
-                          f"windows of {spec.monitoring.window}, the latest seq, and whether the hash chain verifies.")
-    def inference_log(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        """An observation of the decision audit log, the input of drift monitoring: how many decisions per
-        variant, how many complete windows, the latest seq (the drift sensor's cursor reads after it) and
-        whether every record still matches its hash chain."""
-        store = context.resources.audit.store()
-        obs = observe_inference_log(store, spec.name, spec.monitoring.window)
-        if not obs.chain_ok:
-            context.log.error(f"{spec.name}: the audit chain does not verify: {obs.problems}")
-        return dg.MaterializeResult(
-            metadata={"decisions": obs.decisions, "latest_seq": obs.latest_seq,
-                      "complete_windows": obs.complete_windows, "window_size": obs.window_size,
-                      "chain_verified": obs.chain_ok, "records_checked": obs.chain_checked,
-                      "per_variant": dg.MetadataValue.json(obs.per_variant),
-                      "chain_problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in obs.problems) or "none"),
-                      "audit_url": store.location()},
-            data_version=dg.DataVersion(f"seq-{obs.latest_seq}"))
-
-    return dg.Definitions(assets=[deployment, inference_log])
-
-
-# --- `make serve` ------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write the server config for a spec and run the server in the foreground."""
-    import argparse
-
-    from dataclasses import replace
-
-    from assets.data import load_profile
-    from assets.spec import load_specs
-    from resources import resources_for
-    from resources.settings import Settings
-
-    parser = argparse.ArgumentParser(description="Serve a spec's champion in the foreground.")
-    parser.add_argument("spec", help="the spec's name, e.g. credit_risk")
-    parser.add_argument("--port", type=int, default=8080)
-    args = parser.parse_args(argv)
-    settings = replace(Settings.from_env(), deployment="local")
-    specs = {s.name: s for s in load_specs(settings.pipelines)}
-    if args.spec not in specs:
-        print(f"no spec named {args.spec!r}; specs: {', '.join(specs)}", file=sys.stderr)
-        return 2
-    loaded = specs[args.spec]
-    res = resources_for(settings)
-    home = res["storage"].home
-    profile = load_profile(res["storage"], loaded.spec)
-    config, _ = server_config(loaded, home, res["mlflow"].resolved_tracking_uri(), res["audit"].resolved_url(),
-                              profile, res["mlflow"].registry_uri)
-    path = Path(home) / loaded.name / "deployment" / "serve-foreground.json"
-    write_server_config(path, config.replace(port=args.port))
-    os.chdir(Path(__file__).resolve().parents[1])  # `-m workloads.serving` resolves from the repository root
-    os.execv(sys.executable, [sys.executable, "-m", "workloads.serving", "--config", str(path)])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
+    return dg.Definitions(assets=[deployment])

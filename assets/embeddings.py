@@ -19,6 +19,7 @@ from assets.checks.embedding_checks import build_embedding_checks
 from assets.features import clean_text, embedding_column
 from assets.naming import LABEL, ROW_ID, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
+from assets.wiring import Log
 from resources.storage import StorageResource, frame_hash
 from resources.vectors import VectorIndexResource
 
@@ -48,7 +49,7 @@ def _preview(validated: pd.DataFrame, frame: pd.DataFrame, text_columns: list[st
     return shown.to_markdown(index=False)
 
 
-def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame, log: Any
+def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame, log: Log
                        ) -> dg.Output[pd.DataFrame]:
     """Sentence embeddings of every text column, L2-normalized, keyed by row_id, through the content-hash cache."""
     spec = loaded.spec
@@ -103,7 +104,7 @@ def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: 
 
 
 def write_vector_index(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: pd.DataFrame,
-                       validated: pd.DataFrame, log: Any) -> dg.Output[dict]:
+                       validated: pd.DataFrame, log: Log) -> dg.Output[dict]:
     """One LanceDB table per text column, written incrementally; the Lance version of each is recorded."""
     spec = loaded.spec
     text_columns = list(spec.features.text)

@@ -8,23 +8,27 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
 from assets import naming
+from assets.detectors import fit_version_detectors
 from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, ExplainedDecision, Explanations,
                              Governance, Integrity, SliceMetrics)
 from assets.features import build_feature_frame
 from assets.naming import CHALLENGER, CHAMPION, LABEL, LINEAGE_TAGS, ROW_ID, SPLIT, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
-from assets.wiring import feature_asset, png_markdown
+from assets.wiring import Log, feature_asset, png_markdown
 from resources.mlflow import MlflowResource, refuse_pickle
 from core.files import sha256_file
 from core.names import MANIFEST_TAG, THRESHOLD_TAG
 from resources.storage import StorageResource, frame_hash
+
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
 
 IMPORTANCE_ROWS = 1000
 EXPLAIN_TOP = 3
@@ -132,7 +136,7 @@ def _plots(out_dir: Path, y: np.ndarray, p: np.ndarray, slices: dict[str, SliceM
 
 
 def _governance(spec: PipelineSpec, tags: dict[str, str], validated: pd.DataFrame, splits: pd.DataFrame,
-                model: Any) -> Governance:
+                model: "PyFuncModel | None") -> Governance:
     """Do the version's lineage tags resolve to the data in place now, and which columns does it take?"""
     problems: list[str] = []
     current = {"dataset_hash": frame_hash(validated), "splits_hash": frame_hash(splits), "spec_hash": spec.spec_hash}
@@ -161,9 +165,8 @@ def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path
 
 def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
                         run_id: str | None, feature_frame: pd.DataFrame, held_out_scores: np.ndarray | None) -> str:
-    """The version's drift detectors, fitted on (a sample of) its training split; see assets/monitoring.py."""
+    """The version's drift detectors, fitted on (a sample of) its training split; see assets/detectors.py."""
     from assets.features import embedding_column
-    from assets.monitoring import fit_version_detectors
 
     train = feature_frame[feature_frame[SPLIT] == "train"]
     if len(train) > spec.monitoring.reference_rows:
@@ -174,7 +177,7 @@ def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: Ml
 
 
 def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResource, validated: pd.DataFrame,
-             splits: pd.DataFrame, embeddings: pd.DataFrame | None, log: Any) -> Evaluation:
+             splits: pd.DataFrame, embeddings: pd.DataFrame | None, log: Log) -> Evaluation:
     """Gather every piece of evidence for the challenger; a model that will not load is evidence too."""
     from assets.metrics import (binary_metrics, choose_threshold, permutation_importance, robustness,
                                 sensitive_groups, slice_metrics)
@@ -260,7 +263,7 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     return ev
 
 
-def _record_in_mlflow(mlflow: MlflowResource, ev: Evaluation, log: Any) -> None:
+def _record_in_mlflow(mlflow: MlflowResource, ev: Evaluation, log: Log) -> None:
     """The operating threshold as a version tag (the server reads it), metrics and plots on the version's run."""
     client = mlflow.client()
     client.set_model_version_tag(ev.model_name, ev.model_version, THRESHOLD_TAG, f"{ev.test.threshold:.6f}")

@@ -23,7 +23,7 @@ from assets import naming
 from assets.features import build_feature_frame, fit_preprocessing, transform
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec, Training
-from assets.wiring import feature_asset
+from assets.wiring import Log, feature_asset
 from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource
@@ -260,7 +260,7 @@ def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: Mlflo
 
 
 def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: dict, validated: pd.DataFrame,
-                        dagster_run_id: str, log: Any) -> dg.Output[dict]:
+                        dagster_run_id: str, log: Log) -> dg.Output[dict]:
     """Log the trained network as a pyfunc from code (with the text encoder it was trained with), register a
     version with lineage tags, check that it loads without pickle and predicts, then point `challenger` at it."""
     spec = loaded.spec

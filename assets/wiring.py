@@ -1,14 +1,22 @@
 """Wiring the stage factories share."""
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 import pandas as pd
+# What dg.define_asset_job returns; Dagster does not export the class itself.
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition as AssetJob
 
 from assets import naming
 from assets.naming import asset_key
 from assets.spec import PipelineSpec
+
+# What a stage logs to: an asset's or sensor's `context.log`, or a plain logger outside Dagster.
+Log = logging.Logger | dg.DagsterLogManager
+
+__all__ = ["AssetJob", "FeatureBody", "Log", "feature_asset", "png_markdown"]
 
 FeatureBody = Callable[[dg.AssetExecutionContext, pd.DataFrame, pd.DataFrame, pd.DataFrame | None], Any]
 

@@ -166,8 +166,9 @@ def main() -> int:
 
     import pandas as pd
 
-    from assets.data import load_profile
-    from assets.deployment import sample_rows, server_config
+    from assets.deployment import server_config
+    from assets.profile import load_profile
+    from assets.serving_client import sample_rows
     from assets.spec import load_specs
     from resources import resources_for
     from core.audit import AuditStore

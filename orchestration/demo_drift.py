@@ -27,7 +27,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from assets.drift_sensor import RetrainOutcome
+    from assets.spec import PipelineSpec
+    from resources.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "intelligentops/"
@@ -63,7 +68,7 @@ KNOWN_SHIFTS = {"credit_risk": (["--scale", "annual_income=1.5", "--reweight", "
                                  "contains"], "annual_income x1.5, nurses x8")}
 
 
-def default_shift(spec: Any, home: Path) -> tuple[list[str], str]:
+def default_shift(spec: PipelineSpec, home: Path) -> tuple[list[str], str]:
     """A shift for any spec, from the data it was trained on: its first categorical feature's rarest common value
     eight times as likely, and its first non-negative numeric feature scaled by 1.25 where that stays inside the
     range the server accepts (the training span's half again above the maximum)."""
@@ -101,37 +106,42 @@ def _runs(instance, job: str) -> list:
 
 
 def _written_back(instance, spec: str, window: str, run_id: str, daemon: subprocess.Popen,
-                  timeout_s: float = 90) -> dict:
+                  timeout_s: float = 90) -> RetrainOutcome | None:
     """The retrain's outcome as the drift sensor writes it back onto the window's report (next tick or two)."""
     import dagster as dg
+
+    from assets.drift_sensor import RetrainOutcome
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and daemon.poll() is None:
         found = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=dg.AssetKey([spec, "drift_report"]),
                                                                   asset_partitions=[window]), limit=10)
         for record in found.records:
-            meta = {k: v.value for k, v in record.asset_observation.metadata.items()}
-            if meta.get("retrain_run") == run_id:
-                return meta
+            written = RetrainOutcome.from_metadata(record.asset_observation.metadata)
+            if written is not None and written.run_id == run_id:
+                return written
         time.sleep(5)
-    return {}
+    return None
 
 
-def _open_window(instance, settings: Any, spec: str, window: int) -> int:
-    """How many served decisions are already after the last window the sensor opened (partial windows aside)."""
+def _open_window(instance, settings: Settings, spec: str, window: int) -> int:
+    """How many traffic decisions wait after the last complete window, as the drift sensor counts windows."""
+    from assets.windows import complete_windows, windows_partitions
     from core.audit.traffic import traffic_after, window_bounds
     from resources import resources_for
 
-    keys = instance.get_dynamic_partitions(f"{spec}__drift_windows")
-    full = [window_bounds(k) for k in keys]
-    after = max((b for a, b in full if b - a + 1 >= window), default=0)
     store = resources_for(settings)["audit"].store()
-    return len(traffic_after(store, spec, after, window)) % window
+    opened = instance.get_dynamic_partitions(windows_partitions(spec).name)
+    complete = complete_windows(store, spec, opened, window)
+    after = window_bounds(complete[-1])[1] if complete else 0
+    return len(traffic_after(store, spec, after, window))
 
 
-def _no_retrain(instance, spec: str, loaded: Any, reports: list) -> int:
+def _no_retrain(instance, spec: str, loaded: PipelineSpec, reports: list) -> int:
     """Both windows were reported and no retrain came: say which windows drifted, and why none was asked for."""
     import dagster as dg
+
+    from assets.window_report import ReportRecord
 
     drifted = []
     for r in sorted(reports, key=lambda r: r.tags.get(f"{TAG}window", "")):
@@ -140,7 +150,7 @@ def _no_retrain(instance, spec: str, loaded: Any, reports: list) -> int:
             asset_key=dg.AssetKey([spec, "drift_report"]), asset_partitions=[window]), limit=1).records
         meta = {k: v.value for k, v in found[0].asset_materialization.metadata.items()} if found else {}
         print(f"  window {window}: run {r.status.value}, drift {meta.get('drift', 'n/a')}: {meta.get('message', '')}")
-        if meta.get("retrain_requested_by_sensor"):
+        if ReportRecord.from_metadata(meta, window).retrain_requested:
             drifted.append(window)
     if not drifted:
         print("no window found drift, so no retrain was asked for; try a larger shift (SHIFT=...)")
@@ -235,18 +245,17 @@ def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: f
         if retrain.status == dg.DagsterRunStatus.SUCCESS:
             print(f"  new champion: version {champion.get('champion_version')}; the server reloaded it")
         else:
-            from assets.monitoring import retrain_outcome
+            from assets.drift_sensor import retrain_outcome
 
             outcome = retrain_outcome(instance, retrain)
-            print(f"  {outcome['retrain_outcome']}, the champion keeps serving (version "
-                  f"{champion.get('champion_version')}):")
-            for reason in outcome["retrain_reason"].split("; ")[:4]:
+            print(f"  {outcome.outcome}, the champion keeps serving (version {champion.get('champion_version')}):")
+            for reason in outcome.reason.split("; ")[:4]:
                 print(f"    {reason[:400]}")
         window = retrain.tags.get(f"{TAG}window", "")
         written = _written_back(instance, spec, window, retrain.run_id, daemon)
-        if written:
-            print(f"  the drift report of window {window} now says: retrain {written.get('retrain_outcome')}: "
-                  f"{str(written.get('retrain_reason', ''))[:300]}")
+        if written is not None:
+            print(f"  the drift report of window {window} now says: retrain {written.outcome}: "
+                  f"{written.reason[:300]}")
         print(f"  see it in the UI: make ui, then Automation -> {spec}__drift_sensor, Runs, and {spec}/drift_report "
               f"-> Partitions -> {window}")
         return 0

@@ -5,13 +5,13 @@ No `from __future__ import annotations`: Dagster reads the op's config annotatio
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import dagster as dg
 
 from assets import naming
 from assets.compliance import rollback_champion
 from assets.spec import LoadedSpec
+from assets.wiring import AssetJob
 from resources.mlflow import MlflowResource
 
 
@@ -48,13 +48,13 @@ def rollback_job(loaded: LoadedSpec) -> dg.JobDefinition:
 
 @dataclass(frozen=True)
 class SpecJobs:
-    data: Any
-    pipeline: Any
+    data: AssetJob
+    pipeline: AssetJob
     rollback: dg.JobDefinition
-    retrain: Any
+    retrain: AssetJob
 
     @property
-    def all(self) -> list:
+    def all(self) -> list[AssetJob | dg.JobDefinition]:
         return [self.data, self.pipeline, self.rollback, self.retrain]
 
 
@@ -81,7 +81,7 @@ def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
     )
 
 
-def weekly_retrain(loaded: LoadedSpec, retrain: Any) -> dg.ScheduleDefinition:
+def weekly_retrain(loaded: LoadedSpec, retrain: AssetJob) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(name=f"{loaded.name}__weekly_retrain", job=retrain, cron_schedule="0 3 * * 1",
                                  default_status=dg.DefaultScheduleStatus.STOPPED,
                                  description="Retrain every Monday whatever the drift says; shipped off: turn it on "

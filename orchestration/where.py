@@ -11,6 +11,8 @@ import sys
 
 import dagster as dg
 
+from core.names import CHAMPION
+from core.registry import RegistryUnreachable
 from resources.mlflow import MlflowResource
 from resources.settings import intelligentops_home
 
@@ -30,10 +32,14 @@ def main(spec: str) -> int:
     report = _latest(instance, spec, "compliance_report")
     print(f"\n{spec}:")
     try:
-        champion = mlflow.get_version(spec, "champion")
-        print(f"  champion model:     version {champion.version} (MLflow model '{spec}', alias champion)")
-    except Exception:
-        print("  champion model:     none yet (a blocking gate failed, or the pipeline has not run)")
+        champion = mlflow.alias_version(spec, CHAMPION)
+    except RegistryUnreachable as exc:
+        print(f"  champion model:     unknown: {exc}")
+    else:
+        if champion is None:
+            print("  champion model:     none yet (a blocking gate failed, or the pipeline has not run)")
+        else:
+            print(f"  champion model:     version {champion.version} (MLflow model '{spec}', alias {CHAMPION})")
     if evaluation:
         print(f"  latest evaluation:  version {evaluation.get('model_version')}, test AUC "
               f"{evaluation.get('test_auc', 'n/a')}")

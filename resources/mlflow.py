@@ -141,13 +141,18 @@ class MlflowResource(dg.ConfigurableResource):
         return self.client().get_model_version_by_alias(name, alias)
 
     def alias_version(self, name: str, alias: str):
-        """The ModelVersion an alias points to, or None when the alias (or the model) does not exist."""
-        from mlflow.exceptions import MlflowException
+        """The ModelVersion an alias points to, or None when the alias (or the model) does not exist; a registry
+        that cannot be reached is core.registry.RegistryUnreachable, naming its URI."""
+        from core.registry import connect, version_by_alias
 
-        try:
-            return self.get_version(name, alias)
-        except MlflowException:
-            return None
+        uri = self.resolved_registry_uri()
+        return version_by_alias(connect(self.resolved_tracking_uri(), uri), name, alias, uri)
+
+    def shown_registry_uri(self) -> str:
+        """The registry's URI as a message may show it: any password hidden."""
+        from core.registry import shown_uri
+
+        return shown_uri(self.resolved_registry_uri())
 
     def download_version(self, name: str, version: str, dst: Path | str | None = None) -> Path:
         """The files of one model version, on local disk."""

@@ -2,7 +2,7 @@
 
 A bad value fails with the variable's name and what it accepts. The composition root reads the settings once
 per load (`Settings.from_env()`); tests build them for any pipelines folder and deployment in-process. The
-workloads (train.py, serve.py) run elsewhere and take their configuration from files or arguments instead.
+workloads (python -m workloads.training, -m workloads.serving) run elsewhere and take their configuration from files or arguments instead.
 """
 
 from __future__ import annotations

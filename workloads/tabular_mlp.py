@@ -1,6 +1,6 @@
 """The network: an MLP over the preprocessed feature vector, one logit out (P(positive) after a sigmoid).
 
-Shared by workloads/train.py and the registered pyfunc (shipped beside model_code.py), so the weights in
+Shared by workloads/training and the registered pyfunc (shipped beside model_code.py), so the weights in
 model.safetensors always load into the same architecture.
 """
 

@@ -26,8 +26,8 @@ import yaml
 from support import REPO, shipped_spec, write_spec
 
 from assets import naming
-from assets.monitoring import window_key
 from core.audit import AuditStore, default_audit_url
+from core.audit.traffic import window_key
 
 SPEC = "credit_scoring"
 WINDOW = 20

@@ -1,4 +1,4 @@
-"""The monitoring loop end to end over HTTP: a trained and served model, traffic replayed with workloads/replay.py
+"""The monitoring loop end to end over HTTP: a trained and served model, traffic replayed with python -m workloads.replay
 to the real server, drift reports per window, exactly one retrain for the shifted window, the retrain through
 every gate, its outcome written back onto the window's report, and the server serving the new champion.
 
@@ -17,10 +17,11 @@ import dagster as dg
 import httpx
 import pytest
 from support import REPO, failure_text, materialize, write_spec
-from test_compliance import loans, spec
+from loans_support import loans, spec
 
 from assets import naming
-from assets.monitoring import SensorCursor, window_bounds
+from assets.drift_sensor import SensorCursor
+from core.audit.traffic import window_bounds
 from orchestration.definitions import build_definitions
 
 pytestmark = pytest.mark.slow

@@ -28,8 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving_support import SPEC, build_registered_model, restore_env, set_env
 
-from assets.data import load_profile
-from assets.deployment import server_config, v2_request
+from assets.deployment import server_config
+from assets.profile import load_profile
+from assets.serving_client import v2_request
 from assets.spec import load_spec
 from core.audit import AuditStore
 from core.server_config import ServerConfig, write_server_config

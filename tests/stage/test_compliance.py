@@ -6,50 +6,15 @@ Real torchrun + DeepSpeed on CPU, MLflow on SQLite under a temporary home, a rea
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 import pytest
+from loans_support import PROMOTION, loans, spec
 from support import failure_text, materialize, write_spec
 
 from orchestration.definitions import build_definitions
 from resources.mlflow import MlflowResource
 
 pytestmark = pytest.mark.slow
-# Everything up to and including the promotion; serving and monitoring are later stages with tests of their own.
-PROMOTION = 'key:"loans/*" and not group:monitoring and not key:"loans/deployment"'
-
-
-def loans(n: int = 1500, seed: int = 0, biased: bool = False) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    region = rng.choice(["north", "south"], n)
-    debt = rng.uniform(0, 40, n).round(1)
-    income = rng.lognormal(10.5, 0.4, n).round(0)
-    if biased:  # the label follows the sensitive column, not the applicant's finances
-        risk = (region == "south") ^ (rng.uniform(size=n) < 0.1)
-    else:
-        risk = (debt / 40 - (np.log(income) - 10.5) + rng.normal(0, 0.15, n)) > 0.6
-    return pd.DataFrame({"loan_id": [f"L{i:05d}" for i in range(n)], "income": income, "debt_ratio": debt,
-                         "purpose": rng.choice(["car", "home", "education"], n), "region": region,
-                         "outcome": np.where(risk, "default", "repaid")})
-
-
-def spec(**over) -> dict:
-    s = {
-        "name": "loans",
-        "description": "Flags risky loans for review.",
-        "source": {"kind": "file", "path": "loans.csv"},
-        "id_column": "loan_id",
-        "target": {"column": "outcome", "positive": ["default"]},
-        "features": {"numeric": ["income", "debt_ratio"], "categorical": ["purpose"]},
-        "sensitive": ["region"],
-        "training": {"checkpoint_every_steps": 50},
-        "compliance": {"intended_purpose": "Test lending model: flags loans for a person to review.",
-                       "min_group_size": 20},
-    }
-    s.update(over)
-    return s
-
-
 def setup(pipelines: Path, frame: pd.DataFrame, **over) -> dg.Definitions:
     frame.to_csv(pipelines / "loans.csv", index=False)
     write_spec(pipelines, spec(**over))

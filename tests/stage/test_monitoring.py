@@ -8,9 +8,10 @@ import dagster as dg
 import pytest
 from support import copy_shipped
 from assets import naming
-from assets.monitoring import SensorCursor, window_bounds, window_key
-from orchestration.definitions import build_definitions
+from assets.drift_sensor import SensorCursor
 from core.audit import AuditStore
+from core.audit.traffic import window_bounds, window_key
+from orchestration.definitions import build_definitions
 
 SPEC = "credit_scoring"
 
@@ -73,10 +74,57 @@ def test_the_deployments_smoke_requests_are_not_traffic(defs, instance):
     (request,) = _tick(defs, instance, None).run_requests
     # 1,000 served decisions of traffic: seq 201-800 and 1001-1400; the 400 smoke decisions are in no window.
     assert window_bounds(request.partition_key) == (201, 1400)
-    from assets.monitoring import window_records
+    from core.audit.traffic import window_records
 
     records = window_records(store, SPEC, 201, 1400)
     assert len(records) == 1000 and not [r for r in records if r.key_id == "deployment-smoke"]
+
+
+def test_inference_log_counts_the_windows_the_sensor_opens(defs, instance):
+    """After a deployment's smoke requests and traffic, inference_log's complete windows are the sensor's: before
+    its tick (pending), after it (opened), beside a partial window of the nightly check, and as traffic grows."""
+    from support import materialize
+
+    from assets.monitoring import observe_inference_log
+    from assets.windows import complete_windows
+
+    store: AuditStore = defs.resources["audit"].store()
+    smoke = [{**d, "key_id": "deployment-smoke"} for d in decisions(600)]
+    store.append(smoke[:300] + decisions(1300) + decisions(200, variant="shadow") + smoke[300:] + decisions(1200))
+    partitions = f"{SPEC}__drift_windows"
+
+    def logged() -> int:
+        done = materialize(defs, instance, f'key:"{SPEC}/inference_log"')
+        assert done.success
+        (event,) = done.asset_materializations_for_node(f"{SPEC}__inference_log")
+        return event.metadata["complete_windows"].value
+
+    def opened() -> list[str]:
+        return instance.get_dynamic_partitions(partitions)
+
+    # 3,300 decisions on the log, 2,500 of them traffic: two windows, not the three that counting smoke would give.
+    first = _tick(defs, instance, None)
+    requested = [r.partition_key for r in first.run_requests]
+    assert len(requested) == 2 and logged() == 2
+    assert complete_windows(store, SPEC, opened(), 1000) == requested
+    instance.add_dynamic_partitions(partitions, requested)  # what the daemon does with the tick's result
+    assert logged() == 2 and complete_windows(store, SPEC, opened(), 1000) == requested
+
+    # The nightly check opens the 500 decisions left as a partial window: not a complete one.
+    with dg.build_schedule_context(instance=instance, resources={"audit": defs.resources["audit"]}) as context:
+        partial = defs.get_schedule_def(f"{SPEC}__nightly_drift_check")(context)
+    assert partial.partition_key in opened() and logged() == 2
+
+    # 600 more fill the third window, which overlaps the partial one; counted before and after the sensor opens it.
+    store.append([{**d, "key_id": "deployment-smoke"} for d in decisions(50)] + decisions(600))
+    later = _tick(defs, instance, first.cursor)
+    (third,) = [r.partition_key for r in later.run_requests]
+    assert window_bounds(third)[0] == window_bounds(partial.partition_key)[0]
+    assert logged() == 3
+    instance.add_dynamic_partitions(partitions, [third])
+    assert complete_windows(store, SPEC, opened(), 1000) == [*requested, third] and logged() == 3
+    obs = observe_inference_log(store, SPEC, 1000, opened())
+    assert obs.decisions == 3950 and obs.per_variant["shadow"] == 200 and obs.complete_windows == 3
 
 
 def test_a_report_that_found_drift_asks_for_one_retrain_within_the_cooldown(defs, instance):
@@ -174,9 +222,10 @@ def test_detectors_of_a_real_version_see_a_shifted_window_and_not_an_unshifted_o
     """Train a small spec to model_evaluation (which fits and tags the version's detectors), then score two
     windows of audited decisions: fresh rows from the same population, and the same rows with incomes tripled."""
     from support import materialize, write_spec
-    from test_compliance import loans, spec
+    from loans_support import loans, spec
 
-    from assets.monitoring import load_version_detectors, report_window
+    from assets.detectors import load_version_detectors
+    from assets.window_report import report_window
     from assets.spec import load_spec
     from resources.mlflow import MlflowResource
     from resources.storage import StorageResource
@@ -224,7 +273,7 @@ def test_a_retrain_on_biased_outcomes_is_refused_by_fairness_and_the_champion_ke
     """Outcomes come back labelled by region, not by finances; with learn_from_outcomes they join the next
     snapshot, the retrain learns the bias, the fairness gate refuses it, and champion stays where it was."""
     from support import failure_text, materialize, write_spec
-    from test_compliance import PROMOTION, loans, spec
+    from loans_support import PROMOTION, loans, spec
 
     from resources.mlflow import MlflowResource
 

@@ -13,7 +13,7 @@ import pytest
 from orchestration.definitions import build_definitions
 from resources.vectors import VectorIndexError, VectorIndexResource
 from support import materialize
-from test_embeddings import _metadata, titles, write_text_spec
+from text_support import _metadata, titles, write_text_spec
 
 
 def test_similar_finds_the_expected_neighbour_and_the_version_advances(home: Path, instance, pipelines: Path,

@@ -7,7 +7,9 @@ import pytest
 from support import write_spec
 
 from assets.checks.data_quality import Profile
-from assets.deployment import accepted_ranges, observe_inference_log, percentile, server_config, v2_request
+from assets.deployment import accepted_ranges, server_config
+from assets.monitoring import observe_inference_log
+from assets.serving_client import percentile, v2_request
 from assets.spec import SpecError, load_spec
 from core.audit import AuditStore
 from core.server_config import ServerConfig

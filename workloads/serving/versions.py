@@ -131,21 +131,18 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
                          run_id=mv.run_id, manifest_sha256=digest)
 
 
-def _alias_missing(exc: Exception) -> bool:
-    """An MLflow answer that says the alias (or the registered model) does not exist, as opposed to no answer."""
-    code = getattr(exc, "error_code", None)
-    return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
-
-
 class ServedVersions:
     """The versions the aliases point to now, loaded and verified; `current` is swapped by one reference."""
 
     def __init__(self, cfg: ServerConfig, metrics: Metrics):
-        import mlflow
+        from core.registry import RegistryUnreachable, connect, shown_uri
 
         self.cfg, self.metrics = cfg, metrics
-        self.registry_uri = cfg.registry_uri or cfg.tracking_uri
-        self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri or None)
+        self.registry_uri = shown_uri(cfg.registry_uri or cfg.tracking_uri)
+        try:
+            self.client = connect(cfg.tracking_uri, cfg.registry_uri)
+        except RegistryUnreachable as exc:
+            raise ServingRefused(str(exc)) from None
         self.current: dict[str, ServedVersion] = {}
         self.last_error: str | None = None
         self.poll_now = threading.Event()
@@ -158,14 +155,13 @@ class ServedVersions:
     def alias_version(self, alias: str) -> str | None:
         """The version `alias` points to; None when it points nowhere. A registry that does not answer is an
         error that names it, never mistaken for a missing alias."""
+        from core.registry import RegistryUnreachable, version_by_alias
+
         try:
-            return str(self.client.get_model_version_by_alias(self.cfg.spec, alias).version)
-        except Exception as exc:
-            if _alias_missing(exc):
-                return None
-            raise ServingRefused(f"the model registry at {self.registry_uri} is unreachable or failed "
-                                 f"({type(exc).__name__}: {str(exc)[:300]}); check that it runs and that "
-                                 "tracking_uri/registry_uri in the server config name it") from None
+            found = version_by_alias(self.client, self.cfg.spec, alias, self.cfg.registry_uri or self.cfg.tracking_uri)
+        except RegistryUnreachable as exc:
+            raise ServingRefused(f"{exc}; tracking_uri/registry_uri in the server config name it") from None
+        return None if found is None else str(found.version)
 
     def refresh(self) -> bool:
         """Load whatever the aliases point to now; keep serving the old version if a new one fails to load."""
