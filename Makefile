@@ -37,7 +37,7 @@ run: setup dagster-home
 	status=$$?; $(BIN)/python -m orchestration.where $(PIPELINE); exit $$status
 
 # Normal then shifted traffic to the server `make run` left up; the drift sensor asks for a retrain through the gates.
-# SHIFT="--scale COLUMN=1.5" overrides the shift (workloads/replay.py flags).
+# SHIFT="--scale COLUMN=1.5" overrides the shift (python -m workloads.replay flags).
 demo-drift: setup dagster-home
 	$(BIN)/python -m orchestration.demo_drift $(PIPELINE) $(SHIFT)
 

@@ -181,7 +181,7 @@ class Compliance(_Strict):
 
 
 class Monitoring(_Strict):
-    """Drift detection on what the deployment sees (core/drift/, assets/monitoring.py).
+    """Drift detection on what the deployment sees (core/drift/, assets/detectors.py, assets/window_report.py, assets/drift_sensor.py).
 
     A window is `window` served decisions; it is scored against detectors fitted on the serving version's
     training split, at a false-alarm rate of `p_val` for the whole window. Windows under `min_window` rows are

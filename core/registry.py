@@ -16,12 +16,12 @@ from urllib.parse import urlsplit, urlunsplit
 class RegistryUnreachable(RuntimeError):
     """The registry at `uri` could not be asked; the message names it (password hidden) and the cause."""
 
-    def __init__(self, uri: str, cause: BaseException):
+    def __init__(self, uri: str, cause: BaseException,
+                 names_it: str = "MLFLOW_TRACKING_URI (or the resource's registry_uri)"):
         self.uri = shown_uri(uri)
         detail = _hide_password(f"{type(cause).__name__}: {cause}", uri).strip().splitlines()
         super().__init__(f"the MLflow registry at {self.uri} is unreachable ({(detail or [''])[0][:300]}); check that "
-                         "its server or database is up and that MLFLOW_TRACKING_URI (or the resource's "
-                         "registry_uri) names it")
+                         f"its server or database is up and that {names_it} names it")
 
 
 def shown_uri(uri: str) -> str:
@@ -58,17 +58,17 @@ def alias_missing(exc: BaseException) -> bool:
     return exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in exc.message and "not found" in exc.message
 
 
-def connect(tracking_uri: str, registry_uri: str | None = None) -> Any:
+def connect(tracking_uri: str, registry_uri: str | None = None, names_it: str | None = None) -> Any:
     """An MlflowClient for these URIs; one MLflow cannot build (a URI of an unknown scheme) is RegistryUnreachable."""
     from mlflow import MlflowClient
 
     try:
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
     except Exception as exc:
-        raise RegistryUnreachable(registry_uri or tracking_uri, exc) from exc
+        raise RegistryUnreachable(registry_uri or tracking_uri, exc, *([names_it] if names_it else [])) from exc
 
 
-def version_by_alias(client: Any, name: str, alias: str, uri: str) -> Any | None:
+def version_by_alias(client: Any, name: str, alias: str, uri: str, names_it: str | None = None) -> Any | None:
     """The ModelVersion `alias` of model `name` points to, None when the alias or the model does not exist;
     `RegistryUnreachable` when the registry at `uri` (the client's) cannot be asked."""
     try:
@@ -76,4 +76,4 @@ def version_by_alias(client: Any, name: str, alias: str, uri: str) -> Any | None
     except Exception as exc:
         if alias_missing(exc):
             return None
-        raise RegistryUnreachable(uri, exc) from exc
+        raise RegistryUnreachable(uri, exc, *([names_it] if names_it else [])) from exc

@@ -482,7 +482,8 @@ def test_a_server_whose_registry_is_down_refuses_to_start_naming_it(tmp_path):
                                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"serving: the model registry at {registry} is unreachable"), last
+    assert last.startswith(f"serving: the MLflow registry at {registry} is unreachable"), last
+    assert last.endswith("tracking_uri/registry_uri in the server config names it"), last
     assert "materialize" not in last
 
 

@@ -131,6 +131,9 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
                          run_id=mv.run_id, manifest_sha256=digest)
 
 
+NAMES_IT = "tracking_uri/registry_uri in the server config"
+
+
 class ServedVersions:
     """The versions the aliases point to now, loaded and verified; `current` is swapped by one reference."""
 
@@ -140,7 +143,7 @@ class ServedVersions:
         self.cfg, self.metrics = cfg, metrics
         self.registry_uri = shown_uri(cfg.registry_uri or cfg.tracking_uri)
         try:
-            self.client = connect(cfg.tracking_uri, cfg.registry_uri)
+            self.client = connect(cfg.tracking_uri, cfg.registry_uri, names_it=NAMES_IT)
         except RegistryUnreachable as exc:
             raise ServingRefused(str(exc)) from None
         self.current: dict[str, ServedVersion] = {}
@@ -158,9 +161,10 @@ class ServedVersions:
         from core.registry import RegistryUnreachable, version_by_alias
 
         try:
-            found = version_by_alias(self.client, self.cfg.spec, alias, self.cfg.registry_uri or self.cfg.tracking_uri)
+            found = version_by_alias(self.client, self.cfg.spec, alias, self.cfg.registry_uri or self.cfg.tracking_uri,
+                                     names_it=NAMES_IT)
         except RegistryUnreachable as exc:
-            raise ServingRefused(f"{exc}; tracking_uri/registry_uri in the server config name it") from None
+            raise ServingRefused(str(exc)) from None
         return None if found is None else str(found.version)
 
     def refresh(self) -> bool:
