@@ -49,7 +49,7 @@ def build_app(cfg: ServerConfig, model, metrics, keys, status, outcomes):
 
     from workloads.serving.errors import install_error_handlers
     from workloads.serving.gateway import Gateway
-    from workloads.serving.routes import apply_decisions
+    from workloads.serving.routes import disable_docs, live_routes
 
     server = kserve.ModelServer(http_port=cfg.port or DEFAULT_PORT, enable_grpc=False, workers=1,
                                 enable_docs_url=False, enable_latency_logging=False)
@@ -59,9 +59,10 @@ def build_app(cfg: ServerConfig, model, metrics, keys, status, outcomes):
     app.add_route("/v2/models/{name}/outcomes", outcomes, methods=["POST"])
     RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension,
                cfg.port or DEFAULT_PORT).create_application()
-    apply_decisions(app)  # refuses to start on a route without a decision
+    routes = live_routes(app)  # refuses to start on a route without a decision
+    disable_docs(app)
     install_error_handlers(app)
-    app.add_middleware(Gateway, cfg=cfg, keys=keys, metrics=metrics, routes_app=app)
+    app.add_middleware(Gateway, cfg=cfg, keys=keys, metrics=metrics, routes=routes)
     return app
 
 

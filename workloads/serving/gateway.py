@@ -33,7 +33,16 @@ from core.server_config import ServerConfig
 from workloads.serving.binary import BinaryRequestError, json_body
 from workloads.serving.logs import log_refusal
 from workloads.serving.metrics import Metrics
-from workloads.serving.routes import DEFAULT_SCOPES, OPEN, REMOVED, SCOPES, SCORING_SCOPES, Resolved, resolve
+from workloads.serving.routes import (
+    DEFAULT_SCOPES,
+    OPEN,
+    REMOVED,
+    SCOPES,
+    SCORING_SCOPES,
+    LiveRoute,
+    Resolved,
+    resolve,
+)
 
 CLIENT_HEADER = "x-intelligentops-client"  # who a request counts against: key:<id> or addr:<address>
 BINARY_HEADER = b"inference-header-content-length"
@@ -146,9 +155,9 @@ class Gateway:
 
     BUCKETS_KEPT = 10_000  # callers whose rate-limit state is remembered (oldest forgotten first)
 
-    def __init__(self, app, cfg: ServerConfig, keys: dict[str, ApiKey], metrics: Metrics, routes_app=None):
+    def __init__(self, app, cfg: ServerConfig, keys: dict[str, ApiKey], metrics: Metrics, routes: list[LiveRoute]):
         self.app, self.cfg, self.metrics = app, cfg, metrics
-        self.routes_app = routes_app  # the FastAPI app whose route table decides (the app itself, unwrapped)
+        self.routes = routes  # the live app's routes with their decisions (routes.live_routes)
         self.open = not keys  # no keys configured: predict and explain need none (loopback only)
         self.keys = {**keys, **builtin_keys(cfg)}
         self.buckets: dict[str, TokenBucket] = {}
@@ -176,7 +185,7 @@ class Gateway:
                 seen["error"] += message.get("body", b"")[:2048]
             await send(message)
 
-        resolved = resolve(self.routes_app or self.app, scope)
+        resolved = resolve(self.routes, method, path)
         try:
             if not isinstance(resolved, Resolved) or resolved.decision == REMOVED:
                 code = resolved if isinstance(resolved, int) else 404

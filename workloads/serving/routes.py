@@ -1,10 +1,11 @@
 """Deny by default: every route of the live app has a decision, taken from this table when the server starts.
 
 KServe registers its routes when its REST server builds the app; the project adds its own (status, outcomes).
-`apply_decisions(app)` walks the app's route table: a route the table marks REMOVED leaves the app, every other
-route must be OPEN or need one scope, and a route the table does not know stops the server from starting
-(`RouteTableError`), so a route added later (a KServe upgrade, a new handler) cannot go live unguarded.
-`tests/unit/test_gateway_routes.py` walks the real app the same way.
+`live_routes(app)` walks the app's route table (routers included): every route must be OPEN, need one scope, or
+be REMOVED (the gateway answers 404 for it, as for a path that does not exist), and a route the table does not
+know stops the server from starting (`RouteTableError`), so a route added later (a KServe upgrade, a new
+handler) cannot go live unguarded. The gateway (workloads/serving/gateway.py) resolves every request against
+that list before any handler runs. `tests/unit/test_gateway_routes.py` walks the real app the same way.
 
 Scopes (a key's `scopes` in the keys file; an entry without them has predict and explain):
 
@@ -23,6 +24,7 @@ docs/serving.md), the versioned v2 routes (KServe answers them "not implemented"
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,41 +69,66 @@ class RouteTableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class LiveRoute:
+    """One route of the live app as the gateway matches it: its path template, methods and decision."""
+
+    path: str
+    methods: frozenset[str]
+    pattern: re.Pattern
+    decision: str
+
+
+@dataclass(frozen=True)
 class Resolved:
     """What a request asks for: the route's decision, and its path parameters (the model name)."""
 
-    decision: str  # OPEN or a scope
+    decision: str  # OPEN, REMOVED or a scope
     params: dict[str, Any]
 
 
-def route_path(route: Any) -> str:
-    return str(getattr(route, "path", getattr(route, "path_format", "")))
+def live_routes(app: Any, decisions: dict[str, str] = DECISIONS) -> list[LiveRoute]:
+    """Every route of `app` (routers included, in the order the app matches them) with its decision; refuses
+    (`RouteTableError`) if any has none. A REMOVED route stays in the app but the gateway answers 404 for it as
+    for a path that does not exist, so no request ever reaches it."""
+    from fastapi.routing import iter_route_contexts
+    from starlette.routing import compile_path
 
-
-def apply_decisions(app: Any, decisions: dict[str, str] = DECISIONS) -> dict[str, str]:
-    """Remove the REMOVED routes from `app`; refuse if any route is left without a decision. Returns the live
-    table (path -> decision) the gateway enforces."""
-    undecided = sorted({route_path(r) for r in app.router.routes if route_path(r) not in decisions})
+    routes, undecided = [], set()
+    for ctx in iter_route_contexts(app.router.routes):
+        path = ctx.path
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise RouteTableError(f"a route of the app has no path the gateway can match ({ctx.original_route!r}); "
+                                  "the route table cannot be decided: refusing to start")
+        if path not in decisions:
+            undecided.add(path)
+            continue
+        methods = getattr(ctx.original_route, "methods", None) or {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"}
+        routes.append(LiveRoute(path=path, methods=frozenset(methods), pattern=compile_path(path)[0],
+                                decision=decisions[path]))
     if undecided:
-        raise RouteTableError(f"route(s) {undecided} have no access decision in workloads/serving/routes.py "
+        raise RouteTableError(f"route(s) {sorted(undecided)} have no access decision in workloads/serving/routes.py "
                               "(DECISIONS): give each one OPEN, a scope, or REMOVED before it can be served")
-    app.router.routes[:] = [r for r in app.router.routes if decisions[route_path(r)] != REMOVED]
-    # FastAPI would serve its generated schema again if asked to rebuild it; it is off for good.
+    return routes
+
+
+def disable_docs(app: Any) -> None:
+    """FastAPI would build and serve its schema and docs pages again if asked; they are off for good."""
     app.openapi_url = app.docs_url = app.redoc_url = None
-    return {route_path(r): decisions[route_path(r)] for r in app.router.routes}
 
 
-def resolve(app: Any, scope: dict[str, Any], decisions: dict[str, str] = DECISIONS) -> Resolved | int:
-    """The decision for a request, or the status to refuse it with: 404 when no route has its path, 405 when
-    one has the path but not the method. Matching is the app's own (Starlette's), so it cannot disagree with
-    the route that would run."""
-    from starlette.routing import Match
-
+def resolve(routes: list[LiveRoute], method: str, path: str) -> Resolved | int:
+    """The decision for a request, or the status to refuse it with: 404 when no route has its path (or only a
+    REMOVED one does), 405 when one has the path but not the method. Routes are tried in the app's own order
+    with the app's own path patterns, as Starlette's router does, so the gateway and the app agree on which
+    route a request reaches."""
     partial = False
-    for route in app.router.routes:
-        match, child = route.matches(scope)
-        if match == Match.FULL:
-            return Resolved(decision=decisions.get(route_path(route), REMOVED),
-                            params=dict(child.get("path_params", {})))
-        partial = partial or match == Match.PARTIAL
+    for route in routes:
+        match = route.pattern.match(path)
+        if match is None:
+            continue
+        if method in route.methods:
+            if route.decision == REMOVED:
+                return 404
+            return Resolved(decision=route.decision, params=match.groupdict())
+        partial = partial or route.decision != REMOVED
     return 405 if partial else 404
