@@ -112,6 +112,8 @@ def _measure(url: str, spec: str, row: dict, rows: int, seconds: float, abuse: b
                 if r.status_code == 200:
                     abuser_rows[0] += rows
 
+    with httpx.Client(timeout=300) as c:  # warm: the first request loads the similar-cases index
+        c.post(f"{url}/v1/models/{spec}:predict", json={"instances": [row]})
     threads = [threading.Thread(target=abuser)] if abuse else []
     for t in threads:
         t.start()

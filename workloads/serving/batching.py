@@ -6,7 +6,8 @@ Where the time goes (benchmarks/README.md): embedding a text the model has not s
 request's cost is counted in characters of text plus `ROW_CHARS` per row, and one batch holds at most
 `batch_text_chars` of it (at least one row). A large request is cut into slices of that size; callers (a key
 id, or a client address on an open server: the gateway's CLIENT_HEADER) take turns, one slice each per round,
-so a one-row request waits for at most about one slice of each other caller, never for a whole large request.
+and within a caller its requests take turns, so a one-row request waits for about one slice of each other
+request in flight (at most `max_in_flight_per_client` per caller), never for a whole large request.
 
 `BatchingEngine.submit` queues a request's validated rows and waits for its records. One worker takes a batch
 (round robin across callers, within the cost bound), scores it on one thread (the versions the request started
@@ -77,7 +78,8 @@ def row_cost(row: dict[str, Any], text_columns: list[str]) -> int:
 
 
 class FairQueue:
-    """Requests per caller; `take` builds one batch within a cost bound, one slice per caller per round."""
+    """Requests per caller; `take` builds one batch within a cost bound, one slice per caller per round, and a
+    caller's own requests take turns too (on an open server every local client shares one address)."""
 
     def __init__(self) -> None:
         self.callers: dict[str, deque[Pending]] = {}
@@ -110,11 +112,12 @@ class FairQueue:
                 break
             slices.append(Slice(p, start, stop))
             p.taken = stop
-            if stop == len(p.rows):
-                queue.popleft()
-                if not queue:
-                    del self.callers[caller]
-                    self.order.remove(caller)
+            queue.popleft()
+            if stop < len(p.rows):
+                queue.append(p)  # the caller's other requests take their turns too
+            elif not queue:
+                del self.callers[caller]
+                self.order.remove(caller)
         return slices
 
 

@@ -79,7 +79,7 @@ def validate_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[s
         raise InvalidRequest(f"missing feature field(s) {missing}; every request row needs {cfg.features}")
     unknown = sorted(set(columns) - set(cfg.features))
     if unknown:
-        raise InvalidRequest(f"unknown field(s) {[_shown(u) for u in unknown[:10]]}; the features of {cfg.spec} are "
+        raise InvalidRequest(f"unknown field(s) {[str(u)[:40] for u in unknown[:10]]}; the features of {cfg.spec} are "
                              f"{cfg.features}")
     lengths = {c: len(columns[c]) for c in cfg.features}
     n = next(iter(lengths.values()), 0)
