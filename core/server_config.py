@@ -43,7 +43,7 @@ GatewayAuthenticates = Annotated[bool, Field(False, description="a gateway in fr
                                                                 "a non-loopback bind without keys is allowed")]
 MaxInFlightPerClient = Annotated[int, Field(16, ge=1, description="requests one key (or client address) may have "
                                                                   "in flight at once (429 above)")]
-BatchTextChars = Annotated[int, Field(800, ge=100, description="cost bound of one scoring batch: characters of "
+BatchTextChars = Annotated[int, Field(400, ge=100, description="cost bound of one scoring batch: characters of "
                                                                 "text plus 20 per row; larger requests are split "
                                                                 "and interleaved with others")]
 MinKnownFraction = Annotated[float, Field(0.5, ge=0, le=1, description="share of a row's features that must be "

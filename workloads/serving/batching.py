@@ -4,10 +4,11 @@ decisions are committed to the audit log (group commit) before its answer leaves
 Where the time goes (benchmarks/README.md): embedding a text the model has not seen costs about 2.5 ms plus
 0.12 ms per character on one CPU thread; the network, the explanation and the commit are small beside it. So a
 request's cost is counted in characters of text plus `ROW_CHARS` per row, and one batch holds at most
-`batch_text_chars` of it (at least one row). A large request is cut into slices of that size; callers (a key
-id, or a client address on an open server: the gateway's CLIENT_HEADER) take turns, one slice each per round,
-and within a caller its requests take turns, so a one-row request waits for about one slice of each other
-request in flight (at most `max_in_flight_per_client` per caller), never for a whole large request.
+`batch_text_chars` of it (at least one row). A large request is cut into slices of that size and the request
+with the fewest rows scored so far goes first (least attained service), so a one-row request waits for about
+the one slice being scored when it arrives, never for a whole large request; how many requests one caller (a key
+id, or a client address: the gateway's CLIENT_HEADER) may have waiting is bounded by the gateway
+(`max_in_flight_per_client`), and how often by its rate limit.
 
 `BatchingEngine.submit` queues a request's validated rows and waits for its records. One worker takes a batch
 (round robin across callers, within the cost bound), scores it on one thread (the versions the request started
@@ -78,46 +79,38 @@ def row_cost(row: dict[str, Any], text_columns: list[str]) -> int:
 
 
 class FairQueue:
-    """Requests per caller; `take` builds one batch within a cost bound, one slice per caller per round, and a
-    caller's own requests take turns too (on an open server every local client shares one address)."""
+    """The requests waiting to be scored; `take` builds one batch within a cost bound, least attained service
+    first: the request that has had the fewest rows scored goes first (a new one-row request before the rest of
+    a large one), each request at most one slice per batch, and a slice that does not fit the batch waits for the
+    next, so a cheap request is never scored in the same batch as an expensive slice taken after it."""
 
     def __init__(self) -> None:
-        self.callers: dict[str, deque[Pending]] = {}
-        self.order: deque[str] = deque()
+        self.pending: list[Pending] = []
 
     def put(self, p: Pending) -> None:
-        if p.caller not in self.callers:
-            self.callers[p.caller] = deque()
-            self.order.append(p.caller)
-        self.callers[p.caller].append(p)
+        self.pending.append(p)
 
     def waiting_rows(self) -> int:
-        return sum(len(p.rows) - p.taken for q in self.callers.values() for p in q)
+        return sum(len(p.rows) - p.taken for p in self.pending)
 
     def take(self, budget: int, max_rows: int) -> list[Slice]:
         slices: list[Slice] = []
         used = rows = 0
-        while self.order and used < budget and rows < max_rows:
-            caller = self.order[0]
-            self.order.rotate(-1)
-            queue = self.callers[caller]
-            p = queue[0]
+        for p in sorted(self.pending, key=lambda p: (p.taken, p.arrived)):
+            if used >= budget or rows >= max_rows:
+                break
             start = stop = p.taken
             while stop < len(p.rows) and rows < max_rows and (not slices and stop == start
                                                               or used + p.costs[stop] <= budget):
                 used += p.costs[stop]
                 rows += 1
                 stop += 1
-            if stop == start:  # the next row does not fit this batch: it leads the next one
+            if stop == start:  # its next row does not fit this batch: it leads the next one
                 break
             slices.append(Slice(p, start, stop))
             p.taken = stop
-            queue.popleft()
-            if stop < len(p.rows):
-                queue.append(p)  # the caller's other requests take their turns too
-            elif not queue:
-                del self.callers[caller]
-                self.order.remove(caller)
+            if stop == len(p.rows):
+                self.pending.remove(p)
         return slices
 
 
