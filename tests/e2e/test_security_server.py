@@ -140,7 +140,7 @@ def test_malformed_binary_extension_requests_are_4xx_never_500(server: Server):
     assert good.status_code == 200, good.text
     for header, content in [("abc", body), ("-1", body), ("0", body), (str(len(body) + 10), body), ("1e3", body),
                             (str(n), body + b"\0\0\0"), (str(n), body[:-4]), (str(n - 3), body), ("", body),
-                            ("9" * 30, body), (str(n), body[:n]), ("0x10", body), ("١٢", body)]:
+                            ("9" * 30, body), (str(n), body[:n]), ("0x10", body), ("١٢".encode(), body)]:
         r = httpx.post(url, content=content, headers={**bearer("predict-key"), "Inference-Header-Content-Length": header})
         assert 400 <= r.status_code < 500, (header, r.status_code, r.text)
 
