@@ -69,8 +69,10 @@ def test_inference_service_and_config_map_are_valid(settings: dict, tmp_path: Pa
     mounted = tmp_path / CONFIG_FILE
     mounted.write_text(config_map["data"][CONFIG_FILE])
     monkeypatch.setenv("AUDIT_URL", "postgresql+psycopg2://audit@db/audit")
+    # Inside the pod it binds every address, knowingly: the InferenceService's gateway is what callers reach.
     assert read_server_config(mounted) == CONFIG.replace(port=8080, model_cache="/tmp/intelligentops-models",
-                                                          audit_url="postgresql+psycopg2://audit@db/audit")
+                                                          audit_url="postgresql+psycopg2://audit@db/audit",
+                                                          host="0.0.0.0", gateway_authenticates=True)
     assert list(served["numeric"]) == list(CONFIG.numeric)  # column order is the model's input order
 
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
