@@ -41,7 +41,7 @@ def serve(cfg: ServerConfig) -> None:
     from fastapi.responses import JSONResponse
     from kserve.model_server import app
 
-    from core.audit import AuditStore
+    from core.audit import AuditKeys, AuditStore
     from workloads.serving.batching import BatchingEngine
     from workloads.serving.gateway import Gateway, load_keys
     from workloads.serving.metrics import Metrics
@@ -57,7 +57,7 @@ def serve(cfg: ServerConfig) -> None:
     metrics = Metrics()
     keys = load_keys(cfg)
     versions = ServedVersions(cfg, metrics)
-    audit = AuditStore(cfg.audit_url)
+    audit = AuditStore(cfg.audit_url, AuditKeys.load(cfg.keys_dir) if cfg.keys_dir else None)
     engine = BatchingEngine(cfg, versions, audit, metrics, SimilarCases(cfg))
     model = DecisionModel(cfg, versions, engine)
     model.load()
