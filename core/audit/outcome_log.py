@@ -35,8 +35,7 @@ class OutcomeLog:
         d, e = self.decisions, self.outcome_events
         ids = sorted({r.decision_id for r in checked})
         with self._lock, self.engine.begin() as conn:
-            head = conn.execute(sa.select(self.head).where(self.head.c.id == HEAD_OUTCOMES).with_for_update()).one()
-            marks = self._head_values(head, keyed)
+            head, marks = self._locked_head(conn, HEAD_OUTCOMES, keyed)
             known: dict[str, Any] = {}
             latest: dict[str, Any] = {}
             for i in range(0, len(ids), 500):
@@ -79,6 +78,7 @@ class OutcomeLog:
                 conn.execute(e.insert(), rows)
                 new_head = self._update_head(conn, HEAD_OUTCOMES, head, seq=seq, hash=prev, **marks)
         if rows:
+            self._seen[HEAD_OUTCOMES] = seq
             self._checkpoint(OUTCOMES, new_head)
         return out
 

@@ -90,6 +90,7 @@ class AuditStore(OutcomeLog):
         self._cipher = Cipher(keys)
         self._writer_ready = keys is None
         self._lock = threading.Lock()
+        self._seen: dict[int, int] = {}  # chain -> the newest seq this process committed (a rollback is refused)
         is_sqlite = url.startswith("sqlite")
         db_path = url.split(":///", 1)[-1] if is_sqlite else ""
         if is_sqlite and db_path and db_path != ":memory:":
@@ -185,6 +186,26 @@ class AuditStore(OutcomeLog):
                 head = conn.execute(sa.select(self.head).where(self.head.c.id == chain).with_for_update()).one()
                 self._update_head(conn, chain, head, **self._head_values(head, True))
 
+    def _locked_head(self, conn, chain: int, keyed: bool) -> tuple[Any, dict[str, Any]]:
+        """A chain's head, locked for this transaction, after checking it may be extended: a keyed head whose MAC
+        fails, or one behind what this store last committed, was rewritten (a truncation, say), and writing on
+        would give the rewrite a valid head; the write is refused instead (nobody gets an unaudited answer)."""
+        import sqlalchemy as sa
+
+        head = conn.execute(sa.select(self.head).where(self.head.c.id == chain).with_for_update()).one()
+        marks = self._head_values(head, keyed)
+        name = "decision" if chain == HEAD_DECISIONS else "outcome"
+        if head.format == KEYED and not self._cipher.mac_ok("head", head_text(chain, head), head.mac):
+            raise AuditError(f"the {name} chain's head in the audit log at {self.location()} does not match its "
+                             "MAC: it was rewritten; nothing more is written to it. Run python -m "
+                             "orchestration.decisions --verify, and restore the database from a backup")
+        if int(head.seq) < self._seen.get(chain, 0):
+            raise AuditError(f"the {name} chain's head in the audit log at {self.location()} is at {int(head.seq)}, "
+                             f"behind the {self._seen[chain]} this process committed: the log was truncated and its "
+                             "head rolled back; nothing more is written to it. Run python -m "
+                             "orchestration.decisions --verify, and restore the database from a backup")
+        return head, marks
+
     def _head_values(self, head: Any, keyed: bool) -> dict[str, Any]:
         """What the head row must say before this writer adds to it: refuses a writer whose format or keys differ
         from the store's; a keyed write to a plain chain marks where the keyed rule starts."""
@@ -271,8 +292,7 @@ class AuditStore(OutcomeLog):
         keyed = self._prepare_writer()
         prepared = [self._prepare(r, keyed) for r in records]
         with self._lock, self.engine.begin() as conn:
-            head = conn.execute(sa.select(self.head).where(self.head.c.id == HEAD_DECISIONS).with_for_update()).one()
-            marks = self._head_values(head, keyed)
+            head, marks = self._locked_head(conn, HEAD_DECISIONS, keyed)
             seq, prev = int(head.seq), head.hash
             rows = []
             for p, _, _ in prepared:
@@ -284,6 +304,7 @@ class AuditStore(OutcomeLog):
                 rows.append(row)
             conn.execute(self.decisions.insert(), rows)
             new_head = self._update_head(conn, HEAD_DECISIONS, head, seq=seq, hash=prev, **marks)
+        self._seen[HEAD_DECISIONS] = seq
         self._checkpoint(DECISIONS, new_head)
         return [AuditRecord(**{**{k: r.get(k) for k in FIELDS}, "inputs": json.loads(plain_inputs),
                                "top_factors": json.loads(plain_factors),
@@ -305,7 +326,7 @@ class AuditStore(OutcomeLog):
         keyed = self._prepare_writer()
         heads: dict[str, dict[str, Any]] = {}
         with self._lock, self.engine.begin() as conn:
-            head = conn.execute(sa.select(self.head).where(self.head.c.id == HEAD_DECISIONS).with_for_update()).one()
+            head, _ = self._locked_head(conn, HEAD_DECISIONS, keyed)
             # Only the contiguous old prefix goes: a row with a skewed clock never punches a hole in the chain.
             first_young = conn.execute(sa.select(sa.func.min(d.c.seq)).where(d.c.time >= cutoff)).scalar()
             q = sa.select(d.c.seq, d.c.record_hash).where(d.c.time < cutoff)
@@ -314,7 +335,7 @@ class AuditStore(OutcomeLog):
             last = conn.execute(q.order_by(d.c.seq.desc()).limit(1)).first()
             if last is None:
                 return 0
-            ohead = conn.execute(sa.select(self.head).where(self.head.c.id == HEAD_OUTCOMES).with_for_update()).one()
+            ohead, _ = self._locked_head(conn, HEAD_OUTCOMES, keyed)
             kept = conn.execute(sa.select(sa.func.min(e.c.id)).where(e.c.seq > last.seq)).scalar()
             upto = conn.execute(sa.select(sa.func.max(e.c.id)).where(
                 e.c.id < kept if kept is not None else sa.true())).scalar()

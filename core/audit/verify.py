@@ -130,6 +130,7 @@ class Verifier:
         unit = self._unit(chain)
         beyond: Checkpoint | None = None
         differ: list[Checkpoint] = []
+        matched = [int(head.anchor_seq)]
         for c in self.checkpoints[chain]:
             if c.seq < int(head.anchor_seq):
                 continue  # retention removed what it names
@@ -140,15 +141,21 @@ class Verifier:
                 walk.bad(c.seq, f"{unit} {c.seq} is missing, but {c.source} says it existed")
             elif have != c.hash:
                 differ.append(c)
+            else:
+                matched.append(c.seq)
         if beyond is not None:
             walk.bad(last + 1, f"{unit} {last + 1}..{beyond.seq} missing at the end of the {chain} chain: "
                                f"{beyond.source} (at {beyond.time}) says {unit} {beyond.seq} existed; the log was "
                                "truncated")
         if differ:
+            # Records rewritten with valid MACs (written on a rolled-back head) differ from the checkpoints taken
+            # before: the rewrite starts after the last checkpoint the store still matches.
             c = min(differ, key=lambda c: c.seq)
+            good = max(m for m in matched if m < c.seq)
+            named = [a for a, _ in walk.findings if a is not None and good < a <= c.seq]  # a MAC names it exactly
             more = f" (and {len(differ) - 1} later checkpoints)" if len(differ) > 1 else ""
-            walk.bad(c.seq, f"{unit} {c.seq} does not have the hash {c.source} recorded{more}: the chain up to it "
-                            "was rewritten")
+            walk.bad(min(named, default=good + 1), f"{unit} {c.seq} does not have the hash {c.source} recorded{more}: the chain was "
+                               f"rewritten after {unit} {good} (the last checkpoint it still matches)")
 
     @staticmethod
     def _unit(chain: str) -> str:
