@@ -26,6 +26,7 @@ from typing import Any
 import dagster as dg
 
 from assets import naming
+from assets.audit_anchors import inference_log_anchors
 from assets.drift_sensor import drift_sensor
 from assets.naming import asset_key
 from assets.outcome_trust import bursts_markdown, flagged, outcome_key_bursts
@@ -84,7 +85,7 @@ def observe_inference_log(store: AuditStore, spec_name: str, window_size: int, o
     chains' signed heads are recorded only when they verify: a checkpoint of a broken chain would vouch for it."""
     per_variant = store.count(spec_name)
     anchor = store.anchor()  # read before verifying: a head written after the walk began is not vouched for
-    chain = store.verify()
+    chain = store.verify(anchors=inference_log_anchors(instance, limit=200))
     windows = complete_windows(store, spec_name, opened, window_size)
     return InferenceLogObservation(decisions=sum(per_variant.values()), per_variant=per_variant,
                                    latest_seq=store.latest_seq(spec_name), complete_windows=len(windows),

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from assets import naming
-from core.audit import ANCHOR_METADATA, OUTCOME_RULES, AuditError, AuditKeyError, Checkpoint
+from assets.audit_anchors import inference_log_anchors
+from core.audit import OUTCOME_RULES, AuditError, AuditKeyError
 
 
 def _resources() -> dict[str, Any]:
@@ -182,27 +183,6 @@ def explain_decision(decision_id: str, out=sys.stdout) -> int:
         print(f"the applicant's fields could not be shown: {sealed}", file=sys.stderr)
         return 1
     return 0
-
-
-def inference_log_anchors(instance, limit: int = 1000) -> list[Checkpoint]:
-    """The chain heads every `<spec>/inference_log` materialization recorded (metadata `audit_anchor`)."""
-    import dagster as dg
-
-    if instance is None:
-        return []
-    out: list[Checkpoint] = []
-    for key in instance.get_asset_keys():
-        if key.path[-1] != naming.INFERENCE_LOG:
-            continue
-        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=limit).records
-        for r in records:
-            m = r.asset_materialization
-            anchor = _meta_value(m.metadata, ANCHOR_METADATA) if m is not None else None
-            if not isinstance(anchor, dict):
-                continue
-            source = f"{key.to_user_string()} materialization (run {r.run_id[:8]})"
-            out += [c for c in (Checkpoint.parse(v, source) for v in anchor.values()) if c is not None]
-    return out
 
 
 def verify(out=sys.stdout) -> int:

@@ -7,7 +7,10 @@ keys folder: each attack recomputes whatever plain hashes it can, as someone cov
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from core.audit.records import row_hash
 from core.audit.verify import event_hash
 
 SPEC = "loans"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def record(i: int, variant: str = "champion", version: str = "1", **over: Any) -> dict:
@@ -120,3 +124,15 @@ def raw_bytes(store: AuditStore) -> bytes:
 
 def json_dump(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+def cli(home: Path, *args: str, keys: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m orchestration.decisions ARGS` in a fresh process, on the home (and keys folder) given."""
+    env = {**os.environ, "INTELLIGENTOPS_HOME": str(home), "PYTHONPATH": str(REPO),
+           "DAGSTER_HOME": str(home / "dagster")}
+    env.pop("INTELLIGENTOPS_AUDIT_URL", None)
+    env.pop("INTELLIGENTOPS_KEYS_DIR", None)
+    if keys is not None:
+        env["INTELLIGENTOPS_KEYS_DIR"] = str(keys)
+    return subprocess.run([sys.executable, "-m", "orchestration.decisions", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)

@@ -164,6 +164,9 @@ class AuditStore(OutcomeLog):
             with self._read_engine.connect() as conn:
                 fmt = conn.execute(sa.select(self.head.c.format).where(self.head.c.id == HEAD_DECISIONS)).scalar()
             if fmt == KEYED:
+                if self.keys.mac is None or self.keys.enc is None:
+                    self.keys = AuditKeys.load(self.keys.folder)  # another writer may have created them since
+                    self._cipher = Cipher(self.keys)
                 for key, path in ((self.keys.mac, self.keys.mac_path), (self.keys.enc, self.keys.enc_path)):
                     if key is None:
                         raise AuditKeyError(f"no key file {path}: the audit log at {self.location()} is keyed; "
@@ -356,6 +359,11 @@ class AuditStore(OutcomeLog):
             self._checkpointer.compact({c: h["anchor_seq"] for c, h in heads.items()})
             self.checkpoint_now()
         return int(removed)
+
+    def flush_checkpoints(self) -> None:
+        """Write the head a checkpoint timer is still holding back (before a process ends)."""
+        if self._checkpointer is not None and self._cipher.can_mac:
+            self._checkpointer.flush(self._sign)
 
     def checkpoint_now(self) -> list[Checkpoint]:
         """Append both chains' heads to the checkpoint file now (also done after retention); returns them."""
