@@ -32,7 +32,7 @@ from assets.deployment import server_config
 from assets.profile import load_profile
 from assets.serving_client import v2_request
 from assets.spec import load_spec
-from core.audit import AuditStore
+from core.audit import AuditKeys, AuditStore
 from core.server_config import ServerConfig, write_server_config
 from resources.storage import StorageResource
 from workloads.serving.versions import ServingRefused, load_version
@@ -102,6 +102,7 @@ class Server:
                                   load_profile(StorageResource(home=home), loaded.spec))
         config = config.replace(port=_free_port(), poll_seconds=0.5, **overrides)
         self.config_path = tmp / f"{name}.json"
+        self.keys_dir = config.keys_dir
         write_server_config(self.config_path, config)
         self.url = f"http://127.0.0.1:{config.port}"
         self.log = tmp / f"{name}.log"
@@ -135,7 +136,7 @@ class Server:
 
     @property
     def store(self) -> AuditStore:
-        return AuditStore(self.audit_url)
+        return AuditStore(self.audit_url, AuditKeys.load(self.keys_dir))  # the server's keys: decrypt, verify MACs
 
 
 @pytest.fixture
