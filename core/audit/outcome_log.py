@@ -49,16 +49,15 @@ class OutcomeLog:
                 found = known.get(r.decision_id)
                 if found is None or (spec is not None and found.spec != spec):
                     raise UnknownDecision(f"outcomes[{n}]: no decision {r.decision_id!r}"
-                                          f"{f' of model {spec!r}' if spec else ''} on the audit log at "
-                                          f"{self.location()}")
+                                          f"{f' of model {spec!r}' if spec else ''} on the audit log")
             seq, prev = int(head.seq), head.hash
             rows, out = [], []
             for n, r in enumerate(checked):
                 before = latest.get(r.decision_id)
                 if before is not None and before["outcome"] != r.outcome and not r.reason:
                     raise OutcomeConflict(f"outcomes[{n}]: decision {r.decision_id!r} already has outcome "
-                                          f"{before['outcome']} (reported by key {before['key_id'] or '-'}); a "
-                                          "different outcome is a correction: send it with a reason")
+                                          f"{before['outcome']}; a different outcome is a correction: send it with "
+                                          "a reason")
                 if (before is not None and before["outcome"] == r.outcome and before["key_id"] == key_id
                         and not r.reason):
                     out.append(before["id"])  # a retry of the same report

@@ -90,6 +90,7 @@ class AuditStore(OutcomeLog):
         self._cipher = Cipher(keys)
         self._writer_ready = keys is None
         self._lock = threading.Lock()
+        self._writer_lock = threading.Lock()
         self._seen: dict[int, int] = {}  # chain -> the newest seq this process committed (a rollback is refused)
         is_sqlite = url.startswith("sqlite")
         db_path = url.split(":///", 1)[-1] if is_sqlite else ""
@@ -160,10 +161,14 @@ class AuditStore(OutcomeLog):
         """True when this store writes under the keyed rule. The first keyed write to a store not yet keyed creates
         the missing keys and marks both chains keyed from their next seq; a keyed store is never given new keys (a
         missing key file is an error naming it)."""
-        import sqlalchemy as sa
-
         if self.keys is None:
             return False
+        with self._writer_lock:
+            return self._ready_writer()
+
+    def _ready_writer(self) -> bool:
+        import sqlalchemy as sa
+
         if not self._writer_ready:
             with self._read_engine.connect() as conn:
                 fmt = conn.execute(sa.select(self.head.c.format).where(self.head.c.id == HEAD_DECISIONS)).scalar()
@@ -252,8 +257,12 @@ class AuditStore(OutcomeLog):
 
     def input_hash(self, inputs: dict) -> str:
         """The input hash this store records for raw `inputs` (keyed under the keyed rule)."""
+        import sqlalchemy as sa
+
         plain = input_hash(inputs)
-        return self._cipher.input_hash(plain) if self._prepare_writer() else plain
+        with self._read_engine.connect() as conn:
+            fmt = conn.execute(sa.select(self.head.c.format).where(self.head.c.id == HEAD_DECISIONS)).scalar()
+        return self._cipher.input_hash(plain) if fmt == KEYED else plain
 
     # --- writing ---------------------------------------------------------------------------------------------
 

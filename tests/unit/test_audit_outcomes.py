@@ -25,7 +25,7 @@ def store(tmp_path: Path):
 
 def test_a_second_outcome_is_kept_beside_the_first_as_a_correction_with_its_reason(store):
     store.record_outcomes([OutcomeReport("d-00001", 0)], key_id="lender")
-    with pytest.raises(OutcomeConflict, match="already has outcome 0 .*key lender.* send it with a reason"):
+    with pytest.raises(OutcomeConflict, match="already has outcome 0; .* send it with a reason"):
         store.record_outcomes([OutcomeReport("d-00001", 1)], key_id="collector")  # a silent overwrite: refused
     (event,) = store.record_outcomes([OutcomeReport("d-00001", 1, "defaulted after the grace period")], "collector")
     history = store.outcome_history("d-00001")
