@@ -30,6 +30,8 @@ import json
 import os
 import platform
 import random
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -174,6 +176,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "audit_throughput.json"))
     args = parser.parse_args()
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its PostgreSQL
     before = baseline_store_class(args.baseline)
     variants = (["before"] if before is not None else []) + ["unkeyed", "keyed"]
     backends = ["sqlite"] + (["postgres"] if args.postgres else [])
@@ -198,6 +201,7 @@ def main() -> int:
     finally:
         if server is not None:
             server.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
     medians = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     ref = "before" if before is not None else "unkeyed"
 

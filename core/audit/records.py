@@ -86,7 +86,13 @@ def _plain(value: Any) -> Any:
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys, no spaces, NaN and infinities as null, numpy scalars as plain numbers. Values that are plain
+    JSON already (the usual case) skip the copy: json refuses NaN and numpy integers, and those take the slow path,
+    so both paths give the same text."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def input_hash(inputs: dict) -> str:
