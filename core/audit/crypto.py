@@ -6,8 +6,8 @@ Two keys live outside the database, in the keys folder (core/keys.py):
   decision chain and of the outcome chain, the chain heads and the checkpoints kept outside the store, and key
   the input hashes (so a redacted field with few possible values cannot be recovered by hashing candidates).
 - `audit-enc.key` (AES-256-GCM). The applicant's fields (`inputs`) and the top factors (which quote their
-  values) are encrypted; the associated data binds each ciphertext to its decision id and column, so a
-  ciphertext moved to another row, or to the other column, does not decrypt.
+  values) are encrypted together, into the `inputs` column (the `top_factors` column says so); the associated
+  data binds the ciphertext to its decision id, so a ciphertext moved to another row does not decrypt.
 
 A reader that needs a record's inputs but lacks `audit-enc.key` (or holds another one) gets them as
 `SealedInputs`: any use raises `AuditKeyError`, which names the key file. Ciphertext is never handed out as data.
@@ -17,6 +17,7 @@ Verifying the chain needs only `audit-mac.key`: an auditor can check the log wit
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -30,6 +31,7 @@ from core.keys import KeyFileError, KeyMissing, load_or_create_secret, load_secr
 MAC_KEY_FILE = "audit-mac.key"
 ENC_KEY_FILE = "audit-enc.key"
 SEAL_PREFIX = "aes256gcm:"  # a sealed column's text; plain JSON never starts like this
+SEALED_WITH_INPUTS = SEAL_PREFIX + "with-inputs"  # top_factors: sealed in the inputs column's ciphertext
 NONCE_BYTES = 12
 
 
@@ -192,12 +194,12 @@ class Cipher:
         if self._aead is None:
             raise AuditKeyError(f"the {column} of seq {seq} (decision {decision_id}) are encrypted and cannot be "
                                 f"read: {self.missing(ENC_KEY_FILE)}")
-        from cryptography.exceptions import InvalidTag
+        from cryptography.exceptions import InvalidTag  # a function-level import: the code location never pays it
 
         try:
-            raw = base64.b64decode(stored[len(SEAL_PREFIX):], validate=True)
+            raw = binascii.a2b_base64(stored[len(SEAL_PREFIX):], strict_mode=True)
             return self._aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(decision_id, column)).decode()
-        except (InvalidTag, ValueError):
+        except (InvalidTag, ValueError, binascii.Error):
             raise AuditKeyError(
                 f"the {column} of seq {seq} (decision {decision_id}) do not decrypt under "
                 f"{self.keys.enc_path if self.keys else ENC_KEY_FILE}: another key wrote them, or they were altered "

@@ -37,7 +37,8 @@ from typing import Any
 
 from core.audit.checkpoints import (DECISIONS, DEFAULT_INTERVAL, OUTCOMES, Checkpoint, Checkpointer,
                                     default_checkpoint_path, head_checkpoint, read_checkpoints)
-from core.audit.crypto import AuditKeyError, AuditKeys, Cipher, SealedInputs, SealedList, is_sealed
+from core.audit.crypto import (SEALED_WITH_INPUTS, AuditKeyError, AuditKeys, Cipher, SealedInputs, SealedList,
+                               is_sealed)
 from core.audit.outcome_log import OutcomeLog
 from core.audit.records import (DEFAULT_RETENTION_DAYS, FIELDS, GENESIS, REDACTED, REQUIRED, VARIANTS, AuditError,
                                 AuditRecord, ChainVerification, canonical_json, input_hash, now_iso, row_hash)
@@ -286,8 +287,10 @@ class AuditStore(OutcomeLog):
         stored_inputs, stored_factors = inputs, factors
         if keyed:
             digest = self._cipher.input_hash(digest)
-            stored_inputs = self._cipher.seal(inputs, decision_id, "inputs")
-            stored_factors = self._cipher.seal(factors, decision_id, "top_factors")
+            # One ciphertext for both (the top factors quote the inputs): one seal per record, one unseal per read.
+            stored_inputs = self._cipher.seal(f'{{"inputs":{inputs},"top_factors":{factors}}}', decision_id,
+                                              "inputs")
+            stored_factors = SEALED_WITH_INPUTS
         row = {
             "decision_id": decision_id, "time": str(rec.get("time") or now_iso()), "spec": str(rec["spec"]),
             "model_name": str(rec["model_name"]), "model_version": str(rec["model_version"]),
@@ -408,15 +411,14 @@ class AuditStore(OutcomeLog):
     def _record(self, row: Any) -> AuditRecord:
         m = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
         seq, did = int(m["seq"]), m["decision_id"]
-        for column, sealed in (("inputs", SealedInputs), ("top_factors", SealedList)):
-            text = m[column]
-            if is_sealed(text):
-                try:
-                    text = self._cipher.unseal(text, did, column, seq)
-                except AuditKeyError as exc:
-                    m[column] = sealed(str(exc))
-                    continue
-            m[column] = json.loads(text)
+        if is_sealed(m["inputs"]):
+            try:
+                both = json.loads(self._cipher.unseal(m["inputs"], did, "inputs", seq))
+                m["inputs"], m["top_factors"] = both["inputs"], both["top_factors"]
+            except AuditKeyError as exc:
+                m["inputs"], m["top_factors"] = SealedInputs(str(exc)), SealedList(str(exc))
+        else:
+            m["inputs"], m["top_factors"] = json.loads(m["inputs"]), json.loads(m["top_factors"])
         m["similar_cases"] = json.loads(m["similar_cases"])
         m["seq"] = seq
         return AuditRecord(**{k: m[k] for k in FIELDS})
