@@ -39,6 +39,11 @@ class AuditKeyError(AuditError):
     """A key the audit log needs is missing or is not the one it was written with; the message names the file."""
 
 
+def _keyed(key: bytes, label: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 keyed with a sub-key derived from `key` for one purpose (`label`)."""
+    return hmac.new(hmac.new(key, label, hashlib.sha256).digest(), digestmod=hashlib.sha256)
+
+
 def _fingerprint(key: bytes) -> str:
     """A public name for a key (not the key): which key wrote a store, so a wrong one is named, not guessed."""
     return hmac.new(key, b"intelligentops key id", hashlib.sha256).hexdigest()[:16]
@@ -136,8 +141,9 @@ class Cipher:
     def __init__(self, keys: AuditKeys | None):
         self.keys = keys
         mac = keys.mac if keys else None
-        self._chain = hmac.new(mac, b"audit chain v1", hashlib.sha256).digest() if mac else None
-        self._inputs = hmac.new(mac, b"audit input hash v1", hashlib.sha256).digest() if mac else None
+        # Keyed once; each MAC copies the keyed state (cheaper than keying HMAC again per record).
+        self._chain = _keyed(mac, b"audit chain v1") if mac else None
+        self._inputs = _keyed(mac, b"audit input hash v1") if mac else None
         self._aead = None
         if keys is not None and keys.enc:
             from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -166,7 +172,9 @@ class Cipher:
         """HMAC-SHA256 of `kind` and `text` under the chain key (kinds keep a record's MAC from passing as a head's)."""
         if self._chain is None:
             raise self.missing(MAC_KEY_FILE)
-        return hmac.new(self._chain, f"{kind}\n{text}".encode(), hashlib.sha256).hexdigest()
+        h = self._chain.copy()
+        h.update(f"{kind}\n{text}".encode())
+        return h.hexdigest()
 
     def mac_ok(self, kind: str, text: str, tag: str | None) -> bool:
         return tag is not None and hmac.compare_digest(self.mac(kind, text), tag)
@@ -175,7 +183,9 @@ class Cipher:
         """The keyed input hash: HMAC of the sha256 of the raw inputs, so candidates cannot be hashed and compared."""
         if self._inputs is None:
             raise self.missing(MAC_KEY_FILE)
-        return hmac.new(self._inputs, plain_sha256.encode(), hashlib.sha256).hexdigest()
+        h = self._inputs.copy()
+        h.update(plain_sha256.encode())
+        return h.hexdigest()
 
     # --- encryption ---
     @staticmethod
