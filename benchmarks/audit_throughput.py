@@ -140,41 +140,38 @@ def measure(variants: list[str], urls: dict[str, str], folders: dict[str, Path],
             for v, t in spent.items()}
 
 
-def cpu_cost(rows: list[dict], repeats: int = 7) -> dict[str, float]:
-    """Microseconds per record of the work keys add, without a database: preparing a record for the store
-    (canonical JSON, input hash; keyed: the keyed hash and the seal), its MAC, and turning a stored row back into
-    a record (JSON; keyed: the unseal). The fastest of `repeats` runs: the cost itself, not the machine's noise."""
+def cpu_cost(rows: list[dict], repeats: int = 25) -> dict[str, float]:
+    """Microseconds per record of the work keys add, without a database, step by step: preparing a record for the
+    store (canonical JSON, input hash; keyed: the keyed hash and the seal), its hash (and MAC), and turning a stored
+    row back into a record (JSON; keyed: the unseal). The two variants take turns and the fastest of `repeats`
+    runs counts: the cost itself, not the machine's noise."""
     from core.audit import AuditKeys, AuditStore
     from core.audit.records import row_hash
 
     folder = Path(tempfile.mkdtemp(prefix="audit-cpu-"))
-    out: dict[str, float] = {}
+    store = AuditStore(f"sqlite:///{folder / 'audit.db'}", AuditKeys.load(folder / "keys"))
+    store._prepare_writer()
+    stored = {keyed: [{**store._prepare(r, keyed)[0], "seq": i, "prev_hash": "0" * 64, "record_hash": "0" * 64}
+                      for i, r in enumerate(rows, start=1)] for keyed in (False, True)}
+    steps = {
+        "prepare": lambda keyed: [store._prepare(r, keyed) for r in rows],
+        "hash": lambda keyed: [store._cipher.mac("decision", row_hash(r)) if keyed else row_hash(r)
+                               for r in stored[keyed]],
+        "read": lambda keyed: [store._record(r) for r in stored[keyed]],
+    }
+    best = {f"{step}_{v}_us": float("inf") for step in steps for v in ("unkeyed", "keyed")}
     try:
-        for variant in ("unkeyed", "keyed"):
-            keys = AuditKeys.load(folder / "keys") if variant == "keyed" else None
-            store = AuditStore(f"sqlite:///{folder / variant}.db", keys)
-            keyed = store._prepare_writer()
-            best_write = best_read = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                stored = []
-                for seq, r in enumerate(rows, start=1):
-                    row = {**store._prepare(r, keyed)[0], "seq": seq, "prev_hash": "0" * 64}
-                    row["record_hash"] = row_hash(row)
-                    if keyed:
-                        row["mac"] = store._cipher.mac("decision", row["record_hash"])
-                    stored.append(row)
-                best_write = min(best_write, time.perf_counter() - start)
-                start = time.perf_counter()
-                for row in stored:
-                    store._record(row)
-                best_read = min(best_read, time.perf_counter() - start)
-            out[f"{variant}_write_us"] = best_write / len(rows) * 1e6
-            out[f"{variant}_read_us"] = best_read / len(rows) * 1e6
-            store.engine.dispose()
+        for _ in range(repeats):
+            for step, run in steps.items():
+                for keyed in (False, True):
+                    start = time.perf_counter()
+                    run(keyed)
+                    key = f"{step}_{'keyed' if keyed else 'unkeyed'}_us"
+                    best[key] = min(best[key], (time.perf_counter() - start) / len(rows) * 1e6)
     finally:
+        store.engine.dispose()
         shutil.rmtree(folder, ignore_errors=True)
-    return out
+    return best
 
 
 def postgres_urls():
@@ -257,11 +254,11 @@ def main() -> int:
         lines.append(f"| {backend} | {batch} | {variant} | {m['append_per_s']:,.0f} | "
                      f"{ratio(key, 'append_per_s'):+.1%} | {m['commits_per_s']:,.0f} | {m['read_per_s']:,.0f} | "
                      f"{ratio(key, 'read_per_s'):+.1%} | {m['verify_per_s']:,.0f} | {ratio(key, 'verify_per_s'):+.1%} |")
-    cpu = cpu_cost(records(2000, seed=999))
-    lines += ["", "| per record, no database (fastest of 7) | unkeyed | keyed | added |", "|---|---|---|---|"]
-    for what in ("write", "read"):
-        u, k = cpu[f"unkeyed_{what}_us"], cpu[f"keyed_{what}_us"]
-        lines.append(f"| {what} | {u:.1f} us | {k:.1f} us | {k - u:+.1f} us |")
+    cpu = cpu_cost(records(500, seed=999))
+    lines += ["", "| per record, no database (fastest of 25) | unkeyed | keyed | added |", "|---|---|---|---|"]
+    for step in ("prepare", "hash", "read"):
+        u, k = cpu[f"{step}_unkeyed_us"], cpu[f"{step}_keyed_us"]
+        lines.append(f"| {step} | {u:.1f} us | {k:.1f} us | {k - u:+.1f} us |")
     print("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({

@@ -160,7 +160,8 @@ class Checkpointer:
         self._write(list(checkpoints))
 
     def _write(self, checkpoints: list[Checkpoint]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
         for c in checkpoints:
             append_line(self.path, json.dumps(c.to_json(), sort_keys=True, separators=(",", ":")))
 
