@@ -29,6 +29,7 @@ from assets.profile import load_profile
 from assets.serving_client import latency_burst, percentile, sample_rows, smoke_decision
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
+from core.keys import keys_dir as keys_folder
 from core.names import OPERATOR_KEY_ID, SMOKE_KEY_ID
 from core.server_config import ServerConfig, TlsFiles, parse_server_config
 from resources.mlflow import MlflowResource
@@ -147,7 +148,7 @@ def _tls(loaded: LoadedSpec) -> TlsFiles | None:
 
 
 def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: str, profile: Any | None,
-                  registry_uri: str | None = None) -> tuple[ServerConfig, str | None]:
+                  registry_uri: str | None = None, keys_dir: str | None = None) -> tuple[ServerConfig, str | None]:
     """The typed config `python -m workloads.serving` runs from (core/server_config.py), and the key the smoke
     requests use. Building it validates it; the launcher validates it again when it writes the file."""
     spec, d = loaded.spec, loaded.spec.deployment
@@ -173,6 +174,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         keys_file.chmod(0o600)
     config = parse_server_config({
         "spec": spec.name, "tracking_uri": tracking_uri, "registry_uri": registry_uri, "audit_url": audit_url,
+        "keys_dir": str(keys_folder(home, keys_dir)),
         "port": d.port, "mode": d.traffic.mode, "canary_share": d.traffic.canary_share,
         "numeric": numeric, "categorical": categorical, "text": list(spec.features.text),
         "max_batch_rows": d.max_batch_rows, "max_body_bytes": d.max_body_bytes,
@@ -215,7 +217,7 @@ def deploy(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource,
     """Start or reload the server on the champion; (Deployed, expected versions, smoke key, smoke rows)."""
     spec = loaded.spec
     config, key = server_config(loaded, storage.home, mlflow.resolved_tracking_uri(), audit.resolved_url(),
-                                load_profile(storage, spec), mlflow.registry_uri)
+                                load_profile(storage, spec), mlflow.registry_uri, audit.resolved_keys_dir())
     expect = _versions(mlflow, spec)
     deployed = server.deploy(spec.name, config, expect, log)
     return deployed, expect, key, sample_rows(spec, validated, 20)

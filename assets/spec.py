@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core import server_config
+from core.audit.outcomes import DEFAULT_OUTCOME_RULE, OutcomeRule
 from core.train_config import DeepSpeedSettings, TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +189,11 @@ class Monitoring(_Strict):
     reported as too small. A retrain is asked for at most once per `retrain_cooldown_hours`. With
     `learn_from_outcomes`, every served decision whose outcome was recorded becomes a labelled row of the next
     raw_dataset snapshot, so a retrain learns from what the deployment saw (raw_dataset's metadata says how many).
+    `outcome_rule` says which label a decision with several outcome reports takes (core/audit/outcomes.py):
+    `unanimous` (default: a disputed label is left out, so one key can withhold a label but never flip one),
+    `first` or `latest`; it also feeds the drift report's live AUC. With `exclude_flagged_outcome_keys`, the
+    reports of a key that inference_log flags (outcomes contradicting the model far beyond its measured error)
+    are left out of training.
     """
 
     window: int = Field(1000, ge=10)
@@ -200,6 +206,8 @@ class Monitoring(_Strict):
     sensor_interval_seconds: int = Field(30, ge=1, le=86400)
     # Served decisions whose outcome came back join the next snapshot (and so the next retrain) as labelled rows.
     learn_from_outcomes: bool = False
+    outcome_rule: OutcomeRule = DEFAULT_OUTCOME_RULE
+    exclude_flagged_outcome_keys: bool = True
 
     @model_validator(mode="after")
     def _window_can_be_scored(self) -> "Monitoring":

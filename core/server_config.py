@@ -109,6 +109,8 @@ class ServerConfig(BaseModel):
     tracking_uri: str = Field(min_length=1)
     registry_uri: str | None = None
     audit_url: str = Field(min_length=1)
+    keys_dir: str | None = Field(None, description="the keys folder (audit-mac.key, audit-enc.key; core/keys.py); "
+                                                   "None only in configs written before keys: an unkeyed audit log")
     port: Port
     mode: Mode
     canary_share: CanaryShare

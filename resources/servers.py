@@ -68,18 +68,34 @@ class Deployed:
 
 class AuditResource(dg.ConfigurableResource):
     """The decision audit log: SQLite under the home by default; `url` (or $INTELLIGENTOPS_AUDIT_URL) names
-    another SQLAlchemy database, e.g. postgresql+psycopg2://... on a cluster."""
+    another SQLAlchemy database, e.g. postgresql+psycopg2://... on a cluster. Its keys (core/audit/crypto.py)
+    are in `keys_dir` ($INTELLIGENTOPS_KEYS_DIR), default `<home>/keys`; the server is given the same folder."""
 
     home: str
     url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<home>/audit/audit.db")
+    keys_dir: str | None = Field(None, description="the keys folder; default <home>/keys")
 
     def resolved_url(self) -> str:
         return self.url or default_audit_url(self.home)
 
-    def store(self):
-        from core.audit import AuditStore
+    def resolved_keys_dir(self) -> str:
+        from core.keys import keys_dir
 
-        return AuditStore(self.resolved_url())
+        return str(keys_dir(self.home, self.keys_dir))
+
+    def checkpoint_file(self) -> str | None:
+        """Where the store's heads are checkpointed: beside a SQLite store; for a database, under the home."""
+        if self.resolved_url().startswith("sqlite") or "://" in self.home:
+            return None
+        return str(Path(self.home) / "audit" / "checkpoints.jsonl")
+
+    def store(self):
+        from core.audit import AuditKeys, AuditStore
+
+        keys = AuditKeys.load(self.resolved_keys_dir())
+        file = self.checkpoint_file()
+        return AuditStore(self.resolved_url(), keys) if file is None else AuditStore(self.resolved_url(), keys,
+                                                                                      checkpoints=file)
 
 
 class ServerLauncher(dg.ConfigurableResource):

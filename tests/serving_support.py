@@ -168,6 +168,7 @@ class Server:
 
     @property
     def store(self):
-        from core.audit import AuditStore
+        """The server's audit store, opened with the server's keys (decrypts inputs, verifies MACs)."""
+        from core.audit import AuditKeys, AuditStore
 
-        return AuditStore(self.audit_url)
+        return AuditStore(self.audit_url, AuditKeys.load(self.config.keys_dir) if self.config.keys_dir else None)

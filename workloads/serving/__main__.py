@@ -89,7 +89,7 @@ def serve(cfg: ServerConfig) -> None:
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse
 
-    from core.audit import AuditStore
+    from core.audit import AuditKeys, AuditStore
     from core.server_config import is_loopback
     from workloads.serving.batching import BatchingEngine
     from workloads.serving.gateway import load_keys
@@ -114,7 +114,7 @@ def serve(cfg: ServerConfig) -> None:
     mlflow.set_registry_uri(cfg.registry_uri or cfg.tracking_uri)
     metrics = Metrics()
     versions = ServedVersions(cfg, metrics)
-    audit = AuditStore(cfg.audit_url)  # after the audit store's keys land: AuditStore(cfg.audit_url, keys)
+    audit = AuditStore(cfg.audit_url, AuditKeys.load(cfg.keys_dir) if cfg.keys_dir else None)
     engine = BatchingEngine(cfg, versions, audit, metrics, SimilarCases(cfg))
     model = DecisionModel(cfg, versions, engine)
     model.load()
@@ -132,7 +132,10 @@ def serve(cfg: ServerConfig) -> None:
     log.info("%s: serving versions %s on %s://%s:%d (%s policy, %s), audit log %s", cfg.spec,
              versions.alias_versions, scheme, cfg.host, cfg.port or DEFAULT_PORT, cfg.mode,
              "API keys" if keys else "open for predict and explain on loopback", audit.location())
-    uvicorn.Server(uvicorn_config(cfg, app)).run()
+    try:
+        uvicorn.Server(uvicorn_config(cfg, app)).run()
+    finally:
+        audit.flush_checkpoints()  # the last head of a burst goes to the checkpoint file before the process ends
 
 
 def main(argv: list[str] | None = None) -> int:

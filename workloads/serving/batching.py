@@ -31,7 +31,6 @@ import os
 import random
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 

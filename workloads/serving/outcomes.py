@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-from core.audit import AuditStore
+from core.audit import AuditError, AuditStore
+from core.audit.outcomes import OutcomeConflict, OutcomeReport, UnknownDecision
 from core.names import KEY_ID_HEADER
 
 MAX_REASON_CHARS = 500
@@ -30,29 +30,23 @@ class OutcomeError(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Reported:
-    """One checked item of a report (the shape of core.audit's OutcomeReport)."""
+def store_outcomes(store: AuditStore, spec: str, reports: list[OutcomeReport], key_id: str | None) -> int:
+    """Append checked reports to the audit store's outcome chain with the reporting key's id, all or none.
 
-    decision_id: str
-    outcome: int
-    reason: str | None = None
-
-
-def store_outcomes(store: AuditStore, reports: list[Reported], key_id: str | None) -> int:
-    """Hand checked reports to the audit store with the reporting key's id.
-
-    The audit store that appends outcomes to the hash chain takes them in one call,
-    `store.record_outcomes([OutcomeReport(r.decision_id, r.outcome, r.reason) for r in reports], key_id)`;
-    until that store is merged, today's keeps the latest outcome per decision and has no place for the key id
-    or the reason (they are checked here all the same).
-    """
-    for r in reports:
-        store.record_outcome(r.decision_id, r.outcome)  # the one line that becomes store.record_outcomes(...)
+    A decision not on the log (or of another model) is a 404 and a different outcome for a decision that has one,
+    sent without the reason a correction needs, a 409; the store's message names the item."""
+    try:
+        store.record_outcomes(reports, key_id, spec=spec)
+    except UnknownDecision as exc:
+        raise OutcomeError(str(exc), status=404) from None
+    except OutcomeConflict as exc:
+        raise OutcomeError(str(exc), status=409) from None
+    except AuditError as exc:
+        raise OutcomeError(str(exc), status=400) from None
     return len(reports)
 
 
-def parse_report(body: bytes, max_items: int) -> list[Reported]:
+def parse_report(body: bytes, max_items: int) -> list[OutcomeReport]:
     """The items of a report, each checked for shape; the first problem names the item."""
     try:
         items = json.loads(body or b"{}").get("outcomes")
@@ -76,7 +70,7 @@ def parse_report(body: bytes, max_items: int) -> list[Reported]:
         unknown = sorted(set(item) - {"decision_id", "outcome", "reason"})
         if unknown:
             raise OutcomeError(f"outcomes[{i}]: unknown field(s) {[u[:30] for u in unknown[:5]]}")
-        out.append(Reported(item["decision_id"], int(item["outcome"]), reason))
+        out.append(OutcomeReport(item["decision_id"], int(item["outcome"]), reason))
     return out
 
 
@@ -85,13 +79,7 @@ def record_outcomes(store: AuditStore, spec: str, model: str, body: bytes, key_i
     """Validate and record a report; every problem names the item. Returns how many were recorded."""
     if model != spec:
         raise OutcomeError("no model of that name is served here", status=404)
-    reports = parse_report(body, max_items)
-    for i, r in enumerate(reports):
-        record = store.get(r.decision_id)
-        if record is None or record.spec != spec:
-            raise OutcomeError(f"outcomes[{i}]: no decision {r.decision_id!r} of model {spec!r} on the audit log",
-                               status=404)
-    return store_outcomes(store, reports, key_id)
+    return store_outcomes(store, spec, parse_report(body, max_items), key_id)
 
 
 def outcomes_endpoint(store: AuditStore, spec: str, max_items: int = 1000) -> Callable[[Any], Awaitable[Any]]:
