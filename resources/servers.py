@@ -42,6 +42,7 @@ OUTPUT_FILE = "server.out"  # what the process writes outside its log (before lo
 SMOKE_KEY_FILE = "smoke.key"  # the deployment's own keys, mode 0600 (assets/deployment.py writes them)
 OPERATOR_KEY_FILE = "operator.key"
 TLS_MOUNT = "/etc/intelligentops/tls"
+KEYS_MOUNT = "/etc/intelligentops-keys"
 ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 CONFIG_MOUNT = "/etc/intelligentops"
 SERVER_MODULE = "workloads.serving"  # run with `python -m`, from the repository root (the image's working dir)
@@ -302,6 +303,9 @@ class KServeLauncher(ServerLauncher):
     tls_secret: str = Field("intelligentops-tls", description="a kubernetes.io/tls Secret (tls.crt, tls.key; "
                                                               "ca.crt for client certificates) mounted when the "
                                                               "spec sets deployment.tls")
+    keys_secret: str = Field("intelligentops-keys", description="a Secret holding the keys folder's files "
+                                                                "(audit-mac.key, audit-enc.key), mounted read-only "
+                                                                "as the server's keys_dir")
     load_incluster_config: bool | None = None
     kubeconfig_file: str | None = None
     kube_context: str | None = None
@@ -329,7 +333,7 @@ class KServeLauncher(ServerLauncher):
         # cluster's authentication) is what callers reach, so the server is told so knowingly. Logs go to stdout,
         # which the kubelet rotates. TLS files come from a Secret mounted at TLS_MOUNT.
         changes: dict[str, Any] = {"port": port, "model_cache": "/tmp/intelligentops-models", "host": "0.0.0.0",
-                                   "gateway_authenticates": True, "log_file": None}
+                                   "gateway_authenticates": True, "log_file": None, "keys_dir": KEYS_MOUNT}
         if config.tls is not None:
             changes["tls"] = {"cert_file": f"{TLS_MOUNT}/tls.crt", "key_file": f"{TLS_MOUNT}/tls.key",
                               "client_ca_file": f"{TLS_MOUNT}/ca.crt" if config.tls.client_ca_file else None}
@@ -362,6 +366,10 @@ class KServeLauncher(ServerLauncher):
                               period_seconds=5, failure_threshold=3)
         mounts = [k.V1VolumeMount(name="server-config", mount_path=CONFIG_MOUNT, read_only=True)]
         volumes = [k.V1Volume(name="server-config", config_map=k.V1ConfigMapVolumeSource(name=cm_name))]
+        # The audit log's keys (core/keys.py) from their Secret, owner-read-only as the server checks.
+        mounts.append(k.V1VolumeMount(name="server-keys", mount_path=KEYS_MOUNT, read_only=True))
+        volumes.append(k.V1Volume(name="server-keys", secret=k.V1SecretVolumeSource(secret_name=self.keys_secret,
+                                                                                    default_mode=0o400)))
         if tls is not None:
             mounts.append(k.V1VolumeMount(name="server-tls", mount_path=TLS_MOUNT, read_only=True))
             volumes.append(k.V1Volume(name="server-tls", secret=k.V1SecretVolumeSource(secret_name=self.tls_secret,
