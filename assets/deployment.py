@@ -30,6 +30,7 @@ from assets.serving_client import latency_burst, percentile, sample_rows, smoke_
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
 from core.names import SMOKE_KEY_ID
+from core.signing import PUBLIC_KEY, default_keys_dir
 from core.server_config import ServerConfig, parse_server_config
 from resources.mlflow import MlflowResource
 from resources.servers import AuditResource, Deployed, ServerLauncher
@@ -96,8 +97,13 @@ def smoke_key(folder: Path) -> str:
     return path.read_text().strip()
 
 
+def signing_public_key(home: str, keys_dir: str | None) -> Path:
+    """The model-signing public key the server trusts: in INTELLIGENTOPS_KEYS_DIR, or the home's keys folder."""
+    return (Path(keys_dir) if keys_dir else default_keys_dir(home)) / PUBLIC_KEY
+
+
 def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: str, profile: Any | None,
-                  registry_uri: str | None = None) -> tuple[ServerConfig, str | None]:
+                  registry_uri: str | None = None, keys_dir: str | None = None) -> tuple[ServerConfig, str | None]:
     """The typed config `python -m workloads.serving` runs from (core/server_config.py), and the key the smoke
     requests use. Building it validates it; the launcher validates it again when it writes the file."""
     spec, d = loaded.spec, loaded.spec.deployment
@@ -125,6 +131,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "similar_cases": d.similar_cases if spec.has_text else 0,
         "vector_db": str(Path(home) / spec.name / "vector_index") if spec.has_text else None,
         "model_cache": str(folder / "models"),
+        "signing_public_key": str(signing_public_key(home, keys_dir)),
         "smoke_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
     }, source=f"{loaded.path} (deployment)")
     return config, key
@@ -153,7 +160,7 @@ def deploy(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource,
     """Start or reload the server on the champion; (Deployed, expected versions, smoke key, smoke rows)."""
     spec = loaded.spec
     config, key = server_config(loaded, storage.home, mlflow.resolved_tracking_uri(), audit.resolved_url(),
-                                load_profile(storage, spec), mlflow.registry_uri)
+                                load_profile(storage, spec), mlflow.registry_uri, storage.keys_dir)
     expect = _versions(mlflow, spec)
     deployed = server.deploy(spec.name, config, expect, log)
     return deployed, expect, key, sample_rows(spec, validated, 20)

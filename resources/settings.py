@@ -108,6 +108,8 @@ class Settings:
     audit_url: str | None = None
     # Artifacts of MLflow experiments when tracking is on a database; default <home>/mlflow/artifacts.
     mlflow_artifacts: str | None = None
+    # The keys folder (INTELLIGENTOPS_KEYS_DIR; a mounted Secret on a cluster); default <home>/keys.
+    keys_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
@@ -121,4 +123,5 @@ class Settings:
         return cls(home=intelligentops_home(env), pipelines=pipelines_dir(env), deployment=deployment,
                    mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
                    audit_url=env.get("INTELLIGENTOPS_AUDIT_URL") or None,
-                   mlflow_artifacts=env.get("INTELLIGENTOPS_MLFLOW_ARTIFACTS") or None)
+                   mlflow_artifacts=env.get("INTELLIGENTOPS_MLFLOW_ARTIFACTS") or None,
+                   keys_dir=env.get("INTELLIGENTOPS_KEYS_DIR") or None)
