@@ -52,8 +52,9 @@ def verify_integrity(local: Path, version, public_key: Path | None) -> Integrity
                         "by training")
     if not reported:
         problems.append("the version has no checkpoint_sha256 tag")
-    named = sum(1 for p in check.problems if not p.startswith((MANIFEST, "the version", str(local))))
-    return Integrity(problems=problems, files_verified=max(0, check.files_listed - named),
+    named = {p.split(":", 1)[0] for p in check.problems}  # a file's own problem starts with its path
+    listed = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    return Integrity(problems=problems, files_verified=max(0, check.files_listed - len(named & set(listed))),
                      signature_verified=check.signature_verified,
                      signing_key_sha256=fingerprint(public_key) if check.signature_verified and public_key else None)
 
