@@ -59,6 +59,21 @@ def verify_integrity(local: Path, version, public_key: Path | None) -> Integrity
                      signing_key_sha256=fingerprint(public_key) if check.signature_verified and public_key else None)
 
 
+NOT_LOADED = "not loaded: its files failed the integrity check, so none of its code was run"
+
+
+def load_verified(mlflow: MlflowResource, name: str, version, public_key: Path | None):
+    """Another version (the champion) loaded only after its folder passes its seal; ValueError naming why not."""
+    from core.model_folder import model_folder_problems
+
+    local = mlflow.download_version(name, str(version.version))
+    problems = model_folder_problems(local, public_key, (version.tags or {}).get(MANIFEST_TAG))
+    if problems:
+        raise ValueError(f"its folder fails its integrity check ({problems[0]}), so it was not loaded")
+    refuse_pickle()
+    return mlflow_pyfunc_load(local)
+
+
 def trusted_public_key(storage: StorageResource) -> Path | None:
     """The model-signing public key the integrity gate trusts: the keys folder's (core/signing.py)."""
     try:
@@ -195,15 +210,19 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     tags = dict(challenger.tags or {})
     started = time.perf_counter()
     local = mlflow.download_version(name, version)
-    integrity = verify_integrity(local, challenger, trusted_public_key(storage))
-    try:
-        refuse_pickle()
-        model = mlflow_pyfunc_load(local)
-        integrity = integrity.model_copy(update={"loads_without_pickle": True, "load_error": None})
-    except Exception as exc:  # the evidence is that it did not load, and why
-        integrity = integrity.model_copy(update={"loads_without_pickle": False,
-                                                 "load_error": f"{type(exc).__name__}: {exc}"[:500]})
-        model = None
+    public_key = trusted_public_key(storage)
+    integrity = verify_integrity(local, challenger, public_key)
+    model = None
+    if integrity.problems:  # none of a folder's code runs here unless every file of it is the registered one
+        integrity = integrity.model_copy(update={"loads_without_pickle": False, "load_error": NOT_LOADED})
+    else:
+        try:
+            refuse_pickle()
+            model = mlflow_pyfunc_load(local)
+            integrity = integrity.model_copy(update={"loads_without_pickle": True, "load_error": None})
+        except Exception as exc:  # the evidence is that it did not load, and why
+            integrity = integrity.model_copy(update={"loads_without_pickle": False,
+                                                     "load_error": f"{type(exc).__name__}: {exc}"[:500]})
     head = dict(model_name=name, model_version=version, run_id=challenger.run_id,
                 evaluated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), source=_describe_source(spec),
                 lineage={k: tags.get(k, "") for k in LINEAGE_TAGS}, integrity=integrity,
@@ -230,7 +249,7 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     champion = mlflow.alias_version(name, CHAMPION)
     if champion is not None and str(champion.version) != version:
         try:
-            champion_p = _predict_fn(mlflow.load_model(name, version=str(champion.version)))(test[features])
+            champion_p = _predict_fn(load_verified(mlflow, name, champion, public_key))(test[features])
             comparison = ChampionComparison(version=str(champion.version), test=binary_metrics(y, champion_p,
                                                                                                 threshold))
         except Exception as exc:

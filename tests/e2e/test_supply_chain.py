@@ -307,3 +307,34 @@ def test_a_server_refuses_to_start_on_a_tampered_champion_naming_the_file(regist
         assert "code/tabular_mlp.py: sha256" in last and "refusing to serve" in last, last
     finally:
         client.set_registered_model_alias(SPEC, "champion", registered.version)
+
+
+def test_evaluation_never_runs_the_code_of_a_tampered_challenger(registered, client, original, public_key, tmp_path):
+    import logging
+
+    import pandas as pd
+
+    from assets.checks.gates import evaluate_gates
+    from assets.evaluation import evaluate
+    from assets.spec import load_spec
+    from resources.mlflow import MlflowResource
+    from resources.storage import StorageResource
+
+    marker = tmp_path / "code-ran"
+    bad = new_version(client, registered, original, tmp_path,
+                      append("model_code.py", f"\nimport pathlib; pathlib.Path({str(marker)!r}).touch()\n"))
+    client.set_registered_model_alias(SPEC, "challenger", bad)
+    try:
+        spec = load_spec(registered.pipelines / f"{SPEC}.yaml").spec
+        assets = registered.home / "assets" / SPEC
+        ev = evaluate(spec, MlflowResource(home=str(registered.home)), StorageResource(home=str(registered.home)),
+                      pd.read_parquet(assets / "validated_dataset.parquet"),
+                      pd.read_parquet(assets / "training_splits.parquet"),
+                      pd.read_parquet(assets / "text_embeddings.parquet"), logging.getLogger("test"))
+    finally:
+        client.set_registered_model_alias(SPEC, "challenger", registered.version)
+    assert not marker.exists(), "the integrity gate's evaluation imported a tampered model_code.py"
+    assert not ev.loaded and not ev.integrity.signature_verified
+    gates = {g.name: g for g in evaluate_gates(ev, spec)}
+    assert not gates["integrity"].passed and "model_code.py: sha256" in gates["integrity"].summary
+    assert "not evaluated" in gates["performance"].summary
