@@ -174,8 +174,9 @@ class Compliance(_Strict):
     standard deviations of every numeric input flips the decision (at most `max_evasion_success` of them may
     be); and a copy trained on the answers to `extraction_queries` synthetic applicants, whose agreement with
     the version on the test applicants (Cohen's kappa: beyond chance) may be at most `max_extraction_agreement`.
-    Defaults measured on the shipped specs (benchmarks/README.md): evasion 0.18 (credit_risk) and 0.11
-    (credit_scoring), extraction kappa 0.69 and 0.82; a model whose decision hangs on one input is copied at 0.99.
+    Defaults set from the shipped specs (docs/pipelines.md): evasion 0.10 (credit_risk) and 0.14 (credit_scoring),
+    extraction kappa 0.72 and 0.84; a decision that flips on a ripple of one input is evaded at 0.68-0.97, one
+    that hangs on one input is copied at kappa 0.99.
     """
 
     intended_purpose: str = ""
