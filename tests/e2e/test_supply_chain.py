@@ -226,13 +226,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+KEY = "supply-chain-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 def _start(registered, tmp: Path, name: str, public_key: Path) -> tuple[subprocess.Popen, str, Path]:
+    import json
+
     from core.server_config import write_server_config
 
     port = _free_port()
+    keys = tmp / f"{name}-keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "ops", "sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+                                          "models": [SPEC], "scopes": ["predict", "explain", "read"]}]}))
     cfg = server_cfg(registered, tmp, public_key, port=port, poll_seconds=0.5,
                      audit_url=f"sqlite:///{tmp / name}-audit.db", numeric={"income": None, "debt_ratio": None},
-                     categorical={"purpose": None}, similar_cases=0)
+                     categorical={"purpose": None}, similar_cases=0, api_keys_file=str(keys))
     write_server_config(tmp / f"{name}.json", cfg)
     log = tmp / f"{name}.log"
     with log.open("ab") as out:
@@ -252,7 +261,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _status(url: str) -> dict:
-    return httpx.get(f"{url}/intelligentops/status", timeout=5).json()
+    return httpx.get(f"{url}/intelligentops/status", headers=AUTH, timeout=5).json()
 
 
 def test_the_server_keeps_serving_the_last_good_version_and_says_why(registered, client, original, public_key,
@@ -283,7 +292,8 @@ def test_the_server_keeps_serving_the_last_good_version_and_says_why(registered,
             status = _status(url)
             assert status["versions"]["champion"]["version"] == good
             assert f"version {bad}" in status["last_error"]
-            answer = httpx.post(f"{url}/v1/models/{SPEC}:predict", json={"instances": [ROW]}, timeout=30)
+            answer = httpx.post(f"{url}/v1/models/{SPEC}:predict", json={"instances": [ROW]}, headers=AUTH,
+                                timeout=30)
             assert answer.status_code == 200 and answer.json()["predictions"][0]["model_version"] == good
             assert named in log.read_text()
         client.set_registered_model_alias(SPEC, "champion", good)
