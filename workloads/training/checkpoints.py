@@ -108,7 +108,7 @@ def save_checkpoint(s: Session, tag: str) -> None:
 
 
 # What DeepSpeed's ZeRO optimizer states pickle besides tensors and containers (found with
-# torch.serialization.get_unsafe_globals_in_checkpoint on stages 0-3): value types, no code.
+# torch.serialization.get_unsafe_globals_in_checkpoint on stages 0-3, fp32 and bf16): value types, no code.
 SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
                 "deepspeed.utils.tensor_fragment.fragment_address")
 
