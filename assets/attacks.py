@@ -11,7 +11,9 @@ text embeddings), never its weights or gradients, and they spend a bounded numbe
   little (income, amount, ratio), while a one-hot category or a text embedding moved by a small amount is not
   an input anyone can send. A row counts as evaded when some query within the budget got the other decision
   from an input no further than `epsilon` standard deviations (the train split's) from the applicant on every
-  numeric input. The success rate is the share of sampled test applicants evaded.
+  numeric input. The success rate is the share of sampled test applicants evaded. Whole-number inputs (counts,
+  a term of 36 or 60 months) are shaded like any other, which overstates what an applicant can do: the
+  figure errs on the side of fragility.
 - **Extraction** (`extraction`): ART's KnockoffNets (random strategy) sends `queries` synthetic applicants,
   each feature drawn independently from the training split's marginal (what a public summary of the
   population allows), reads the decisions, and trains a small network on them. The agreement is the share of

@@ -43,9 +43,11 @@ def evaluated(tmp_path_factory):
 
 
 def _spec():
-    from assets.spec import PipelineSpec
+    """The spec with the default extraction limit: the toy spec itself accepts being copied (loans_support)."""
+    from assets.spec import Compliance, PipelineSpec
 
-    return PipelineSpec.model_validate(spec())
+    return PipelineSpec.model_validate(spec(compliance={
+        "max_extraction_agreement": Compliance.model_fields["max_extraction_agreement"].default}))
 
 
 def test_the_figures_are_on_the_report_and_the_trained_version_passes(evaluated):
