@@ -32,6 +32,7 @@ from assets.wiring import Log
 from core.keys import keys_dir as keys_folder
 from core.names import OPERATOR_KEY_ID, SMOKE_KEY_ID
 from core.server_config import ServerConfig, TlsFiles, parse_server_config
+from core.signing import PUBLIC_KEY
 from resources.mlflow import MlflowResource
 from resources.servers import OPERATOR_KEY_FILE, SMOKE_KEY_FILE, AuditResource, Deployed, ServerLauncher
 from resources.storage import StorageResource, atomic_write_bytes
@@ -147,6 +148,11 @@ def _tls(loaded: LoadedSpec) -> TlsFiles | None:
     return TlsFiles(**{k: (str(loaded.resolve(v)) if v else None) for k, v in tls.model_dump().items()})
 
 
+def signing_public_key(home: str, keys_dir: str | None) -> Path:
+    """The model-signing public key the server trusts: in INTELLIGENTOPS_KEYS_DIR, or the home's keys folder."""
+    return keys_folder(home, keys_dir) / PUBLIC_KEY
+
+
 def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: str, profile: Any | None,
                   registry_uri: str | None = None, keys_dir: str | None = None) -> tuple[ServerConfig, str | None]:
     """The typed config `python -m workloads.serving` runs from (core/server_config.py), and the key the smoke
@@ -183,6 +189,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "similar_cases": d.similar_cases if spec.has_text else 0,
         "vector_db": str(Path(home) / spec.name / "vector_index") if spec.has_text else None,
         "model_cache": str(folder / "models"),
+        "signing_public_key": str(signing_public_key(home, keys_dir)),
         "smoke_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
         "operator_key_sha256": hashlib.sha256(operator.encode()).hexdigest(),
         "host": d.host, "gateway_authenticates": d.gateway_authenticates,

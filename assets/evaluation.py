@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from assets import naming
+from assets.attacks import attack_evidence, surface_for
 from assets.detectors import fit_version_detectors
 from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, ExplainedDecision, Explanations,
                              Governance, Integrity, SliceMetrics)
@@ -25,6 +26,7 @@ from assets.wiring import Log, feature_asset, png_markdown
 from resources.mlflow import MlflowResource, refuse_pickle
 from core.files import sha256_file
 from core.names import MANIFEST_TAG, THRESHOLD_TAG
+from core.signing import PUBLIC_KEY, fingerprint
 from resources.storage import StorageResource, frame_hash
 
 if TYPE_CHECKING:
@@ -34,33 +36,51 @@ IMPORTANCE_ROWS = 1000
 EXPLAIN_TOP = 3
 
 
-def verify_integrity(local: Path, version) -> Integrity:
-    """Hash the downloaded version's artifacts against its manifest and the checkpoint digest training reported."""
-    # Registration gathers every artifact under one manifest (assets/training.py), so artifacts/ is checked as a
-    # whole: a changed, missing or added file is named.
-    from core.manifest import ManifestError, manifest_problems, read_manifest
+def verify_integrity(local: Path, version, public_key: Path | None) -> Integrity:
+    """The downloaded version's whole folder against its manifest, the manifest against the version's tag, the
+    folder's signature against the trusted public key (core/model_folder.py), and the weights against the
+    checkpoint digest training reported. Every problem is named; none stops the evaluation."""
+    from core.model_folder import check_model_folder
 
-    artifacts = local / "artifacts"
-    try:
-        listed = read_manifest(artifacts)["files"]
-    except ManifestError:
-        return Integrity(problems=[f"version {version.version} has no readable artifacts/manifest.json"],
-                         files_verified=0)
-    problems = manifest_problems(artifacts)
-    tagged = (version.tags or {}).get(MANIFEST_TAG)
-    if not tagged:
-        problems.append(f"the version has no {MANIFEST_TAG} tag, so its manifest cannot be checked")
-    elif sha256_file(artifacts / "manifest.json") != tagged:
-        problems.append(f"artifacts/manifest.json is not the manifest {tagged[:16]}... registered with the version")
-    verified = max(0, len(listed) - len(problems))
-    weights = artifacts / "model.safetensors"
-    reported = (version.tags or {}).get("checkpoint_sha256")
+    tags = version.tags or {}
+    check = check_model_folder(local, public_key, tags.get(MANIFEST_TAG))
+    problems = list(check.problems)
+    weights = local / "artifacts" / "model.safetensors"
+    reported = tags.get("checkpoint_sha256")
     if reported and weights.is_file() and sha256_file(weights) != reported:
-        problems.append(f"model.safetensors does not match the checkpoint digest {reported[:16]}... reported by "
-                        "training")
+        problems.append(f"artifacts/model.safetensors does not match the checkpoint digest {reported[:16]}... reported "
+                        "by training")
     if not reported:
         problems.append("the version has no checkpoint_sha256 tag")
-    return Integrity(problems=problems, files_verified=verified)
+    named = {p.split(":", 1)[0] for p in check.problems}  # a file's own problem starts with its path
+    listed = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    return Integrity(problems=problems, files_verified=max(0, check.files_listed - len(named & set(listed))),
+                     signature_verified=check.signature_verified,
+                     signing_key_sha256=fingerprint(public_key) if check.signature_verified and public_key else None)
+
+
+NOT_LOADED = "not loaded: its files failed the integrity check, so none of its code was run"
+
+
+def load_verified(mlflow: MlflowResource, name: str, version, public_key: Path | None):
+    """Another version (the champion) loaded only after its folder passes its seal; ValueError naming why not."""
+    from core.model_folder import model_folder_problems
+
+    local = mlflow.download_version(name, str(version.version))
+    problems = model_folder_problems(local, public_key, (version.tags or {}).get(MANIFEST_TAG))
+    if problems:
+        raise ValueError(f"its folder fails its integrity check ({problems[0]}), so it was not loaded")
+    refuse_pickle()
+    return mlflow_pyfunc_load(local)
+
+
+def trusted_public_key(storage: StorageResource) -> Path | None:
+    """The model-signing public key the integrity gate trusts: the keys folder's (core/signing.py)."""
+    try:
+        folder, _ = storage.keys_folder()
+    except ValueError:
+        return None
+    return folder / PUBLIC_KEY
 
 
 def _describe_source(spec: PipelineSpec) -> str:
@@ -190,15 +210,19 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     tags = dict(challenger.tags or {})
     started = time.perf_counter()
     local = mlflow.download_version(name, version)
-    integrity = verify_integrity(local, challenger)
-    try:
-        refuse_pickle()
-        model = mlflow_pyfunc_load(local)
-        integrity = integrity.model_copy(update={"loads_without_pickle": True, "load_error": None})
-    except Exception as exc:  # the evidence is that it did not load, and why
-        integrity = integrity.model_copy(update={"loads_without_pickle": False,
-                                                 "load_error": f"{type(exc).__name__}: {exc}"[:500]})
-        model = None
+    public_key = trusted_public_key(storage)
+    integrity = verify_integrity(local, challenger, public_key)
+    model = None
+    if integrity.problems:  # none of a folder's code runs here unless every file of it is the registered one
+        integrity = integrity.model_copy(update={"loads_without_pickle": False, "load_error": NOT_LOADED})
+    else:
+        try:
+            refuse_pickle()
+            model = mlflow_pyfunc_load(local)
+            integrity = integrity.model_copy(update={"loads_without_pickle": True, "load_error": None})
+        except Exception as exc:  # the evidence is that it did not load, and why
+            integrity = integrity.model_copy(update={"loads_without_pickle": False,
+                                                     "load_error": f"{type(exc).__name__}: {exc}"[:500]})
     head = dict(model_name=name, model_version=version, run_id=challenger.run_id,
                 evaluated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), source=_describe_source(spec),
                 lineage={k: tags.get(k, "") for k in LINEAGE_TAGS}, integrity=integrity,
@@ -225,7 +249,7 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     champion = mlflow.alias_version(name, CHAMPION)
     if champion is not None and str(champion.version) != version:
         try:
-            champion_p = _predict_fn(mlflow.load_model(name, version=str(champion.version)))(test[features])
+            champion_p = _predict_fn(load_verified(mlflow, name, champion, public_key))(test[features])
             comparison = ChampionComparison(version=str(champion.version), test=binary_metrics(y, champion_p,
                                                                                                 threshold))
         except Exception as exc:
@@ -253,12 +277,14 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
         log.warning(f"{name} v{version}: drift detectors not fitted ({type(exc).__name__}: {exc}); the drift sensor "
                     "cannot score windows this version serves")
         detectors = None
+    robust = robustness(predict, sample[features], spec.features.numeric, spec.features.text, threshold)
+    robust = robust.model_copy(update=attack_evidence(
+        surface_for(model.unwrap_python_model(), feature_frame, threshold), spec.compliance, spec.split.seed))
+    if robust.attack_error:
+        log.warning(f"{name} v{version}: {robust.attack_error}")
     ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, baselines=baselines,
-                    drift_detectors=detectors, importance=importance,
-                    explanations=explanations,
-                    robustness=robustness(predict, sample[features], spec.features.numeric, spec.features.text,
-                                          threshold),
-                    plots=plots, seconds=round(time.perf_counter() - started, 2))
+                    drift_detectors=detectors, importance=importance, explanations=explanations,
+                    robustness=robust, plots=plots, seconds=round(time.perf_counter() - started, 2))
     _record_in_mlflow(mlflow, ev, log)
     return ev
 
@@ -316,6 +342,16 @@ def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
                  f"{'yes' if r.measured else 'too small'} |" for f, s in ev.slices.items() for g, r in s.groups.items()]
         meta["group_rates"] = dg.MetadataValue.md("\n".join(rows))
     meta.update({f"baseline_{b.name}_auc": round(b.auc, 4) for b in ev.baselines})
+    r = ev.robustness
+    if r is not None and r.evasion is not None:
+        meta["evasion_success_rate"] = round(r.evasion.success_rate, 4)
+        meta["evasion_seconds"] = r.evasion.seconds
+    if r is not None and r.extraction is not None:
+        meta["extraction_agreement_kappa"] = round(r.extraction.agreement, 4)
+        meta["extraction_seconds"] = r.extraction.seconds
+    meta["signature_verified"] = ev.integrity.signature_verified
+    if ev.integrity.signing_key_sha256:
+        meta["signing_key_sha256"] = ev.integrity.signing_key_sha256
     if ev.drift_detectors:
         meta["drift_detectors_sha256"] = ev.drift_detectors
     if ev.champion:

@@ -55,9 +55,11 @@ class ChampionComparison(Evidence):
 
 class Integrity(Evidence):
     problems: list[str]
-    files_verified: int
+    files_verified: int                 # files of the version's folder that match its manifest
     loads_without_pickle: bool = False
     load_error: str | None = None
+    signature_verified: bool = False    # model.sig verified with the trusted public key
+    signing_key_sha256: str | None = None  # that key's fingerprint (core/signing.py)
 
 
 class Governance(Evidence):
@@ -92,9 +94,39 @@ class MissingText(Evidence):
     all_finite: bool
 
 
+class Evasion(Evidence):
+    """A black-box evasion attack on sampled test applicants (assets/attacks.py)."""
+
+    attack: str
+    rows: int
+    epsilon: float                      # in standard deviations of each numeric input (train split)
+    query_budget: int                   # model calls per applicant
+    mean_queries: float
+    success_rate: float                 # share of applicants whose decision flipped within epsilon and budget
+    median_flip_distance: float | None  # the closest flip found, median over applicants with one
+    features: list[str]
+    seconds: float
+
+
+class Extraction(Evidence):
+    """A surrogate trained on the version's decisions to synthetic queries (assets/attacks.py)."""
+
+    attack: str
+    surrogate: str
+    queries: int
+    agreement: float                    # Cohen's kappa of the copy's and the version's test decisions
+    raw_agreement: float                # share of test applicants the copy decides as the version does
+    majority_agreement: float           # the raw agreement of always answering the majority decision
+    curve: dict[str, float]             # queries -> agreement (kappa)
+    seconds: float
+
+
 class Robustness(Evidence):
     numeric_noise: NumericNoise | None = None
     missing_text: MissingText | None = None
+    evasion: Evasion | None = None
+    extraction: Extraction | None = None
+    attack_error: str | None = None     # why an attack left no evidence
 
     @property
     def empty(self) -> bool:

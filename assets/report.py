@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 
 from assets.checks.gates import GATES, GateOutcome
-from assets.evidence import Evaluation
-from assets.spec import PipelineSpec
+from assets.evidence import Evaluation, Robustness
+from assets.spec import Compliance, PipelineSpec
 
 # Annex IV headings in the order the report uses; the documentation gate requires each one filled.
 ANNEX_IV_SECTIONS = (
@@ -163,8 +163,19 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
         m = r.missing_text
         rob.bullets.append(f"Text fields missing: mean score shift {m.mean_abs_shift:.4f}, decisions flipped "
                            f"{_pct(m.decision_flip_rate)}, all scores finite: {m.all_finite}.")
+    _attack_lines(rob, r, c)
     rob.paragraphs.append(f"Robustness gate: {_gate_line(verdict.get('robustness'))}. Integrity gate: "
                           f"{_gate_line(verdict.get('integrity'))}")
+    i = ev.integrity
+    rob.paragraphs.append(
+        "Cybersecurity of the model itself (Art. 15(5)): every file of the version's folder (MLmodel, the model "
+        "code, code/, artifacts/, the environment files) is listed in its manifest, and the folder is signed "
+        "with OpenSSF model-signing (ECDSA P-256, key mode). " + (
+            f"Signature verified with the public key of fingerprint `{i.signing_key_sha256}` (sha256 of its DER "
+            "SubjectPublicKeyInfo); anyone holding that key can check the version with `model_signing verify key "
+            "--signature MODEL_DIR/model.sig --public_key model-signing.pub MODEL_DIR`."
+            if i.signature_verified and i.signing_key_sha256 else
+            "The signature was NOT verified for this version; see the integrity gate."))
     sections.append(rob)
 
     change = Section("Change log")
@@ -179,8 +190,9 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
          "in place"),
         ("Map", "context, purpose, data, impacts", "intended purpose, lineage hashes, sensitive features",
          _status(verdict, "data_governance")),
-        ("Measure", "performance, fairness, robustness, explainability",
-         "test metrics against a baseline, per-group rates, perturbation results, permutation importance",
+        ("Measure", "performance, fairness, robustness, security (2.7), explainability",
+         "test metrics against a baseline, per-group rates, perturbation results, black-box evasion and "
+         "extraction attacks, permutation importance",
          ", ".join(_status(verdict, g) for g in ("performance", "baseline", "fairness", "robustness",
                                                  "explainability"))),
         ("Manage", "release decisions, monitoring, response", "champion only after gates; integrity "
@@ -190,6 +202,30 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
                                                        for g in gates))
     sections.append(nist)
     return sections
+
+
+def _attack_lines(rob: Section, r: Robustness | None, c: Compliance) -> None:
+    """The black-box attacks' figures (assets/attacks.py) with their limits: EU AI Act Art. 15, NIST Measure 2.7."""
+    if r is None:
+        return
+    if r.evasion is not None:
+        e = r.evasion
+        flip = "none found" if e.median_flip_distance is None else f"{e.median_flip_distance:.3f} std"
+        rob.bullets.append(
+            f"Evasion (Art. 15(5); NIST AI RMF Measure 2.7): {e.attack} on {e.rows} test applicants, "
+            f"{e.query_budget} queries each (used {e.mean_queries:.0f} on average): {_pct(e.success_rate)} had their "
+            f"decision flipped by a change of at most {e.epsilon:g} standard deviations of {', '.join(e.features)} "
+            f"(limit {_pct(c.max_evasion_success)}); median closest flip {flip}; {e.seconds:.1f} s.")
+    if r.extraction is not None:
+        x = r.extraction
+        curve = ", ".join(f"{q} queries: {k:.2f}" for q, k in x.curve.items())
+        rob.bullets.append(
+            f"Extraction (Art. 15(5); NIST AI RMF Measure 2.7): {x.attack}; the better copy ({x.surrogate}) agrees "
+            f"with this version on the test applicants at kappa {x.agreement:.3f} after {x.queries} queries (raw "
+            f"agreement {_pct(x.raw_agreement)}, majority answer {_pct(x.majority_agreement)}; limit kappa "
+            f"{c.max_extraction_agreement}); on the way: {curve}; {x.seconds:.1f} s.")
+    if r.attack_error:
+        rob.bullets.append(f"Attacks that left no evidence: {r.attack_error}.")
 
 
 def _gate_line(g: GateOutcome | None) -> str:

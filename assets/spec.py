@@ -167,7 +167,18 @@ class Training(_Strict, TrainSettings):
 
 
 class Compliance(_Strict):
-    """Thresholds of the compliance gates."""
+    """Thresholds of the compliance gates.
+
+    The robustness gate also runs two black-box attacks (assets/attacks.py, the adversarial-robustness-toolbox;
+    EU AI Act Art. 15, NIST AI RMF Measure 2.7): HopSkipJump on `evasion_rows` test applicants with
+    `evasion_queries` model calls each, counting an applicant evaded when a change of at most `evasion_epsilon`
+    standard deviations of every numeric input flips the decision (at most `max_evasion_success` of them may
+    be); and a copy trained on the answers to `extraction_queries` synthetic applicants, whose agreement with
+    the version on the test applicants (Cohen's kappa: beyond chance) may be at most `max_extraction_agreement`.
+    Defaults set from the shipped specs (docs/pipelines.md): evasion 0.10 (credit_risk) and 0.14 (credit_scoring),
+    extraction kappa 0.72 and 0.84; a decision that flips on a ripple of one input is evaded at 0.68-0.97, one
+    that hangs on one input is copied at kappa 0.99.
+    """
 
     intended_purpose: str = ""
     max_demographic_parity_difference: float = Field(0.10, ge=0, le=1)
@@ -179,6 +190,12 @@ class Compliance(_Strict):
     max_prediction_shift: float = Field(0.05, ge=0, le=1)
     max_missing_text_shift: float = Field(0.15, ge=0, le=1)
     allow_sensitive_inputs: bool = False
+    max_evasion_success: float = Field(0.30, ge=0, le=1)
+    evasion_epsilon: float = Field(0.1, gt=0, le=10)      # in standard deviations of each numeric input
+    evasion_rows: int = Field(100, ge=1, le=10_000)
+    evasion_queries: int = Field(300, ge=10, le=100_000)  # model calls per attacked applicant
+    max_extraction_agreement: float = Field(0.95, ge=0, le=1)
+    extraction_queries: int = Field(1000, ge=10, le=100_000)
 
 
 class Monitoring(_Strict):

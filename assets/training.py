@@ -26,9 +26,9 @@ from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec, Training
 from assets.wiring import Log, feature_asset
 from resources.embedder import encoder_artifacts
 from resources.launchers import TrainingLauncher, TrainRequest
-from resources.mlflow import MlflowResource
-from core.files import sha256_file
-from core.names import MANIFEST_TAG
+from resources.mlflow import MlflowResource, refuse_pickle
+from core.names import MANIFEST_TAG, SIGNING_KEY_TAG
+from core.signing import SigningKeys
 from core.train_config import TrainConfig, TrainSettings
 from resources.storage import StorageResource, atomic_write_bytes, frame_hash
 
@@ -259,13 +259,39 @@ def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: Mlflo
     return dg.Output(record, metadata=meta, data_version=dg.DataVersion(result["weights_sha256"][:16]))
 
 
-def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: dict, validated: pd.DataFrame,
-                        dagster_run_id: str, log: Log) -> dg.Output[dict]:
-    """Log the trained network as a pyfunc from code (with the text encoder it was trained with), register a
-    version with lineage tags, check that it loads without pickle and predicts, then point `challenger` at it."""
+def signing_keys_for(spec_name: str, storage: StorageResource) -> SigningKeys:
+    """The model-signing key pair from the keys folder; created on first use only in the default local one."""
+    from core.signing import SigningError, signing_keys
+
+    try:
+        folder, create = storage.keys_folder()
+        return signing_keys(folder, create=create)
+    except (SigningError, ValueError, OSError) as exc:
+        raise TrainingError(f"{spec_name}: cannot sign the model version: {exc}") from None
+
+
+def check_registered_copy(spec_name: str, local: Path, keys: SigningKeys, manifest_sha256: str, version: str) -> int:
+    """The registry's copy of a new version, checked as the integrity gate and the server will check it."""
+    from core.model_folder import model_folder_problems
+
+    problems = model_folder_problems(local, keys.public_key, manifest_sha256)
+    if problems:
+        raise TrainingError(f"{spec_name}: the registry's copy of version {version} fails its seal ({'; '.join(problems)}); "
+                            f"alias {CHALLENGER} stays where it was")
+    return len(json.loads((local / "manifest.json").read_text())["files"])
+
+
+def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: StorageResource, checkpoint: dict,
+                        validated: pd.DataFrame, dagster_run_id: str, log: Log) -> dg.Output[dict]:
+    """Log the trained network as a pyfunc from code (with the text encoder it was trained with), its whole folder
+    under one manifest and signed (core/model_folder.py), register a version with lineage tags, check the
+    registry's copy of it and that it loads without pickle and predicts, then point `challenger` at it."""
+    from core.model_folder import Seal, seal
+
     spec = loaded.spec
     model_dir = Path(checkpoint["model_dir"])
     manifest = verify_model_dir(spec.name, model_dir)
+    keys = signing_keys_for(spec.name, storage)
     example = validated[spec.features.all].head(5).reset_index(drop=True)
     lineage = {k: str(checkpoint.get(k, "")) for k in ("dataset_hash", "splits_hash", "embeddings_version",
                                                         "spec_hash")}
@@ -285,9 +311,11 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: 
         encoder = (encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, Path(staging))
                    if spec.has_text else {})
         artifacts = stage_version_artifacts(spec.name, model_dir, manifest, Path(staging), encoder)
-        version_tags[MANIFEST_TAG] = sha256_file(artifacts["manifest"])
+        sealed: list[Seal] = []
         source = mlflow.log_pyfunc(
             run_id,
+            # The folder MLflow saved, manifest and signature added, is exactly what the registry receives.
+            prepare=lambda folder: sealed.append(seal(folder, keys)),
             python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
             artifacts=artifacts,
             code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
@@ -295,9 +323,17 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: 
             signature=_signature(spec),
             input_example=example,
         )
+    version_tags[MANIFEST_TAG] = sealed[0].manifest_sha256
+    version_tags[SIGNING_KEY_TAG] = sealed[0].signing_key_sha256
     version = mlflow.register(source, spec.name, run_id, version_tags)
-    # The alias moves only to a version that loads without pickle and predicts sane probabilities.
-    model = mlflow.load_model(spec.name, version=version)
+    # The alias moves only to a version whose registry copy passes its seal, loads without pickle and predicts
+    # sane probabilities.
+    local = mlflow.download_version(spec.name, version)
+    files = check_registered_copy(spec.name, local, keys, sealed[0].manifest_sha256, version)
+    refuse_pickle()
+    from mlflow.pyfunc import load_model as load_pyfunc
+
+    model = load_pyfunc(str(local))
     p = model.predict(example)["probability"].to_numpy()
     if len(p) != len(example) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
         raise TrainingError(f"{spec.name}: model version {version} loaded but predicted {p.tolist()} for "
@@ -320,6 +356,10 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, checkpoint: 
         "n_features": manifest["architecture"]["in_features"],
         "lineage": dg.MetadataValue.md("\n".join(f"- {k}: `{v}`" for k, v in lineage.items())),
         "example_probabilities": ", ".join(f"{v:.3f}" for v in p),
+        "manifest_sha256": sealed[0].manifest_sha256, "files_sealed": files,
+        "signing_key_sha256": sealed[0].signing_key_sha256,
+        "verify_by_hand": dg.MetadataValue.md(
+            f"```\nmodel_signing verify key --signature MODEL_DIR/model.sig --public_key {keys.public_key} MODEL_DIR\n```"),
     })
 
 
@@ -350,10 +390,12 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
 
     @dg.asset(key=registered_key, group_name=naming.TRAINING,
               ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key)})
-    def registered_model(context: dg.AssetExecutionContext, mlflow: MlflowResource, checkpoint: dict,
-                         validated: pd.DataFrame) -> dg.Output[dict]:
+    def registered_model(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
+                         checkpoint: dict, validated: pd.DataFrame) -> dg.Output[dict]:
         """A version of the spec's MLflow model (pyfunc from code, safetensors weights, no pickle) with lineage
-        tags; alias `challenger` points to it once it loads without pickle and predicts sane probabilities."""
-        return register_checkpoint(loaded, mlflow, checkpoint, validated, context.run_id, context.log)
+        tags, its whole folder under one manifest and signed with the model-signing key; alias `challenger`
+        points to it once the registry's copy passes that seal, loads without pickle and predicts sane
+        probabilities."""
+        return register_checkpoint(loaded, mlflow, storage, checkpoint, validated, context.run_id, context.log)
 
     return dg.Definitions(assets=[model_checkpoint, registered_model])

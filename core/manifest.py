@@ -3,16 +3,22 @@
 `manifest.json` in a folder holds `{"algorithm": "sha256", "files": {<relative POSIX path>: <sha256>}, ...}`
 plus whatever the writer adds beside `files` (a model's architecture and calibration, say). Verification is
 strict in one way everywhere: every file listed must be present with that digest, and every file present must
-be listed; a missing, changed or extra file is an error that names it. Only the manifest itself and dot-files
-(markers such as `.complete` that a cache writes after verifying) are not listed.
+be listed; a missing, changed or extra file is an error that names it. Only the folder's own top-level
+`manifest.json` and dot-files (markers such as `.complete` that a cache writes after verifying) are not listed;
+a folder that must hide nothing (a registered model's) is written and checked with `hidden=True`, which lists
+dot-files too, and may name other top-level files that are not listed (`unlisted`, e.g. the `model.sig` that
+signs the manifest, which cannot list what is made after it). A manifest.json below the top is a file like any
+other.
 
-Used for: the trained model (training's export, registration, the integrity gate, every server load), the
-drift detector bundles, and training checkpoints' completion markers.
+Used for: the trained model (training's export; the registered version's whole folder at registration, in the
+integrity gate and at every server load: core/model_folder.py), the drift detector bundles, and training
+checkpoints' completion markers.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +32,33 @@ class ManifestError(ValueError):
     """A folder does not match its manifest; the message names the folder and the first file that differs."""
 
 
-def listed_files(folder: Path) -> list[Path]:
-    """Every file a manifest of `folder` must list: all regular files below it but the manifest and dot-files."""
+def listed_files(folder: Path, unlisted: Collection[str] = (), hidden: bool = False) -> list[Path]:
+    """Every file a manifest of `folder` must list: all files below it but its top-level manifest, the top-level
+    names in `unlisted`, and (unless `hidden`) dot-files."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not any(part.startswith(".")
-                                                                    for part in p.relative_to(folder).parts))
+    skip = {MANIFEST, *unlisted}
+    found = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if not p.is_file() or rel.as_posix() in skip:
+            continue
+        if not hidden and any(part.startswith(".") for part in rel.parts):
+            continue
+        found.append(p)
+    return sorted(found)
 
 
-def digests(folder: Path) -> dict[str, str]:
+def digests(folder: Path, unlisted: Collection[str] = (), hidden: bool = False) -> dict[str, str]:
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in listed_files(folder)}
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in listed_files(folder, unlisted, hidden)}
 
 
-def write_manifest(folder: Path, **extra: Any) -> dict[str, Any]:
+def write_manifest(folder: Path, *, unlisted: Collection[str] = (), hidden: bool = False,
+                   **extra: Any) -> dict[str, Any]:
     """Hash every file of `folder` and write `manifest.json` atomically; returns what was written."""
     if "files" in extra or "algorithm" in extra:
         raise ValueError("write_manifest: 'files' and 'algorithm' are the manifest's own keys")
-    manifest = {"algorithm": ALGORITHM, "files": digests(folder), **extra}
+    manifest = {"algorithm": ALGORITHM, "files": digests(folder, unlisted, hidden), **extra}
     atomic_write_json_local(Path(folder) / MANIFEST, manifest)
     return manifest
 
@@ -65,14 +80,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def manifest_problems(folder: Path) -> list[str]:
+def manifest_problems(folder: Path, unlisted: Collection[str] = (), hidden: bool = False) -> list[str]:
     """Every way `folder` differs from its manifest (empty when it matches), each naming the file."""
     folder = Path(folder)
     try:
         expected = read_manifest(folder)["files"]
     except ManifestError as exc:
         return [str(exc)]
-    present = {p.relative_to(folder).as_posix() for p in listed_files(folder)}
+    present = {p.relative_to(folder).as_posix() for p in listed_files(folder, unlisted, hidden)}
     problems = []
     for rel, digest in sorted(expected.items()):
         if rel not in present:
@@ -85,7 +100,8 @@ def manifest_problems(folder: Path) -> list[str]:
     return problems
 
 
-def verify_manifest(folder: Path, expected_sha256: str | None = None) -> dict[str, Any]:
+def verify_manifest(folder: Path, expected_sha256: str | None = None, unlisted: Collection[str] = (),
+                    hidden: bool = False) -> dict[str, Any]:
     """The manifest of `folder`, after checking it strictly; raise `ManifestError` naming what differs.
 
     `expected_sha256`, when given, is the digest the manifest file itself must have (a registry tag, say), so
@@ -98,7 +114,7 @@ def verify_manifest(folder: Path, expected_sha256: str | None = None) -> dict[st
         if actual != expected_sha256:
             raise ManifestError(f"{folder / MANIFEST}: sha256 {actual[:16]}... is not the {expected_sha256[:16]}... "
                                 "recorded for it: the manifest was replaced")
-    problems = manifest_problems(folder)
+    problems = manifest_problems(folder, unlisted, hidden)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ManifestError(f"{folder}: {problems[0]}{more}")

@@ -16,7 +16,8 @@ PREVIOUS = "previous"
 LINEAGE_TAGS = ("dataset_hash", "splits_hash", "embeddings_version", "spec_hash", "code_revision",
                 "checkpoint_sha256")
 THRESHOLD_TAG = "operating_threshold"       # chosen on the validation split; the server decides at it
-MANIFEST_TAG = "manifest_sha256"            # the digest of the version's artifacts/manifest.json
+MANIFEST_TAG = "manifest_sha256"            # the digest of the manifest of the version's whole model folder
+SIGNING_KEY_TAG = "signing_key_sha256"      # the fingerprint of the key that signed the folder (core/signing.py)
 DETECTORS_TAG = "drift_detectors_sha256"    # the digest of the version's drift detector bundle manifest
 
 # --- serving --------------------------------------------------------------------------------------------------

@@ -131,6 +131,8 @@ class ServerConfig(BaseModel):
     similar_cases: SimilarCases
     vector_db: str | None = Field(None, description="<home>/<spec>/vector_index, for similar cases")
     model_cache: str | None = Field(None, description="where verified model files are downloaded")
+    signing_public_key: str | None = Field(None, description="the model-signing public key file (model-signing.pub); "
+                                                             "a version not signed by its private key is refused")
     poll_seconds: float = Field(5.0, gt=0, description="how often the aliases are polled")
     smoke_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
                                          description="the deployment's smoke requests' key; recognised even on an "

@@ -20,7 +20,7 @@ def resources_for(settings: Settings) -> dict[str, Any]:
     home = settings.home
     # On a cluster the home is an object-store URL (s3://...), shared by every pod; locally a folder.
     resources: dict[str, Any] = {
-        "storage": StorageResource(home=home),
+        "storage": StorageResource(home=home, keys_dir=settings.keys_dir),
         "io_manager": ParquetIOManager(base_path=f"{home.rstrip('/')}/assets"),
         "vectors": VectorIndexResource(home=home),
         # Tracking on SQLite under the home unless MLFLOW_TRACKING_URI names a server.

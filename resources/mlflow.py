@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +104,20 @@ class MlflowResource(dg.ConfigurableResource):
         return f"mlflow ui --backend-store-uri {uri}  ->  /#/experiments/{experiment_id}/runs/{run_id}"
 
     # --- models --------------------------------------------------------------------------------------------
-    def log_pyfunc(self, run_id: str, **save_model_kwargs: Any) -> str:
+    def log_pyfunc(self, run_id: str, prepare: Callable[[Path], None] | None = None, **save_model_kwargs: Any) -> str:
         """Save a pyfunc locally (`mlflow.pyfunc.save_model` arguments) and upload it to the run.
 
-        Returns the artifact URI of the uploaded model folder, which `register` takes as the version's source.
+        `prepare`, when given, is called with the saved folder before the upload (registration writes the
+        folder's manifest and signature there, so the registry receives exactly the sealed files). Returns the
+        artifact URI of the uploaded model folder, which `register` takes as the version's source.
         """
         import mlflow
 
         with tempfile.TemporaryDirectory(prefix="intelligentops-model-") as tmp:
             local = Path(tmp) / MODEL_ARTIFACT_PATH
             mlflow.pyfunc.save_model(path=str(local), **save_model_kwargs)
+            if prepare is not None:
+                prepare(local)
             client = self.client()
             client.log_artifacts(run_id, str(local), MODEL_ARTIFACT_PATH)
             return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"

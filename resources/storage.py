@@ -16,7 +16,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from upath import UPath
 
 from core.files import atomic_write_local, json_bytes
@@ -77,6 +77,18 @@ class StorageResource(dg.ConfigurableResource):
     """The root of all local state and the paths under it, one folder per spec and concern."""
 
     home: str
+    keys_dir: str | None = Field(None, description="INTELLIGENTOPS_KEYS_DIR: the keys folder (a mounted Secret on a "
+                                                   "cluster); default <home>/keys")
+
+    def keys_folder(self) -> tuple[Path, bool]:
+        """The keys folder, and whether missing keys may be created there (only in the default one under a local
+        home: a folder named by INTELLIGENTOPS_KEYS_DIR is a Secret that someone fills)."""
+        if self.keys_dir:
+            return Path(self.keys_dir).expanduser(), False
+        if not _is_local(self.root):
+            raise ValueError(f"{self.home} is not a local folder, so it holds no keys: set INTELLIGENTOPS_KEYS_DIR "
+                             "to the mounted keys Secret")
+        return Path(self.root.path) / "keys", True
 
     @property
     def root(self) -> UPath:

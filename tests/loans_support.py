@@ -33,8 +33,13 @@ def spec(**over) -> dict:
         "features": {"numeric": ["income", "debt_ratio"], "categorical": ["purpose"]},
         "sensitive": ["region"],
         "training": {"checkpoint_every_steps": 50},
+        # The label is a linear rule on two inputs with little noise, so a copy trained on 100 queries already agrees
+        # with the model at kappa ~0.95 (0.97 after 1,000): this toy spec accepts being copied. The shipped specs
+        # measure 0.72 and 0.84 under the default limit 0.95 (tests/stage/test_robustness_gate.py keeps it).
         "compliance": {"intended_purpose": "Test lending model: flags loans for a person to review.",
-                       "min_group_size": 20},
+                       "min_group_size": 20, "max_extraction_agreement": 1.0},
     }
+    # A test's own compliance keys are added to these (a test that wants the default copy limit says so).
+    s["compliance"].update(over.pop("compliance", {}))
     s.update(over)
     return s

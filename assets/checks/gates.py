@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from assets.evidence import Evaluation
+from assets.evidence import Evaluation, Robustness
 from assets.spec import PipelineSpec
 
 GATES: dict[str, str] = {
@@ -17,9 +17,11 @@ GATES: dict[str, str] = {
     "baseline": "Test AUC at most compliance.max_auc_below_baseline under the better of logistic regression and "
                 "gradient boosting, fitted on the same train split and features and scored on the same rows.",
     "explainability": "Global permutation importance recorded; every test decision has its top factors.",
-    "robustness": "Scores stable under small numeric perturbations and under a missing text field.",
+    "robustness": "Scores stable under small numeric perturbations and under a missing text field; a black-box "
+                  "evasion attack and a model-extraction attack within their limits (EU AI Act Art. 15).",
     "data_governance": "Lineage resolves to the validated data and splits; sensitive columns are not inputs.",
-    "integrity": "Registered weights match the checkpoint's sha256 manifest; the model loads without pickle.",
+    "integrity": "Every file of the version matches its manifest and its model-signing signature by the trusted key; "
+                 "the weights are the checkpoint's; the model loads without pickle.",
     "documentation": "The compliance report exists and every section is filled.",
 }
 # Approval may override any gate but these: a model whose bytes are not the trained ones never serves.
@@ -129,7 +131,37 @@ def robustness_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
             broken.append("a missing text field gives non-finite scores")
         if t.mean_abs_shift > c.max_missing_text_shift:
             broken.append(f"mean score shift {t.mean_abs_shift:.4f} with text missing > {c.max_missing_text_shift}")
+    _attack_verdicts(r, spec, broken, notes)
     return GateOutcome("robustness", not broken, "; ".join(broken or notes))
+
+
+def _attack_verdicts(r: Robustness, spec: PipelineSpec, broken: list[str], notes: list[str]) -> None:
+    """The black-box attacks' figures against the spec's limits (assets/attacks.py); missing evidence fails."""
+    c = spec.compliance
+    why = f" ({r.attack_error})" if r.attack_error else ""
+    e = r.evasion
+    if e is not None:
+        notes.append(f"evasion: {e.success_rate:.0%} of {e.rows} applicants flipped within {e.epsilon:g} std and "
+                     f"{e.query_budget} queries")
+        if e.success_rate > c.max_evasion_success:
+            broken.append(f"evasion: {e.success_rate:.0%} of {e.rows} test applicants had their decision flipped by a "
+                          f"change of at most {e.epsilon:g} standard deviations of {', '.join(e.features)} within "
+                          f"{e.query_budget} queries each (limit compliance.max_evasion_success "
+                          f"{c.max_evasion_success:.0%}): the decision is fragile; look at the training data and "
+                          "settings before promoting it")
+    elif spec.features.numeric:
+        broken.append(f"no evasion evidence recorded{why}")
+    x = r.extraction
+    if x is not None:
+        notes.append(f"extraction: a copy agrees {x.agreement:.2f} (kappa) after {x.queries} queries")
+        if x.agreement > c.max_extraction_agreement:
+            broken.append(f"extraction: a {x.surrogate} trained on the answers to {x.queries} synthetic queries agrees "
+                          f"with the version on the test applicants at kappa {x.agreement:.3f} (raw "
+                          f"{x.raw_agreement:.1%}; limit compliance.max_extraction_agreement "
+                          f"{c.max_extraction_agreement}): the model is trivially copyable, e.g. its decision hangs "
+                          "on one input or is constant")
+    else:
+        broken.append(f"no extraction evidence recorded{why}")
 
 
 def governance_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
@@ -146,10 +178,13 @@ def governance_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
 def integrity_gate(ev: Evaluation, spec: PipelineSpec) -> GateOutcome:
     i = ev.integrity
     broken = list(i.problems)
-    if not i.loads_without_pickle:
+    if not i.loads_without_pickle and not (i.problems and (i.load_error or "").startswith("not loaded")):
         broken.append(f"the model did not load with pickle deserialization disabled: {i.load_error}")
-    return GateOutcome("integrity", not broken,
-                       "; ".join(broken) or f"{i.files_verified} files match the sha256 manifest")
+    if not broken and not i.signature_verified:
+        broken.append("the version's signature was not verified")
+    return GateOutcome("integrity", not broken, "; ".join(broken) or (
+        f"{i.files_verified} files match the version's manifest; model.sig verified with the trusted key "
+        f"{(i.signing_key_sha256 or '')[:16]}...; loads without pickle"))
 
 
 MODEL_GATES = (fairness_gate, performance_gate, baseline_gate, explainability_gate, robustness_gate, governance_gate,

@@ -399,7 +399,8 @@ def test_canary_share_and_shadow_records(servers, client, registered, second_ver
 
 def test_a_version_without_operating_threshold_is_refused(client, registered, second_version, tmp_path):
     cfg = ServerConfig(spec=SPEC, tracking_uri=registered[0].tracking_uri, audit_url="unused", text=["title"],
-                       model_cache=str(tmp_path / "models"))
+                       model_cache=str(tmp_path / "models"),
+                       signing_public_key=str(registered[0].home / "keys" / "model-signing.pub"))
     client.delete_model_version_tag(SPEC, second_version, "operating_threshold")
     with default_tracking(registered[0].tracking_uri):
         _refusals(client, cfg, second_version, tmp_path)
@@ -419,7 +420,7 @@ def _refusals(client, cfg: ServerConfig, second_version: str, tmp_path: Path) ->
     assert loaded.threshold == 0.4 and loaded.version == second_version
     weights = next((tmp_path / "models").rglob("model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    with pytest.raises(ServingRefused, match="model.safetensors: sha256 .* does not match manifest.json"):
+    with pytest.raises(ServingRefused, match="artifacts/model.safetensors: sha256 .* does not match manifest.json"):
         load_version(client, cfg, second_version)
 
 

@@ -138,6 +138,54 @@ def test_corrupted_checkpoint_is_skipped_with_a_warning(home: Path, instance, pi
     assert any(str(key_dir / "global_step8") in w and "mp_rank_00_model_states.pt" in w for w in warnings), warnings
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a planted checkpoint file would do under torch.load(weights_only=False)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_tampered_checkpoints_are_named_skipped_and_never_unpickled(home: Path, instance, pipelines: Path,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from workloads.training.checkpoints import mark_complete
+
+    write_small_spec(pipelines, tmp_path / "data")
+    defs = _defs()
+    monkeypatch.setenv(KILL_ENV, "13")
+    assert not materialize(defs, instance, dg.AssetSelection.keys(CHECKPOINT).upstream()).success
+    key_dir, complete = _checkpoint_tags(home)
+    assert complete == ["global_step12", "global_step4", "global_step8"]
+    marker = tmp_path / "code-ran"
+    # step 12: a model file replaced by a pickle that runs code; the manifest is stale, so it names the file.
+    torch.save({"module": _RunsCode(marker)}, key_dir / "global_step12" / "mp_rank_00_model_states.pt")
+    # step 8: an extra file dropped beside intact ones.
+    (key_dir / "global_step8" / "extra_states.pt").write_bytes(b"not listed")
+    # step 4: the same planted pickle, with the manifest rewritten to match it: weights-only loading refuses it.
+    torch.save({"module": _RunsCode(marker)}, key_dir / "global_step4" / "mp_rank_00_model_states.pt")
+    mark_complete(key_dir / "global_step4", step=4, world_size=2)
+
+    monkeypatch.delenv(KILL_ENV)
+    resumed = materialize(defs, instance, dg.AssetSelection.keys(CHECKPOINT))
+    assert resumed.success, failure_text(resumed)
+    assert _metadata(resumed, CHECKPOINT)["resumed_from_step"] == 0  # nothing usable: a fresh start
+    assert not marker.exists(), "a tampered checkpoint was unpickled and ran code"
+    warnings = [r.user_message for r in instance.all_logs(resumed.run_id)
+                if r.level == logging.WARNING and "skipping checkpoint" in r.user_message]
+    step12 = [w for w in warnings if str(key_dir / "global_step12") in w]
+    assert any("mp_rank_00_model_states.pt: sha256" in w and "does not match manifest.json" in w for w in step12), warnings
+    assert any(str(key_dir / "global_step8") in w and "extra_states.pt: not listed in manifest.json" in w
+               for w in warnings), warnings
+    step4 = [w for w in warnings if str(key_dir / "global_step4") in w]
+    assert any("failed to load" in w and "Weights only load failed" in w for w in step4), warnings
+
+
 def test_model_checkpoint_and_registered_model_shape(pipelines: Path, home: Path, tmp_path: Path) -> None:
     write_small_spec(pipelines, tmp_path / "data")
     graph = _defs().resolve_asset_graph()

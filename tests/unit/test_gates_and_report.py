@@ -8,8 +8,8 @@ from support import shipped_spec
 from pydantic import ValidationError
 
 from assets.checks.gates import baseline_gate, evaluate_gates, fairness_gate, performance_gate
-from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, Explanations, Governance, GroupRates, Integrity,
-                             NumericNoise, Robustness, SliceMetrics, SplitMetrics)
+from assets.evidence import (BaselineScore, ChampionComparison, Evaluation, Evasion, Explanations, Extraction, Governance,
+                             GroupRates, Integrity, NumericNoise, Robustness, SliceMetrics, SplitMetrics)
 from assets.metrics import binary_metrics, expected_calibration_error, sensitive_groups, slice_metrics
 from assets.report import REQUIRED_SECTIONS, build_report, missing_sections, to_html, to_markdown
 from assets.spec import PipelineSpec, SensitiveFeature
@@ -59,6 +59,16 @@ def metrics(auc: float, rows: int = 891) -> SplitMetrics:
                        threshold=0.4, rows=rows, positive_rate=0.28)
 
 
+def evasion(success_rate: float = 0.11) -> Evasion:
+    return Evasion(attack="HopSkipJump", rows=100, epsilon=0.1, query_budget=300, mean_queries=290.0,
+                   success_rate=success_rate, median_flip_distance=0.38, features=["Income", "Amount"], seconds=3.0)
+
+
+def extraction(agreement: float = 0.82) -> Extraction:
+    return Extraction(attack="KnockoffNets", surrogate="gradient-boosted trees", queries=1000, agreement=agreement,
+                      raw_agreement=0.93, majority_agreement=0.75, curve={"100": 0.4, "1000": agreement}, seconds=9.0)
+
+
 def evaluation(dpd=0.05, auc=0.8, champion_auc=None, baseline_auc=0.79) -> Evaluation:
     groups = {"under 25": GroupRates(rows=100, positives=30, selection_rate=0.3 + dpd, tpr=0.6, fpr=0.2, measured=True),
               "40-64": GroupRates(rows=300, positives=80, selection_rate=0.3, tpr=0.6, fpr=0.2, measured=True),
@@ -72,9 +82,11 @@ def evaluation(dpd=0.05, auc=0.8, champion_auc=None, baseline_auc=0.79) -> Evalu
         importance={f: 0.01 for f in spec().features.all},
         explanations=Explanations(rows=891, with_factors=891),
         robustness=Robustness(numeric_noise=NumericNoise(relative_noise=0.01, mean_abs_shift=0.002,
-                                                         p99_abs_shift=0.01, decision_flip_rate=0.01)),
+                                                         p99_abs_shift=0.01, decision_flip_rate=0.01),
+                              evasion=evasion(), extraction=extraction()),
         governance=Governance(problems=[], model_inputs=spec().features.all, current={}),
-        integrity=Integrity(problems=[], loads_without_pickle=True, files_verified=3),
+        integrity=Integrity(problems=[], loads_without_pickle=True, files_verified=3, signature_verified=True,
+                            signing_key_sha256="ab" * 32),
         champion=None if champion_auc is None else ChampionComparison(version="2", test=metrics(champion_auc)),
         baselines=[BaselineScore(name="logistic_regression", auc=baseline_auc, fit_seconds=0.1),
                    BaselineScore(name="gradient_boosting", auc=baseline_auc - 0.01, fit_seconds=1.0)],
@@ -146,3 +158,44 @@ def test_report_has_every_section_and_records_failures():
     bare = PipelineSpec.model_validate(raw)
     md_bare = to_markdown("r", build_report(bare, ev, evaluate_gates(ev, bare), {}, []))
     assert missing_sections(md_bare) == ["Intended purpose"]
+
+
+def test_robustness_gate_refuses_an_evadable_or_copyable_version_with_the_figures_and_limits():
+    from assets.checks.gates import robustness_gate
+
+    s = spec()
+    assert robustness_gate(evaluation(), s).passed
+    fragile = evaluation().model_copy(update={"robustness": evaluation().robustness.model_copy(
+        update={"evasion": evasion(success_rate=0.9)})})
+    verdict = robustness_gate(fragile, s)
+    assert not verdict.passed
+    assert "evasion: 90% of 100 test applicants" in verdict.summary and "0.1 standard deviations" in verdict.summary
+    assert "compliance.max_evasion_success 30%" in verdict.summary
+    copyable = evaluation().model_copy(update={"robustness": evaluation().robustness.model_copy(
+        update={"extraction": extraction(agreement=0.99)})})
+    verdict = robustness_gate(copyable, s)
+    assert not verdict.passed and "kappa 0.990" in verdict.summary
+    assert "compliance.max_extraction_agreement 0.95" in verdict.summary and "trivially copyable" in verdict.summary
+    # No evidence is a failed gate that says why, never a pass.
+    silent = evaluation().model_copy(update={"robustness": evaluation().robustness.model_copy(
+        update={"evasion": None, "extraction": None, "attack_error": "evasion: RuntimeError: boom"})})
+    verdict = robustness_gate(silent, s)
+    assert not verdict.passed
+    assert "no evasion evidence recorded (evasion: RuntimeError: boom)" in verdict.summary
+    assert "no extraction evidence" in verdict.summary
+
+
+def test_integrity_gate_needs_a_verified_signature_and_the_report_names_the_key():
+    from assets.checks.gates import integrity_gate
+
+    s = spec()
+    ok = integrity_gate(evaluation(), s)
+    assert ok.passed and "model.sig verified with the trusted key abababababababab" in ok.summary
+    unsigned = evaluation().model_copy(update={"integrity": Integrity(
+        problems=["/m/model.sig: the version is not signed (no model.sig)"], files_verified=12,
+        loads_without_pickle=True)})
+    assert not integrity_gate(unsigned, s).passed
+    md = to_markdown("r", build_report(s, evaluation(), evaluate_gates(evaluation(), s), {}, []))
+    assert f"fingerprint `{'ab' * 32}`" in md and "model_signing verify key" in md
+    assert "Evasion (Art. 15(5); NIST AI RMF Measure 2.7)" in md and "11.0% had their decision flipped" in md
+    assert "kappa 0.820 after 1000 queries" in md

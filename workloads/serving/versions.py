@@ -1,11 +1,16 @@
 """Version loading and verification: the versions the registry aliases point to, checked before they serve.
 
 A version is loaded by alias (`@champion`, and `@challenger` for a canary or shadow policy) from the MLflow
-registry, its files downloaded once into the model cache and checked strictly against the version's manifest
-(core/manifest.py), whose own digest must equal the version's `manifest_sha256` tag; it needs an
-`operating_threshold` tag to decide at. MLflow is told never to unpickle. `ServedVersions` polls the aliases
+registry, its files downloaded once into the model cache and, at every load (a cached copy too), checked as a
+whole (core/model_folder.py): every file of the model folder (MLmodel, the model code, code/, artifacts/, the
+environment files) against the folder's manifest, the manifest against the version's `manifest_sha256` tag,
+and the folder's `model.sig` against the public key the config names (`signing_public_key`). A missing, changed
+or extra file, an unsigned version or one signed by another key is refused, naming the file or the key; it
+needs an `operating_threshold` tag to decide at. MLflow is told never to unpickle, and Python never to write
+bytecode into the cache (a `__pycache__` there would be an unlisted file). `ServedVersions` polls the aliases
 (and at once on SIGHUP); a moved alias is loaded and verified beside the serving version and swapped in by one
-reference, so a request in flight finishes on the version it started with.
+reference, so a request in flight finishes on the version it started with; a refused one leaves the serving
+version in place, and says why in the log and in /intelligentops/status (`last_error`).
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.manifest import ManifestError, verify_manifest
 from core.names import CHALLENGER, CHAMPION, MANIFEST_TAG, THRESHOLD_TAG
 from core.server_config import ServerConfig
 from workloads.serving.metrics import Metrics
@@ -54,14 +59,20 @@ class ServedVersion:
         return probability, factors
 
 
-def verify_model_files(model_root: Path, expected_manifest_sha: str | None, label: str) -> str:
-    """Check the version's artifacts strictly against their manifest, and the manifest against the version's tag."""
-    artifacts = model_root / "artifacts"
+def verify_model_files(model_root: Path, expected_manifest_sha: str | None, public_key: str | None,
+                       label: str) -> str:
+    """Check the version's whole folder against its manifest, the tag and the signature; the manifest's digest."""
+    from core.model_folder import ModelFolderError, verify_model_folder
+
     if not expected_manifest_sha:
         raise ServingRefused(f"{label} has no tag {MANIFEST_TAG}, so its files cannot be checked: refusing to serve")
+    if not public_key:
+        raise ServingRefused(f"{label}: the server config names no signing_public_key, so the version's signature "
+                             "cannot be checked: refusing to serve (the deployment asset fills it from the keys "
+                             "folder)")
     try:
-        verify_manifest(artifacts, expected_sha256=expected_manifest_sha)
-    except ManifestError as exc:
+        verify_model_folder(model_root, Path(public_key), expected_manifest_sha)
+    except ModelFolderError as exc:
         raise ServingRefused(f"{label}: {exc}: refusing to serve") from None
     return expected_manifest_sha
 
@@ -111,6 +122,9 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
     """Download, verify and load one version of the spec's model; refuse one without an operating threshold."""
     # The server never unpickles: a model from code loads without it, anything else is refused.
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    # Importing the model's code must not write __pycache__ into the verified folder: the next load would find
+    # an unlisted file there (and a planted .pyc is exactly what the manifest exists to catch).
+    sys.dont_write_bytecode = True
     import mlflow
 
     label = f"model {cfg.spec!r} version {version}"
@@ -118,11 +132,12 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
     tags = dict(mv.tags or {})
     threshold = _threshold(tags, cfg, version, label)
     cache = _download(client, cfg, version)
-    model_root = next((p.parent for p in cache.rglob("MLmodel")), None)
-    if model_root is None:
+    found = sorted(cache.rglob("MLmodel"), key=lambda p: len(p.parts))
+    if not found:
         raise ServingRefused(f"{label}: no MLmodel file in {cache}")
+    model_root = found[0].parent
     try:
-        digest = verify_model_files(model_root, tags.get(MANIFEST_TAG), label)
+        digest = verify_model_files(model_root, tags.get(MANIFEST_TAG), cfg.signing_public_key, label)
     except ServingRefused as exc:
         raise ServingRefused(f"{exc} (files cached at {cache}; if the registry's copy is intact, delete that "
                              "folder to fetch it again)") from None

@@ -6,6 +6,13 @@ folder's `manifest.json` (core.manifest: sha256 of every file, plus `world_size`
 written last, so it is the completion marker. On start the newest tag whose manifest exists, matches its files
 strictly (a missing, changed or extra file is named) and was written by this many ranks is resumed; every
 other tag is skipped with a warning that names it, so a checkpoint cut off mid-write is never taken as the newest.
+
+Nothing is unpickled from a checkpoint that fails that check: every rank checks the tag again right before the
+collective load and the load happens only when all ranks found it intact. And DeepSpeed's own loader, which calls
+`torch.load(..., weights_only=False)`, is replaced for the resume by one that unpickles with `weights_only=True`
+(tensors, plain containers and the three DeepSpeed value types its ZeRO optimizer states hold, allowlisted by
+name), so even a checkpoint whose manifest was rewritten with its files cannot run code when it loads: such a
+file fails to load and is skipped like any other.
 """
 
 from __future__ import annotations
@@ -100,15 +107,72 @@ def save_checkpoint(s: Session, tag: str) -> None:
     dist.barrier()
 
 
+# What DeepSpeed's ZeRO optimizer states pickle besides tensors and containers (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on stages 0-3, fp32 and bf16): value types, no code.
+SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    found = []
+    for name in SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed release: that type is simply not allowed
+            continue
+    return found
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine, but `load` unpickles with weights_only=True (see the module docstring)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def load(self, path: str, map_location=None):
+        import torch
+
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def resume(s: Session) -> None:
     """Load the newest checkpoint that every rank can load; any other is named in a warning and skipped."""
     import torch.distributed as dist
-    from safetensors.torch import load_file
 
     candidates = [complete_checkpoints(s.ckpt_dir, s.world, s.reporter.warning) if s.rank == 0 else None]
     dist.broadcast_object_list(candidates, src=0)
     initial = {k: v.detach().clone() for k, v in s.engine.module.state_dict().items()}
-    for tag in candidates[0]:
+    saving_engine = s.engine.checkpoint_engine
+    s.engine.checkpoint_engine = WeightsOnlyLoads(saving_engine)
+    try:
+        _resume_newest(s, candidates[0], initial)
+    finally:
+        s.engine.checkpoint_engine = saving_engine
+    if s.resumed_tag:
+        s.reporter.info(f"resuming from checkpoint {s.ckpt_dir / s.resumed_tag} at step {s.resumed_from}"
+                        + (" (training had finished; exporting it again)" if s.state["finished"] else ""))
+    else:
+        s.reporter.info(f"starting fresh; checkpoints go to {s.ckpt_dir}")
+
+
+def _resume_newest(s: Session, tags: list[str], initial: dict) -> None:
+    from safetensors.torch import load_file
+
+    for tag in tags:
+        # Checked again by every rank, right before the load: a file changed since rank 0 listed the tags (or one
+        # only this rank sees) is never unpickled, and all ranks skip the tag together.
+        problem = checkpoint_problem(s.ckpt_dir / tag, s.world)
+        if not s.all_ok(problem is None):
+            s.reporter.warning(f"skipping checkpoint {s.ckpt_dir / tag}: "
+                               f"{problem or 'it failed its manifest check on another rank'}; not loaded")
+            continue
         err = None
         client = None
         try:
@@ -125,8 +189,3 @@ def resume(s: Session) -> None:
             break
         s.reporter.warning(f"skipping checkpoint {s.ckpt_dir / tag}: it failed to load ({err or 'on another rank'})")
         s.engine.module.load_state_dict(initial)
-    if s.resumed_tag:
-        s.reporter.info(f"resuming from checkpoint {s.ckpt_dir / s.resumed_tag} at step {s.resumed_from}"
-                        + (" (training had finished; exporting it again)" if s.state["finished"] else ""))
-    else:
-        s.reporter.info(f"starting fresh; checkpoints go to {s.ckpt_dir}")
