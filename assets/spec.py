@@ -468,11 +468,8 @@ def load_spec(path: Path | str) -> LoadedSpec:
     except ValidationError as exc:
         problems = "; ".join(_format_error(e) for e in exc.errors())
         raise SpecError(f"{path}: {problems}") from None
-    loaded = LoadedSpec(spec=spec, path=path.resolve())
-    if spec.notices is not None and not loaded.resolve(spec.notices.template).is_file():
-        raise SpecError(f"{path}: 'notices.template': no file {loaded.resolve(spec.notices.template)} (a Jinja "
-                        "template, relative to the spec's folder)")
-    return loaded
+    # notices.template is read (and a missing file named) by <spec>/notice_template, not here: loading stays cheap.
+    return LoadedSpec(spec=spec, path=path.resolve())
 
 
 def load_specs(folder: Path | str) -> list[LoadedSpec]:

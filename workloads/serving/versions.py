@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,8 @@ class ServedVersions:
         self.last_error: str | None = None
         self.poll_now = threading.Event()
         self.stop = threading.Event()
+        # Refreshed with the aliases, after them (the notice template's, workloads/serving/notices.py).
+        self.followers: list[Callable[[], bool]] = []
 
     @property
     def alias_versions(self) -> dict[str, str]:
@@ -194,6 +197,8 @@ class ServedVersions:
             self.current = new  # one reference swap: a batch in flight keeps the dict it started with
             for alias, v in new.items():
                 self.metrics.serving.labels(alias=alias).set(float(v.version))
+        for follow in self.followers:
+            changed = follow() or changed
         return changed
 
     def warm(self, version: ServedVersion) -> None:
