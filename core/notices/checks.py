@@ -169,8 +169,9 @@ def faithfulness(template: NoticeTemplate, notices: Sequence[Rendered]) -> Outco
 
 
 def term_pattern(term: str) -> re.Pattern[str]:
+    """A term as whole words, any case, underscores or spaces between its words, a plural too ("renters")."""
     words = re.split(r"[\s_]+", term.strip())
-    return re.compile(r"\b" + r"[\s_]+".join(re.escape(w) for w in words if w) + r"\b", re.IGNORECASE)
+    return re.compile(r"\b" + r"[\s_]+".join(re.escape(w) for w in words if w) + r"(?:s|es)?\b", re.IGNORECASE)
 
 
 def sensitive_terms(sensitive: Sequence[str], proxies: Sequence[str]) -> list[str]:
