@@ -62,8 +62,8 @@ def adverse_requests(loaded: LoadedSpec, model: Any, threshold: float, template:
     from core.audit import redact
 
     spec = loaded.spec
-    features = spec.features.all
     typical, citeable = _typical(model.unwrap_python_model().preprocessing)
+    features = citeable  # the version's own inputs: the spec may have changed since it was trained
     scored = model.predict(test[features], params={"explain": template.top_factors})
     requests = []
     for i, probability in enumerate(scored["probability"].to_numpy(dtype=float)):
