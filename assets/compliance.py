@@ -8,8 +8,9 @@ import dagster as dg
 
 from assets import naming
 from assets.checks.gates import GATES, NOT_OVERRIDABLE, GateOutcome, evaluate_gates
-from assets.evidence import ComplianceReport, Evaluation, GateVerdict
+from assets.evidence import ComplianceReport, Evaluation, GateVerdict, NoticeEvidence
 from assets.naming import CHALLENGER, CHAMPION, PREVIOUS, asset_key
+from assets.notice_gate import notice_verdicts, promote_template, refuse_unchecked, restore_template
 from assets.report import build_report, missing_sections, to_html, to_markdown
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
@@ -52,9 +53,9 @@ def _report_paths(storage: StorageResource, spec: PipelineSpec, version: str):
 
 
 def _write_report(storage: StorageResource, mlflow: MlflowResource, spec: PipelineSpec, ev: Evaluation,
-                  gates: list[GateOutcome], log: Log) -> tuple[str, str]:
+                  gates: list[GateOutcome], log: Log, notices: NoticeEvidence | None = None) -> tuple[str, str]:
     title = f"Compliance report: {spec.name} version {ev.model_version}"
-    sections = build_report(spec, ev, gates, ev.lineage, _history(mlflow, spec.name))
+    sections = build_report(spec, ev, gates, ev.lineage, _history(mlflow, spec.name), notices)
     md_path, html_path = _report_paths(storage, spec, ev.model_version)
     atomic_write_bytes(md_path, to_markdown(title, sections).encode())
     atomic_write_bytes(html_path, to_html(title, sections).encode())
@@ -86,10 +87,11 @@ class PromotionConfig(dg.Config):
 
 
 def write_compliance_report(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, ev: Evaluation,
-                            log: Log) -> dg.Output[ComplianceReport]:
-    """The report for the evaluated version, with the verdict of every gate that needs no report."""
+                            log: Log, notices: NoticeEvidence | None = None) -> dg.Output[ComplianceReport]:
+    """The report for the evaluated version, with the verdict of every gate that needs no report (and, for a spec
+    with notices, the notice template and its checks)."""
     gates = evaluate_gates(ev, spec)
-    md_path, html_path = _write_report(storage, mlflow, spec, ev, gates, log)
+    md_path, html_path = _write_report(storage, mlflow, spec, ev, gates, log, notices)
     report = ComplianceReport(model_version=ev.model_version, markdown=md_path, html=html_path,
                               gates={g.name: GateVerdict(passed=g.passed, summary=g.summary) for g in gates})
     failed = [g.name for g in gates if not g.passed]
@@ -174,6 +176,7 @@ def rollback_champion(mlflow: MlflowResource, spec_name: str, actor: str, reason
                          f"{current.version if current else 'none'}")
     now = _now()
     mlflow.set_alias(spec_name, CHAMPION, str(previous.version))
+    restore_template(mlflow, spec_name, str(previous.version))  # the notice template it was checked with
     client = mlflow.client()
     client.delete_registered_model_alias(spec_name, PREVIOUS)
     if current is not None:
@@ -192,12 +195,17 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
     eval_key, report_key, champion_key = (asset_key(spec.name, n) for n in
                                           (naming.MODEL_EVALUATION, naming.COMPLIANCE_REPORT, naming.CHAMPION_MODEL))
 
-    @dg.asset(key=report_key, group_name=naming.EVALUATION, ins={"ev": dg.AssetIn(key=eval_key)})
+    # A spec with notices documents them too: the report comes after their checks (notice_ins).
+    notice_ins = {"notices": dg.AssetIn(key=asset_key(spec.name, naming.NOTICES))} if spec.notices else {}
+
+    @dg.asset(key=report_key, group_name=naming.EVALUATION, ins={"ev": dg.AssetIn(key=eval_key), **notice_ins})
     def compliance_report(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
-                          ev: Evaluation) -> dg.Output[ComplianceReport]:
+                          ev: Evaluation, **notices: NoticeEvidence) -> dg.Output[ComplianceReport]:
         """EU AI Act Annex IV technical documentation and a NIST AI RMF mapping for this model version, written
         as Markdown and HTML from its lineage, evaluation and gate verdicts, and logged to MLflow."""
-        return write_compliance_report(spec, storage, mlflow, ev, context.log)
+        given = notices.get("notices")
+        return write_compliance_report(spec, storage, mlflow, ev, context.log,
+                                       NoticeEvidence.model_validate(given) if isinstance(given, dict) else given)
 
     @dg.multi_asset_check(specs=[dg.AssetCheckSpec(name=name, asset=report_key, blocking=True, description=doc,
                                                    additional_deps=[eval_key]) for name, doc in GATES.items()],
@@ -212,9 +220,18 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                        report: ComplianceReport) -> dg.MaterializeResult:
         """Moves alias `champion` to the challenger only when every blocking gate passed for that version (the
         old champion becomes `previous`). A named approver with a reason may override failed gates other
-        than integrity; the report and the version's tags say so."""
+        than integrity; the report and the version's tags say so. For a spec with notices, every notice check
+        must have passed for the version too (never overridden), and the notice template's `champion` alias
+        moves to the template version it was checked with."""
         verdicts = latest_gate_verdicts(context.instance, report_key, report.model_version)
-        return promote(spec, mlflow, report, verdicts, config)
+        if spec.notices is None:
+            return promote(spec, mlflow, report, verdicts, config)
+        notice = notice_verdicts(context.instance, spec.name, report.model_version)
+        current = mlflow.alias_version(spec.name, CHAMPION)
+        refuse_unchecked(spec, report.model_version, notice, str(current.version) if current else None)
+        result = promote(spec, mlflow, report, verdicts, config)
+        moved = promote_template(mlflow, spec.name, report.model_version, str(notice.template_version))
+        return dg.MaterializeResult(metadata={**(result.metadata or {}), **moved})
 
     return dg.Definitions(assets=[compliance_report, champion_model], asset_checks=[compliance_gates])
 

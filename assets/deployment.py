@@ -30,7 +30,7 @@ from assets.serving_client import latency_burst, percentile, sample_rows, smoke_
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
 from core.keys import keys_dir as keys_folder
-from core.names import OPERATOR_KEY_ID, SMOKE_KEY_ID
+from core.names import OPERATOR_KEY_ID, SMOKE_KEY_ID, notice_prompt_name
 from core.server_config import ServerConfig, TlsFiles, parse_server_config
 from core.signing import PUBLIC_KEY
 from resources.mlflow import MlflowResource
@@ -197,6 +197,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "nullable": may_be_missing(spec, profile), "numeric_allowed": numeric_allowed(spec),
         "min_known_fraction": d.min_known_fraction, "max_in_flight_per_client": d.max_in_flight_per_client,
         "batch_text_chars": d.batch_text_chars, "max_outcomes_per_request": d.max_outcomes_per_request,
+        "notice_prompt": notice_prompt_name(spec.name) if spec.notices else None,
     }, source=f"{loaded.path} (deployment)")
     return config, key
 

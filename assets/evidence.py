@@ -180,3 +180,27 @@ class ComplianceReport(Evidence):
     markdown: str
     html: str
     gates: dict[str, GateVerdict]
+
+
+class NoticeTemplateInfo(Evidence):
+    """A spec's notice template in MLflow's prompt registry (core/notices/registry.py)."""
+
+    name: str
+    version: str
+    uri: str
+    sha256: str
+    created: bool  # this materialization registered the version (its content was new)
+
+
+class NoticeEvidence(Evidence):
+    """The notices rendered for one model version's adverse test decisions with one template version, and the
+    verdict of each notice check (core/notices/checks.py)."""
+
+    model_version: str
+    template: NoticeTemplateInfo
+    test_rows: int
+    adverse_rows: int
+    checks: dict[str, GateVerdict]
+    reasons: dict[str, str | dict[str, str]]
+    sample: str | None = None
+    path: str | None = None

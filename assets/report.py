@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from assets.checks.gates import GATES, GateOutcome
-from assets.evidence import Evaluation, Robustness
+from assets.evidence import Evaluation, NoticeEvidence, Robustness
 from assets.spec import Compliance, PipelineSpec
 
 # Annex IV headings in the order the report uses; the documentation gate requires each one filled.
@@ -49,7 +49,7 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], lineage: dict[str, str],
-                 history: list[dict[str, str]]) -> list[Section]:
+                 history: list[dict[str, str]], notices: NoticeEvidence | None = None) -> list[Section]:
     c = spec.compliance
     verdict = {g.name: g for g in gates}
     not_measured = ev.integrity.load_error or "no test metrics recorded"
@@ -144,7 +144,12 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
         "named approver overrides a failed non-integrity gate with a recorded reason. A rollback job restores "
         "the previous champion and records who and why. Every served decision carries its top contributing "
         "factors so a reviewer can see why.",
+        *(["Each adverse decision's notice tells the applicant its main reasons, their right to ask for the reasons "
+           "and to have a person review the decision, and whom to contact (section Notices to applicants)."]
+          if notices is not None else []),
     ], bullets=[f"{h['when']}: {h['what']}" for h in history if h.get("kind") == "approval"]))
+    if notices is not None:
+        sections.append(notices_section(spec, notices))
 
     sections.append(Section("Logging and record-keeping", [
         "Every materialization is recorded in the Dagster instance with its inputs' content hashes; the model "
@@ -197,6 +202,7 @@ def build_report(spec: PipelineSpec, ev: Evaluation, gates: list[GateOutcome], l
                                                  "explainability"))),
         ("Manage", "release decisions, monitoring, response", "champion only after gates; integrity "
          "verified; drift monitoring and rollback", _status(verdict, "integrity")),
+        *_notice_rows(notices),
     ]))
     nist.paragraphs.append("Gate verdicts: " + "; ".join(f"{g.name}: {'pass' if g.passed else 'FAIL'} ({g.summary})"
                                                        for g in gates))
@@ -226,6 +232,41 @@ def _attack_lines(rob: Section, r: Robustness | None, c: Compliance) -> None:
             f"{c.max_extraction_agreement}); on the way: {curve}; {x.seconds:.1f} s.")
     if r.attack_error:
         rob.bullets.append(f"Attacks that left no evidence: {r.attack_error}.")
+
+
+NOTICES_SECTION = "Notices to applicants"
+
+
+def notices_section(spec: PipelineSpec, n: NoticeEvidence) -> Section:
+    """Transparency to the people decided about (Annex IV 2(d) and Art. 13 and 86; US Regulation B's adverse
+    action notice): the template version, the reason table and the checks the notices passed."""
+    t = n.template
+    section = Section(NOTICES_SECTION, [
+        f"Every decision in {list(spec.notices.adverse) if spec.notices else [1]} is answered with a notice to the "
+        "applicant, rendered by the server from the notice template and recorded (template version and the notice's "
+        "hash) on the audit log. The template is a Jinja file in a sandbox, registered in MLflow's prompt registry; "
+        f"this version was checked with template `{t.uri}` (sha256 `{t.sha256[:16]}...`), rendered for the "
+        f"{n.adverse_rows} adverse decisions among {n.test_rows} test rows. Its `champion` alias moves only with a "
+        "model version whose notice checks all passed.",
+    ])
+    section.tables.append((("feature or group", "reason"), [
+        (k, v if isinstance(v, str) else "; ".join(f"{d}: {text}" for d, text in v.items()))
+        for k, v in n.reasons.items()]))
+    section.tables.append((("notice check", "result"), [
+        (name, f"{'passed' if c.passed else 'FAILED'}: {c.summary}") for name, c in n.checks.items()]))
+    return section
+
+
+def _notice_rows(n: NoticeEvidence | None) -> list[tuple[str, ...]]:
+    if n is None:
+        return []
+    ok = all(c.passed for c in n.checks.values())
+    status = "notices pass" if ok else "notices FAIL: " + ", ".join(k for k, c in n.checks.items() if not c.passed)
+    return [("Map 1.1", "context: who is affected and how they are told", "a checked notice with every adverse "
+             f"decision, template {n.template.uri}", status),
+            ("Govern 4", "a culture of communicating risk to those affected", "the notice's reasons, disclosures "
+             "(the right to the reasons and to a human review, a contact) and readability are blocking checks",
+             status)]
 
 
 def _gate_line(g: GateOutcome | None) -> str:

@@ -154,6 +154,9 @@ class ServerConfig(BaseModel):
     log_file: str | None = Field(None, description="the server's own log, rotated by size (None: stderr only)")
     log_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the log file past this size")
     log_backups: int = Field(3, ge=1, le=100, description="rotated log files kept")
+    notice_prompt: str | None = Field(None, description="the prompt holding the spec's notice template "
+                                                        "(core/names.notice_prompt_name); the server renders its "
+                                                        "@champion for adverse decisions. None: no notices")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:

@@ -1,6 +1,8 @@
 """Why was this applicant refused? One decision traced back to the model version, its gates and its data.
 
-    python -m orchestration.decisions <decision-id>          the decision, its model version, report, gates, data
+    python -m orchestration.decisions <decision-id>          the decision, the notice sent with it (checked against
+                                                             its recorded hash), its model version, report, gates,
+                                                             data
     python -m orchestration.decisions --verify               check the audit log's chains, MACs and checkpoints;
                                                              exit 1 and name the first bad seq if broken
     python -m orchestration.decisions <decision-id> --outcome 1 [--reason "..."]
@@ -28,6 +30,7 @@ from typing import Any
 from assets import naming
 from assets.audit_anchors import inference_log_anchors
 from core.audit import OUTCOME_RULES, AuditError, AuditKeyError
+from core.names import notice_prompt_name
 
 
 def _resources() -> dict[str, Any]:
@@ -125,6 +128,7 @@ def explain_decision(decision_id: str, out=sys.stdout) -> int:
             w(f"    {f.get('feature')}: value {f.get('value')!r}, contribution {f.get('contribution'):+.4f}\n")
     if rec.similar_cases:
         w(f"  similar past cases (row ids in the training data): {', '.join(rec.similar_cases)}\n")
+    notice_ok = show_notice(w, store, rec)
     history = store.outcome_history(rec.decision_id)
     if not history:
         w("  observed outcome: not recorded\n")
@@ -182,7 +186,32 @@ def explain_decision(decision_id: str, out=sys.stdout) -> int:
     if sealed is not None:
         print(f"the applicant's fields could not be shown: {sealed}", file=sys.stderr)
         return 1
+    if not notice_ok:
+        print(f"the notice on record for decision {rec.decision_id} does not match its recorded hash: run "
+              "python -m orchestration.decisions --verify", file=sys.stderr)
+        return 1
     return 0
+
+
+def show_notice(w, store, rec) -> bool:
+    """The notice as sent (stored encrypted with the inputs), checked against the hash recorded beside it;
+    False when it does not match. The text is the exact answer's, so nothing is re-rendered: a redacted field or
+    a reason table changed since would make a re-rendering differ from what the applicant got."""
+    from core.audit.crypto import is_sealed
+
+    if rec.notice is None:
+        w("  notice: none sent (not an adverse decision, or served before notices)\n")
+        return True
+    name = f"{notice_prompt_name(rec.spec)} version {rec.notice_template_version}"
+    if is_sealed(rec.notice):
+        w(f"  notice: rendered from {name}; encrypted, not shown (this reader lacks audit-enc.key)\n")
+        return True
+    ok = store.notice_hash(rec.notice) == rec.notice_sha256
+    w(f"  notice sent (template prompts:/{name.replace(' version ', '/')}; "
+      f"{'matches its recorded hash' if ok else 'DOES NOT MATCH ITS RECORDED HASH'}):\n")
+    for line in rec.notice.splitlines():
+        w(f"    | {line}\n")
+    return ok
 
 
 def verify(out=sys.stdout) -> int:

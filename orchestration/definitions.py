@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import compliance, data, deployment, embeddings, evaluation, monitoring, naming, training
+from assets import compliance, data, deployment, embeddings, evaluation, monitoring, naming, notices, training
 from assets.spec import LoadedSpec, load_specs
 from orchestration.jobs import spec_jobs, weekly_retrain
 from resources import resources_for
@@ -27,7 +27,7 @@ HEAVY_MODULES = ("torch", "mlflow", "great_expectations", "deepspeed", "alibi_de
 
 # Each stage contributes one Definitions per spec: its assets, checks, jobs, sensors and schedules.
 STAGES: tuple[Callable[[LoadedSpec], dg.Definitions], ...] = (
-    data.definitions, embeddings.definitions, training.definitions, evaluation.definitions,
+    data.definitions, embeddings.definitions, training.definitions, evaluation.definitions, notices.definitions,
     compliance.definitions, deployment.definitions,
 )
 
@@ -41,6 +41,8 @@ KINDS: dict[str, set[str]] = {
     naming.MODEL_CHECKPOINT: {"pytorch", "deepspeed", "mlflow"},
     naming.REGISTERED_MODEL: {"mlflow", "pytorch"},
     naming.MODEL_EVALUATION: {"mlflow", "fairlearn"},
+    naming.NOTICE_TEMPLATE: {"jinja", "mlflow"},
+    naming.NOTICES: {"jinja", "textstat"},
     naming.COMPLIANCE_REPORT: {"markdown", "html", "mlflow"},
     naming.CHAMPION_MODEL: {"mlflow"},
     naming.DEPLOYMENT_ASSET: {"kserve", "sqlite"},

@@ -27,8 +27,12 @@ def write_spec(folder: Path, spec: dict, file_name: str | None = None) -> Path:
 
 
 def copy_shipped(folder: Path, *names: str) -> None:
+    """Shipped specs, with the notice template each names."""
     for n in names:
         shutil.copy(PIPELINES / f"{n}.yaml", folder / f"{n}.yaml")
+        template = (shipped_spec(n).get("notices") or {}).get("template")
+        if template:
+            shutil.copy(PIPELINES / template, folder / template)
 
 
 def materialize(defs: dg.Definitions, instance, selection: str | dg.AssetSelection, raise_on_error: bool = False,

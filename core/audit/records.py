@@ -45,6 +45,11 @@ class AuditRecord:
     key_id: str | None
     prev_hash: str
     record_hash: str
+    # The notice sent with an adverse decision (core/notices/): the template version it was rendered from, its
+    # sha256 (keyed under the keyed rule, like the input hash) and its text (sealed with the inputs).
+    notice_template_version: str | None = None
+    notice_sha256: str | None = None
+    notice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class ChainVerification:
 
 
 FIELDS = [f.name for f in fields(AuditRecord)]
+# Fields added after records were first written: hashed only when set, so the rows written before them (and the
+# decisions that have no notice) keep the hash they were written with.
+OPTIONAL_FIELDS = ("notice_template_version", "notice_sha256", "notice")
 JSON_FIELDS = ("inputs", "top_factors", "similar_cases")
 REQUIRED = ("decision_id", "spec", "model_name", "model_version", "variant", "inputs", "probability", "decision",
              "threshold")
@@ -105,8 +113,10 @@ def redact(inputs: dict, fields_to_redact: list[str] | tuple[str, ...]) -> dict:
 
 
 def row_hash(row: dict[str, Any]) -> str:
-    """Hash over every stored field but record_hash; JSON fields are hashed as the exact text stored."""
-    payload = {k: row[k] for k in FIELDS if k != "record_hash"}
+    """Hash over every stored field but record_hash (an optional field only when set); JSON fields are hashed as
+    the exact text stored."""
+    payload = {k: row[k] for k in FIELDS if k != "record_hash" and k not in OPTIONAL_FIELDS}
+    payload.update({k: row[k] for k in OPTIONAL_FIELDS if row.get(k) is not None})
     payload["probability"] = repr(float(payload["probability"]))
     payload["threshold"] = repr(float(payload["threshold"]))
     payload["latency_ms"] = repr(float(payload["latency_ms"]))

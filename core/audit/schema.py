@@ -48,6 +48,10 @@ def tables(sa: Any) -> tuple[Any, Any, Any, Any]:
         sa.Column("prev_hash", sa.String(64), nullable=False),
         sa.Column("record_hash", sa.String(64), nullable=False),
         sa.Column("mac", sa.String(64), nullable=True),
+        # The notice sent with an adverse decision: added later, so nullable (core/audit/records.OPTIONAL_FIELDS).
+        sa.Column("notice_template_version", sa.String(32), nullable=True),
+        sa.Column("notice_sha256", sa.String(64), nullable=True),
+        sa.Column("notice", sa.Text, nullable=True),
     )
     head = sa.Table(
         "audit_head", meta,

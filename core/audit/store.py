@@ -257,9 +257,18 @@ class AuditStore(OutcomeLog):
 
     def input_hash(self, inputs: dict) -> str:
         """The input hash this store records for raw `inputs` (keyed under the keyed rule)."""
+        return self._keyed_digest(input_hash(inputs))
+
+    def notice_hash(self, notice: str) -> str:
+        """The notice hash this store records for a notice's text: its sha256, keyed under the keyed rule (a notice
+        quotes applicant text, so candidates cannot be hashed and compared)."""
+        import hashlib
+
+        return self._keyed_digest(hashlib.sha256(notice.encode()).hexdigest())
+
+    def _keyed_digest(self, plain: str) -> str:
         import sqlalchemy as sa
 
-        plain = input_hash(inputs)
         with self._read_engine.connect() as conn:
             fmt = conn.execute(sa.select(self.head.c.format).where(self.head.c.id == HEAD_DECISIONS)).scalar()
         return self._cipher.input_hash(plain) if fmt == KEYED else plain
@@ -283,13 +292,17 @@ class AuditStore(OutcomeLog):
         factors = canonical_json([{**f, "value": REDACTED} if isinstance(f, dict) and f.get("feature") in hidden
                                   and "value" in f else f for f in rec.get("top_factors") or []])
         digest = str(rec.get("input_hash") or input_hash(rec["inputs"]))
-        stored_inputs, stored_factors = inputs, factors
+        notice, notice_digest = rec.get("notice"), rec.get("notice_sha256")
+        stored_inputs, stored_factors, stored_notice = inputs, factors, notice
         if keyed:
             digest = self._cipher.input_hash(digest)
-            # One ciphertext for both (the top factors quote the inputs): one seal per record, one unseal per read.
-            stored_inputs = self._cipher.seal(f'{{"inputs":{inputs},"top_factors":{factors}}}', decision_id,
-                                              "inputs")
+            # One ciphertext for all three (the top factors and the notice quote the inputs): one seal per record.
+            with_notice = "" if notice is None else f',"notice":{canonical_json(notice)}'
+            stored_inputs = self._cipher.seal(f'{{"inputs":{inputs},"top_factors":{factors}{with_notice}}}',
+                                              decision_id, "inputs")
             stored_factors = SEALED_WITH_INPUTS
+            stored_notice = None if notice is None else SEALED_WITH_INPUTS
+            notice_digest = None if notice_digest is None else self._cipher.input_hash(str(notice_digest))
         row = {
             "decision_id": decision_id, "time": str(rec.get("time") or now_iso()), "spec": str(rec["spec"]),
             "model_name": str(rec["model_name"]), "model_version": str(rec["model_version"]),
@@ -298,6 +311,9 @@ class AuditStore(OutcomeLog):
             "similar_cases": canonical_json(rec.get("similar_cases") or []),
             "latency_ms": float(rec.get("latency_ms") or 0.0),
             "key_id": None if rec.get("key_id") is None else str(rec["key_id"]),
+            "notice_template_version": (None if rec.get("notice_template_version") is None
+                                        else str(rec["notice_template_version"])),
+            "notice_sha256": notice_digest, "notice": stored_notice,
         }
         return row, inputs, factors
 
@@ -324,9 +340,9 @@ class AuditStore(OutcomeLog):
         self._seen[HEAD_DECISIONS] = seq
         self._checkpoint(DECISIONS, new_head)
         return [AuditRecord(**{**{k: r.get(k) for k in FIELDS}, "inputs": json.loads(plain_inputs),
-                               "top_factors": json.loads(plain_factors),
+                               "top_factors": json.loads(plain_factors), "notice": rec.get("notice"),
                                "similar_cases": json.loads(r["similar_cases"])})
-                for r, (_, plain_inputs, plain_factors) in zip(rows, prepared)]
+                for r, (_, plain_inputs, plain_factors), rec in zip(rows, prepared, records)]
 
     def prune(self, older_than_days: float = DEFAULT_RETENTION_DAYS) -> int:
         """Remove decisions older than the retention period (a prefix of the chain); returns how many.
@@ -413,6 +429,8 @@ class AuditStore(OutcomeLog):
             try:
                 both = json.loads(self._cipher.unseal(m["inputs"], did, "inputs", seq))
                 m["inputs"], m["top_factors"] = both["inputs"], both["top_factors"]
+                if m.get("notice") is not None:
+                    m["notice"] = both.get("notice")
             except AuditKeyError as exc:
                 m["inputs"], m["top_factors"] = SealedInputs(str(exc)), SealedList(str(exc))
         else:

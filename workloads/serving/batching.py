@@ -39,6 +39,7 @@ from core.names import CHALLENGER, CHAMPION
 from core.server_config import ServerConfig
 from workloads.serving.decoding import InvalidRequest
 from workloads.serving.metrics import Metrics
+from workloads.serving.notices import ServedNotices
 from workloads.serving.similar import SimilarCases
 from workloads.serving.versions import ServedVersion, ServedVersions
 
@@ -128,6 +129,7 @@ class BatchingEngine:
         self.queue = FairQueue()
         self.wake: asyncio.Event | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self.notices = ServedNotices(cfg, versions) if cfg.notice_prompt else None  # refreshed with the aliases
 
     def _variant(self) -> str:
         current = self.versions.current
@@ -255,6 +257,8 @@ class BatchingEngine:
                     "similar_cases": similar[j],
                     "latency_ms": (time.perf_counter() - p.arrived) * 1000.0, "key_id": p.key_id,
                 })
+                if self.notices is not None and variant != SHADOW:  # an answered adverse decision gets its notice
+                    self.notices.attach(recs[-1], row, version)
                 j += 1
             out.append((s, recs))
         return out
@@ -268,4 +272,5 @@ class BatchingEngine:
                              for a, v in self.versions.current.items()},
                 "audit_url": self.audit.location(), "audit_latest_seq": self.audit.latest_seq(),
                 "scoring_queue_rows": self.queue.waiting_rows(),
+                "notice_template": self.notices.status() if self.notices is not None else None,
                 "last_error": self.versions.last_error}

@@ -52,18 +52,21 @@ class Decided:
 
 
 def v1_answer(record: dict[str, Any]) -> dict[str, Any]:
-    """One decision as v1 answers it: the output fields, and the threshold it was decided at."""
-    return {**{name: record[name] for name in OUTPUT_NAMES}, "threshold": record["threshold"]}
+    """One decision as v1 answers it: the output fields (`notice` null when the decision has none), and the
+    threshold it was decided at."""
+    return {**{name: record.get(name) for name in OUTPUT_NAMES}, "threshold": record["threshold"]}
 
 
 def _tensor_value(value: Any, datatype: str) -> Any:
+    if value is None and datatype == "BYTES":
+        return ""  # a decision without a notice
     return json.dumps(value) if datatype == "BYTES" and not isinstance(value, str) else value
 
 
 def v2_answer(request: InferRequest, records: list[dict[str, Any]], model_name: str) -> InferResponse:
     """The decisions as v2 output tensors, one per field of core.names.OUTPUTS (lists travel as JSON text)."""
     outputs = [InferOutput(name=name, shape=[len(records)], datatype=datatype,
-                           data=[_tensor_value(r[name], datatype) for r in records]) for name, datatype in OUTPUTS]
+                           data=[_tensor_value(r.get(name), datatype) for r in records]) for name, datatype in OUTPUTS]
     return InferResponse(response_id=request.id or uuid.uuid4().hex, model_name=model_name,
                          model_version=records[0]["model_version"] if records else None, infer_outputs=outputs)
 
@@ -110,12 +113,18 @@ class DecisionModel(kserve.Model):
             raise InvalidInput(str(exc)) from None
         return Decided(records=records, request=decoded.request, field=field)
 
+    def _explain_at_least(self, top: int) -> int:
+        """A notice is written from the decision's top factors: with notices on, at least as many as it reads."""
+        notices = self.engine.notices
+        return max(top, notices.top_factors) if notices is not None else top
+
     async def predict(self, payload: Decoded, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> Decided:
-        return await self._decide(payload, self.cfg.explain_top, "predictions")
+        return await self._decide(payload, self._explain_at_least(self.cfg.explain_top), "predictions")
 
     async def explain(self, payload: Decoded, headers: dict[str, str] | None = None) -> Decided:
-        return await self._decide(payload, max(self.cfg.explain_top, EXPLAIN_AT_LEAST), "explanations")
+        return await self._decide(payload, self._explain_at_least(max(self.cfg.explain_top, EXPLAIN_AT_LEAST)),
+                                  "explanations")
 
     async def postprocess(self, result: Decided, headers: dict[str, str] | None = None,
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,8 @@ class ServedVersions:
         self.last_error: str | None = None
         self.poll_now = threading.Event()
         self.stop = threading.Event()
+        # Refreshed with the aliases, after them (the notice template's, workloads/serving/notices.py).
+        self.followers: list[Callable[[], bool]] = []
 
     @property
     def alias_versions(self) -> dict[str, str]:
@@ -209,6 +212,8 @@ class ServedVersions:
             self.current = new  # one reference swap: a batch in flight keeps the dict it started with
             for alias, v in new.items():
                 self.metrics.serving.labels(alias=alias).set(float(v.version))
+        for follow in self.followers:
+            changed = follow() or changed
         return changed
 
     def warm(self, version: ServedVersion) -> None:
