@@ -60,6 +60,7 @@ class ChainVerification:
     first_bad_outcome_event: int | None = None
     checkpoints_checked: int = 0
     rules: list[str] = field(default_factory=list)
+    serving_events_checked: int = 0  # the serving chain (core/audit/serving_events.py)
 
 
 FIELDS = [f.name for f in fields(AuditRecord)]

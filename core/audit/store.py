@@ -35,14 +35,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from core.audit.checkpoints import (DECISIONS, DEFAULT_INTERVAL, OUTCOMES, Checkpoint, Checkpointer,
+from core.audit.checkpoints import (DECISIONS, DEFAULT_INTERVAL, OUTCOMES, SERVING, Checkpoint, Checkpointer,
                                     default_checkpoint_path, head_checkpoint, read_checkpoints)
 from core.audit.crypto import (SEALED_WITH_INPUTS, AuditKeyError, AuditKeys, Cipher, SealedInputs, SealedList,
                                is_sealed)
 from core.audit.outcome_log import OutcomeLog
 from core.audit.records import (DEFAULT_RETENTION_DAYS, FIELDS, GENESIS, REDACTED, REQUIRED, VARIANTS, AuditError,
                                 AuditRecord, ChainVerification, canonical_json, input_hash, now_iso, row_hash)
-from core.audit.schema import HEAD_DECISIONS, HEAD_OUTCOMES, KEYED, LEGACY_OUTCOMES, PLAIN, migrate, tables
+from core.audit.schema import (HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING, KEYED, LEGACY_OUTCOMES, PLAIN, migrate,
+                                tables)
+from core.audit.serving_events import ServingLog, walk_serving
 from core.audit.verify import Verifier, head_text
 
 _BESIDE = object()  # checkpoints: beside a SQLite store, none elsewhere
@@ -74,7 +76,7 @@ def _private_sqlite(path: str) -> None:
             pass
 
 
-class AuditStore(OutcomeLog):
+class AuditStore(OutcomeLog, ServingLog):
     """The decision log behind one SQLAlchemy URL. Thread-safe; several processes may append to one store.
 
     `keys` (AuditKeys.load(folder)) makes writes keyed and encrypted and lets readers decrypt and verify; without
@@ -112,6 +114,7 @@ class AuditStore(OutcomeLog):
         else:
             self.engine = self._read_engine = sa.create_engine(url, pool_pre_ping=True)
         self.meta, self.decisions, self.head, self.outcome_events = tables(sa)
+        self.serving_events = self.meta.tables["audit_serving_events"]
         migrate(sa, self.engine, self.meta)
         # Built once: a commit per request when idle, so the statements' construction shows in the throughput.
         self._select_head = sa.select(self.head).where(self.head.c.id == sa.bindparam("chain")).with_for_update()
@@ -124,7 +127,7 @@ class AuditStore(OutcomeLog):
         """Create the head rows that are missing; True when this call created a new, empty store."""
         with self.engine.begin() as conn:
             have = {r.id for r in conn.execute(sa.select(self.head.c.id))}
-        if {HEAD_DECISIONS, HEAD_OUTCOMES} <= have:
+        if {HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING} <= have:
             return False
         try:
             with self.engine.begin() as conn:
@@ -138,6 +141,9 @@ class AuditStore(OutcomeLog):
                     last = conn.execute(sa.select(sa.func.max(self.outcome_events.c.id))).scalar() or 0
                     conn.execute(self.head.insert().values(id=HEAD_OUTCOMES, seq=int(last), hash=GENESIS,
                                                            anchor_seq=int(last), anchor_hash=GENESIS, format=PLAIN))
+                if HEAD_SERVING not in have:  # a store older than the serving chain gets it empty
+                    conn.execute(self.head.insert().values(id=HEAD_SERVING, seq=0, hash=GENESIS, anchor_seq=0,
+                                                           anchor_hash=GENESIS, format=PLAIN))
         except sa.exc.IntegrityError:
             return False  # another process created them first
         return HEAD_DECISIONS not in have
@@ -195,7 +201,7 @@ class AuditStore(OutcomeLog):
         import sqlalchemy as sa
 
         with self._lock, self.engine.begin() as conn:
-            for chain in (HEAD_DECISIONS, HEAD_OUTCOMES):
+            for chain in (HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING):
                 head = conn.execute(sa.select(self.head).where(self.head.c.id == chain).with_for_update()).one()
                 self._update_head(conn, chain, head, **self._head_values(head, True))
 
@@ -206,7 +212,7 @@ class AuditStore(OutcomeLog):
 
         head = conn.execute(self._select_head, {"chain": chain}).one()
         marks = self._head_values(head, keyed)
-        name = "decision" if chain == HEAD_DECISIONS else "outcome"
+        name = {HEAD_DECISIONS: "decision", HEAD_OUTCOMES: "outcome", HEAD_SERVING: "serving"}[chain]
         if head.format == KEYED and not self._cipher.mac_ok("head", head_text(chain, head), head.mac):
             raise AuditError(f"the {name} chain's head in the audit log at {self.location()} does not match its "
                              "MAC: it was rewritten; nothing more is written to it. Run python -m "
@@ -396,7 +402,7 @@ class AuditStore(OutcomeLog):
             return []
         with self._read_engine.connect() as conn:
             heads = conn.execute(sa.select(self.head).order_by(self.head.c.id)).all()
-        names = {HEAD_DECISIONS: DECISIONS, HEAD_OUTCOMES: OUTCOMES}
+        names = {HEAD_DECISIONS: DECISIONS, HEAD_OUTCOMES: OUTCOMES, HEAD_SERVING: SERVING}
         return [self._sign(head_checkpoint(names[h.id], h.seq, h.hash, h.anchor_seq, h.keyed_from, h.key_id))
                 for h in heads if h.id in names and h.format == KEYED]
 
@@ -505,7 +511,8 @@ class AuditStore(OutcomeLog):
         with self._read_engine.connect() as conn:
             decisions = verifier.decisions(conn, batch)
             outcomes = verifier.outcomes(conn, batch)
-        return verifier.result(decisions, outcomes)
+            serving = walk_serving(verifier, conn, batch)
+        return verifier.result(decisions, outcomes, serving)
 
 
 class _Row:
