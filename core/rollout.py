@@ -86,7 +86,6 @@ class RolloutPolicy(_Strict):
     analysis: RolloutAnalysisSettings = RolloutAnalysisSettings()
 
 
-Rollout = Literal["direct"] | RolloutPolicy
 
 
 @dataclass(frozen=True)
@@ -108,8 +107,9 @@ def split_in_force(event: ServingEvent | None, mode: str, share: float) -> Split
     """The split a server applies: the newest control event's, else its config's."""
     if event is None:
         return Split(mode=mode, share=share, challenger=None)
-    if event.mode in (None, "champion") or not event.challenger:
+    if event.mode in (None, "champion"):
         return Split(mode="champion", share=0.0, challenger=None, source=event.id)
+    # An event without a challenger keeps the spec's own canary or shadow policy: its challenger is the alias.
     return Split(mode=event.mode, share=float(event.share or 0.0), challenger=event.challenger, source=event.id)
 
 
@@ -159,3 +159,50 @@ def parse_partition(key: str) -> tuple[str, int]:
         return rollout, int(step)
     except ValueError:
         raise ValueError(f"{key!r} is not a rollout step partition (<rollout>-<step>-<shadow|canaryNN>)") from None
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """The decisions one rollout step saw: those committed after `after_seq` and up to `last_seq` (None: the step is
+    still in force), with the split of the control event that began it."""
+
+    rollout: str
+    step: int
+    begun_by: ServingEvent
+    after_seq: int
+    last_seq: int | None
+    ended_by: ServingEvent | None
+
+    @property
+    def champion(self) -> str:
+        return str(self.begun_by.champion)
+
+    @property
+    def challenger(self) -> str:
+        return str(self.begun_by.challenger)
+
+    @property
+    def mode(self) -> str:
+        return str(self.begun_by.mode)
+
+
+def _took_effect(events: list[ServingEvent], control: ServingEvent) -> int:
+    """The decision seq after which a server served `control`'s split: its first `applied` event's `seq_at`, or the
+    control event's own while no server has reported applying it yet."""
+    for e in events:
+        if e.kind == "applied" and e.id > control.id and e.evidence.get("control_event") == control.id:
+            return e.seq_at
+    return control.seq_at
+
+
+def step_window(events: list[ServingEvent], rollout: str, step: int) -> StepWindow | None:
+    """Where step `step` of `rollout` begins and ends among the decisions, from the spec's serving events (oldest
+    first). A hold, or a resume of the same step, does not end it; anything else does."""
+    begun = next((e for e in events if e.kind in ("rollout", "step") and e.rollout == rollout and e.step == step),
+                 None)
+    if begun is None:
+        return None
+    ended = next((e for e in events if e.id > begun.id and e.is_control
+                  and not (e.rollout == rollout and e.step == step and e.kind in ("hold", "step"))), None)
+    return StepWindow(rollout=rollout, step=step, begun_by=begun, after_seq=_took_effect(events, begun),
+                      last_seq=None if ended is None else _took_effect(events, ended), ended_by=ended)

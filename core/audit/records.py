@@ -45,6 +45,8 @@ class AuditRecord:
     key_id: str | None
     prev_hash: str
     record_hash: str
+    # The caller's audit-only fields (the spec's sensitive columns; never model inputs), sealed with the inputs.
+    audit_fields: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class ChainVerification:
     serving_events_checked: int = 0  # the serving chain (core/audit/serving_events.py)
 
 
-FIELDS = [f.name for f in fields(AuditRecord)]
+FIELDS = [f.name for f in fields(AuditRecord) if f.name != "audit_fields"]  # the stored columns; audit_fields ride
+# inside the sealed inputs (core/audit/store.py)
 JSON_FIELDS = ("inputs", "top_factors", "similar_cases")
 REQUIRED = ("decision_id", "spec", "model_name", "model_version", "variant", "inputs", "probability", "decision",
              "threshold")

@@ -158,6 +158,25 @@ class ServingLog:
             row = conn.execute(q.order_by(t.c.id.desc()).limit(1)).first()
         return None if row is None else _event(row._mapping)
 
+    def step_counts(self, spec: str, first: int, last: int | None, variant: str, version: str,
+                    exclude_key_ids: tuple[str, ...] = ()) -> tuple[int, int]:
+        """(decisions, decisions with an outcome reported) of `spec` by `variant` and model `version` with seq in
+        [first, last] (last None: to the end): what a rollout step has seen, counted without reading a record."""
+        import sqlalchemy as sa
+
+        d, e = self.decisions, self.outcome_events
+        where = [d.c.spec == spec, d.c.seq >= int(first), d.c.variant == variant, d.c.model_version == str(version)]
+        if last is not None:
+            where.append(d.c.seq <= int(last))
+        if exclude_key_ids:
+            where.append(sa.or_(d.c.key_id.is_(None), d.c.key_id.not_in(list(exclude_key_ids))))
+        labelled = sa.select(sa.func.count(sa.distinct(d.c.decision_id))).select_from(
+            d.join(e, e.c.decision_id == d.c.decision_id)).where(*where)
+        with self._read_engine.connect() as conn:
+            n = int(conn.execute(sa.select(sa.func.count()).select_from(d).where(*where)).scalar() or 0)
+            k = int(conn.execute(labelled).scalar() or 0)
+        return n, k
+
 
 def _event(m: Any) -> ServingEvent:
     m = dict(m)

@@ -272,7 +272,7 @@ class AuditStore(OutcomeLog, ServingLog):
 
     # --- writing ---------------------------------------------------------------------------------------------
 
-    def _prepare(self, rec: dict[str, Any], keyed: bool) -> tuple[dict[str, Any], str, str]:
+    def _prepare(self, rec: dict[str, Any], keyed: bool) -> tuple[dict[str, Any], str, str, dict[str, Any]]:
         missing = [k for k in REQUIRED if rec.get(k) is None]
         if missing:
             raise AuditError(f"audit record {rec.get('decision_id', '?')} lacks {', '.join(missing)}")
@@ -290,10 +290,16 @@ class AuditStore(OutcomeLog, ServingLog):
                                   and "value" in f else f for f in rec.get("top_factors") or []])
         digest = str(rec.get("input_hash") or input_hash(rec["inputs"]))
         stored_inputs, stored_factors = inputs, factors
+        audit_fields = rec.get("audit_fields") or {}
+        if audit_fields and not keyed:
+            raise AuditError(f"audit record {decision_id}: audit-only fields are stored only encrypted, and the audit "
+                             f"log at {self.location()} is written without keys")
         if keyed:
             digest = self._cipher.input_hash(digest)
             # One ciphertext for both (the top factors quote the inputs): one seal per record, one unseal per read.
-            stored_inputs = self._cipher.seal(f'{{"inputs":{inputs},"top_factors":{factors}}}', decision_id,
+            # The caller's audit-only fields (sensitive columns, never model inputs) ride in it when there are any.
+            extra = f',"audit_fields":{canonical_json(audit_fields)}' if audit_fields else ""
+            stored_inputs = self._cipher.seal(f'{{"inputs":{inputs},"top_factors":{factors}{extra}}}', decision_id,
                                               "inputs")
             stored_factors = SEALED_WITH_INPUTS
         row = {
@@ -305,7 +311,7 @@ class AuditStore(OutcomeLog, ServingLog):
             "latency_ms": float(rec.get("latency_ms") or 0.0),
             "key_id": None if rec.get("key_id") is None else str(rec["key_id"]),
         }
-        return row, inputs, factors
+        return row, inputs, factors, audit_fields
 
     def append(self, records: list[dict]) -> list[AuditRecord]:
         """Assign seq, chain (and authenticate) the hashes and commit the whole batch in one transaction."""
@@ -318,7 +324,7 @@ class AuditStore(OutcomeLog, ServingLog):
             head, marks = self._locked_head(conn, HEAD_DECISIONS, keyed)
             seq, prev = int(head.seq), head.hash
             rows = []
-            for p, _, _ in prepared:
+            for p, _, _, _ in prepared:
                 seq += 1
                 row = {**p, "seq": seq, "prev_hash": prev}
                 row["record_hash"] = prev = row_hash(row)
@@ -331,8 +337,8 @@ class AuditStore(OutcomeLog, ServingLog):
         self._checkpoint(DECISIONS, new_head)
         return [AuditRecord(**{**{k: r.get(k) for k in FIELDS}, "inputs": json.loads(plain_inputs),
                                "top_factors": json.loads(plain_factors),
-                               "similar_cases": json.loads(r["similar_cases"])})
-                for r, (_, plain_inputs, plain_factors) in zip(rows, prepared)]
+                               "similar_cases": json.loads(r["similar_cases"]), "audit_fields": audit_fields})
+                for r, (_, plain_inputs, plain_factors, audit_fields) in zip(rows, prepared)]
 
     def prune(self, older_than_days: float = DEFAULT_RETENTION_DAYS) -> int:
         """Remove decisions older than the retention period (a prefix of the chain); returns how many.
@@ -415,17 +421,20 @@ class AuditStore(OutcomeLog, ServingLog):
     def _record(self, row: Any) -> AuditRecord:
         m = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
         seq, did = int(m["seq"]), m["decision_id"]
+        audit_fields: dict = {}
         if is_sealed(m["inputs"]):
             try:
                 both = json.loads(self._cipher.unseal(m["inputs"], did, "inputs", seq))
                 m["inputs"], m["top_factors"] = both["inputs"], both["top_factors"]
+                audit_fields = both.get("audit_fields") or {}
             except AuditKeyError as exc:
                 m["inputs"], m["top_factors"] = SealedInputs(str(exc)), SealedList(str(exc))
+                audit_fields = SealedInputs(str(exc))
         else:
             m["inputs"], m["top_factors"] = json.loads(m["inputs"]), json.loads(m["top_factors"])
         m["similar_cases"] = json.loads(m["similar_cases"])
         m["seq"] = seq
-        return AuditRecord(**{k: m[k] for k in FIELDS})
+        return AuditRecord(**{k: m[k] for k in FIELDS}, audit_fields=audit_fields)
 
     def read_after(self, seq: int, limit: int = 1000, spec: str | None = None,
                    variants: tuple[str, ...] | None = None,
