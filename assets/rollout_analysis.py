@@ -118,7 +118,7 @@ class StepAnalysis:
                 asset_key=asset_key, check_name=name, passed=verdict == PASS,
                 severity=dg.AssetCheckSeverity.ERROR if verdict == ROLLBACK else dg.AssetCheckSeverity.WARN,
                 description=("; ".join(f.text for f in figs) or "nothing to check")[:2000],
-                metadata={"verdict": VERDICTS[verdict], "partition": self.partition,
+                metadata={"verdict": verdict, "partition": self.partition,
                           "can_tell": "; ".join(f.can_tell for f in figs)[:2000],
                           "figures": dg.MetadataValue.json([f.to_json() for f in figs])}))
         return out
@@ -128,7 +128,7 @@ class StepAnalysis:
         rows = ["| check | verdict | figures | what it can tell at this size |", "| --- | --- | --- | --- |"]
         for name, figs in self.figures.items():
             for f in figs:
-                rows.append(f"| {f.name} | {VERDICTS[f.verdict]} | {f.text} | {f.can_tell} |")
+                rows.append(f"| {f.name} | {f.verdict} | {f.text} | {f.can_tell} |")
         rows.append(f"| scores | informative | {self.scores.text} | {self.scores.can_tell} |")
         return {
             **self.record().to_metadata(), "mode": w.mode, "champion_version": w.champion,

@@ -123,7 +123,7 @@ class ServingLog:
             row["record_hash"] = serving_event_hash(row)
             if keyed:
                 row["mac"] = self._cipher.mac("serving", row["record_hash"])
-            conn.execute(self.serving_events.insert(), [row])
+            conn.execute(self.serving_table.insert(), [row])
             new_head = self._update_head(conn, HEAD_SERVING, head, seq=row["id"], hash=row["record_hash"], **marks)
         self._seen[HEAD_SERVING] = row["id"]
         self._checkpoint(SERVING, new_head)
@@ -134,7 +134,7 @@ class ServingLog:
         """Events with id > `after` (of `spec`, of `kinds`, at or before the time `until`), oldest first."""
         import sqlalchemy as sa
 
-        t = self.serving_events
+        t = self.serving_table
         q = sa.select(t).where(t.c.id > int(after))
         if spec is not None:
             q = q.where(t.c.spec == spec)
@@ -150,7 +150,7 @@ class ServingLog:
         """The newest event of `spec` of `kinds` (at or before `until`): by default the split in force."""
         import sqlalchemy as sa
 
-        t = self.serving_events
+        t = self.serving_table
         q = sa.select(t).where(t.c.spec == spec, t.c.kind.in_(list(kinds)))
         if until is not None:
             q = q.where(t.c.time <= until)
@@ -202,7 +202,7 @@ def walk_serving(verifier: Any, conn: Any, batch: int) -> Any:
     from core.audit.verify import _Walk
 
     s = verifier.store
-    t = s.serving_events
+    t = s.serving_table
     walk = _Walk(SERVING)
     head = conn.execute(sa.select(s.head).where(s.head.c.id == HEAD_SERVING)).first()
     if head is None:

@@ -114,7 +114,7 @@ class AuditStore(OutcomeLog, ServingLog):
         else:
             self.engine = self._read_engine = sa.create_engine(url, pool_pre_ping=True)
         self.meta, self.decisions, self.head, self.outcome_events = tables(sa)
-        self.serving_events = self.meta.tables["audit_serving_events"]
+        self.serving_table = self.meta.tables["audit_serving_events"]
         migrate(sa, self.engine, self.meta)
         # Built once: a commit per request when idle, so the statements' construction shows in the throughput.
         self._select_head = sa.select(self.head).where(self.head.c.id == sa.bindparam("chain")).with_for_update()
