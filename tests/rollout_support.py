@@ -27,9 +27,9 @@ class Scorer:
     south_bias: float = 0.0
     threshold: float = 0.5
 
-    def score(self, y: np.ndarray, south: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def score(self, y: np.ndarray, south: np.ndarray, noise: np.ndarray) -> np.ndarray:
         signal = self.skill * (y - 0.5) * 1.2 + self.south_bias * south
-        return np.clip(0.5 + signal + rng.normal(0, 0.2, len(y)), 0.001, 0.999)
+        return np.clip(0.5 + signal + noise, 0.001, 0.999)
 
 
 def begin_rollout(s: AuditStore, champion: str, challenger: str, mode: str, share: float | None = None,
@@ -47,7 +47,8 @@ def traffic(s: AuditStore, n: int, champion: tuple[str, Scorer], challenger: tup
     y = (rng.uniform(size=n) < 0.3).astype(int)
     south = rng.uniform(size=n) < 0.5
     (cv, cs), (nv, ns) = champion, challenger
-    p_champion, p_challenger = cs.score(y, south, rng), ns.score(y, south, rng)
+    noise = rng.normal(0, 0.2, n)  # one applicant, one noise: equal versions score alike
+    p_champion, p_challenger = cs.score(y, south, noise), ns.score(y, south, noise)
     records, labels = [], {}
     for i in range(n):
         region = "south" if south[i] else "north"
