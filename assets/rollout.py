@@ -8,7 +8,7 @@ champion_model --(gates pass, deployment.rollout has steps)--> rollout event: st
         rollback --> <spec>__rollback (the challenger leaves the split)
 ```
 
-- `<spec>/rollout_analysis` (group deployment), one dynamic partition per step (`<rollout>-<step>-<label>`, e.g.
+- `<spec>/rollout_analysis` (group monitoring, like the drift reports), one dynamic partition per step (`<rollout>-<step>-<label>`, e.g.
   `v3-2-canary10`): the challenger against the champion on that step's decisions (assets/rollout_analysis.py), with
   five blocking checks (`decisions`, `errors`, `latency`, `fairness`, `live_auc`). A check that fails at severity
   ERROR is evidence of harm (roll back); one that fails at WARN waits for evidence (hold).
@@ -139,7 +139,7 @@ def definitions(loaded: LoadedSpec, jobs: RolloutJobs) -> dg.Definitions:
     key = asset_key(spec.name, naming.ROLLOUT_ANALYSIS)
     partitions = steps_partitions(spec.name)
 
-    @dg.asset(key=key, group_name=naming.DEPLOYMENT, partitions_def=partitions,
+    @dg.asset(key=key, group_name=naming.MONITORING, partitions_def=partitions,
               deps=[asset_key(spec.name, naming.DEPLOYMENT_ASSET)],
               check_specs=[dg.AssetCheckSpec(name, asset=key, blocking=True, description=doc)
                            for name, doc in CHECKS.items()],
