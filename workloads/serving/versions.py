@@ -190,7 +190,8 @@ class ServedVersions:
             raise ServingRefused(f"model {self.cfg.spec!r} has no '{CHAMPION}' alias in the registry at "
                                  f"{self.registry_uri}: materialize {self.cfg.spec}/champion_model first")
         changed = False
-        new = dict(self.current)
+        # A version the split no longer names leaves it (a rolled-back challenger is not kept loaded).
+        new = {alias: v for alias, v in self.current.items() if alias in wanted}
         for alias, version in wanted.items():
             if version is None:
                 new.pop(alias, None)
