@@ -1,20 +1,21 @@
-"""compliance_report, the blocking gates on it, champion_model (gated promotion) and the rollback job."""
+"""compliance_report, the blocking gates on it, and champion_model: gated promotion, or the start of a rollout."""
 
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
 
-from assets import naming
+from assets import naming, rollout_state
 from assets.checks.gates import GATES, NOT_OVERRIDABLE, GateOutcome, evaluate_gates
 from assets.evidence import ComplianceReport, Evaluation, GateVerdict, NoticeEvidence
-from assets.naming import CHALLENGER, CHAMPION, PREVIOUS, asset_key
-from assets.notice_gate import notice_verdicts, promote_template, refuse_unchecked, restore_template
+from assets.naming import CHALLENGER, CHAMPION, asset_key
+from assets.notice_gate import notice_verdicts, refuse_unchecked, tag_template
 from assets.report import build_report, missing_sections, to_html, to_markdown
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
+from core.audit import AuditStore
 from resources.mlflow import MlflowResource
+from resources.servers import AuditResource
 from resources.storage import StorageResource, atomic_write_bytes
 
 
@@ -116,8 +117,11 @@ def gate_results(spec: PipelineSpec, ev: Evaluation, report: ComplianceReport, l
 
 
 def promote(spec: PipelineSpec, mlflow: MlflowResource, report: ComplianceReport, verdicts: dict[str, bool],
-            config: PromotionConfig) -> dg.MaterializeResult:
-    """Move `champion` to the reported version when every gate passed for it (or a person approved)."""
+            config: PromotionConfig, store: AuditStore, storage: StorageResource, run_id: str = ""
+            ) -> dg.MaterializeResult:
+    """When every gate passed for the reported version (or a person approved): under `deployment.rollout: direct`
+    (or with no champion yet) move `champion` to it; under a rollout policy start its rollout at the first step
+    (assets/rollout_state.py). Either way the move is on the audit store's serving chain."""
     version = report.model_version
     challenger = mlflow.alias_version(spec.name, CHALLENGER)
     if challenger is None or str(challenger.version) != version:
@@ -145,45 +149,20 @@ def promote(spec: PipelineSpec, mlflow: MlflowResource, report: ComplianceReport
         client.set_model_version_tag(spec.name, version, "approval_reason", config.reason)
         client.set_model_version_tag(spec.name, version, "overridden_gates", ",".join(failed))
         _append_approval(report, config, failed)
-    now = _now()
-    if current is not None:
-        mlflow.set_alias(spec.name, PREVIOUS, str(current.version))
-    mlflow.set_alias(spec.name, CHAMPION, version)
-    client.set_model_version_tag(spec.name, version, "promoted_at", now)
-    client.set_model_version_tag(spec.name, version, "promoted_by",
-                                 f"approval by {config.approver}" if approved else "gates")
+    decision = f"approved by {config.approver}: {config.reason}" if approved else "every blocking gate passed"
+    actor = config.approver if approved else "gates"
+    evidence = {"run_id": run_id, "gates": verdicts, "approved_by": config.approver if approved else None}
+    move = rollout_state.enter(spec, mlflow, store, version, actor, decision, evidence) or rollout_state.promote_to(
+        spec, mlflow, store, version, actor, decision, evidence,
+        promoted_by=f"approval by {config.approver}" if approved else "gates")
+    rollout_state.record_history(storage, spec.name, store, version, move.previous_champion)
     return dg.MaterializeResult(metadata={
-        "champion_version": version, "previous_version": str(current.version) if current else "none",
-        "changed": True, "decision": f"approved by {config.approver}: {config.reason}" if approved
-        else "every blocking gate passed", "overridden_gates": ", ".join(failed) or "none",
+        "champion_version": move.champion or "none", "previous_version": move.previous_champion or "none",
+        "changed": move.changed_champion, "decision": decision if move.kind == "promote" else f"{move.text} ({decision})",
+        "overridden_gates": ", ".join(failed) or "none", "rollout": move.event.rollout or "none",
+        "split": move.event.split_text(), "serving_event": move.event.id,
         "report": dg.MetadataValue.path(report.markdown),
     })
-
-
-@dataclass(frozen=True)
-class Rollback:
-    spec: str
-    from_version: str | None
-    to_version: str
-
-
-def rollback_champion(mlflow: MlflowResource, spec_name: str, actor: str, reason: str) -> Rollback:
-    """Move `champion` back to `previous` and record who and why on the version rolled back from."""
-    current = mlflow.alias_version(spec_name, CHAMPION)
-    previous = mlflow.alias_version(spec_name, PREVIOUS)
-    if previous is None:
-        raise dg.Failure(f"{spec_name}: there is no '{PREVIOUS}' version to roll back to; champion stays at "
-                         f"{current.version if current else 'none'}")
-    now = _now()
-    mlflow.set_alias(spec_name, CHAMPION, str(previous.version))
-    restore_template(mlflow, spec_name, str(previous.version))  # the notice template it was checked with
-    client = mlflow.client()
-    client.delete_registered_model_alias(spec_name, PREVIOUS)
-    if current is not None:
-        for k, v in (("rolled_back_at", now), ("rolled_back_by", actor), ("rollback_reason", reason)):
-            client.set_model_version_tag(spec_name, str(current.version), k, v)
-    return Rollback(spec=spec_name, from_version=str(current.version) if current else None,
-                    to_version=str(previous.version))
 
 
 # --- wiring ---------------------------------------------------------------------------------------------------
@@ -217,21 +196,24 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
 
     @dg.asset(key=champion_key, group_name=naming.DEPLOYMENT, ins={"report": dg.AssetIn(key=report_key)})
     def champion_model(context: dg.AssetExecutionContext, config: PromotionConfig, mlflow: MlflowResource,
+                       storage: StorageResource, audit: AuditResource,
                        report: ComplianceReport) -> dg.MaterializeResult:
-        """Moves alias `champion` to the challenger only when every blocking gate passed for that version (the
-        old champion becomes `previous`). A named approver with a reason may override failed gates other
-        than integrity; the report and the version's tags say so. For a spec with notices, every notice check
-        must have passed for the version too (never overridden), and the notice template's `champion` alias
-        moves to the template version it was checked with."""
+        """Only when every blocking gate passed for the challenger: moves alias `champion` to it (the old
+        champion becomes `previous`), or, under a rollout policy (deployment.rollout), starts its rollout, which
+        earns it traffic step by step on live evidence. A named approver with a reason may override failed gates
+        other than integrity; the report and the version's tags say so. For a spec with notices, every notice
+        check must have passed for the version too (never overridden); the version is tagged with the template
+        version it was checked with, and the template's `champion` alias moves with the model's. Every move is on
+        the audit store's serving chain."""
         verdicts = latest_gate_verdicts(context.instance, report_key, report.model_version)
-        if spec.notices is None:
-            return promote(spec, mlflow, report, verdicts, config)
-        notice = notice_verdicts(context.instance, spec.name, report.model_version)
-        current = mlflow.alias_version(spec.name, CHAMPION)
-        refuse_unchecked(spec, report.model_version, notice, str(current.version) if current else None)
-        result = promote(spec, mlflow, report, verdicts, config)
-        moved = promote_template(mlflow, spec.name, report.model_version, str(notice.template_version))
-        return dg.MaterializeResult(metadata={**(result.metadata or {}), **moved})
+        tagged: dict[str, str] = {}
+        if spec.notices is not None:
+            notice = notice_verdicts(context.instance, spec.name, report.model_version)
+            current = mlflow.alias_version(spec.name, CHAMPION)
+            refuse_unchecked(spec, report.model_version, notice, str(current.version) if current else None)
+            tagged = tag_template(mlflow, spec.name, report.model_version, str(notice.template_version))
+        result = promote(spec, mlflow, report, verdicts, config, audit.store(), storage, context.run_id)
+        return dg.MaterializeResult(metadata={**(result.metadata or {}), **tagged})
 
     return dg.Definitions(assets=[compliance_report, champion_model], asset_checks=[compliance_gates])
 

@@ -24,7 +24,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from assets import naming
+from assets import naming, rollout_state
 from assets.profile import load_profile
 from assets.serving_client import latency_burst, percentile, sample_rows, smoke_decision
 from assets.spec import LoadedSpec, PipelineSpec
@@ -185,7 +185,8 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "numeric": numeric, "categorical": categorical, "text": list(spec.features.text),
         "max_batch_rows": d.max_batch_rows, "max_body_bytes": d.max_body_bytes,
         "rate_limit_per_minute": d.rate_limit_per_minute, "api_keys_file": str(keys_file) if keys_file else None,
-        "redact": list(d.redact), "retention_days": d.retention_days, "explain_top": d.explain_top,
+        "redact": list(d.redact), "audit_fields": spec.sensitive_columns, "retention_days": d.retention_days,
+        "explain_top": d.explain_top,
         "similar_cases": d.similar_cases if spec.has_text else 0,
         "vector_db": str(Path(home) / spec.name / "vector_index") if spec.has_text else None,
         "model_cache": str(folder / "models"),
@@ -205,20 +206,6 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
 # --- the stage's Definitions -------------------------------------------------------------------------------------
 
 
-def _versions(mlflow: MlflowResource, spec: PipelineSpec) -> dict[str, str]:
-    """The versions the server must come up serving: the champion, and the challenger when traffic splits."""
-    champion = mlflow.alias_version(spec.name, naming.CHAMPION)
-    if champion is None:
-        raise dg.Failure(f"{spec.name}: no model version has alias '{naming.CHAMPION}' in the registry at "
-                         f"{mlflow.shown_registry_uri()}; materialize {spec.name}/champion_model")
-    expect = {naming.CHAMPION: str(champion.version)}
-    if spec.deployment.traffic.mode != "champion":
-        challenger = mlflow.alias_version(spec.name, naming.CHALLENGER)
-        if challenger is not None:  # without one, the server answers with the champion alone
-            expect[naming.CHALLENGER] = str(challenger.version)
-    return expect
-
-
 def deploy(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource, audit: AuditResource,
            server: ServerLauncher, validated: pd.DataFrame, log: Log | None = None
            ) -> tuple[Deployed, dict[str, str], str | None, list[dict[str, Any]]]:
@@ -226,7 +213,7 @@ def deploy(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource,
     spec = loaded.spec
     config, key = server_config(loaded, storage.home, mlflow.resolved_tracking_uri(), audit.resolved_url(),
                                 load_profile(storage, spec), mlflow.registry_uri, audit.resolved_keys_dir())
-    expect = _versions(mlflow, spec)
+    expect = rollout_state.expected_versions(spec, mlflow, audit.store())  # the split in force (serving chain)
     deployed = server.deploy(spec.name, config, expect, log)
     return deployed, expect, key, sample_rows(spec, validated, 20)
 
@@ -269,8 +256,10 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
         except Exception as exc:
             latency = dg.AssetCheckResult(check_name="latency_slo", passed=False,
                                           description=f"the burst failed: {exc}")
+        split = store.latest_serving_event(spec.name)
         traffic = spec.deployment.traffic
-        policy = traffic.mode if traffic.mode != "canary" else f"canary {traffic.canary_share:.0%} to challenger"
+        policy = split.split_text() if split is not None else traffic.mode if traffic.mode != "canary" else \
+            f"canary {traffic.canary_share:.0%} to challenger"
         return dg.MaterializeResult(
             metadata={
                 "endpoint": dg.MetadataValue.url(deployed.endpoint), "how": deployed.how,

@@ -7,8 +7,9 @@
   `outcomes:<window>:<n>`), so the live AUC is computed where outcomes exist.
 - A report that found drift, or a live AUC under `compliance.min_auc`, asks for one `<spec>__retrain` run per
   window (run_key `retrain:<window>`, the report's evidence in its tags), within `monitoring.retrain_cooldown_hours`.
-- When a retrain the sensor asked for finishes, its outcome (promoted, and which version; or refused, and by which
-  gates with their numbers) is written back once onto the window's drift report as an observation.
+- When a retrain the sensor asked for finishes, its outcome (promoted, and which version; its rollout started, under
+  a spec's `deployment.rollout` steps, which the rollout sensor then drives; or refused, and by which gates with
+  their numbers) is written back once onto the window's drift report as an observation.
 
 Its cursor moves only with the requests, in the same tick result, so a daemon killed mid-tick re-reads the same
 windows next tick and the run keys stop duplicates.
@@ -71,7 +72,7 @@ class RetrainOutcome:
     """What became of a retrain the sensor asked for, as written back onto its window's drift report."""
 
     run_id: str
-    outcome: str  # promoted | not changed | refused | failed | canceled
+    outcome: str  # promoted | rollout started | not changed | refused | failed | canceled
     reason: str
     champion_version: str  # the champion after the run, or "unchanged"
 
@@ -134,7 +135,8 @@ def retrain_outcome(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Retrain
         elif kind == dg.DagsterEventType.STEP_FAILURE:
             failures.append(f"{e.step_key}: {(data.error.message if data.error else e.user_message).strip()}")
     if run.status == dg.DagsterRunStatus.SUCCESS and champion is not None:
-        outcome = "promoted" if champion.get("changed") else "not changed"
+        started = not champion.get("changed") and str(champion.get("rollout", "none")) != "none"
+        outcome = "promoted" if champion.get("changed") else "rollout started" if started else "not changed"
         reason = f"champion v{champion.get('champion_version')}: {champion.get('decision', '')}"
     elif run.status == dg.DagsterRunStatus.CANCELED:
         outcome, reason = "canceled", "the run was canceled; the champion keeps serving"

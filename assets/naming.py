@@ -36,6 +36,7 @@ CHAMPION_MODEL = "champion_model"
 DEPLOYMENT_ASSET = "deployment"
 INFERENCE_LOG = "inference_log"
 DRIFT_REPORT = "drift_report"
+ROLLOUT_ANALYSIS = "rollout_analysis"
 
 # --- the columns every stage after the data shares ------------------------------------------------------------
 ROW_ID = "row_id"
@@ -59,9 +60,13 @@ def asset_key(spec_name: str, asset: str) -> dg.AssetKey:
 
 
 def job_name(spec_name: str, kind: str) -> str:
-    """`<spec>__data`, `<spec>__pipeline`, `<spec>__rollback`, `<spec>__retrain`."""
+    """`<spec>__data`, `<spec>__pipeline`, `<spec>__rollback`, `<spec>__retrain`, `<spec>__rollout_step`, ..."""
     return f"{spec_name}__{kind}"
 
 
 def drift_sensor_name(spec_name: str) -> str:
     return f"{spec_name}__drift_sensor"
+
+
+def rollout_sensor_name(spec_name: str) -> str:
+    return f"{spec_name}__rollout_sensor"

@@ -1,9 +1,10 @@
 """What the notices stage, promotion and rollback share: the spec's template as a document, the rules its checks
 apply, the notice checks' latest verdicts for one model version, and moving the template's `champion` alias.
 
-The template's alias follows the champion model: promotion moves it to the template version the promoted model
-version was checked with and tags that model version with it (`notice_template_version`,
-`notice_template_sha256`); a rollback moves it back to the version the restored model was checked with. So the
+The template's alias follows the champion model: promotion tags the model version with the template version it
+was checked with (`notice_template_version`, `notice_template_sha256`), and whenever a version becomes champion
+(at once, at a rollout's last step, or restored by a rollback) the alias moves to its template version. While a
+rollout's challenger answers part of the traffic, its adverse decisions are rendered with the champion's template. So the
 server (which renders from the template's `champion` alias) always speaks with a template checked against the
 model it serves.
 """
@@ -100,10 +101,11 @@ def refuse_unchecked(spec: PipelineSpec, version: str, verdicts: NoticeVerdicts,
                      f"{champion or 'none'}.")
 
 
-def promote_template(mlflow, spec_name: str, model_version: str, template_version: str) -> dict[str, str]:
-    """Point the template's `champion` alias at the version `model_version` was checked with, and tag the model
-    version with it. Returns metadata for the promotion's materialization."""
-    from core.notices.registry import load, set_alias
+def tag_template(mlflow, spec_name: str, model_version: str, template_version: str) -> dict[str, str]:
+    """Tag the model version with the template version its notice checks judged (and its sha256), so that whenever
+    the version becomes champion (promotion, a rollout's last step, a rollback) the template's `champion` alias
+    follows it (`follow_template`). Returns metadata for the promotion's materialization."""
+    from core.notices.registry import load
 
     client = mlflow.client()
     name = notice_prompt_name(spec_name)
@@ -113,16 +115,16 @@ def promote_template(mlflow, spec_name: str, model_version: str, template_versio
                          f"judged, is not in the registry at {mlflow.shown_registry_uri()}; materialize "
                          f"{spec_name}/{naming.NOTICE_TEMPLATE} and {spec_name}/{naming.NOTICES}")
     current = load(client, name, mlflow.shown_registry_uri(), alias=naming.CHAMPION)
-    set_alias(client, name, naming.CHAMPION, template_version)
     client.set_model_version_tag(spec_name, model_version, NOTICE_TEMPLATE_TAG, template_version)
     client.set_model_version_tag(spec_name, model_version, NOTICE_TEMPLATE_SHA_TAG, template.sha256)
     return {"notice_template_version": template_version, "notice_template_uri": template.uri or "",
             "notice_template_previous": current.version if current is not None else "none"}
 
 
-def restore_template(mlflow, spec_name: str, model_version: str) -> str | None:
-    """After a rollback: the template `champion` back to the version the restored model was checked with (None
-    when that model version carries no template tag, as one promoted before notices existed)."""
+def follow_template(mlflow, spec_name: str, model_version: str) -> str | None:
+    """The template's `champion` alias to the version `model_version` (the new champion, or the one a rollback
+    restored) was checked with (None when that model version carries no template tag, as one promoted before
+    notices existed, or a spec without notices)."""
     from core.notices.registry import set_alias
 
     client = mlflow.client()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core import server_config
 from core.audit.outcomes import DEFAULT_OUTCOME_RULE, OutcomeRule
+from core.rollout import DIRECT, RolloutPolicy
 from core.train_config import DeepSpeedSettings, TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -276,6 +277,19 @@ class Deployment(_Strict):
     batch_text_chars: server_config.BatchTextChars
     min_known_fraction: server_config.MinKnownFraction
     max_outcomes_per_request: server_config.MaxOutcomesPerRequest
+    # `direct`: a version that passes the gates is champion at once; or steps, each gated by live evidence
+    # (core/rollout.py, assets/rollout.py). Kept as None for `direct`.
+    rollout: RolloutPolicy | None = None
+
+    @field_validator("rollout", mode="before")
+    @classmethod
+    def _direct(cls, value: Any) -> Any:
+        if value is None or value == DIRECT:
+            return None
+        if isinstance(value, str):
+            raise ValueError(f"{value!r}: expected '{DIRECT}' or a mapping with steps, e.g. "
+                             "{steps: [{mode: shadow, decisions: 1000}, {mode: canary, share: 0.1, decisions: 300}]}")
+        return value
 
     @model_validator(mode="after")
     def _bind_needs_auth(self) -> "Deployment":

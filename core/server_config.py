@@ -126,6 +126,9 @@ class ServerConfig(BaseModel):
     api_keys_file: str | None = None
     api_keys_env: str | None = None
     redact: list[str] = Field(default_factory=list)
+    audit_fields: list[str] = Field(default_factory=list, max_length=20, description=(
+        "audit-only fields a caller may send beside the features (the spec's sensitive columns): stored encrypted "
+        "on the decision's audit record for the live fairness analysis, never passed to the model"))
     retention_days: RetentionDays
     explain_top: ExplainTop
     similar_cases: SimilarCases
@@ -174,6 +177,12 @@ class ServerConfig(BaseModel):
         unknown = [c for c in self.redact if c not in seen]
         if unknown:
             raise ValueError(f"redact: {unknown} are not feature columns")
+        clash = [c for c in self.audit_fields if c in seen]
+        if clash:
+            raise ValueError(f"audit_fields: {clash} are feature columns; an audit-only field is never a model input")
+        if self.audit_fields and not self.keys_dir:
+            raise ValueError("audit_fields are stored only encrypted, and this config names no keys_dir: give the "
+                             "server the audit log's keys folder, or leave audit_fields empty")
         unknown = [c for c in (self.nullable or []) if c not in seen]
         if unknown:
             raise ValueError(f"nullable: {unknown} are not feature columns")

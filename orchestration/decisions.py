@@ -10,6 +10,9 @@
                                                              different outcome than the one on record needs a reason
     python -m orchestration.decisions --find [--spec S] [--since 2026-01-01T00:00] [--until ...]
                                              [--version 3] [--variant champion|canary|shadow] [--limit 20]
+    python -m orchestration.decisions --served-at 2026-03-03T12:00 [--spec S]
+                                                             which versions and split served then, who set it, why
+                                                             and on what evidence (the audit log's serving chain)
 
 Reads the audit log (`$INTELLIGENTOPS_AUDIT_URL`, else SQLite under `$INTELLIGENTOPS_HOME`) with its keys
 (`$INTELLIGENTOPS_KEYS_DIR`, else `<home>/keys`: `audit-enc.key` to show an applicant's fields, `audit-mac.key` to
@@ -267,10 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="record what really happened for the decision (1: the positive class); the drift "
                              "report's live metrics read it")
     parser.add_argument("--reason", help="why: needed when the outcome corrects the one on record")
+    parser.add_argument("--served-at", help="ISO-8601 time: which version and split served then (with --spec, one)")
     args = parser.parse_args(argv)
-    if not (args.decision_id or args.verify or args.find):
-        parser.error("give a decision id, --verify or --find")
+    if not (args.decision_id or args.verify or args.find or args.served_at):
+        parser.error("give a decision id, --verify, --find or --served-at")
     try:
+        if args.served_at:
+            return served_at(args)
         if args.verify:
             return verify()
         if args.find:
@@ -294,6 +300,24 @@ def main(argv: list[str] | None = None) -> int:
     except AuditError as exc:  # unknown decision, a correction without a reason, a key the log needs
         print(f"decisions: {exc}", file=sys.stderr)
         return 1
+
+
+def served_at(args: argparse.Namespace, out=None) -> int:
+    from orchestration.rollout import served_at as answer
+    from orchestration.rollout import utc_text
+
+    out = out or sys.stdout
+
+    store = _resources()["audit"].store()
+    when = utc_text(args.served_at)
+    specs = [args.spec] if args.spec else sorted({e.spec for e in store.serving_events()} |
+                                                 {r.spec for r in store.find(until=when, limit=1)})
+    if not specs:
+        out.write(f"nothing was served before {when}: the audit log at {store.location()} is empty\n")
+        return 1
+    for spec in specs:
+        out.write("\n".join(answer(store, spec, when)) + "\n")
+    return 0
 
 
 def cli_key_id() -> str:

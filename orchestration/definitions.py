@@ -14,7 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import compliance, data, deployment, embeddings, evaluation, monitoring, naming, notices, training
+from assets import (compliance, data, deployment, embeddings, evaluation, monitoring, naming, notices, rollout,
+                    training)
 from assets.spec import LoadedSpec, load_specs
 from orchestration.jobs import spec_jobs, weekly_retrain
 from resources import resources_for
@@ -48,6 +49,7 @@ KINDS: dict[str, set[str]] = {
     naming.DEPLOYMENT_ASSET: {"kserve", "sqlite"},
     naming.INFERENCE_LOG: {"sqlite"},
     naming.DRIFT_REPORT: {"alibi-detect"},
+    naming.ROLLOUT_ANALYSIS: {"alibi-detect", "scipy"},
 }
 
 
@@ -57,8 +59,9 @@ def spec_definitions(loaded: LoadedSpec) -> dg.Definitions:
     jobs = spec_jobs(loaded)
     merged = dg.Definitions.merge(
         *(stage(loaded) for stage in STAGES),
-        # Monitoring's sensor starts the retrain job, which is no single stage's own.
+        # Monitoring's sensor starts the retrain job, the rollout's the step and rollback jobs: no single stage's own.
         monitoring.definitions(loaded, retrain=jobs.retrain),
+        rollout.definitions(loaded, rollout.RolloutJobs(step=jobs.rollout[0], rollback=jobs.rollback)),
         dg.Definitions(jobs=jobs.all, schedules=[weekly_retrain(loaded, jobs.retrain)]))
 
     def stamp(asset: dg.AssetSpec) -> dg.AssetSpec:

@@ -15,6 +15,9 @@ one chosen from its training data.
 4. Prints each window's verdict and the retrain's result: a new champion that the server now serves, or the
    refusal and its reason, as the sensor wrote it back onto the window's drift report. The champion is never
    moved by anything but the gates.
+5. Under a rollout policy (`deployment.rollout`, docs/rollout.md) the retrain enters its rollout instead: the
+   demo sends each step's decisions and their outcomes until the rollout sensor promotes the new version or
+   rolls it back, and prints each step's analysis.
 
 Everything it starts is stopped on exit except the inference server, which was running before.
 """
@@ -177,6 +180,50 @@ def _no_retrain(instance, spec: str, loaded: PipelineSpec, reports: list) -> int
     return 1
 
 
+def _drive_rollout(instance, settings: Settings, loaded: PipelineSpec, endpoint: str, spec_path: Path,
+                   daemon: subprocess.Popen, timeout_s: float) -> None:
+    """Traffic and its outcomes for each step of the rollout the retrain entered, until the rollout sensor promotes
+    the new version or rolls it back; prints each step's analysis as `python -m orchestration.rollout` does."""
+    from assets.rollout_state import current_rollout
+    from orchestration.rollout import status
+    from resources import resources_for
+
+    store = resources_for(settings)["audit"].store()
+    operator_key = Path(settings.home) / loaded.name / "deployment" / "operator.key"
+    deadline, seed = time.monotonic() + timeout_s, 10
+    state = current_rollout(store, loaded.name)
+    while state is not None and time.monotonic() < deadline and daemon.poll() is None:
+        step = loaded.deployment.rollout.steps[state.step - 1]
+        rows = step.decisions if step.mode == "shadow" else int(step.decisions / (step.share or 1)) + 1
+        print(f"  rollout {state.rollout} step {state.step} ({step.label}{', held' if state.held else ''}): sending "
+              f"{rows} decisions and their outcomes", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "step.jsonl"
+            _replay(endpoint, spec_path, rows, out, "--shuffle", "--seed", str(seed))
+            subprocess.run([sys.executable, "-m", "workloads.replay", "outcomes", "--url", endpoint, "--model",
+                            loaded.name, "--decisions", str(out), "--api-key-file", str(operator_key)],
+                           check=True, cwd=REPO)
+        seed += 1
+        before = state.event.id
+        wait_until = time.monotonic() + 4 * loaded.monitoring.sensor_interval_seconds + 60
+        while time.monotonic() < min(wait_until, deadline):
+            time.sleep(10)
+            state = current_rollout(store, loaded.name)
+            if state is None or state.event.id != before:
+                break
+        status(store, instance, loaded.name)
+        if state is not None and state.held:
+            print("  the rollout is held by a person; `python -m orchestration.rollout` resumes it")
+            return
+    latest = store.latest_serving_event(loaded.name)
+    if state is None and latest is not None:
+        print(f"  rollout over: {latest.kind} by {latest.actor}: {latest.reason[:400]}")
+        print(f"  who served when: .venv/bin/python -m orchestration.decisions --served-at <time> --spec "
+              f"{loaded.name}")
+    else:
+        print("  the rollout is still under way; `python -m orchestration.rollout " + loaded.name + "` shows it")
+
+
 def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: float = 1800) -> int:
     import dagster as dg
 
@@ -251,7 +298,10 @@ def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: f
         print(f"retrain run {retrain.run_id} ({retrain.tags.get(f'{TAG}trigger')} in window "
               f"{retrain.tags.get(f'{TAG}window')}): {retrain.status.value}")
         champion = _latest_meta(instance, spec, "champion_model")
-        if retrain.status == dg.DagsterRunStatus.SUCCESS:
+        if retrain.status == dg.DagsterRunStatus.SUCCESS and champion.get("rollout", "none") != "none":
+            print(f"  passed its gates and entered rollout {champion.get('rollout')}: {champion.get('decision')}")
+            _drive_rollout(instance, settings, loaded, endpoint, spec_path, daemon, timeout_s)
+        elif retrain.status == dg.DagsterRunStatus.SUCCESS:
             print(f"  new champion: version {champion.get('champion_version')}; the server reloaded it")
         else:
             from assets.drift_sensor import retrain_outcome

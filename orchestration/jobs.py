@@ -1,49 +1,118 @@
 """Jobs that are no single stage's own: `<spec>__data`, `<spec>__pipeline`, `<spec>__rollback`, `<spec>__retrain`,
-and the weekly retrain schedule (shipped off).
+the rollout's moves (`<spec>__rollout_step`, `<spec>__promote`, `<spec>__hold`) and the weekly retrain schedule
+(shipped off).
+
+The rollback and rollout jobs are what a person runs (the UI's Launchpad, or `python -m orchestration.rollout`) and
+what the rollout sensor runs on an analysis's verdict: one path for both. Each takes an actor and a reason (both
+required) and optional evidence, and records the move on the audit store's serving chain
+(assets/rollout_state.py).
 
 No `from __future__ import annotations`: Dagster reads the op's config annotation at definition time.
 """
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dagster as dg
 
-from assets import naming
-from assets.compliance import rollback_champion
+from assets import naming, rollout_state
 from assets.spec import LoadedSpec
 from assets.wiring import AssetJob
 from resources.mlflow import MlflowResource
+from resources.servers import AuditResource
+from resources.storage import StorageResource
 
 
-class RollbackConfig(dg.Config):
-    """Who rolls back and why; both go on the run and on the model version rolled back from."""
+class MoveConfig(dg.Config):
+    """Who moves the split and why (both required; they go on the run, the serving chain and the version's report),
+    and the evidence it rests on: free text, or JSON (the rollout sensor's: the analysis run and its checks)."""
 
     actor: str
     reason: str
+    evidence: str = ""
+
+
+class RollbackConfig(MoveConfig):
+    """Who rolls back and why; both go on the run, the model version rolled back and the serving chain."""
+
+
+class StepConfig(MoveConfig):
+    """`resume: true` carries on a held rollout at the step it holds instead of advancing it."""
+
+    resume: bool = False
+
+
+def _evidence(context: dg.OpExecutionContext, config: MoveConfig) -> dict:
+    out: dict = {"run_id": context.run_id, "job": context.job_name}
+    if config.evidence.strip():
+        try:
+            parsed = json.loads(config.evidence)
+        except ValueError:
+            parsed = None
+        out.update(parsed if isinstance(parsed, dict) else {"note": config.evidence[:2000]})
+    return out
+
+
+def _move_job(loaded: LoadedSpec, kind: str, op_name: str, config_type: type, description: str,
+              move: Callable[..., rollout_state.Move]) -> dg.JobDefinition:
+    spec = loaded.spec
+    champion_key = naming.asset_key(spec.name, naming.CHAMPION_MODEL)
+    deployment_key = naming.asset_key(spec.name, naming.DEPLOYMENT_ASSET)
+
+    @dg.op(name=f"{spec.name}__{op_name}", tags={naming.SPEC_TAG: spec.name}, description=description)
+    def move_op(context: dg.OpExecutionContext, config: config_type, mlflow: MlflowResource,  # type: ignore[valid-type]
+                storage: StorageResource, audit: AuditResource):
+        store = audit.store()
+        if not config.actor.strip() or not config.reason.strip():
+            raise dg.Failure(f"{spec.name}: {kind} needs an actor and a reason (run config: actor, reason)")
+        done = move(spec, mlflow, store, config.actor, config.reason, _evidence(context, config),
+                    **({"resume": config.resume} if isinstance(config, StepConfig) else {}))
+        rollout_state.record_history(storage, spec.name, store, done.event.champion, done.event.challenger,
+                                     done.previous_champion, done.event.evidence.get("rolled_back"))
+        context.instance.add_run_tags(context.run_id, {f"{naming.TAG_PREFIX}{kind}_actor": config.actor[:200],
+                                                       f"{naming.TAG_PREFIX}{kind}_reason": config.reason[:200],
+                                                       f"{naming.TAG_PREFIX}serving_event": str(done.event.id)})
+        context.log.info(f"{spec.name}: {done.text} (serving event {done.event.id})")
+        metadata = {"move": done.kind, "what": done.text, "split": done.event.split_text(),
+                    "actor": config.actor, "reason": config.reason, "serving_event": done.event.id,
+                    "rollout": done.event.rollout or "none"}
+        if done.changed_champion:
+            yield dg.AssetMaterialization(asset_key=champion_key, metadata={
+                **metadata, "champion_version": done.champion or "none",
+                "rolled_back_from": (done.previous_champion or "") if kind == "rollback" else "",
+                "decision": f"{done.kind} by {config.actor}: {config.reason}", "changed": done.changed_champion})
+        yield dg.AssetObservation(asset_key=deployment_key, metadata=metadata)
+        yield dg.Output(None)
+
+    @dg.job(name=naming.job_name(spec.name, kind), tags={naming.SPEC_TAG: spec.name}, description=description)
+    def job():
+        move_op()
+
+    return job
 
 
 def rollback_job(loaded: LoadedSpec) -> dg.JobDefinition:
-    spec_name = loaded.name
-    champion_key = naming.asset_key(spec_name, naming.CHAMPION_MODEL)
+    return _move_job(loaded, "rollback", "rollback_champion", RollbackConfig,
+                     f"Roll back {loaded.name}: during a rollout its challenger leaves the split; otherwise the "
+                     "champion alias goes back to the previous version (config: actor, reason, evidence).",
+                     rollout_state.rollback)
 
-    @dg.op(name=f"{spec_name}__rollback_champion", tags={naming.SPEC_TAG: spec_name})
-    def rollback_champion_op(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowResource):
-        """Moves `champion` back to `previous`, and records who and why on the run and the model version."""
-        done = rollback_champion(mlflow, spec_name, config.actor, config.reason)
-        context.instance.add_run_tags(context.run_id, {f"{naming.TAG_PREFIX}rollback_actor": config.actor,
-                                                       f"{naming.TAG_PREFIX}rollback_reason": config.reason[:200]})
-        context.log.info(f"{spec_name}: champion {done.from_version or 'none'} -> {done.to_version}")
-        yield dg.AssetMaterialization(asset_key=champion_key, metadata={
-            "champion_version": done.to_version, "rolled_back_from": done.from_version or "",
-            "decision": f"rollback by {config.actor}: {config.reason}", "changed": True})
-        yield dg.Output(None)
 
-    @dg.job(name=naming.job_name(spec_name, "rollback"), tags={naming.SPEC_TAG: spec_name},
-            description=f"Move {spec_name}'s champion alias back to the previous version (config: actor, reason).")
-    def rollback():
-        rollback_champion_op()
-
-    return rollback
+def rollout_jobs(loaded: LoadedSpec) -> list[dg.JobDefinition]:
+    """`<spec>__rollout_step`, `<spec>__promote`, `<spec>__hold`."""
+    return [
+        _move_job(loaded, "rollout_step", "advance_rollout", StepConfig,
+                  f"Advance {loaded.name}'s rollout to its next step, or promote its challenger after the last "
+                  "(config: actor, reason, evidence; resume: carry on a held rollout at its step). The rollout "
+                  "sensor runs it when a step's analysis passes.", rollout_state.advance),
+        _move_job(loaded, "promote", "promote_challenger", MoveConfig,
+                  f"Promote the challenger of {loaded.name}'s rollout now, skipping the steps left (config: "
+                  "actor, reason).", rollout_state.promote_now),
+        _move_job(loaded, "hold", "hold_rollout", MoveConfig,
+                  f"Hold {loaded.name}'s rollout at its step: nothing advances it until a person does; a rollback "
+                  "on evidence of harm still happens (config: actor, reason).", rollout_state.hold),
+    ]
 
 
 @dataclass(frozen=True)
@@ -52,17 +121,20 @@ class SpecJobs:
     pipeline: AssetJob
     rollback: dg.JobDefinition
     retrain: AssetJob
+    rollout: list[dg.JobDefinition]
 
     @property
     def all(self) -> list[AssetJob | dg.JobDefinition]:
-        return [self.data, self.pipeline, self.rollback, self.retrain]
+        return [self.data, self.pipeline, self.rollback, self.retrain, *self.rollout]
 
 
 def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
     name = loaded.name
     in_spec = dg.AssetSelection.key_prefixes([name])
-    # Drift reports are per window (partitioned) and made on the sensor's request, never as part of a pipeline run.
-    reports = dg.AssetSelection.from_string(f'key:"{name}/{naming.DRIFT_REPORT}"')
+    # Drift reports are per window and rollout analyses per step (partitioned), made on a sensor's request, never
+    # as part of a pipeline run.
+    reports = dg.AssetSelection.from_string(f'key:"{name}/{naming.DRIFT_REPORT}" or '
+                                            f'key:"{name}/{naming.ROLLOUT_ANALYSIS}"')
     tags = {naming.SPEC_TAG: name}
     return SpecJobs(
         data=dg.define_asset_job(naming.job_name(name, "data"), selection=dg.AssetSelection.groups(naming.DATA) & in_spec,
@@ -73,11 +145,12 @@ def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
         rollback=rollback_job(loaded),
         retrain=dg.define_asset_job(
             naming.job_name(name, "retrain"), tags={**tags, f"{naming.TAG_PREFIX}retrain": "true"},
-            selection=in_spec & dg.AssetSelection.groups(naming.DATA, naming.EMBEDDINGS, naming.TRAINING,
-                                                         naming.EVALUATION, naming.DEPLOYMENT),
+            selection=(in_spec & dg.AssetSelection.groups(naming.DATA, naming.EMBEDDINGS, naming.TRAINING,
+                                                          naming.EVALUATION, naming.DEPLOYMENT)) - reports,
             description=f"Retrain {name} from fresh data through every blocking gate; the champion moves (and the "
-                        "server reloads) only when they pass. Requested by the drift sensor with the evidence in "
-                        "its tags."),
+                        "server reloads) only when they pass, at once or through the spec's rollout. Requested by "
+                        "the drift sensor with the evidence in its tags."),
+        rollout=rollout_jobs(loaded),
     )
 
 

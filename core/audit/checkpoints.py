@@ -1,7 +1,7 @@
 """Checkpoints: the chain heads written down outside the store, so an insider who can rewrite the database but
 not reach these copies cannot truncate the chain and rewrite its head unnoticed (Dagster-free).
 
-A checkpoint is one chain's head at a moment: which chain (`decisions` or `outcomes`), seq, record hash, the
+A checkpoint is one chain's head at a moment: which chain (`decisions`, `outcomes` or `serving`), seq, record hash, the
 retention anchor and the keyed-rule start at that moment, when, the MAC key's id, and an HMAC over all of it
 under `audit-mac.key`. They are kept in two places:
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from core.audit.records import canonical_json, now_iso
 
-DECISIONS, OUTCOMES = "decisions", "outcomes"
-ANCHOR_METADATA = "audit_anchor"  # inference_log's metadata key: {"decisions": {...}, "outcomes": {...}}
+DECISIONS, OUTCOMES, SERVING = "decisions", "outcomes", "serving"
+ANCHOR_METADATA = "audit_anchor"  # inference_log's metadata key: {"decisions": {...}, "outcomes": {...}, ...}
 DEFAULT_INTERVAL = 2.0
 FILE_MODE = 0o600
 

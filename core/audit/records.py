@@ -50,6 +50,8 @@ class AuditRecord:
     notice_template_version: str | None = None
     notice_sha256: str | None = None
     notice: str | None = None
+    # The caller's audit-only fields (the spec's sensitive columns; never model inputs), sealed with the inputs.
+    audit_fields: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,11 @@ class ChainVerification:
     first_bad_outcome_event: int | None = None
     checkpoints_checked: int = 0
     rules: list[str] = field(default_factory=list)
+    serving_events_checked: int = 0  # the serving chain (core/audit/serving_events.py)
 
 
-FIELDS = [f.name for f in fields(AuditRecord)]
+# the stored columns; audit_fields ride inside the sealed inputs (core/audit/store.py)
+FIELDS = [f.name for f in fields(AuditRecord) if f.name != "audit_fields"]
 # Fields added after records were first written: hashed only when set, so the rows written before them (and the
 # decisions that have no notice) keep the hash they were written with.
 OPTIONAL_FIELDS = ("notice_template_version", "notice_sha256", "notice")

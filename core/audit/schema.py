@@ -4,7 +4,10 @@
   `mac` for rows written under the keyed rule).
 - `audit_outcome_events`: the outcome chain, one row per outcome report in arrival order (corrections too),
   each with the reporting key id, its reason, its own prev_hash, record_hash and mac.
-- `audit_head`: one row per chain (HEAD_DECISIONS, HEAD_OUTCOMES): the newest seq and hash, the retention anchor
+- `audit_serving_events`: the serving chain, one row per change of who serves (a promotion, a rollout step, a hold,
+  a rollback, a split a server applied, a server's failure counts): time, actor, reason, the split after it and
+  the evidence it rested on (core/audit/serving_events.py), chained and keyed like the others.
+- `audit_head`: one row per chain (HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING): the newest seq and hash, the retention anchor
   (where verification starts), the format marker (`format`: 1 plain, 2 keyed; `keyed_from`: the first seq
   written under the keyed rule), the key ids that wrote it and the head's own MAC.
 
@@ -18,13 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
-HEAD_DECISIONS, HEAD_OUTCOMES = 1, 2
+HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING = 1, 2, 3
 PLAIN, KEYED = 1, 2
 LEGACY_OUTCOMES = "audit_outcomes"
 
 
 def tables(sa: Any) -> tuple[Any, Any, Any, Any]:
-    """(metadata, decisions, head, outcome events)."""
+    """(metadata, decisions, head, outcome events); the serving events table joins the same metadata."""
     seq_type = sa.BigInteger().with_variant(sa.Integer, "sqlite")
     meta = sa.MetaData()
     decisions = sa.Table(
@@ -81,7 +84,32 @@ def tables(sa: Any) -> tuple[Any, Any, Any, Any]:
         sa.Column("record_hash", sa.String(64), nullable=True),
         sa.Column("mac", sa.String(64), nullable=True),
     )
+    serving_table(sa, meta, seq_type)
     return meta, decisions, head, events
+
+
+def serving_table(sa: Any, meta: Any, seq_type: Any) -> Any:
+    """`audit_serving_events` (core/audit/serving_events.py): who served when, and why."""
+    return sa.Table(
+        "audit_serving_events", meta,
+        sa.Column("id", seq_type, primary_key=True, autoincrement=False),
+        sa.Column("time", sa.String(40), nullable=False, index=True),
+        sa.Column("spec", sa.String(128), nullable=False, index=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("actor", sa.String(256), nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("mode", sa.String(16), nullable=True),
+        sa.Column("share", sa.Float(precision=53), nullable=True),
+        sa.Column("champion", sa.String(64), nullable=True),
+        sa.Column("challenger", sa.String(64), nullable=True),
+        sa.Column("rollout", sa.String(64), nullable=True),
+        sa.Column("step", sa.Integer, nullable=True),
+        sa.Column("seq_at", seq_type, nullable=False),
+        sa.Column("evidence", sa.Text, nullable=False),
+        sa.Column("prev_hash", sa.String(64), nullable=False),
+        sa.Column("record_hash", sa.String(64), nullable=False),
+        sa.Column("mac", sa.String(64), nullable=True),
+    )
 
 
 def migrate(sa: Any, engine: Any, meta: Any) -> None:

@@ -35,14 +35,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from core.audit.checkpoints import (DECISIONS, DEFAULT_INTERVAL, OUTCOMES, Checkpoint, Checkpointer,
+from core.audit.checkpoints import (DECISIONS, DEFAULT_INTERVAL, OUTCOMES, SERVING, Checkpoint, Checkpointer,
                                     default_checkpoint_path, head_checkpoint, read_checkpoints)
 from core.audit.crypto import (SEALED_WITH_INPUTS, AuditKeyError, AuditKeys, Cipher, SealedInputs, SealedList,
                                is_sealed)
 from core.audit.outcome_log import OutcomeLog
 from core.audit.records import (DEFAULT_RETENTION_DAYS, FIELDS, GENESIS, REDACTED, REQUIRED, VARIANTS, AuditError,
                                 AuditRecord, ChainVerification, canonical_json, input_hash, now_iso, row_hash)
-from core.audit.schema import HEAD_DECISIONS, HEAD_OUTCOMES, KEYED, LEGACY_OUTCOMES, PLAIN, migrate, tables
+from core.audit.schema import (HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING, KEYED, LEGACY_OUTCOMES, PLAIN, migrate,
+                                tables)
+from core.audit.serving_events import ServingLog, walk_serving
 from core.audit.verify import Verifier, head_text
 
 _BESIDE = object()  # checkpoints: beside a SQLite store, none elsewhere
@@ -74,7 +76,7 @@ def _private_sqlite(path: str) -> None:
             pass
 
 
-class AuditStore(OutcomeLog):
+class AuditStore(OutcomeLog, ServingLog):
     """The decision log behind one SQLAlchemy URL. Thread-safe; several processes may append to one store.
 
     `keys` (AuditKeys.load(folder)) makes writes keyed and encrypted and lets readers decrypt and verify; without
@@ -112,6 +114,7 @@ class AuditStore(OutcomeLog):
         else:
             self.engine = self._read_engine = sa.create_engine(url, pool_pre_ping=True)
         self.meta, self.decisions, self.head, self.outcome_events = tables(sa)
+        self.serving_table = self.meta.tables["audit_serving_events"]
         migrate(sa, self.engine, self.meta)
         # Built once: a commit per request when idle, so the statements' construction shows in the throughput.
         self._select_head = sa.select(self.head).where(self.head.c.id == sa.bindparam("chain")).with_for_update()
@@ -124,7 +127,7 @@ class AuditStore(OutcomeLog):
         """Create the head rows that are missing; True when this call created a new, empty store."""
         with self.engine.begin() as conn:
             have = {r.id for r in conn.execute(sa.select(self.head.c.id))}
-        if {HEAD_DECISIONS, HEAD_OUTCOMES} <= have:
+        if {HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING} <= have:
             return False
         try:
             with self.engine.begin() as conn:
@@ -138,6 +141,9 @@ class AuditStore(OutcomeLog):
                     last = conn.execute(sa.select(sa.func.max(self.outcome_events.c.id))).scalar() or 0
                     conn.execute(self.head.insert().values(id=HEAD_OUTCOMES, seq=int(last), hash=GENESIS,
                                                            anchor_seq=int(last), anchor_hash=GENESIS, format=PLAIN))
+                if HEAD_SERVING not in have:  # a store older than the serving chain gets it empty
+                    conn.execute(self.head.insert().values(id=HEAD_SERVING, seq=0, hash=GENESIS, anchor_seq=0,
+                                                           anchor_hash=GENESIS, format=PLAIN))
         except sa.exc.IntegrityError:
             return False  # another process created them first
         return HEAD_DECISIONS not in have
@@ -195,7 +201,7 @@ class AuditStore(OutcomeLog):
         import sqlalchemy as sa
 
         with self._lock, self.engine.begin() as conn:
-            for chain in (HEAD_DECISIONS, HEAD_OUTCOMES):
+            for chain in (HEAD_DECISIONS, HEAD_OUTCOMES, HEAD_SERVING):
                 head = conn.execute(sa.select(self.head).where(self.head.c.id == chain).with_for_update()).one()
                 self._update_head(conn, chain, head, **self._head_values(head, True))
 
@@ -206,7 +212,7 @@ class AuditStore(OutcomeLog):
 
         head = conn.execute(self._select_head, {"chain": chain}).one()
         marks = self._head_values(head, keyed)
-        name = "decision" if chain == HEAD_DECISIONS else "outcome"
+        name = {HEAD_DECISIONS: "decision", HEAD_OUTCOMES: "outcome", HEAD_SERVING: "serving"}[chain]
         if head.format == KEYED and not self._cipher.mac_ok("head", head_text(chain, head), head.mac):
             raise AuditError(f"the {name} chain's head in the audit log at {self.location()} does not match its "
                              "MAC: it was rewritten; nothing more is written to it. Run python -m "
@@ -275,7 +281,7 @@ class AuditStore(OutcomeLog):
 
     # --- writing ---------------------------------------------------------------------------------------------
 
-    def _prepare(self, rec: dict[str, Any], keyed: bool) -> tuple[dict[str, Any], str, str]:
+    def _prepare(self, rec: dict[str, Any], keyed: bool) -> tuple[dict[str, Any], str, str, dict[str, Any]]:
         missing = [k for k in REQUIRED if rec.get(k) is None]
         if missing:
             raise AuditError(f"audit record {rec.get('decision_id', '?')} lacks {', '.join(missing)}")
@@ -294,11 +300,18 @@ class AuditStore(OutcomeLog):
         digest = str(rec.get("input_hash") or input_hash(rec["inputs"]))
         notice, notice_digest = rec.get("notice"), rec.get("notice_sha256")
         stored_inputs, stored_factors, stored_notice = inputs, factors, notice
+        audit_fields = rec.get("audit_fields") or {}
+        if audit_fields and not keyed:
+            raise AuditError(f"audit record {decision_id}: audit-only fields are stored only encrypted, and the audit "
+                             f"log at {self.location()} is written without keys")
         if keyed:
             digest = self._cipher.input_hash(digest)
-            # One ciphertext for all three (the top factors and the notice quote the inputs): one seal per record.
+            # One ciphertext for all (the top factors and the notice quote the inputs): one seal per record, one
+            # unseal per read. The caller's audit-only fields (sensitive columns, never model inputs) ride in it
+            # when there are any.
             with_notice = "" if notice is None else f',"notice":{canonical_json(notice)}'
-            stored_inputs = self._cipher.seal(f'{{"inputs":{inputs},"top_factors":{factors}{with_notice}}}',
+            extra = f',"audit_fields":{canonical_json(audit_fields)}' if audit_fields else ""
+            stored_inputs = self._cipher.seal(f'{{"inputs":{inputs},"top_factors":{factors}{with_notice}{extra}}}',
                                               decision_id, "inputs")
             stored_factors = SEALED_WITH_INPUTS
             stored_notice = None if notice is None else SEALED_WITH_INPUTS
@@ -315,7 +328,7 @@ class AuditStore(OutcomeLog):
                                         else str(rec["notice_template_version"])),
             "notice_sha256": notice_digest, "notice": stored_notice,
         }
-        return row, inputs, factors
+        return row, inputs, factors, audit_fields
 
     def append(self, records: list[dict]) -> list[AuditRecord]:
         """Assign seq, chain (and authenticate) the hashes and commit the whole batch in one transaction."""
@@ -328,7 +341,7 @@ class AuditStore(OutcomeLog):
             head, marks = self._locked_head(conn, HEAD_DECISIONS, keyed)
             seq, prev = int(head.seq), head.hash
             rows = []
-            for p, _, _ in prepared:
+            for p, _, _, _ in prepared:
                 seq += 1
                 row = {**p, "seq": seq, "prev_hash": prev}
                 row["record_hash"] = prev = row_hash(row)
@@ -341,8 +354,8 @@ class AuditStore(OutcomeLog):
         self._checkpoint(DECISIONS, new_head)
         return [AuditRecord(**{**{k: r.get(k) for k in FIELDS}, "inputs": json.loads(plain_inputs),
                                "top_factors": json.loads(plain_factors), "notice": rec.get("notice"),
-                               "similar_cases": json.loads(r["similar_cases"])})
-                for r, (_, plain_inputs, plain_factors), rec in zip(rows, prepared, records)]
+                               "similar_cases": json.loads(r["similar_cases"]), "audit_fields": audit_fields})
+                for r, (_, plain_inputs, plain_factors, audit_fields), rec in zip(rows, prepared, records)]
 
     def prune(self, older_than_days: float = DEFAULT_RETENTION_DAYS) -> int:
         """Remove decisions older than the retention period (a prefix of the chain); returns how many.
@@ -412,7 +425,7 @@ class AuditStore(OutcomeLog):
             return []
         with self._read_engine.connect() as conn:
             heads = conn.execute(sa.select(self.head).order_by(self.head.c.id)).all()
-        names = {HEAD_DECISIONS: DECISIONS, HEAD_OUTCOMES: OUTCOMES}
+        names = {HEAD_DECISIONS: DECISIONS, HEAD_OUTCOMES: OUTCOMES, HEAD_SERVING: SERVING}
         return [self._sign(head_checkpoint(names[h.id], h.seq, h.hash, h.anchor_seq, h.keyed_from, h.key_id))
                 for h in heads if h.id in names and h.format == KEYED]
 
@@ -425,19 +438,22 @@ class AuditStore(OutcomeLog):
     def _record(self, row: Any) -> AuditRecord:
         m = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
         seq, did = int(m["seq"]), m["decision_id"]
+        audit_fields: dict = {}
         if is_sealed(m["inputs"]):
             try:
                 both = json.loads(self._cipher.unseal(m["inputs"], did, "inputs", seq))
                 m["inputs"], m["top_factors"] = both["inputs"], both["top_factors"]
                 if m.get("notice") is not None:
                     m["notice"] = both.get("notice")
+                audit_fields = both.get("audit_fields") or {}
             except AuditKeyError as exc:
                 m["inputs"], m["top_factors"] = SealedInputs(str(exc)), SealedList(str(exc))
+                audit_fields = SealedInputs(str(exc))
         else:
             m["inputs"], m["top_factors"] = json.loads(m["inputs"]), json.loads(m["top_factors"])
         m["similar_cases"] = json.loads(m["similar_cases"])
         m["seq"] = seq
-        return AuditRecord(**{k: m[k] for k in FIELDS})
+        return AuditRecord(**{k: m[k] for k in FIELDS}, audit_fields=audit_fields)
 
     def read_after(self, seq: int, limit: int = 1000, spec: str | None = None,
                    variants: tuple[str, ...] | None = None,
@@ -523,7 +539,8 @@ class AuditStore(OutcomeLog):
         with self._read_engine.connect() as conn:
             decisions = verifier.decisions(conn, batch)
             outcomes = verifier.outcomes(conn, batch)
-        return verifier.result(decisions, outcomes)
+            serving = walk_serving(verifier, conn, batch)
+        return verifier.result(decisions, outcomes, serving)
 
 
 class _Row:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.audit.checkpoints import DECISIONS, OUTCOMES, Checkpoint
+from core.audit.checkpoints import DECISIONS, OUTCOMES, SERVING, Checkpoint
 from core.audit.crypto import MAC_KEY_FILE, Cipher
 from core.audit.records import GENESIS, ChainVerification, canonical_json, row_hash
 from core.audit.schema import KEYED
@@ -78,7 +78,7 @@ class Verifier:
             self._admit(c)
 
     def _admit(self, c: Checkpoint) -> None:
-        if c.chain not in (DECISIONS, OUTCOMES):
+        if c.chain not in (DECISIONS, OUTCOMES, SERVING):
             self.global_problems.append(f"{c.source}: unknown chain {c.chain!r}")
             return
         if not self.cipher.can_mac:
@@ -159,7 +159,7 @@ class Verifier:
 
     @staticmethod
     def _unit(chain: str) -> str:
-        return "seq" if chain == DECISIONS else "outcome event"
+        return {DECISIONS: "seq", OUTCOMES: "outcome event"}.get(chain, f"{chain} event")
 
     # --- the decision chain ---
 
@@ -293,9 +293,9 @@ class Verifier:
         self._rule(OUTCOMES, head, keyed_from, walk.checked)
         return walk
 
-    def result(self, decisions: _Walk, outcomes: _Walk) -> ChainVerification:
+    def result(self, decisions: _Walk, outcomes: _Walk, *more: _Walk) -> ChainVerification:
         problems: list[str] = []
-        for walk in (decisions, outcomes):
+        for walk in (decisions, outcomes, *more):
             ordered = sorted(walk.findings, key=lambda f: (f[0] is None, f[0] or 0))
             problems += [t for _, t in ordered[:MAX_LISTED]]
             if len(ordered) > MAX_LISTED:
@@ -309,4 +309,5 @@ class Verifier:
         return ChainVerification(ok=not problems, checked=decisions.checked, problems=problems,
                                  first_bad_seq=decisions.first(), outcome_events_checked=outcomes.checked,
                                  first_bad_outcome_event=outcomes.first(),
-                                 checkpoints_checked=self.checkpoints_checked, rules=self.rules)
+                                 checkpoints_checked=self.checkpoints_checked, rules=self.rules,
+                                 serving_events_checked=sum(w.checked for w in more))

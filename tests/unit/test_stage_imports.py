@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = {"assets.data", "assets.embeddings", "assets.training", "assets.evaluation", "assets.notices",
-          "assets.compliance", "assets.deployment", "assets.monitoring"}
+          "assets.compliance", "assets.deployment", "assets.monitoring", "assets.rollout"}
 
 
 def module_name(path: Path) -> str:

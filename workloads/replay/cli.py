@@ -22,7 +22,7 @@ from workloads.replay.shifts import Shift, apply_shifts
 class DataPlan:
     frame: pd.DataFrame
     numeric: tuple[str, ...]
-    text_like: tuple[str, ...]           # categorical and text columns: sent as BYTES
+    text_like: tuple[str, ...]           # categorical and text columns (and audit-only fields): sent as BYTES
     outcome: pd.Series | None
     row_ids: pd.Series | None
 
@@ -68,6 +68,18 @@ def plan_data(args: argparse.Namespace) -> DataPlan:
     missing = [c for c in (*numeric, *categorical, *text) if c not in frame.columns]
     if missing:
         raise ReplayError(f"the data has no column(s) {missing} (columns: {list(frame.columns)[:30]})")
+    # The spec's sensitive columns go along as audit-only fields (the server keeps them, encrypted, on the record
+    # for the live fairness analysis; the model never sees them): numbers with bins as FP64, the rest as BYTES.
+    audit_numeric: tuple[str, ...] = ()
+    audit_other: tuple[str, ...] = ()
+    if not args.no_audit_fields:
+        for s in spec.get("sensitive", []) or []:
+            col = s if isinstance(s, str) else s.get("column")
+            if col in frame.columns and col not in (*numeric, *categorical, *text):
+                if isinstance(s, dict) and s.get("bins"):
+                    audit_numeric += (col,)
+                else:
+                    audit_other += (col,)
     target = args.target_column or spec.get("target", {}).get("column")
     positive = (args.positive.split(",") if args.positive else spec.get("target", {}).get("positive"))
     id_col = args.id_column or spec.get("id_column")
@@ -84,7 +96,8 @@ def plan_data(args: argparse.Namespace) -> DataPlan:
             raise ReplayError(f"target column {target!r} is not in the data")
         outcome = (frame[target].astype(str).isin([str(p) for p in positive]) if positive
                    else frame[target].astype(int).astype(bool)).astype(int)
-    return DataPlan(frame=frame, numeric=numeric, text_like=(*categorical, *text), outcome=outcome,
+    return DataPlan(frame=frame, numeric=(*numeric, *audit_numeric), text_like=(*categorical, *text, *audit_other),
+                    outcome=outcome,
                     row_ids=frame[id_col] if id_col else None)
 
 
@@ -164,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--numeric"), s.add_argument("--categorical"), s.add_argument("--text")
     s.add_argument("--target-column"), s.add_argument("--positive", help="comma-separated positive labels")
     s.add_argument("--id-column")
+    s.add_argument("--no-audit-fields", action="store_true",
+                   help="do not send the spec's sensitive columns as audit-only fields")
     s.add_argument("--protocol", choices=["v2", "v1"], default="v2")
     s.add_argument("--rate", type=float, default=None, help="rows (decisions) per second; default: no pause")
     s.add_argument("--batch", type=int, default=1, help="rows per request")

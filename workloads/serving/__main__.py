@@ -98,6 +98,7 @@ def serve(cfg: ServerConfig) -> None:
     from workloads.serving.outcomes import outcomes_endpoint
     from workloads.serving.retention import prune_daily
     from workloads.serving.similar import SimilarCases
+    from workloads.serving.split import ServingReports, split_source
     from workloads.serving.versions import ServedVersions
 
     keys = load_keys(cfg)
@@ -113,12 +114,15 @@ def serve(cfg: ServerConfig) -> None:
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_registry_uri(cfg.registry_uri or cfg.tracking_uri)
     metrics = Metrics()
-    versions = ServedVersions(cfg, metrics)
     audit = AuditStore(cfg.audit_url, AuditKeys.load(cfg.keys_dir) if cfg.keys_dir else None)
-    engine = BatchingEngine(cfg, versions, audit, metrics, SimilarCases(cfg))
+    # The split in force is the newest control event on the audit store's serving chain (workloads/serving/split.py).
+    versions = ServedVersions(cfg, metrics, split_source(cfg, audit))
+    reports = ServingReports(cfg, audit)
+    engine = BatchingEngine(cfg, versions, audit, metrics, SimilarCases(cfg), reports)
     model = DecisionModel(cfg, versions, engine)
     model.load()
     threading.Thread(target=versions.watch, name="alias-watch", daemon=True).start()
+    threading.Thread(target=reports.watch, args=(versions.stop,), name="serving-reports", daemon=True).start()
     threading.Thread(target=prune_daily, args=(audit, cfg.retention_days, versions.stop), name="audit-retention",
                      daemon=True).start()
     signal.signal(signal.SIGHUP, lambda *_: versions.poll_now.set())
@@ -129,12 +133,13 @@ def serve(cfg: ServerConfig) -> None:
     app = build_app(cfg, model, metrics, keys, status,
                     outcomes_endpoint(audit, cfg.spec, cfg.max_outcomes_per_request))
     scheme = "https" if cfg.tls else "http"
-    log.info("%s: serving versions %s on %s://%s:%d (%s policy, %s), audit log %s", cfg.spec,
-             versions.alias_versions, scheme, cfg.host, cfg.port or DEFAULT_PORT, cfg.mode,
+    log.info("%s: serving versions %s on %s://%s:%d (%s, %s), audit log %s", cfg.spec,
+             versions.alias_versions, scheme, cfg.host, cfg.port or DEFAULT_PORT, versions.served.describe(),
              "API keys" if keys else "open for predict and explain on loopback", audit.location())
     try:
         uvicorn.Server(uvicorn_config(cfg, app)).run()
     finally:
+        reports.flush()  # failures counted since the last report
         audit.flush_checkpoints()  # the last head of a burst goes to the checkpoint file before the process ends
 
 

@@ -18,8 +18,13 @@ only then answered. Records of a request that fails are never written: a decisio
 it was answered. A batch that fails is retried slice by slice, so one request's bad row fails only that request;
 a commit that fails fails every request in it: nobody gets an unaudited answer.
 
-The traffic policy is applied here: `canary` sends `canary_share` of requests to `@challenger`; `shadow` lets the
-challenger score every row too, recorded as variant `shadow` and never answered.
+The traffic split is applied here (workloads/serving/split.py): a request's variant is drawn when its first slice
+is scored, from the split of that moment (`canary` sends `share` of requests to the challenger; `shadow` lets the
+challenger score every row too, recorded as variant `shadow` and never answered). A new split is taken up between
+two batches; a request still being scored then starts again on it, so every decision committed after the server's
+`applied` event is of the new split. A shadow that fails to score never fails the champion's answer; failures are
+counted per variant and version and reported to the serving chain. Records carry the caller's audit-only fields
+(core/server_config.py `audit_fields`), which the model never sees.
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ from workloads.serving.decoding import InvalidRequest
 from workloads.serving.metrics import Metrics
 from workloads.serving.notices import ServedNotices
 from workloads.serving.similar import SimilarCases
+from workloads.serving.split import CANARY, SHADOW, ServedSplit, ServingReports
 from workloads.serving.versions import ServedVersion, ServedVersions
 
-CANARY, SHADOW = "canary", "shadow"
 ROW_CHARS = 20  # what one row costs beside its text, in characters of text (measured: ~2.5 ms per new text)
 
 
@@ -52,7 +57,7 @@ class Pending:
     """One request waiting for its decisions; its rows are scored a slice at a time."""
 
     rows: list[dict[str, Any]]
-    variant: str  # champion | canary
+    variant: str  # champion | canary: drawn when its first slice is scored
     explain: int
     key_id: str | None
     caller: str
@@ -61,7 +66,8 @@ class Pending:
     costs: list[int] = field(default_factory=list)
     taken: int = 0  # rows handed to a batch so far
     scored: int = 0  # rows scored so far
-    versions: dict[str, ServedVersion] | None = None  # pinned when its first slice is scored
+    split: ServedSplit | None = None  # pinned when its first slice is scored (its variant with it)
+    audit: list[dict[str, Any]] | None = None  # per row: the caller's audit-only fields (never model inputs)
     records: list[dict[str, Any]] = field(default_factory=list)  # answered decisions, held until committed
     shadow: list[dict[str, Any]] = field(default_factory=list)  # the challenger's, recorded, never answered
     error: BaseException | None = None
@@ -118,7 +124,7 @@ class BatchingEngine:
     """Scores queued requests in fair, bounded batches and commits their decisions before answering."""
 
     def __init__(self, cfg: ServerConfig, versions: ServedVersions, audit: AuditStore, metrics: Metrics,
-                 similar: SimilarCases):
+                 similar: SimilarCases, reports: ServingReports | None = None):
         import torch
 
         # A model this small is matrix-vector work: torch's intra-op thread pool costs more in hand-offs than it
@@ -128,27 +134,29 @@ class BatchingEngine:
         self.rng = random.Random()
         self.queue = FairQueue()
         self.wake: asyncio.Event | None = None
+        self.reports = reports or ServingReports(cfg, audit)
+        self.taken_up: ServedSplit | None = None  # the split the scoring loop serves now
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self.notices = ServedNotices(cfg, versions) if cfg.notice_prompt else None  # refreshed with the aliases
 
-    def _variant(self) -> str:
-        current = self.versions.current
-        if (self.cfg.mode == CANARY and CHALLENGER in current
-                and current[CHALLENGER].version != current[CHAMPION].version
-                and self.rng.random() < self.cfg.canary_share):
-            return CANARY
-        return CHAMPION
+    def _take_up(self, split: ServedSplit) -> None:
+        """A new split, between two batches (on the event loop): requests already started on another split start
+        again on this one, their held records dropped, so nothing of the old split is committed after it."""
+        for p in self.queue.pending:
+            if p.split is not None and p.split is not split:
+                p.split, p.variant, p.taken, p.scored, p.records, p.shadow = None, CHAMPION, 0, 0, [], []
+        self.taken_up = split
 
     async def submit(self, rows: list[dict[str, Any]], explain: int, key_id: str | None,
-                     caller: str | None = None) -> list[dict[str, Any]]:
+                     caller: str | None = None, audit: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """The audit records of `rows`' decisions, once they are committed."""
         if self.wake is None:
             self.wake = asyncio.Event()
             asyncio.get_running_loop().create_task(self._drain())
         loop = asyncio.get_running_loop()
-        pending = Pending(rows=rows, variant=self._variant(), explain=explain, key_id=key_id,
+        pending = Pending(rows=rows, variant=CHAMPION, explain=explain, key_id=key_id,
                           caller=caller or (f"key:{key_id}" if key_id else "anonymous"), arrived=time.perf_counter(),
-                          future=loop.create_future(), costs=[row_cost(r, self.cfg.text) for r in rows])
+                          future=loop.create_future(), costs=[row_cost(r, self.cfg.text) for r in rows], audit=audit)
         self.queue.put(pending)
         self.metrics.scoring_queue.set(self.queue.waiting_rows())
         self.wake.set()
@@ -158,13 +166,16 @@ class BatchingEngine:
         loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
+            split = self.versions.served
+            if split is not self.taken_up:
+                self._take_up(split)
             slices = self.queue.take(self.cfg.batch_text_chars, self.cfg.max_batch_rows)
             self.metrics.scoring_queue.set(self.queue.waiting_rows())
             if not slices:
                 self.wake.clear()
                 continue
             try:
-                done = await loop.run_in_executor(self.executor, self._run, slices)
+                done = await loop.run_in_executor(self.executor, self._run, slices, split)
                 for p in done:
                     if not p.future.done():
                         p.future.set_exception(p.error) if p.error is not None else p.future.set_result(p.records)
@@ -174,18 +185,23 @@ class BatchingEngine:
                     if not s.pending.future.done():
                         s.pending.future.set_exception(exc)
 
-    def _run(self, slices: list[Slice]) -> list[Pending]:
+    def _run(self, slices: list[Slice], split: ServedSplit) -> list[Pending]:
         """Score the slices (together; if that fails, each alone, so a failure is only its own request's), then
         commit the requests whose last row was scored. Returns those requests."""
+        self.reports.apply(split)  # before the first commit on a new split: its `applied` event and seq_at
         live = [s for s in slices if s.pending.error is None]
         try:
-            self._score(live)
+            self._score(live, split)
         except Exception:
             for s in live:
                 try:
-                    self._score([s])
+                    self._score([s], split)
                 except Exception as exc:
                     s.pending.error = exc
+                    p = s.pending
+                    self.reports.failed(p.variant, p.split.versions[CHALLENGER if p.variant == CANARY else
+                                                                    CHAMPION].version if p.split else "?",
+                                        "refused" if isinstance(exc, InvalidRequest) else "error", len(p.rows))
         finished = []
         for s in slices:
             p = s.pending
@@ -204,39 +220,47 @@ class BatchingEngine:
                 p.records, p.shadow = [], []
         return finished
 
-    def _score(self, slices: list[Slice]) -> None:
-        groups: dict[tuple[str, int, str], tuple[ServedVersion, list[Slice]]] = {}
+    def _score(self, slices: list[Slice], split: ServedSplit) -> None:
+        answering: dict[tuple[str, int, str], tuple[ServedVersion, list[Slice]]] = {}
+        shadowing: dict[tuple[str, int], tuple[ServedVersion, list[Slice]]] = {}
         staged: dict[int, tuple[list, list]] = {}
         for s in slices:
             p = s.pending
-            if p.versions is None:
-                p.versions = self.versions.current  # its later slices finish on these even if an alias moves
-            champion, challenger = p.versions[CHAMPION], p.versions.get(CHALLENGER)
-            if challenger is not None and challenger.version == champion.version:
-                challenger = None
-            answering, label = (challenger, CANARY) if p.variant == CANARY and challenger is not None else \
-                (champion, CHAMPION)
-            groups.setdefault((answering.version, p.explain, label), (answering, []))[1].append(s)
-            if self.cfg.mode == SHADOW and challenger is not None:
-                groups.setdefault((challenger.version, p.explain, SHADOW), (challenger, []))[1].append(s)
+            if p.split is None:  # its first slice: the split and the variant it is answered by, from now on
+                p.split, p.variant = split, split.variant(self.rng)
+            challenger = p.split.challenger
+            version, label = (challenger, CANARY) if p.variant == CANARY and challenger is not None else \
+                (p.split.champion, CHAMPION)
+            answering.setdefault((version.version, p.explain, label), (version, []))[1].append(s)
+            if p.split.shadows:
+                shadowing.setdefault((challenger.version, p.explain), (challenger, []))[1].append(s)
             staged[id(s)] = ([], [])
-        now = now_iso()
-        for (_, explain, label), (version, items) in groups.items():
+        now, started = now_iso(), time.perf_counter()
+        for (_, explain, label), (version, items) in answering.items():
             for s, recs in self._decide(items, version, explain, label, now):
-                staged[id(s)][1 if label == SHADOW else 0].extend(recs)
-        for s in slices:  # only once every group scored: a failed batch leaves no half-held records
+                staged[id(s)][0].extend(recs)
+        for (_, explain), (version, items) in shadowing.items():
+            try:  # the challenger's latency as if it had answered: queueing up to now, then its own scoring
+                for s, recs in self._decide(items, version, explain, SHADOW, now, alone_since=started):
+                    staged[id(s)][1].extend(recs)
+            except Exception as exc:  # a shadow never fails the answer; its failure is counted and reported
+                self.reports.failed(SHADOW, version.version, "refused" if isinstance(exc, InvalidRequest) else
+                                    "error", sum(s.stop - s.start for s in items))
+        for s in slices:  # only once every answering group scored: a failed batch leaves no half-held records
             answered, shadowed = staged[id(s)]
             s.pending.records.extend(answered)
             s.pending.shadow.extend(shadowed)
 
     def _decide(self, items: list[Slice], version: ServedVersion, explain: int, variant: str,
-                now: str) -> list[tuple[Slice, list[dict[str, Any]]]]:
+                now: str, alone_since: float | None = None) -> list[tuple[Slice, list[dict[str, Any]]]]:
         """Score the rows of `items` on `version`; records per slice (not yet committed)."""
         import pandas as pd
 
+        began = time.perf_counter()
         rows = [r for s in items for r in s.pending.rows[s.start:s.stop]]
         prob, factors = version.score(pd.DataFrame(rows, columns=self.cfg.features), explain)
         similar = self.similar.lookup(version, rows)
+        done = time.perf_counter()
         out, j = [], 0
         for s in items:
             p, n = s.pending, s.stop - s.start
@@ -245,28 +269,38 @@ class BatchingEngine:
                 # Values inside the accepted ranges can still overflow the network: refuse this request only.
                 raise InvalidRequest(f"row {s.start + bad[0]}: these feature values give no finite score; check "
                                      "the magnitude of the numeric fields")
+            waited = (done - p.arrived) if alone_since is None else (alone_since - p.arrived) + (done - began)
             recs = []
-            for row in p.rows[s.start:s.stop]:
+            for i, row in enumerate(p.rows[s.start:s.stop], start=s.start):
                 probability = float(prob[j])
-                recs.append({
+                rec = {
                     "decision_id": uuid.uuid4().hex, "time": now, "spec": self.cfg.spec,
                     "model_name": self.cfg.spec, "model_version": version.version, "variant": variant,
                     "input_hash": input_hash(row), "inputs": redact(row, self.cfg.redact),
                     "probability": probability, "decision": int(probability >= version.threshold),
                     "threshold": version.threshold, "top_factors": factors[j] if factors else [],
-                    "similar_cases": similar[j],
-                    "latency_ms": (time.perf_counter() - p.arrived) * 1000.0, "key_id": p.key_id,
-                })
+                    "similar_cases": similar[j], "latency_ms": waited * 1000.0, "key_id": p.key_id,
+                }
+                if p.audit and p.audit[i]:
+                    rec["audit_fields"] = p.audit[i]
                 if self.notices is not None and variant != SHADOW:  # an answered adverse decision gets its notice
-                    self.notices.attach(recs[-1], row, version)
+                    self.notices.attach(rec, row, version)
+                recs.append(rec)
                 j += 1
             out.append((s, recs))
         return out
 
     def status(self) -> dict[str, Any]:
         """What /intelligentops/status answers: the versions serving, the traffic policy, the audit log."""
-        return {"spec": self.cfg.spec, "pid": os.getpid(), "mode": self.cfg.mode,
-                "canary_share": self.cfg.canary_share,
+        split = self.versions.served  # loaded; the scoring loop takes it up at its next batch
+        summary = split.summary() if split is not None else {}
+        applied = self.reports.applied_event
+        return {"spec": self.cfg.spec, "pid": os.getpid(), "mode": summary.get("mode", self.cfg.mode),
+                "canary_share": summary.get("share", self.cfg.canary_share),
+                "split": {**summary, "applied_event": applied.id if applied else None,
+                          "applied_seq": applied.seq_at if applied else None,
+                          "taken_up": split is not None and split is self.reports.applied},
+                "serving_actor": self.reports.actor,
                 "versions": {a: {"version": v.version, "operating_threshold": v.threshold,
                                  "manifest_sha256": v.manifest_sha256, "run_id": v.run_id}
                              for a, v in self.versions.current.items()},

@@ -80,7 +80,8 @@ def validate_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[s
     unknown = sorted(set(columns) - set(cfg.features))
     if unknown:
         raise InvalidRequest(f"unknown field(s) {[str(u)[:40] for u in unknown[:10]]}; the features of {cfg.spec} are "
-                             f"{cfg.features}")
+                             f"{cfg.features}" + (f" and its audit-only fields {cfg.audit_fields}" if cfg.audit_fields
+                                                  else ""))
     lengths = {c: len(columns[c]) for c in cfg.features}
     n = next(iter(lengths.values()), 0)
     if any(v != n for v in lengths.values()):
@@ -131,6 +132,31 @@ def validate_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[s
     rows = [{c: columns[c][i] for c in cfg.features} for i in range(n)]
     _check_known(rows, cfg)
     return rows
+
+
+MAX_AUDIT_CHARS = 64
+
+
+def audit_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[str, Any]] | None:
+    """Take the declared audit-only fields (`cfg.audit_fields`: the spec's sensitive columns) out of `columns`, so
+    the model never sees them, and return them per row (None when the request sends none). Each is text of at
+    most MAX_AUDIT_CHARS, a finite number, or null (unknown); a field sent must have a value for every row."""
+    sent = [c for c in cfg.audit_fields if c in columns]
+    if not sent:
+        return None
+    values = {c: columns.pop(c) for c in sent}
+    n = len(next(iter(values.values())))
+    for col, vals in values.items():
+        if len(vals) != n:
+            raise InvalidRequest(f"audit-only fields have different numbers of rows: {col!r} has {len(vals)}")
+        for i, v in enumerate(vals):
+            if v is None or isinstance(v, str) and len(v) <= MAX_AUDIT_CHARS:
+                continue
+            if _is_number(v) and math.isfinite(v):
+                continue
+            raise InvalidRequest(f"audit-only field {col!r} row {i}: expected text of at most {MAX_AUDIT_CHARS} "
+                                 f"characters, a finite number or null, got {_shown(v)}")
+    return [{c: values[c][i] for c in sent if values[c][i] is not None} for i in range(n)]
 
 
 def columns_from_v1(body: Any, cfg: ServerConfig) -> dict[str, list]:

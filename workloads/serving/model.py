@@ -25,7 +25,8 @@ from kserve.errors import InvalidInput
 from core.names import KEY_ID_HEADER, OUTPUT_NAMES, OUTPUTS
 from core.server_config import ServerConfig
 from workloads.serving.batching import BatchingEngine
-from workloads.serving.decoding import InvalidRequest, columns_from_v1, columns_from_v2, validate_columns
+from workloads.serving.decoding import (InvalidRequest, audit_columns, columns_from_v1, columns_from_v2,
+                                       validate_columns)
 from workloads.serving.gateway import CLIENT_HEADER
 from workloads.serving.versions import ServedVersions
 
@@ -40,6 +41,7 @@ class Decoded:
     request: InferRequest | None
     key_id: str | None
     caller: str | None = None  # who the request counts against for fair scheduling (the gateway's CLIENT_HEADER)
+    audit: list[dict[str, Any]] | None = None  # per row: audit-only fields, kept on the record, never scored
 
 
 @dataclass(frozen=True)
@@ -99,16 +101,19 @@ class DecisionModel(kserve.Model):
         v2 = isinstance(payload, InferRequest)
         try:
             columns = columns_from_v2(payload, self.cfg) if v2 else columns_from_v1(payload, self.cfg)
+            audit = audit_columns(columns, self.cfg)
             rows = validate_columns(columns, self.cfg)
+            if audit is not None and len(audit) != len(rows):
+                raise InvalidRequest(f"audit-only fields have {len(audit)} rows, the features {len(rows)}")
         except InvalidRequest as exc:
             raise InvalidInput(str(exc)) from None
         headers = headers or {}
         return Decoded(rows=rows, request=payload if v2 else None, key_id=headers.get(KEY_ID_HEADER),
-                       caller=headers.get(CLIENT_HEADER))
+                       caller=headers.get(CLIENT_HEADER), audit=audit)
 
     async def _decide(self, decoded: Decoded, explain: int, field: str) -> Decided:
         try:
-            records = await self.engine.submit(decoded.rows, explain, decoded.key_id, decoded.caller)
+            records = await self.engine.submit(decoded.rows, explain, decoded.key_id, decoded.caller, decoded.audit)
         except InvalidRequest as exc:  # rows whose values give no finite score
             raise InvalidInput(str(exc)) from None
         return Decided(records=records, request=decoded.request, field=field)

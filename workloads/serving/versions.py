@@ -7,10 +7,10 @@ environment files) against the folder's manifest, the manifest against the versi
 and the folder's `model.sig` against the public key the config names (`signing_public_key`). A missing, changed
 or extra file, an unsigned version or one signed by another key is refused, naming the file or the key; it
 needs an `operating_threshold` tag to decide at. MLflow is told never to unpickle, and Python never to write
-bytecode into the cache (a `__pycache__` there would be an unlisted file). `ServedVersions` polls the aliases
-(and at once on SIGHUP); a moved alias is loaded and verified beside the serving version and swapped in by one
-reference, so a request in flight finishes on the version it started with; a refused one leaves the serving
-version in place, and says why in the log and in /intelligentops/status (`last_error`).
+bytecode into the cache (a `__pycache__` there would be an unlisted file). `ServedVersions` polls the aliases and
+the split in force (workloads/serving/split.py; at once on SIGHUP); a moved alias or a new split is loaded and
+verified beside the serving versions and handed to the scoring loop as one `ServedSplit` reference; a refused
+version leaves the serving ones in place, and says why in the log and in /intelligentops/status (`last_error`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from core.names import CHALLENGER, CHAMPION, MANIFEST_TAG, THRESHOLD_TAG
+from core.rollout import split_in_force
 from core.server_config import ServerConfig
 from workloads.serving.metrics import Metrics
+from workloads.serving.split import ServedSplit
 
 log = logging.getLogger("intelligentops.serving")
 
@@ -151,9 +153,11 @@ NAMES_IT = "tracking_uri/registry_uri in the server config"
 
 
 class ServedVersions:
-    """The versions the aliases point to now, loaded and verified; `current` is swapped by one reference."""
+    """The versions serving now and how traffic is split between them (`served`, swapped by one reference): the
+    champion by alias, the challenger as the split in force names it. `split_source` gives the split in force
+    (workloads/serving/split.py); without one, the config's policy and the `@challenger` alias."""
 
-    def __init__(self, cfg: ServerConfig, metrics: Metrics):
+    def __init__(self, cfg: ServerConfig, metrics: Metrics, split_source=None):
         from core.registry import RegistryUnreachable, connect, shown_uri
 
         self.cfg, self.metrics = cfg, metrics
@@ -162,12 +166,17 @@ class ServedVersions:
             self.client = connect(cfg.tracking_uri, cfg.registry_uri, names_it=NAMES_IT)
         except RegistryUnreachable as exc:
             raise ServingRefused(str(exc)) from None
-        self.current: dict[str, ServedVersion] = {}
+        self.split_source = split_source
+        self.served: ServedSplit | None = None
         self.last_error: str | None = None
         self.poll_now = threading.Event()
         self.stop = threading.Event()
         # Refreshed with the aliases, after them (the notice template's, workloads/serving/notices.py).
         self.followers: list[Callable[[], bool]] = []
+
+    @property
+    def current(self) -> dict[str, ServedVersion]:
+        return self.served.versions if self.served is not None else {}
 
     @property
     def alias_versions(self) -> dict[str, str]:
@@ -186,15 +195,21 @@ class ServedVersions:
         return None if found is None else str(found.version)
 
     def refresh(self) -> bool:
-        """Load whatever the aliases point to now; keep serving the old version if a new one fails to load."""
+        """Load what the split in force and the aliases name now; keep serving the old split if a version of the new
+        one fails to load."""
+        if self.split_source is not None:
+            split, event = self.split_source()
+        else:
+            split, event = split_in_force(None, self.cfg.mode, self.cfg.canary_share), None
         wanted = {CHAMPION: self.alias_version(CHAMPION)}
-        if self.cfg.mode != "champion":
-            wanted[CHALLENGER] = self.alias_version(CHALLENGER)
+        if split.needs_challenger:
+            wanted[CHALLENGER] = split.challenger or self.alias_version(CHALLENGER)
         if wanted[CHAMPION] is None:
             raise ServingRefused(f"model {self.cfg.spec!r} has no '{CHAMPION}' alias in the registry at "
                                  f"{self.registry_uri}: materialize {self.cfg.spec}/champion_model first")
         changed = False
-        new = dict(self.current)
+        # A version the split no longer names leaves it (a rolled-back challenger is not kept loaded).
+        new = {alias: v for alias, v in self.current.items() if alias in wanted}
         for alias, version in wanted.items():
             if version is None:
                 new.pop(alias, None)
@@ -208,10 +223,13 @@ class ServedVersions:
             new[alias] = loaded
             changed = True
             log.info("%s: alias %s -> version %s (threshold %.4f)", self.cfg.spec, alias, version, loaded.threshold)
-        if changed or set(new) != set(self.current):
-            self.current = new  # one reference swap: a batch in flight keeps the dict it started with
+        old = self.served
+        if changed or old is None or set(new) != set(old.versions) or (old.mode, old.share) != (split.mode, split.share) \
+                or (old.event.id if old.event else None) != (event.id if event else None):
+            self.served = ServedSplit(mode=split.mode, share=split.share, versions=new, event=event)  # one swap
             for alias, v in new.items():
                 self.metrics.serving.labels(alias=alias).set(float(v.version))
+            changed = True
         for follow in self.followers:
             changed = follow() or changed
         return changed

@@ -1,0 +1,100 @@
+"""A rollout step's analysis on live traffic written to a real keyed audit store: a crippled challenger is rolled
+back with its figures named, an equal one advances, a fairness breach rolls back even with a better AUC, and too
+little evidence holds. No Dagster run, no server (tests/e2e/test_rollout_serving.py serves real versions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from loans_support import spec as loans_spec
+from rollout_support import Scorer, begin_rollout, store, traffic
+
+from assets.rollout_analysis import AnalysisRecord, analyse_step
+from assets.spec import PipelineSpec
+
+GOOD, COIN, UNFAIR = Scorer(skill=0.35), Scorer(skill=0.0), Scorer(skill=0.9, south_bias=0.6)
+STEPS = [{"mode": "shadow", "decisions": 200, "min_outcomes": 50},
+         {"mode": "canary", "share": 0.5, "decisions": 150, "min_outcomes": 50}]
+
+
+def _spec(**rollout) -> PipelineSpec:
+    return PipelineSpec.model_validate(loans_spec(deployment={"slo_p99_ms": 500, "rollout": {"steps": STEPS,
+                                                                                             **rollout}}))
+
+
+def test_a_crippled_challenger_is_rolled_back_on_live_outcomes_with_the_figures_named(tmp_path: Path):
+    s, spec = store(tmp_path), _spec()
+    begin_rollout(s, "1", "2", "shadow")
+    traffic(s, 300, ("1", GOOD), ("2", COIN), "shadow", seed=1)
+    analysis = analyse_step(spec, spec.deployment.rollout, s, "v2-1-shadow")
+    assert analysis.verdict == "rollback", analysis.reason()
+    auc = analysis.figures["live_auc"][0]
+    assert auc.verdict == "rollback" and auc.values["paired"] is True
+    assert auc.values["challenger_outcomes"] == 300 and auc.values["champion_auc"] > 0.8
+    assert auc.values["challenger_auc"] < 0.65 and auc.values["p_worse"] < 0.001
+    reason = analysis.reason()
+    assert "worse with significance: live AUC" in reason and "DeLong paired" in reason
+    assert "would be detected 4 times in 5" in auc.can_tell
+    record = AnalysisRecord.from_metadata(analysis.to_metadata())
+    assert (record.verdict, record.partition, record.step) == ("rollback", "v2-1-shadow", 1)
+
+
+def test_an_equal_challenger_advances_and_every_figure_says_its_sample_size(tmp_path: Path):
+    s, spec = store(tmp_path), _spec()
+    begin_rollout(s, "1", "2", "canary", share=0.5, step=2)
+    traffic(s, 400, ("1", GOOD), ("2", GOOD), "canary", seed=2)
+    analysis = analyse_step(spec, spec.deployment.rollout, s, "v2-2-canary50")
+    assert analysis.verdict == "advance", analysis.reason()
+    assert {n: [f.verdict for f in fs] for n, fs in analysis.figures.items()} == {
+        "decisions": ["pass"], "errors": ["pass"], "latency": ["pass"], "fairness": ["pass"], "live_auc": ["pass"]}
+    auc = analysis.figures["live_auc"][0]
+    assert auc.values["paired"] is False and auc.values["challenger_outcomes"] + auc.values["champion_outcomes"] == 400
+    latency = analysis.figures["latency"][0]
+    assert latency.values["challenger_decisions"] == analysis.challenger_decisions
+    fairness = analysis.figures["fairness"][0]
+    assert sum(n for _, n in fairness.values["challenger_groups"].values()) == analysis.challenger_decisions
+
+
+def test_a_live_fairness_breach_rolls_back_even_when_the_auc_is_better(tmp_path: Path):
+    s, spec = store(tmp_path), _spec()
+    begin_rollout(s, "1", "2", "shadow")
+    traffic(s, 400, ("1", GOOD), ("2", UNFAIR), "shadow", seed=3)
+    analysis = analyse_step(spec, spec.deployment.rollout, s, "v2-1-shadow")
+    auc, fairness = analysis.figures["live_auc"][0], analysis.figures["fairness"][0]
+    assert auc.values["challenger_auc"] > auc.values["champion_auc"]  # better on outcomes ...
+    assert auc.verdict == "pass"
+    assert fairness.verdict == "rollback" and fairness.values["challenger_gap"] > 0.1  # ... and unfair
+    assert fairness.values["highest"] == "south" and fairness.values["p_over"] < 0.05
+    assert analysis.verdict == "rollback"
+    assert "a live fairness breach: region: flag rate south" in analysis.reason()
+
+
+def test_too_little_evidence_holds_and_says_what_is_missing(tmp_path: Path):
+    s, spec = store(tmp_path), _spec()
+    begin_rollout(s, "1", "2", "shadow")
+    traffic(s, 60, ("1", GOOD), ("2", GOOD), "shadow", seed=4, outcomes=0.0)
+    analysis = analyse_step(spec, spec.deployment.rollout, s, "v2-1-shadow")
+    assert analysis.verdict == "hold"
+    assert analysis.figures["decisions"][0].verdict == "hold"
+    assert "60 of the 200 challenger decisions" in analysis.reason()
+    assert analysis.figures["live_auc"][0].verdict == "hold"  # min_outcomes 50, none reported yet
+
+
+def test_failures_reported_by_the_server_roll_back_a_challenger_that_fails_more(tmp_path: Path):
+    s, spec = store(tmp_path), _spec()
+    begin_rollout(s, "1", "2", "canary", share=0.5, step=2)
+    traffic(s, 300, ("1", GOOD), ("2", GOOD), "canary", seed=5)
+    s.record_serving_event("loans", "failures", "server test", "canary v2: 40 rows error", rollout="v2", step=2,
+                           evidence={"failures": [{"variant": "canary", "version": "2", "kind": "error",
+                                                   "rows": 40}]})
+    analysis = analyse_step(spec, spec.deployment.rollout, s, "v2-2-canary50")
+    errors = analysis.figures["errors"][0]
+    assert errors.verdict == "rollback" and errors.values["challenger_failed"] == 40
+    assert "fails more with significance" in analysis.reason()
+
+
+def test_an_analysis_of_a_step_that_never_began_is_refused_by_name(tmp_path: Path):
+    s, spec = store(tmp_path), _spec()
+    with pytest.raises(ValueError, match="no serving event began step 1 of rollout v9"):
+        analyse_step(spec, spec.deployment.rollout, s, "v9-1-shadow")
