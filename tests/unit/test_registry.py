@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 from support import write_spec
 
-from assets.deployment import _versions
+from assets.rollout_state import expected_versions
 from assets.spec import load_spec
 from core.registry import RegistryUnreachable, shown_uri
 from resources.mlflow import MlflowResource
@@ -74,10 +74,10 @@ def test_the_deployment_says_materialize_only_when_the_alias_is_really_missing(t
     spec = load_spec(write_spec(tmp_path, SPEC)).spec
     with pytest.raises(dg.Failure, match="no model version has alias 'champion' in the registry at sqlite:///.*; "
                                          "materialize loans/champion_model"):
-        _versions(MlflowResource(home=str(tmp_path / "home")), spec)
+        expected_versions(spec, MlflowResource(home=str(tmp_path / "home")), None)  # the champion is asked first
     down = MlflowResource(home=str(tmp_path / "home"), tracking_uri=f"http://127.0.0.1:{closed_port}")
     with pytest.raises(RegistryUnreachable, match=f"registry at http://127.0.0.1:{closed_port} is unreachable"):
-        _versions(down, spec)
+        expected_versions(spec, down, None)
 
 
 def test_uris_without_a_password_are_shown_as_they_are():
