@@ -6,6 +6,11 @@ folder's `manifest.json` (core.manifest: sha256 of every file, plus `world_size`
 written last, so it is the completion marker. On start the newest tag whose manifest exists, matches its files
 strictly (a missing, changed or extra file is named) and was written by this many ranks is resumed; every
 other tag is skipped with a warning that names it, so a checkpoint cut off mid-write is never taken as the newest.
+
+Under ZeRO-2/3 and with offload the tag holds each rank's shard of the optimizer (and, at stage 3, of the
+parameters); resume loads the shards back on the same number of ranks. Weights a network keeps frozen (the
+encoder layers text_finetune does not train) are left out of the save and restored from where they came from.
+The registry never sees a shard: export writes one consolidated safetensors file (workloads/training/export.py).
 """
 
 from __future__ import annotations
@@ -88,7 +93,8 @@ def save_checkpoint(s: Session, tag: str) -> None:
     if s.rank == 0 and (s.ckpt_dir / tag).exists():
         shutil.rmtree(s.ckpt_dir / tag)  # an older save under this name is replaced, never half-mixed
     dist.barrier()
-    s.engine.save_checkpoint(str(s.ckpt_dir), tag=tag, client_state={"intelligentops": s.state}, save_latest=False)
+    s.engine.save_checkpoint(str(s.ckpt_dir), tag=tag, client_state={"intelligentops": s.state}, save_latest=False,
+                             exclude_frozen_parameters=s.network.has_frozen)
     dist.barrier()
     if s.rank == 0:
         d = s.ckpt_dir / tag
@@ -107,12 +113,16 @@ def resume(s: Session) -> None:
 
     candidates = [complete_checkpoints(s.ckpt_dir, s.world, s.reporter.warning) if s.rank == 0 else None]
     dist.broadcast_object_list(candidates, src=0)
-    initial = {k: v.detach().clone() for k, v in s.engine.module.state_dict().items()}
+    # What a failed load must be undone to (ZeRO-3 holds only shards here; a later complete load replaces them).
+    keys = s.network.trained_keys()
+    initial = ({k: v.detach().clone() for k, v in s.engine.module.state_dict().items() if k in keys}
+               if s.settings.zero_stage < 3 else None)
     for tag in candidates[0]:
         err = None
         client = None
         try:
-            path, client = s.engine.load_checkpoint(str(s.ckpt_dir), tag=tag)
+            path, client = s.engine.load_checkpoint(str(s.ckpt_dir), tag=tag,
+                                                    load_module_strict=not s.network.has_frozen)
             ok = path is not None and "intelligentops" in (client or {})
             err = None if ok else "DeepSpeed found nothing to load"
         except Exception as exc:  # a file that hashes right but does not load is still skipped, not fatal
@@ -124,7 +134,8 @@ def resume(s: Session) -> None:
                 s.best_state = load_file(str(s.ckpt_dir / tag / BEST))
             break
         s.reporter.warning(f"skipping checkpoint {s.ckpt_dir / tag}: it failed to load ({err or 'on another rank'})")
-        s.engine.module.load_state_dict(initial)
+        if initial is not None:
+            s.engine.module.load_state_dict(initial, strict=False)
     if s.resumed_tag:
         s.reporter.info(f"resuming from checkpoint {s.ckpt_dir / s.resumed_tag} at step {s.resumed_from}"
                         + (" (training had finished; exporting it again)" if s.state["finished"] else ""))
