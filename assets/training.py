@@ -326,6 +326,8 @@ def train_checkpoint(loaded: LoadedSpec, storage: StorageResource, mlflow: Mlflo
         "mlflow_run_id": run_id or "none",
         "mlflow_run": mlflow.run_link(experiment_id, run_id) if run_id else "none",
         "world_size": result["world_size"], "zero_stage": result["zero_stage"],
+        "network": result.get("network", "mlp"), "precision": result.get("precision", "fp32"),
+        "trainable_parameters": (result.get("engine") or {}).get("trainable_parameters", 0),
         "train_rows": prepared["train_rows"], "val_rows": prepared["val_rows"],
         "n_features": prepared["n_features"], "training_key": key, "old_runs_pruned": len(removed),
         "evaluations": result.get("evaluations", 0), "pos_weight": result.get("pos_weight") or 1.0,

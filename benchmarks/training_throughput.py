@@ -76,33 +76,47 @@ def config(data: Path, out: Path, model: str, epochs: int, micro: int, **extra) 
 # --- the plain loop (run as `python -m benchmarks.training_throughput --plain <config.json>`) -------------------
 
 
-def plain_loop(cfg: TrainConfig) -> dict:
-    """The same network, batches, AdamW groups, class weight, schedule and clipping, in bare PyTorch."""
+def plain_loop(cfg: TrainConfig, device: str = "cpu", bf16: bool = False) -> dict:
+    """The same network, batches, AdamW groups, class weight, schedule and clipping, in bare PyTorch.
+
+    On a GPU (benchmarks/gpu_smoke.py) the rows live on the device and `bf16` runs the forward pass under
+    torch.autocast, the usual way to train in bf16 without a framework.
+    """
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
     from workloads.training.networks import network_for
     from workloads.training.schedule import lr_at, plan_budget, positive_weight
 
-    torch.set_num_threads(1)
+    if device == "cpu":
+        torch.set_num_threads(1)
     with np.load(cfg.data, allow_pickle=False) as npz:
         data = {k: (npz[k].astype(np.float32) if k[0] in "xy" else npz[k]) for k in npz.files}
     torch.manual_seed(cfg.seed)
     network = network_for(cfg, data)
+    module = network.module.to(device)
+    if device != "cpu":
+        network.to_device(torch.device(device), torch.float32)
     budget = plan_budget(cfg, len(data["x_train"]), 1)
     groups = network.param_groups()
     optimizer = torch.optim.AdamW([{**g, "lr": cfg.learning_rate * g["lr_scale"]} for g in groups],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    y_all = torch.from_numpy(data["y_train"])
-    pos_weight = torch.tensor(positive_weight(data["y_train"]))
-    module = network.module
+    y_all = torch.from_numpy(data["y_train"]).to(device)
+    pos_weight = torch.tensor(positive_weight(data["y_train"]), device=device)
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if bf16 and device != "cpu"
+                else contextlib.nullcontext())
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     module.train()
     wall = cpu = 0.0
     samples = step = 0
     epoch = 0
     while step < budget.max_steps:
         perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        perm = perm.to(y_all.device)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         for b in range(budget.micro_steps_per_epoch):
             if step >= budget.max_steps:
@@ -111,7 +125,8 @@ def plain_loop(cfg: TrainConfig) -> dict:
             for group, g in zip(optimizer.param_groups, groups):
                 group["lr"] = lr * g["lr_scale"]
             idx = perm[b * budget.micro_batch_size:(b + 1) * budget.micro_batch_size]
-            logits = module(*network.inputs("train", idx, "cpu", torch.float32)).reshape(-1)
+            with autocast:
+                logits = module(*network.inputs("train", idx, device, torch.float32)).float().reshape(-1)
             loss = F.binary_cross_entropy_with_logits(logits, y_all[idx], pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -119,6 +134,7 @@ def plain_loop(cfg: TrainConfig) -> dict:
             optimizer.step()
             samples += len(idx)
             step += 1
+        sync()
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
         epoch += 1
@@ -153,7 +169,8 @@ def run_workload(cfg: TrainConfig, folder: Path, nproc: int = 1) -> dict:
     return {"samples_per_second": result["samples_per_second"], "samples_per_cpu_second":
             result["samples_per_cpu_second"], "steps": result["steps"], "launch_wall_seconds": round(wall, 1),
             "zero_stage": result["zero_stage"], "precision": result["precision"],
-            "clipping_by": result["engine"]["gradient_clipping_by"]}
+            "clipping_by": result["engine"]["gradient_clipping_by"], "forward_by": result["engine"]["forward_by"],
+            "backward_by": result["engine"]["backward_by"]}
 
 
 def side_by_side(cfg: TrainConfig, folder: Path, repeats: int, variants: dict[str, dict]) -> dict:

@@ -81,14 +81,31 @@ def write_data(folder: Path) -> dict[str, str]:
     return {"data": str(folder / "data.npz"), "text": str(folder / "text.npz"), "factory": str(folder / "residual.py")}
 
 
+def common_settings(data: str) -> dict:
+    return {"data": data, "hidden": [16, 8], "dropout": 0.0, "learning_rate": 0.01, "micro_batch_size": 16,
+            "max_batch_fraction": 1.0, "max_steps": MAX_STEPS, "min_steps": MAX_STEPS, "eval_every_steps": 3,
+            "checkpoint_every_steps": 2, "checkpoint_min_seconds": 0, "backend": "gloo", "stop_at": STOP_AT}
+
+
+def launch(root: Path, cases: dict, nproc: int) -> dict:
+    for name, case in cases.items():
+        case["folder"] = str(root / name)
+    (root / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(REPO / "tests" / "deepspeed_matrix.py"), str(root / "cases.json"),
+                           str(root / "out.json")], env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"cases": json.loads((root / "cases.json").read_text()), "out": json.loads((root / "out.json").read_text())}
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("deepspeed")
     files = write_data(root)
-    common = {"data": files["data"], "hidden": [16, 8], "dropout": 0.0, "learning_rate": 0.01,
-              "micro_batch_size": 16, "max_batch_fraction": 1.0, "max_steps": MAX_STEPS, "min_steps": MAX_STEPS,
-              "eval_every_steps": 3, "checkpoint_every_steps": 2, "checkpoint_min_seconds": 0, "backend": "gloo",
-              "stop_at": STOP_AT}
+    common = common_settings(files["data"])
     cases = {f"z{c['zero_stage']}-{c['precision']}-opt_{c['offload_optimizer']}-param_{c['offload_param']}":
              {**common, **c} for c in engine_cases()}
     cases["auto"] = dict(common)
@@ -96,19 +113,20 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict:
                            "model_settings": {"width": 12}, "zero_stage": 3, "offload_param": "cpu"}
     cases["text_finetune-z3-bf16"] = {**common, "data": files["text"], "model": "text_finetune",
                                       "encoder_trainable_layers": 1, "zero_stage": 3, "precision": "bf16",
-                                      "micro_batch_size": 8, "hidden": [8]}
-    for name, case in cases.items():
-        case["folder"] = str(root / name)
-    (root / "cases.json").write_text(json.dumps(cases))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("DAGSTER_PIPES_CONTEXT", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "deepspeed_matrix.py"), str(root / "cases.json"),
-                           str(root / "out.json")], env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"cases": json.loads((root / "cases.json").read_text()), "out": json.loads((root / "out.json").read_text())}
+                                      "activation_checkpointing": True, "micro_batch_size": 8, "hidden": [8]}
+    return launch(root, cases, nproc=2)
 
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One rank: where the loop runs the forward and backward passes itself (stage 0, fp32), and ZeRO-1 through
+    the engine for comparison (on one rank the same optimizer, so the same model)."""
+    root = tmp_path_factory.mktemp("one_rank")
+    common = common_settings(write_data(root)["data"])
+    return launch(root, {"auto": dict(common),
+                         "z0-fp32-accumulating": {**common, "zero_stage": 0, "precision": "fp32",
+                                                  "gradient_accumulation_steps": 2, "activation_checkpointing": True},
+                         "z1-fp32": {**common, "zero_stage": 1, "precision": "fp32"}}, nproc=1)
 
 def exported_probabilities(model_dir: Path, data: dict) -> np.ndarray:
     """The exported files alone, as the served model reads them: the manifest's architecture and the weights."""
@@ -153,8 +171,10 @@ def test_every_engine_combination_trains_resumes_and_exports_one_consolidated_mo
             assert engine[key] == case.get(key, {"offload_optimizer": "none", "offload_param": "none",
                                                  "gradient_accumulation_steps": 1,
                                                  "activation_checkpointing": False}[key]), (name, key)
-        assert engine["gradient_clipping_by"] == ("torch" if straight["zero_stage"] == 0
-                                                  and straight["precision"] == "fp32" else "deepspeed"), name
+        plain = straight["zero_stage"] == 0 and straight["precision"] == "fp32"
+        assert engine["gradient_clipping_by"] == ("torch" if plain else "deepspeed"), name
+        # Two ranks reduce their gradients: the engine's backward always runs; its forward only where it has work.
+        assert (engine["forward_by"], engine["backward_by"]) == ("module" if plain else "deepspeed", "deepspeed")
         # One consolidated fp32 file, whatever the shards: it loads whole and predicts what the run reported.
         straight_p = exported_probabilities(Path(straight["weights_path"]).parent, data)
         np.testing.assert_allclose(straight_p, straight["validation_probabilities"], rtol=0, atol=1e-6, err_msg=name)
@@ -164,6 +184,23 @@ def test_every_engine_combination_trains_resumes_and_exports_one_consolidated_mo
         ran.append(name)
     stages = {matrix["cases"][n].get("zero_stage", "auto") for n in ran}
     assert stages == {"auto", 0, 1, 2, 3} and len(ran) >= 19
+
+
+def test_one_rank_skips_the_engines_forward_and_backward_and_learns_what_the_engine_would(one_rank: dict) -> None:
+    data = dict(np.load(one_rank["cases"]["auto"]["data"]))
+    probabilities = {}
+    for name in ("auto", "z0-fp32-accumulating", "z1-fp32"):
+        straight, resumed = one_rank["out"][name]["straight"], one_rank["out"][name]["resumed"]
+        assert straight["world_size"] == 1 and resumed["resumed_from_step"] == STOP_AT, name
+        fast = straight["zero_stage"] == 0
+        assert (straight["engine"]["forward_by"], straight["engine"]["backward_by"]) == (
+            ("module", "torch") if fast else ("deepspeed", "deepspeed")), name
+        probabilities[name] = exported_probabilities(Path(straight["weights_path"]).parent, data)
+        np.testing.assert_allclose(probabilities[name], straight["validation_probabilities"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(exported_probabilities(Path(resumed["weights_path"]).parent, data),
+                                   probabilities[name], rtol=0, atol=1e-6, err_msg=name)
+    # The loop's own forward, backward and clipping train the model the full engine path trains.
+    np.testing.assert_allclose(probabilities["auto"], probabilities["z1-fp32"], rtol=0, atol=1e-5)
 
 
 def test_a_users_module_under_zero3_with_parameter_offload(matrix: dict) -> None:
@@ -198,7 +235,8 @@ def test_a_users_module_under_zero3_with_parameter_offload(matrix: dict) -> None
     np.testing.assert_allclose(probabilities[1], probabilities[0], rtol=0, atol=1e-6)
 
 
-def test_text_finetune_under_zero3_in_bf16_exports_an_encoder_that_serves_what_training_computed(matrix: dict) -> None:
+def test_text_finetune_under_zero3_in_bf16_exports_an_encoder_that_serves_what_training_computed(
+        matrix: dict) -> None:
     import torch
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer

@@ -1,16 +1,24 @@
 """The DeepSpeed engine of a run: the settings resolved for this accelerator, its config, and what ran.
 
-`resolve(cfg, network, device)` turns the config's engine settings into what runs here: the ZeRO stage ("auto":
+`resolve(cfg, module, device, world)` turns the config's engine settings into what runs here: the ZeRO stage ("auto":
 core.train_config.resolve_zero_stage on the network's trainable parameters), the precision ("auto": bf16 on a
 CUDA device that supports it, else fp32), and refuses what this accelerator cannot run
 (core.train_config.accelerator_problems), naming the key. `ds_config` is the engine's config;
 `describe` is what the MLflow run records.
 
-Where DeepSpeed does not pay, its per-step work is cut rather than kept for show:
-- ZeRO stage 0 in fp32 leaves the gradients on the parameters, so they are clipped by torch's fused
+Where DeepSpeed does not pay, its per-step work is cut rather than kept for show (benchmarks/README.md,
+"Training", has the figures against a plain PyTorch loop):
+- at ZeRO stage 0 in fp32 the engine's forward only registers hooks that start timers and would scale
+  gradients it already scales in `backward`: the loop calls the module itself (`module_forward`);
+- stage 0 in fp32 leaves the gradients on the parameters, so they are clipped by torch's fused
   `clip_grad_norm_` in the loop instead of through the engine (`own_clipping`);
-- on one rank at stage 0 the gradient all-reduce is an identity and is skipped;
+- on one rank at stage 0 in fp32 there is nothing to reduce, partition or unscale: the loop calls
+  `loss.backward()` itself (scaled for accumulation as the engine would, `torch_backward`), and the engine
+  takes the optimizer step, keeps its counters and writes and reads the checkpoints;
+- its throughput timer (a device synchronization per step on a GPU) is off;
 - the loss is read only at evaluations, and checkpoints are saved at most once per `checkpoint_min_seconds`.
+Every other setting (ZeRO 1-3, offload, bf16, fp16, several ranks at stage 0 for the all-reduce) goes through
+the engine's own forward, backward and step.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ class EngineSettings:
     zero_stage: int
     precision: str
     own_clipping: bool
+    module_forward: bool
+    torch_backward: bool
     trainable_parameters: int
     parameters: int
 
@@ -38,7 +48,7 @@ class EngineSettings:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
 
-def resolve(cfg: TrainConfig, module: Any, device_type: str) -> EngineSettings:
+def resolve(cfg: TrainConfig, module: Any, device_type: str, world: int) -> EngineSettings:
     """The engine settings this accelerator runs, or a TrainConfigError naming the key it cannot."""
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -53,9 +63,10 @@ def resolve(cfg: TrainConfig, module: Any, device_type: str) -> EngineSettings:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     stage = resolve_zero_stage(cfg.zero_stage, trainable)
     precision = resolve_precision(cfg.precision, cuda and torch.cuda.is_bf16_supported())
-    return EngineSettings(zero_stage=stage, precision=precision,
-                          own_clipping=stage == 0 and precision == "fp32" and cfg.gradient_clipping > 0,
-                          trainable_parameters=trainable, parameters=sum(p.numel() for p in module.parameters()))
+    plain = stage == 0 and precision == "fp32"
+    return EngineSettings(zero_stage=stage, precision=precision, own_clipping=plain and cfg.gradient_clipping > 0,
+                          module_forward=plain, torch_backward=plain and world == 1, trainable_parameters=trainable,
+                          parameters=sum(p.numel() for p in module.parameters()))
 
 
 def ds_config(cfg: TrainConfig, micro_batch_size: int, e: EngineSettings) -> dict[str, Any]:
@@ -77,6 +88,7 @@ def ds_config(cfg: TrainConfig, micro_batch_size: int, e: EngineSettings) -> dic
         "gradient_clipping": 0.0 if e.own_clipping else cfg.gradient_clipping,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 
@@ -105,6 +117,8 @@ def describe(cfg: TrainConfig, e: EngineSettings, config: dict[str, Any]) -> dic
             "offload_param": cfg.offload_param, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "activation_checkpointing": cfg.activation_checkpointing, "gradient_clipping": cfg.gradient_clipping,
             "gradient_clipping_by": "torch" if e.own_clipping else "deepspeed",
+            "forward_by": "module" if e.module_forward else "deepspeed",
+            "backward_by": "torch" if e.torch_backward else "deepspeed",
             "loss_scale": cfg.loss_scale if e.precision == "fp16" else "n/a",
             "trainable_parameters": e.trainable_parameters, "parameters": e.parameters,
             "deepspeed_config": json.dumps(config, sort_keys=True)}

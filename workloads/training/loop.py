@@ -69,7 +69,7 @@ def start(cfg: TrainConfig, reporter: Reporter) -> Session:
     rank, world = dist.get_rank(), dist.get_world_size()
     budget = plan_budget(cfg, len(data["x_train"]), world)
     pos_weight = positive_weight(data["y_train"]) if cfg.class_weighting else 1.0
-    settings = engine_setup.resolve(cfg, network.module, "cuda" if torch.cuda.is_available() else "cpu")
+    settings = engine_setup.resolve(cfg, network.module, "cuda" if torch.cuda.is_available() else "cpu", world)
     config = engine_setup.ds_config(cfg, budget.micro_batch_size, settings)
     engine = engine_setup.initialize(cfg, network.module, network.param_groups(), config, world, settings)
     ckpt_dir = Path(cfg.checkpoint_dir)
@@ -80,11 +80,9 @@ def start(cfg: TrainConfig, reporter: Reporter) -> Session:
                   f"{settings.precision}; micro-batch {budget.micro_batch_size}, {budget.min_steps}-{budget.max_steps} "
                   f"steps, evaluation every {budget.eval_every_steps}, warmup {budget.warmup_steps}, "
                   f"pos_weight {pos_weight:.3f}")
-    session = Session(cfg=cfg, reporter=reporter, engine=engine, rank=rank, world=world, backend=backend,
-                      settings=settings, network=network, data=data, budget=budget, pos_weight=pos_weight,
-                      ckpt_dir=ckpt_dir, t_start=t_start)
-    session.engine_record = engine_setup.describe(cfg, settings, config)
-    return session
+    return Session(cfg=cfg, reporter=reporter, engine=engine, rank=rank, world=world, backend=backend,
+                   settings=settings, network=network, data=data, budget=budget, pos_weight=pos_weight,
+                   ckpt_dir=ckpt_dir, t_start=t_start, engine_record=engine_setup.describe(cfg, settings, config))
 
 
 def validation_metrics(s: Session) -> dict[str, float]:
@@ -151,6 +149,8 @@ def run_steps(s: Session) -> None:
     groups = s.engine.optimizer.param_groups
     scales = [g.get("lr_scale", 1.0) for g in groups]
     clip = [p for g in groups for p in g["params"]] if s.settings.own_clipping else None
+    # Where the engine's own forward and backward have nothing to do (workloads/training/engine.py), skip them.
+    forward = s.engine.module if s.settings.module_forward else s.engine
     s.engine.train()
     perm_epoch, mine = -1, None
     last_loss_t = None
@@ -172,9 +172,12 @@ def run_steps(s: Session) -> None:
             for group, scale in zip(groups, scales):
                 group["lr"] = lr * scale
         idx = mine[batch * micro:(batch + 1) * micro]
-        logits = s.engine(*s.network.inputs("train", idx, s.device, s.dtype)).float().reshape(-1)
+        logits = forward(*s.network.inputs("train", idx, s.device, s.dtype)).float().reshape(-1)
         loss = F.binary_cross_entropy_with_logits(logits, y_all[idx], pos_weight=pos_weight)
-        s.engine.backward(loss)
+        if s.settings.torch_backward:
+            (loss / accum if accum > 1 else loss).backward()
+        else:
+            s.engine.backward(loss)
         if clip is not None and (st["micro_steps"] + 1) % accum == 0:
             # Stage 0 in fp32 leaves the (reduced) gradients on the parameters: one fused torch call clips them.
             torch.nn.utils.clip_grad_norm_(clip, cfg.gradient_clipping, foreach=True)

@@ -45,6 +45,7 @@ class Session:
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0          # this process's CPU time in the same spans: steady on a busy machine
     samples_now: int = 0
+    engine_record: dict[str, Any] = field(default_factory=dict)  # what ran, for MLflow (engine.describe)
 
     @property
     def device(self) -> Any:
