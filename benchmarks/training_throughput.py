@@ -9,7 +9,7 @@ torchrun gives every rank), alternating plain / workload `--repeats` times:
 - `mlp`: MLP 40 -> 64 -> 32 -> 1 on 18,000 synthetic rows, micro-batch 128, 3 passes; the workload with its
   defaults (zero_stage and precision "auto": stage 0, fp32 here) and, for the record, with the old default
   ZeRO-1;
-- `text_finetune`: all-MiniLM-L6-v2 with its top 2 layers training plus an MLP head, on 1,200 synthetic job titles,
+- `text_finetune`: all-MiniLM-L6-v2 with its top 2 layers training plus an MLP head, on 2,400 synthetic job titles,
   micro-batch 32, one pass; the plain loop builds the very module, tokenization and batches the workload uses
   (workloads/training/text.py) and steps it with the same AdamW groups and clipping;
 - one full `credit_scoring/model_checkpoint` materialization (wall time).
@@ -228,7 +228,9 @@ def main() -> None:
     parser.add_argument("--plain", help=argparse.SUPPRESS)  # one plain loop, in this process: prints its JSON
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--text-rows", type=int, default=1200)
+    parser.add_argument("--text-rows", type=int, default=2400)
+    parser.add_argument("--text-epochs", type=int, default=1)
+    parser.add_argument("--skip-mlp", action="store_true")
     parser.add_argument("--skip-text", action="store_true")
     parser.add_argument("--skip-materialization", action="store_true")
     args = parser.parse_args()
@@ -238,13 +240,14 @@ def main() -> None:
     summary: dict = {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(), "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        mlp = config(make_mlp_data(folder, args.rows, 40), folder / "mlp", "mlp", epochs=3, micro=128)
-        summary["mlp"] = side_by_side(mlp, folder / "mlp", args.repeats, {
-            "workload_defaults": {}, "workload_zero1": {"zero_stage": 1}})
-        summary["mlp"]["workload_2_ranks"] = run_workload(mlp, folder / "mlp2", nproc=2)
+        if not args.skip_mlp:
+            mlp = config(make_mlp_data(folder, args.rows, 40), folder / "mlp", "mlp", epochs=3, micro=128)
+            summary["mlp"] = side_by_side(mlp, folder / "mlp", args.repeats, {
+                "workload_defaults": {}, "workload_zero1": {"zero_stage": 1}})
+            summary["mlp"]["workload_2_ranks"] = run_workload(mlp, folder / "mlp2", nproc=2)
         if not args.skip_text:
-            text = config(make_text_data(folder, args.text_rows), folder / "text", "text_finetune", epochs=1,
-                          micro=32, encoder_trainable_layers=2)
+            text = config(make_text_data(folder, args.text_rows), folder / "text", "text_finetune",
+                          epochs=args.text_epochs, micro=32, encoder_trainable_layers=2)
             summary["text_finetune"] = side_by_side(text, folder / "text", args.repeats, {"workload_defaults": {}})
     summary["load_average_at_end"] = os.getloadavg()
     if not args.skip_materialization:
