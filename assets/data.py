@@ -13,6 +13,7 @@ from assets import naming
 from assets.checks.data_quality import DATA_CHECKS, CheckOutcome, Profile, label_series, validate_frame
 from assets.features import clean_text
 from assets.naming import LABEL, ROW_ID, SPLIT, asset_key
+from assets.outcome_trust import flagged, outcome_key_bursts
 from assets.profile import load_profile, write_profile
 from assets.sources import parquet_safe, read_source
 from assets.spec import LoadedSpec, PipelineSpec
@@ -155,12 +156,16 @@ def _schema(df: pd.DataFrame) -> dg.TableSchema:
 DECISION_ID_PREFIX = "decision:"
 
 
-def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore) -> tuple[pd.DataFrame, int]:
-    """Served decisions with a recorded outcome, as rows shaped like the source (labelled by their outcome).
+def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore,
+                 exclude_key_ids: tuple[str, ...] = ()) -> tuple[pd.DataFrame, int]:
+    """Served decisions with an outcome label, as rows shaped like the source (labelled by their outcome).
 
-    Returns the rows and the last audit seq read. The id column (when the spec has one) is `decision:<id>`; the
-    time column is the decision's time; columns the server never saw (for example a sensitive column that is
-    not an input) are empty, and the data checks treat them as any other missing value.
+    The label is the one `monitoring.outcome_rule` takes from the decision's outcome reports (core/audit/
+    outcomes.py; `unanimous` by default: a disputed decision is left out), ignoring the reports of
+    `exclude_key_ids`. Returns the rows and the last audit seq read. The id column (when the spec has one) is
+    `decision:<id>`; the time column is the decision's time; columns the server never saw (for example a
+    sensitive column that is not an input) are empty, and the data checks treat them as any other missing value.
+    The inputs are decrypted by the store (its keys folder); without `audit-enc.key` this fails naming the file.
     """
     from core.audit.traffic import all_traffic, record_features
 
@@ -172,7 +177,8 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore) ->
     positive, negative_value = spec.target.positive[0], negative.iloc[0]
     records = all_traffic(store, spec.name)
     after = records[-1].seq if records else 0
-    outcomes = store.outcomes([r.decision_id for r in records]) if records else {}
+    outcomes = store.outcomes([r.decision_id for r in records], rule=spec.monitoring.outcome_rule,
+                              exclude_key_ids=exclude_key_ids) if records else {}
     rows = []
     for r in records:
         if r.decision_id not in outcomes:
@@ -188,16 +194,23 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore) ->
     return frame, after
 
 
-def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None) -> dg.Output[pd.DataFrame]:
+def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None,
+                    exclude_key_ids: tuple[str, ...] = ()) -> dg.Output[pd.DataFrame]:
     """The source read once, Parquet-safe, with its content hash, schema and a preview; with
-    `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back."""
+    `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back
+    (labelled by the spec's outcome rule, the reports of `exclude_key_ids` left out)."""
     df, where = read_source(loaded)
     extra: dict[str, Any] = {}
     if store is not None:
-        learned, seq = outcome_rows(loaded.spec, df, store)
+        learned, seq = outcome_rows(loaded.spec, df, store, exclude_key_ids)
         if len(learned):
             df = pd.concat([df, learned.astype(object)], ignore_index=True)
-        extra = {"rows_from_outcomes": len(learned), "outcomes_read_through_seq": seq}
+        extra = {"rows_from_outcomes": len(learned), "outcomes_read_through_seq": seq,
+                 "outcome_rule": loaded.spec.monitoring.outcome_rule,
+                 "outcome_keys_excluded": dg.MetadataValue.json(list(exclude_key_ids))}
+        if exclude_key_ids:
+            log.warning(f"{loaded.name}: outcomes reported by {', '.join(exclude_key_ids)} are left out of the "
+                        "snapshot: their reports contradict the model far beyond its measured error (inference_log)")
         log.info(f"{loaded.name}: {len(learned)} served decisions with outcomes join the snapshot")
     df = parquet_safe(df)
     digest = frame_hash(df)
@@ -298,7 +311,12 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
     def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
         """Snapshot of the spec's source as Parquet: content hash, schema, row count and a preview (and, when
         the spec learns from outcomes, the served decisions whose outcome came back, counted in metadata)."""
-        return snapshot_source(loaded, context.log, context.resources.audit.store() if learns else None)
+        if not learns:
+            return snapshot_source(loaded, context.log)
+        store = context.resources.audit.store()
+        excluded = tuple(flagged(outcome_key_bursts(context.instance, store, spec.name))
+                         if spec.monitoring.exclude_flagged_outcome_keys else ())
+        return snapshot_source(loaded, context.log, store, excluded)
 
     @dg.multi_asset_check(specs=[dg.AssetCheckSpec(name=name, asset=raw_key, blocking=True, description=doc)
                                  for name, doc in DATA_CHECKS.items()],
