@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core import server_config
 from core.audit.outcomes import DEFAULT_OUTCOME_RULE, OutcomeRule
 from core.rollout import DIRECT, RolloutPolicy
-from core.train_config import DeepSpeedSettings, TrainSettings
+from core.train_config import TEXT_FINETUNE, DeepSpeedSettings, TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
@@ -154,16 +154,26 @@ class Training(_Strict, TrainSettings):
     step budget and schedule, class weighting, calibration; their defaults are written there, once), plus how the
     graph runs the workload.
 
-    All but `deepspeed`, `launcher`, `nproc_per_node`, `max_categories` and `keep_runs` are TrainConfig fields of
-    the same name and meaning; `deepspeed` holds the engine's (core.train_config.DeepSpeedSettings). The
-    `model_checkpoint` asset builds the workload's config from them (assets/training.py, workload_config).
+    `model` chooses the network: `mlp` (the default) over the prepared features and frozen text embeddings;
+    `text_finetune`, the spec's text encoder fine-tuned together with an MLP head (`encoder_trainable_layers`,
+    `encoder_learning_rate`, `encoder_max_tokens`); or `"module.path:factory"`, a user's own torch.nn.Module, its
+    module found next to this spec file first, then on the Python path, and given `model_settings`
+    (docs/byo-model.md).
+
+    All but `deepspeed`, `launcher`, `nproc_per_node`, `num_nodes`, `max_categories` and `keep_runs` are
+    TrainConfig fields of the same name and meaning; `deepspeed` holds the engine's
+    (core.train_config.DeepSpeedSettings: ZeRO stage, offload, precision, accumulation, activation checkpointing).
+    The `model_checkpoint` asset builds the workload's config from them (assets/training.py, workload_config).
     """
 
     max_categories: int = Field(30, ge=1)
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     # default: the deployment's launcher (torchrun here, a GPU pod on Kubernetes); trainjob: several nodes.
     launcher: Literal["default", "trainjob"] = "default"
+    # Ranks per node: CPU processes here; on Kubernetes GPUs per pod, one rank each (deploy/README.md).
     nproc_per_node: int = Field(2, ge=1)
+    # Nodes: above 1 trains as a Kubeflow TrainJob on Kubernetes (as launcher: trainjob does); here, on one node.
+    num_nodes: int = Field(1, ge=1)
     keep_runs: int = Field(5, ge=1)        # training run folders kept under <home>/<spec>/training/runs
 
 
@@ -414,6 +424,9 @@ class PipelineSpec(_Strict):
             raise ValueError(f"id_column {self.id_column!r} is also a feature")
         if self.split.strategy == "time" and not self.time_column:
             raise ValueError("split.strategy 'time' needs time_column")
+        if self.training.model == TEXT_FINETUNE and not self.features.text:
+            raise ValueError("training.model: text_finetune fine-tunes the text encoder, but features.text is empty; "
+                             "list a text column or choose model: mlp")
         for col in self.deployment.redact:
             if col not in self.features.all:
                 raise ValueError(f"deployment.redact: {col!r} is not a feature column of this spec")
@@ -473,6 +486,47 @@ class LoadedSpec:
         p = Path(os.path.expandvars(os.path.expanduser(relative)))
         return p if p.is_absolute() else (self.path.parent / p).resolve()
 
+    def model_module(self) -> Path | None:
+        """The source file of a `"module.path:factory"` model (None for mlp and text_finetune): next to the spec
+        first, then on the Python path, found without importing anything."""
+        factory = self.spec.training.factory
+        return find_model_module(factory[0], self.path.parent) if factory else None
+
+
+def find_model_module(module: str, spec_folder: Path) -> Path | None:
+    """`a.b` as the file `a/b.py` in the spec's folder, else the source file the Python path finds for it (looked
+    up by importlib's path finder, which imports nothing, not even the package `a`)."""
+    from importlib.machinery import PathFinder
+
+    candidate = spec_folder / Path(*module.split(".")).with_suffix(".py")
+    if candidate.is_file():
+        return candidate.resolve()
+    parts, search, found = module.split("."), None, None
+    for i in range(len(parts)):
+        found = PathFinder.find_spec(".".join(parts[:i + 1]), search)
+        if found is None:
+            return None
+        search = list(found.submodule_search_locations or [])
+    origin = found.origin if found is not None else None
+    return Path(origin).resolve() if origin and origin.endswith(".py") and Path(origin).is_file() else None
+
+
+def _check_model_module(spec: PipelineSpec, path: Path) -> None:
+    """A factory whose module file exists nowhere fails at load, naming the file it looked for."""
+    factory = spec.training.factory
+    if not factory:
+        return
+    found = find_model_module(factory[0], path.parent)
+    if found is None:
+        relative = Path(*factory[0].split(".")).with_suffix(".py")
+        raise SpecError(f"{path}: 'training.model': {spec.training.model!r} names module {factory[0]!r}, but there is "
+                        f"no {relative} next to the spec ({path.parent / relative}) or on the Python path; put the "
+                        f"module beside the spec file")
+    if found.name == "__init__.py":
+        raise SpecError(f"{path}: 'training.model': {factory[0]!r} is a package ({found}); name a module file: it "
+                        "travels alone with the model version, so it may import installed libraries but not its "
+                        "neighbours")
+
 
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-after"))
@@ -500,6 +554,7 @@ def load_spec(path: Path | str) -> LoadedSpec:
         problems = "; ".join(_format_error(e) for e in exc.errors())
         raise SpecError(f"{path}: {problems}") from None
     # notices.template is read (and a missing file named) by <spec>/notice_template, not here: loading stays cheap.
+    _check_model_module(spec, path.resolve())
     return LoadedSpec(spec=spec, path=path.resolve())
 
 

@@ -20,16 +20,17 @@ import pandas as pd
 
 from assets import features as feature_module
 from assets import naming
-from assets.features import build_feature_frame, fit_preprocessing, transform
+from assets.features import build_feature_frame, clean_text, fit_preprocessing, transform
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec, Training
 from assets.wiring import Log, feature_asset
-from resources.embedder import encoder_artifacts
+from resources.embedder import ModelRef, encoder_artifacts, encoder_description, model_files_hash, resolve_model
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource, refuse_pickle
+from core.files import sha256_file
 from core.names import MANIFEST_TAG, SIGNING_KEY_TAG
 from core.signing import SigningKeys
-from core.train_config import TrainConfig, TrainSettings
+from core.train_config import TEXT_FINETUNE, TrainConfig, TrainSettings
 from resources.storage import StorageResource, atomic_write_bytes, frame_hash
 
 # One training at a time per pool (dagster.yaml sets the default limit): two DeepSpeed runs on one machine
@@ -83,12 +84,63 @@ def stage_version_artifacts(spec_name: str, model_dir: Path, manifest: dict[str,
     return artifacts
 
 
-def training_key(spec: PipelineSpec, data_digest: str, splits_hash: str) -> str:
-    """Names the checkpoint folder: the same inputs and settings resume, anything else starts fresh."""
+def model_files(loaded: LoadedSpec, model_dir: Path, staging: Path) -> dict[str, str]:
+    """The files besides the weights and preprocessing that a version needs to serve what trained, by MLflow
+    artifact name (stage_version_artifacts copies them under the version's one manifest).
+
+    - text features embedded by a frozen encoder: `encoder` (encoder.json) and, for a folder other than the shipped
+      MiniLM, `encoder_model` (resources.embedder.encoder_artifacts);
+    - text_finetune: the fine-tuned encoder training exported (`encoder_model`, model_dir/encoder) and the
+      encoder.json that names it, so the served model tokenizes, pools and embeds as training did;
+    - a user's factory: its module's source as trained (`network_module`), which workloads/model_code.py runs.
+    """
+    spec = loaded.spec
+    architecture = json.loads((model_dir / "manifest.json").read_text())["architecture"]
+    files: dict[str, str] = {}
+    if architecture.get("kind") == TEXT_FINETUNE:
+        folder = model_dir / architecture["encoder"]
+        base = resolve_model(spec.embeddings.model, spec.name, loaded.path.parent).name
+        ref = ModelRef(name=f"{base}, fine-tuned by {spec.name}", path=folder, weights_hash=model_files_hash(folder))
+        description = {**encoder_description(ref, spec.embeddings.batch_size), "fine_tuned": True}
+        atomic_write_bytes(staging / "encoder.json", json.dumps(description, indent=2, sort_keys=True).encode())
+        files.update(encoder=str(staging / "encoder.json"), encoder_model=str(folder))
+    elif spec.has_text:
+        files.update(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, staging))
+    if architecture.get("kind") == "factory":
+        files["network_module"] = str(model_dir / architecture["file"])
+    return files
+
+
+def training_key(spec: PipelineSpec, data_digest: str, splits_hash: str, model_digest: str = "") -> str:
+    """Names the checkpoint folder: the same inputs and settings resume, anything else starts fresh.
+
+    `model_digest` is what the network starts from beyond the settings: the encoder's files for text_finetune,
+    a factory module's source (model_inputs_digest); a changed one never resumes another's checkpoints.
+    """
     settings = spec.training.model_dump(mode="json")
     settings.pop("launcher", None)  # where it runs does not change what it learns
-    blob = json.dumps({"data": data_digest, "splits": splits_hash, "training": settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    inputs = {"data": data_digest, "splits": splits_hash, "training": settings}
+    if model_digest:
+        inputs["model"] = model_digest
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_inputs(loaded: LoadedSpec, run_dir: Path) -> tuple[dict[str, str], str]:
+    """The workload's model fields (`model_file`, `encoder_dir`) and the digest of what they point at.
+
+    A factory's module is copied into the run folder: the workload trains, and the version ships, that copy.
+    text_finetune starts from the spec's text encoder ("" is the shipped all-MiniLM-L6-v2, which the training
+    image holds too).
+    """
+    spec = loaded.spec
+    module = loaded.model_module()
+    if module is not None:
+        shutil.copyfile(module, run_dir / module.name)
+        return {"model_file": str(run_dir / module.name)}, sha256_file(run_dir / module.name)
+    if spec.training.model == TEXT_FINETUNE:
+        ref = resolve_model(spec.embeddings.model, spec.name, loaded.path.parent)
+        return {"encoder_dir": "" if spec.embeddings.model is None else str(ref.path)}, ref.weights_hash
+    return {}, ""
 
 
 def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: pd.DataFrame,
@@ -103,6 +155,8 @@ def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: p
         "x_train": transform(train, prep), "y_train": train[LABEL].to_numpy(np.float32),
         "x_val": transform(val, prep), "y_val": val[LABEL].to_numpy(np.float32),
     }
+    if spec.training.model == TEXT_FINETUNE:
+        arrays.update(text_arrays(validated, {"train": train, "val": val}, arrays, prep))
     digest = hashlib.sha256()
     for name in sorted(arrays):
         digest.update(name.encode())
@@ -115,6 +169,24 @@ def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: p
     atomic_write_bytes(run_dir / "preprocessing.json", prep_json.encode())
     return {"data_digest": digest.hexdigest(), "train_rows": len(train), "val_rows": len(val),
             "n_features": prep["n_features"], "train_positive_rate": float(train[LABEL].mean())}
+
+
+def text_arrays(validated: pd.DataFrame, frames: dict[str, pd.DataFrame], arrays: dict[str, np.ndarray],
+                prep: dict[str, Any]) -> dict[str, np.ndarray]:
+    """text_finetune embeds the texts itself: the tabular columns alone (`x_*`, the embedding columns cut off the
+    end of the matrix) and the cleaned texts (`t_*`, one column per text feature in the preprocessing's order)."""
+    from assets.features import ordered_items
+
+    columns = [col for col, _ in ordered_items(prep, "embeddings")]
+    width = prep["n_features"] - sum(st["dim"] for _, st in ordered_items(prep, "embeddings"))
+    texts = validated.assign(**{naming.ROW_ID: validated[naming.ROW_ID].astype(str)}).set_index(naming.ROW_ID)[columns]
+    out = {}
+    for split, rows in frames.items():
+        picked = texts.loc[rows[naming.ROW_ID].astype(str)]
+        out[f"t_{split}"] = np.array([[clean_text(v) for v in row] for row in picked.itertuples(index=False)],
+                                     dtype=str).reshape(len(rows), len(columns))
+        out[f"x_{split}"] = np.ascontiguousarray(arrays[f"x_{split}"][:, :width])
+    return out
 
 
 def recorded_embeddings_version(instance: dg.DagsterInstance, spec: PipelineSpec,
@@ -183,15 +255,17 @@ def prune_runs(runs_dir: Path, keep: int, current: Path) -> list[Path]:
     return removed
 
 
-def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource,
+def train_checkpoint(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource,
                      launcher: TrainingLauncher, context: dg.AssetExecutionContext, validated: pd.DataFrame,
                      splits: pd.DataFrame, embeddings: pd.DataFrame | None) -> dg.Output[dict]:
     """Prepare the run folder, launch the workload, verify what it exported and describe it."""
+    spec = loaded.spec
     t = spec.training
     run_dir = storage.local_dir(spec.name, "training", "runs", context.run_id)
     prepared = prepare_training_data(spec, validated, splits, embeddings, run_dir)
+    model_fields, model_digest = model_inputs(loaded, run_dir)
     splits_hash = frame_hash(splits)
-    key = training_key(spec, prepared["data_digest"], splits_hash)
+    key = training_key(spec, prepared["data_digest"], splits_hash, model_digest)
     checkpoint_dir = storage.local_dir(spec.name, "training", "checkpoints", key)
     experiment_id = mlflow.experiment_id(spec.name)
     lineage = {"dataset_hash": frame_hash(validated), "splits_hash": splits_hash,
@@ -202,12 +276,16 @@ def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: Mlflo
         output_dir=str(run_dir / "model"), checkpoint_dir=str(checkpoint_dir), checkpoint_subdir=f"{spec.name}/{key}",
         run_name=f"{spec.name}-train-{context.run_id[:8]}",
         mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_experiment_id=experiment_id,
-        mlflow_tags={"spec": spec.name, "dagster_run_id": context.run_id, "training_key": key, **lineage})
+        mlflow_tags={"spec": spec.name, "dagster_run_id": context.run_id, "training_key": key, **lineage},
+        **model_fields)
     config.write(run_dir / "config.json")
     context.log.info(f"{spec.name}: {prepared['train_rows']} train / {prepared['val_rows']} validation rows, "
                      f"{prepared['n_features']} features; checkpoints in {checkpoint_dir}")
+    # On GPU pods the spec's nproc_per_node, when it names one, is the GPUs per pod; else the deployment's.
     request = TrainRequest(spec_name=spec.name, args=["--config", str(run_dir / "config.json")],
-                           extras={"spec": spec.name, "run_dir": str(run_dir)}, nproc_per_node=t.nproc_per_node)
+                           extras={"spec": spec.name, "run_dir": str(run_dir)}, nproc_per_node=t.nproc_per_node,
+                           gpus_per_node=t.nproc_per_node if "nproc_per_node" in t.model_fields_set else None,
+                           num_nodes=t.num_nodes if t.num_nodes > 1 else None)
     try:
         invocation = launcher.launch(context, request)
     except Exception as exc:
@@ -249,6 +327,8 @@ def train_checkpoint(spec: PipelineSpec, storage: StorageResource, mlflow: Mlflo
         "mlflow_run_id": run_id or "none",
         "mlflow_run": mlflow.run_link(experiment_id, run_id) if run_id else "none",
         "world_size": result["world_size"], "zero_stage": result["zero_stage"],
+        "network": result.get("network", "mlp"), "precision": result.get("precision", "fp32"),
+        "trainable_parameters": (result.get("engine") or {}).get("trainable_parameters", 0),
         "train_rows": prepared["train_rows"], "val_rows": prepared["val_rows"],
         "n_features": prepared["n_features"], "training_key": key, "old_runs_pruned": len(removed),
         "evaluations": result.get("evaluations", 0), "pos_weight": result.get("pos_weight") or 1.0,
@@ -308,8 +388,7 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
         # The transform ships under a name no other distribution uses (see workloads/model_code.py).
         shutil.copyfile(Path(feature_module.__file__), Path(code_dir) / "intelligentops_features.py")
         shutil.copyfile(REPO_ROOT / "workloads" / "tabular_mlp.py", Path(code_dir) / "tabular_mlp.py")
-        encoder = (encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, Path(staging))
-                   if spec.has_text else {})
+        encoder = model_files(loaded, model_dir, Path(staging))
         artifacts = stage_version_artifacts(spec.name, model_dir, manifest, Path(staging), encoder)
         sealed: list[Seal] = []
         source = mlflow.log_pyfunc(
@@ -371,14 +450,15 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
     spec = loaded.spec
     validated_key, checkpoint_key, registered_key = (
         asset_key(spec.name, n) for n in (naming.VALIDATED_DATASET, naming.MODEL_CHECKPOINT, naming.REGISTERED_MODEL))
-    # `training.launcher: trainjob` asks for several nodes (a Kubeflow TrainJob on Kubernetes); `default` takes
-    # the deployment's launcher (torchrun here, a GPU pod on Kubernetes).
-    launcher_key = "trainjob_launcher" if spec.training.launcher == "trainjob" else "launcher"
+    # `training.launcher: trainjob` or `num_nodes` above 1 asks for several nodes (a Kubeflow TrainJob on
+    # Kubernetes); `default` takes the deployment's launcher (torchrun here, a GPU pod on Kubernetes).
+    several = spec.training.launcher == "trainjob" or spec.training.num_nodes > 1
+    launcher_key = "trainjob_launcher" if several else "launcher"
 
     def train(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
               embeddings: pd.DataFrame | None) -> dg.Output[dict]:
         r = context.resources
-        return train_checkpoint(spec, r.storage, r.mlflow, getattr(r, launcher_key), context, validated, splits,
+        return train_checkpoint(loaded, r.storage, r.mlflow, getattr(r, launcher_key), context, validated, splits,
                                 embeddings)
 
     model_checkpoint = feature_asset(

@@ -6,7 +6,13 @@ read its Dagster Pipes messages from global rank 0's pod log:
 - `K8sPodLauncher`: one pod runs `torchrun --standalone --nproc_per_node <gpus> -m workloads.training <args>`.
 - `TrainJobLauncher`: a `TrainJob` (trainer.kubeflow.org/v1alpha1) on the `deepspeed-distributed` runtime, where
   `mpirun` in the launcher pod (also node 0) starts `python -m workloads.training <args>` on every slot; rank 0's
-  output comes back through mpirun into the launcher pod's log.
+  output comes back through mpirun into the launcher pod's log. Specs with `training.num_nodes` above 1 (or
+  `launcher: trainjob`) train this way.
+
+GPUs per pod: the spec's `training.nproc_per_node` when the spec names it, else the launcher's `gpus`
+(`INTELLIGENTOPS_K8S_GPUS`); one rank per GPU, NCCL between them (`--backend nccl`, with NCCL's async error
+handling on so a rank that dies fails the others instead of leaving them in a collective). `gpus: 0` runs CPU
+pods: `nproc_per_node` ranks on gloo with DeepSpeed's CPU accelerator.
 
 Each launcher has a pure `render_*` method that returns exactly what it would submit, so the manifests are
 validated in tests without a cluster. The kubernetes client, dagster_k8s and kubeflow_trainer_api are imported
@@ -147,8 +153,9 @@ class _KubernetesLauncher(TrainingLauncher):
         return self.checkpoint_mount_path if self.checkpoint_claim else self.checkpoint_url
 
     def _env_list(self, request: TrainRequest, extra: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        """Container env: launcher env, request env, checkpoint location, then references to Secrets."""
-        plain = {**self.env, **request.env, **(extra or {})}
+        """Container env: the engine's defaults, launcher env, request env, checkpoint location, then references to
+        Secrets."""
+        plain = {**self._engine_env(request), **self.env, **request.env, **(extra or {})}
         if location := self._checkpoint_location():
             # Where the workload finds the checkpoint folder (a mounted PVC) or URL (object store).
             plain.setdefault(CHECKPOINT_DIR_ENV, location)
@@ -158,7 +165,16 @@ class _KubernetesLauncher(TrainingLauncher):
             out.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
         return out
 
-    def _resources(self) -> dict[str, dict[str, str]]:
+    def _engine_env(self, request: TrainRequest) -> dict[str, str]:
+        if self._gpus(request):
+            # A rank that dies makes the others' NCCL collectives fail instead of waiting for it forever.
+            return {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+        return {"DS_ACCELERATOR": "cpu"}
+
+    def _workload_args(self, request: TrainRequest) -> list[str]:
+        return [*request.args, "--backend", "nccl" if self._gpus(request) else "gloo"]
+
+    def _resources(self, request: TrainRequest) -> dict[str, dict[str, str]]:
         requests: dict[str, str] = {}
         limits: dict[str, str] = {}
         if self.cpu_request:
@@ -167,9 +183,9 @@ class _KubernetesLauncher(TrainingLauncher):
             requests["memory"] = self.memory_request
         if self.memory_limit:
             limits["memory"] = self.memory_limit
-        if self.gpus:
+        if gpus := self._gpus(request):
             # Extended resources must have requests equal to limits.
-            requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(self.gpus)
+            requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
         return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
 
     def _volumes(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -189,12 +205,18 @@ class _KubernetesLauncher(TrainingLauncher):
             mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
         return volumes, mounts
 
+    def _gpus(self, request: TrainRequest) -> int:
+        """GPUs per pod: none for CPU pods (`gpus: 0`), else the spec's nproc_per_node when it names one, else
+        `gpus`."""
+        return (request.gpus_per_node or self.gpus) if self.gpus else 0
+
     def _procs_per_node(self, context: dg.AssetExecutionContext | None, request: TrainRequest) -> int:
-        # One rank per GPU: NCCL refuses two ranks on one device. The spec's nproc_per_node sizes CPU runs.
-        if self.gpus and request.nproc_per_node != self.gpus and context is not None:
-            context.log.info(f"{type(self).__name__}: {self.gpus} GPU(s) per pod, so {self.gpus} ranks per node "
-                             f"(spec training.nproc_per_node={request.nproc_per_node} applies to CPU runs)")
-        return self.gpus or request.nproc_per_node
+        # One rank per GPU: NCCL refuses two ranks on one device.
+        gpus = self._gpus(request)
+        if gpus and context is not None:
+            source = "the spec's training.nproc_per_node" if request.gpus_per_node else "INTELLIGENTOPS_K8S_GPUS"
+            context.log.info(f"{type(self).__name__}: {gpus} GPU(s) per pod ({source}), one rank each, NCCL")
+        return gpus or request.nproc_per_node
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +244,8 @@ class K8sPodLauncher(_KubernetesLauncher):
     def render_pod(self, request: TrainRequest, context: dg.AssetExecutionContext | None = None) -> PodRender:
         self._check()
         nproc = self._procs_per_node(context, request)
-        command = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), "-m", WORKLOAD_MODULE, *request.args]
+        command = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), "-m", WORKLOAD_MODULE,
+                   *self._workload_args(request)]
         volumes, mounts = self._volumes()
         container: dict[str, Any] = {
             "name": TRAIN_CONTAINER,
@@ -230,7 +253,7 @@ class K8sPodLauncher(_KubernetesLauncher):
             "imagePullPolicy": self.image_pull_policy,
             "workingDir": self.working_dir,
             "env": self._env_list(request),
-            "resources": self._resources(),
+            "resources": self._resources(request),
         }
         if mounts:
             container["volumeMounts"] = mounts
@@ -303,11 +326,14 @@ class TrainJobLauncher(_KubernetesLauncher):
 
     def render_command(self, request: TrainRequest, env_names: list[str]) -> list[str]:
         if self.runtime_kind == "torch":
-            return ["torchrun", "-m", WORKLOAD_MODULE, *request.args]
+            return ["torchrun", "-m", WORKLOAD_MODULE, *self._workload_args(request)]
         # mpirun starts remote ranks through ssh; -x copies each variable from the launcher's environment.
         exported = [a for name in env_names for a in ("-x", name)]
         return ["mpirun", "--hostfile", self.hostfile, "--wdir", self.working_dir, *exported,
-                self.python, "-m", WORKLOAD_MODULE, *request.args]
+                self.python, "-m", WORKLOAD_MODULE, *self._workload_args(request)]
+
+    def _nodes(self, request: TrainRequest) -> int:
+        return request.num_nodes or self.num_nodes
 
     def render_trainjob(self, request: TrainRequest, name: str,
                         pipes_env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -320,7 +346,7 @@ class TrainJobLauncher(_KubernetesLauncher):
         env_names = [e["name"] for e in env]
         volumes, mounts = self._volumes()
         quantity = m.IoK8sApimachineryPkgApiResourceQuantity
-        res = self._resources()
+        res = self._resources(request)
         resources = m.IoK8sApiCoreV1ResourceRequirements(
             requests={k: quantity(v) for k, v in res.get("requests", {}).items()} or None,
             limits={k: quantity(v) for k, v in res.get("limits", {}).items()} or None,
@@ -358,8 +384,8 @@ class TrainJobLauncher(_KubernetesLauncher):
                     image=self.image,
                     command=self.render_command(request, env_names),
                     env=[m.IoK8sApiCoreV1EnvVar.from_dict(e) for e in env],
-                    num_nodes=self.num_nodes,
-                    num_proc_per_node=self.gpus or request.nproc_per_node,
+                    num_nodes=self._nodes(request),
+                    num_proc_per_node=self._gpus(request) or request.nproc_per_node,
                     resources_per_node=resources,
                 ),
                 runtime_patches=[patch],
@@ -388,7 +414,7 @@ class TrainJobLauncher(_KubernetesLauncher):
             apis.custom.create_namespaced_custom_object(TRAINER_GROUP, TRAINER_VERSION, self.namespace,
                                                         TRAINJOB_PLURAL, body)
             context.log.info(f"Created TrainJob {self.namespace}/{name} on runtime {self.runtime_ref} "
-                             f"({self.num_nodes} node(s) x {self.gpus} GPU(s))")
+                             f"({self._nodes(request)} node(s) x {self._gpus(request)} GPU(s))")
             try:
                 pod_name = self._wait_for_rank0_pod(apis, name, deadline)
                 kube = DagsterKubernetesClient(batch_api=None, core_api=apis.core, logger=context.log.debug,

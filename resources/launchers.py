@@ -27,7 +27,12 @@ class TrainRequest:
     env: Mapping[str, str] = field(default_factory=dict)
     # Values rank 0 reads through Dagster Pipes extras.
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # Ranks per node: processes on a CPU; on GPU pods one per GPU.
     nproc_per_node: int = 2
+    # GPUs per pod the spec asked for (its training.nproc_per_node, when it names one); None: the launcher's own.
+    gpus_per_node: int | None = None
+    # Nodes the spec asked for (training.num_nodes above 1); None: the launcher's own.
+    num_nodes: int | None = None
 
 
 class TrainingLauncher(dg.ConfigurableResource):
@@ -66,6 +71,9 @@ class LocalTorchrunLauncher(TrainingLauncher):
                 "--backend", self.backend]
 
     def launch(self, context: dg.AssetExecutionContext, request: TrainRequest) -> dg.PipesClientCompletedInvocation:
+        if request.num_nodes and request.num_nodes > 1:
+            context.log.warning(f"{request.spec_name}: training.num_nodes={request.num_nodes} applies on Kubernetes (a "
+                                f"TrainJob); here all {request.nproc_per_node} ranks run on this machine")
         env = {"OMP_NUM_THREADS": str(self.omp_num_threads), "PYTHONUNBUFFERED": "1", **request.env}
         if self.accelerator:
             env["DS_ACCELERATOR"] = self.accelerator

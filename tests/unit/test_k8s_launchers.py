@@ -50,11 +50,36 @@ def test_pod_manifest_is_a_valid_pod(config: dict) -> None:
     assert pod["spec"]["restartPolicy"] == "Never"
     gpus = config.get("gpus", 1)
     assert container["command"][:4] == ["torchrun", "--standalone", "--nproc_per_node", str(gpus or 2)]
-    assert container["command"][4:] == ["-m", "workloads.training", *REQUEST.args]
+    backend = "nccl" if gpus else "gloo"
+    assert container["command"][4:] == ["-m", "workloads.training", *REQUEST.args, "--backend", backend]
     if gpus:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and "DS_ACCELERATOR" not in env
     else:
-        assert "nvidia.com/gpu" not in str(container["resources"])
+        assert "nvidia.com/gpu" not in str(container["resources"]) and env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_the_spec_sizes_gpu_pods_and_trainjobs() -> None:
+    """A spec that names training.nproc_per_node gets that many GPUs per pod (one rank each); training.num_nodes
+    sizes the TrainJob. Without them the deployment's INTELLIGENTOPS_K8S_GPUS / _NUM_NODES apply."""
+    from dataclasses import replace
+
+    asked = replace(REQUEST, gpus_per_node=4, num_nodes=3)
+    pod = K8sPodLauncher(**FULL).render_pod_manifest(asked, PIPES_ENV)
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][:4] == ["torchrun", "--standalone", "--nproc_per_node", "4"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4" == container["resources"]["requests"]["nvidia.com/gpu"]
+    validate_k8s(pod)
+    job = TrainJobLauncher(**FULL, num_nodes=2).render_trainjob(asked, "io-credit-risk-1", PIPES_ENV)
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, 4)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+    assert trainer["command"][-2:] == ["--backend", "nccl"] and env_of(trainer)["NCCL_DEBUG"] == "WARN"
+    # CPU pods (gpus: 0) take the spec's ranks on gloo whatever it asks of GPUs.
+    cpu = K8sPodLauncher(**{**FULL, "gpus": 0}).render_pod(asked)
+    assert cpu.command[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"] and cpu.command[-1] == "gloo"
+    default = TrainJobLauncher(**FULL, num_nodes=2).render_trainjob(REQUEST, "io-credit-risk-2")["spec"]["trainer"]
+    assert (default["numNodes"], default["numProcPerNode"]) == (2, 2)
 
 
 def test_pod_manifest_carries_checkpoints_scheduling_and_secrets() -> None:
@@ -120,8 +145,9 @@ def test_trainjob_matches_the_trainer_api_and_kubernetes_schema(config: dict) ->
         assert set(env_of(trainer)) <= exported
     else:
         assert trainer["command"][0] == "torchrun"
-    assert trainer["command"][-len(REQUEST.args) - 2:] == ["-m", "workloads.training", *REQUEST.args]
-    assert trainer["command"][-len(REQUEST.args) - 3] == ("python" if launcher.runtime_kind == "mpi" else "torchrun")
+    args = [*REQUEST.args, "--backend", "nccl"]
+    assert trainer["command"][-len(args) - 2:] == ["-m", "workloads.training", *args]
+    assert trainer["command"][-len(args) - 3] == ("python" if launcher.runtime_kind == "mpi" else "torchrun")
     for pod in trainjob_core_objects(job):
         validate_k8s(pod)
 

@@ -15,6 +15,7 @@ from core.train_config import TrainConfig, TrainConfigError, TrainSettings
 from workloads.tabular_mlp import build_mlp
 from workloads.training import schedule
 from workloads.training.calibration import calibrate, fit_platt, fold_platt, network_logits
+from workloads.training.models import Network, last_linear
 from workloads.training.config import config_from_args
 from workloads.training.metrics import log_loss
 from workloads.training.schedule import lr_at, plan_budget, positive_weight
@@ -130,7 +131,7 @@ def test_folded_network_gives_the_platt_scaled_probabilities() -> None:
     x = np.random.default_rng(1).normal(size=(400, 5)).astype(np.float32)
     z = network_logits(weights, 5, hidden, x)
     a, b = 0.37, -1.25
-    folded = fold_platt(weights, hidden, a, b)
+    folded = fold_platt(weights, last_linear(hidden), a, b)
     assert set(folded) == set(weights) and all(folded[k].dtype == weights[k].dtype for k in weights)
     assert [k for k in weights if not torch.equal(folded[k], weights[k])] == ["6.weight", "6.bias"]
     served = build_mlp(5, hidden, 0.1)  # what the served pyfunc does: build, load, sigmoid
@@ -156,17 +157,18 @@ def test_calibrate_fits_on_validation_and_records_it() -> None:
     z = network_logits(weights, 3, [4], x)
     y = (rng.random(3_000) < 1 / (1 + np.exp(-z / 5.0))).astype(np.float32)
     cfg = _cfg(hidden=[4])
-    folded, record = calibrate(cfg, weights, 3, x, y)
+    network = Network(cfg, {"x_train": x, "x_val": x})
+    folded, record = calibrate(cfg, network, weights, y)
     assert record["method"] == "platt" and record["rows"] == 3_000
     assert record["a"] == pytest.approx(0.2, abs=0.05) and abs(record["b"]) < 0.2
     assert record["val_log_loss_after"] < record["val_log_loss_before"] - 0.05
     p = 1 / (1 + np.exp(-network_logits(folded, 3, [4], x)))
     assert log_loss(y, p) == pytest.approx(record["val_log_loss_after"], abs=1e-6)
-    off, why = calibrate(cfg.model_copy(update={"calibrate": False}), weights, 3, x, y)
+    off, why = calibrate(cfg.model_copy(update={"calibrate": False}), network, weights, y)
     assert off is weights and why == {"method": "none", "reason": "calibrate is off"}
-    flipped, why = calibrate(cfg, weights, 3, x, 1.0 - y)  # a network that ranks backwards stays so
+    flipped, why = calibrate(cfg, network, weights, 1.0 - y)  # a network that ranks backwards stays so
     assert flipped is weights and why["method"] == "none" and why["a"] < 0 and "not positive" in why["reason"]
-    _, why = calibrate(cfg, weights, 3, x, np.zeros(3_000, np.float32))
+    _, why = calibrate(cfg, network, weights, np.zeros(3_000, np.float32))
     assert why["method"] == "none" and "lacks one of the classes" in why["reason"]
 
 
@@ -180,7 +182,7 @@ def test_the_spec_and_the_workload_config_share_one_set_of_defaults(tmp_path: Pa
 
     assert issubclass(Training, TrainSettings) and issubclass(TrainConfig, TrainSettings)
     assert DeepSpeedSettings is train_config.DeepSpeedSettings and issubclass(TrainConfig, DeepSpeedSettings)
-    assert not_passed == {"deepspeed", "launcher", "nproc_per_node", "max_categories", "keep_runs"}
+    assert not_passed == {"deepspeed", "launcher", "nproc_per_node", "num_nodes", "max_categories", "keep_runs"}
     # No spec module declares a setting of its own: every shared field is the one TrainSettings declares.
     for key in TrainSettings.model_fields:
         assert key in Training.__pydantic_fields__ and key not in Training.__annotations__, key

@@ -152,10 +152,10 @@ def _config_file(path: Path, **values) -> Path:
 
 def test_config_from_file_flags_and_environment(tmp_path: Path) -> None:
     cfg_file = _config_file(tmp_path / "c.json", epochs=3)
-    cfg = config_from_args(["--config", str(cfg_file), "--epochs", "5", "--hidden", "[8]", "--bf16", "false",
-                            "--monitor", "auc", "--run-name", "123"], environ={})
-    assert (cfg.epochs, cfg.hidden, cfg.bf16, cfg.monitor, cfg.run_name, cfg.data) == (5, [8], False, "auc", "123",
-                                                                                          "d.npz")
+    cfg = config_from_args(["--config", str(cfg_file), "--epochs", "5", "--hidden", "[8]", "--precision", "bf16",
+                            "--monitor", "auc", "--run-name", "123", "--zero-stage", "3"], environ={})
+    assert (cfg.epochs, cfg.hidden, cfg.precision, cfg.monitor, cfg.run_name, cfg.data, cfg.zero_stage) == (
+        5, [8], "bf16", "auc", "123", "d.npz", 3)
     pod = config_from_args(["--config", str(cfg_file), "--checkpoint-subdir", "toy/k1"], environ={})
     assert pod.checkpoint_dir == "c"
     # Set by the Kubernetes launchers: checkpoints on the pod's mounted volume.

@@ -1,8 +1,12 @@
-"""Train the tabular MLP with DeepSpeed: a plain program that Dagster launches and observes through Pipes.
+"""Train a spec's network with DeepSpeed: a plain program that Dagster launches and observes through Pipes.
+
+The network is the config's `model`: the tabular MLP (`mlp`), the text encoder fine-tuned with an MLP head
+(`text_finetune`), or a user's own `torch.nn.Module` (`"module.path:factory"`, docs/byo-model.md).
 
 It reads a prepared run folder (written by the `<spec>/model_checkpoint` asset, or by you):
 
-    <run>/data.npz             x_train, y_train, x_val, y_val (float32; no pickle)
+    <run>/data.npz             x_train, y_train, x_val, y_val (float32; no pickle); text_finetune adds the
+                               cleaned texts t_train, t_val (one column per text feature)
     <run>/preprocessing.json   how raw rows became those columns (copied next to the exported weights)
     <run>/config.json          a TrainConfig (core/train_config.py) as JSON
 
@@ -21,9 +25,12 @@ or with DeepSpeed's own launcher, overriding any config field on the command lin
 
 On GPUs leave DS_ACCELERATOR unset; `backend: auto` picks nccl. Under `mpirun` (Kubeflow Trainer's DeepSpeed
 runtime) DeepSpeed finds the ranks from MPI. The package: `config` (the command line and environment over the
-file), `schedule` (budget, learning rate, class weight), `calibration` (Platt, folded into the network),
-`checkpoints` (save, manifest, resume choice, pruning), `reporter` (stderr, Pipes, MLflow), `loop` (start, resume,
-steps, finish) and `export` (the model folder and its manifest).
+file), `networks`, `models`, `text` and `layers` (what trains and how it is fed and exported), `engine` (the
+DeepSpeed settings resolved for this accelerator), `schedule` (budget, learning rate, class weight),
+`calibration` (Platt), `checkpoints` (save, manifest, resume choice, pruning), `reporter` (stderr, Pipes,
+MLflow), `loop` (start, resume, steps, finish) and `export` (the model folder and its manifest). A config the
+workload cannot run (a bad key, a user's module that fails to import or returns the wrong shape, a precision
+this accelerator lacks) exits with status 2 and one line naming the file and the key.
 
 Only global rank 0 opens Dagster Pipes (when launched by Dagster) and MLflow: it reports logs, metrics per
 evaluation, the checkpoint path, the weights digest as data version and the MLflow run id.
@@ -85,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             train(cfg, reporter)
+        except TrainConfigError as exc:  # the network or the engine settings cannot run here: named, no traceback
+            reporter.error(f"workloads.training: {exc}")
+            reporter.end_mlflow("FAILED")
+            return 2
         except BaseException:
             reporter.end_mlflow("FAILED")
             raise

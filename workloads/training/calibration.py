@@ -1,8 +1,10 @@
 """Platt calibration, fitted on the validation logits at export and folded into the network's last Linear layer.
 
 A Platt scaling `sigmoid(a*z + b)` folded as `w' = a*w`, `b' = a*b0 + b` makes the exported network's sigmoid the
-calibrated probability, so whatever loads `model.safetensors` needs no change. The fit is recorded in
-`result.json` and the model's `manifest.json` (`calibration`).
+calibrated probability, so whatever loads `model.safetensors` needs no change (the MLP, text_finetune's head).
+A user's own network may do anything after its last layer, so there the fit is not folded: the record says
+`"folded": false` and the served model applies `a*z + b` to the network's logit itself (workloads/model_code.py).
+The fit is recorded in `result.json` and the model's `manifest.json` (`calibration`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 from core.train_config import TrainConfig
 from workloads.training.metrics import log_loss
+from workloads.training.models import Network
 
 
 def fit_platt(logits: Any, y: Any, iterations: int = 100) -> tuple[float, float]:
@@ -56,23 +59,8 @@ def fit_platt(logits: Any, y: Any, iterations: int = 100) -> tuple[float, float]
     return float(a), float(b)
 
 
-def last_linear(hidden: list[int]) -> str:
-    """State-dict prefix of build_mlp's output layer (Linear, ReLU, Dropout per hidden layer, then Linear)."""
-    return str(3 * len(hidden))
-
-
-def fold_platt(weights: dict[str, Any], hidden: list[int], a: float, b: float) -> dict[str, Any]:
-    """Weights whose logit is a * logit + b: the output layer scaled by a, its bias moved by b."""
-    name = last_linear(hidden)
-    folded = dict(weights)
-    w, b0 = weights[f"{name}.weight"], weights[f"{name}.bias"]
-    folded[f"{name}.weight"] = (w.double() * a).to(w.dtype).contiguous()
-    folded[f"{name}.bias"] = (b0.double() * a + b).to(b0.dtype).contiguous()
-    return folded
-
-
 def network_logits(weights: dict[str, Any], in_features: int, hidden: list[int], x: Any) -> Any:
-    """The network's logits for the rows of x (numpy), on CPU in float32, in eval mode (no dropout)."""
+    """An MLP's logits for the rows of x (numpy), on CPU in float32, in eval mode (no dropout)."""
     import numpy as np
     import torch
 
@@ -87,9 +75,18 @@ def network_logits(weights: dict[str, Any], in_features: int, hidden: list[int],
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def calibrate(cfg: TrainConfig, weights: dict[str, Any], in_features: int, x_val: Any,
+def fold_platt(weights: dict[str, Any], prefix: str, a: float, b: float) -> dict[str, Any]:
+    """Weights whose logit is a * logit + b: the output layer `prefix` scaled by a, its bias moved by b."""
+    folded = dict(weights)
+    w, b0 = weights[f"{prefix}.weight"], weights[f"{prefix}.bias"]
+    folded[f"{prefix}.weight"] = (w.double() * a).to(w.dtype).contiguous()
+    folded[f"{prefix}.bias"] = (b0.double() * a + b).to(b0.dtype).contiguous()
+    return folded
+
+
+def calibrate(cfg: TrainConfig, network: Network, weights: dict[str, Any],
               y_val: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Platt-scaled weights and the record of the fit (or the unchanged weights and why not)."""
+    """Platt-scaled weights (or the unchanged weights and a record to apply) and the record of the fit."""
     import numpy as np
 
     if not cfg.calibrate:
@@ -97,7 +94,7 @@ def calibrate(cfg: TrainConfig, weights: dict[str, Any], in_features: int, x_val
     y = np.asarray(y_val)
     if len(y) == 0 or y.min() == y.max():
         return weights, {"method": "none", "reason": "the validation split lacks one of the classes"}
-    z = network_logits(weights, in_features, cfg.hidden, x_val)
+    z = network.cpu_logits(weights, "val")
     a, b = fit_platt(z, y)
     if a <= 0:
         # Folding a negative slope would turn the network's ranking upside down on the strength of the
@@ -106,9 +103,22 @@ def calibrate(cfg: TrainConfig, weights: dict[str, Any], in_features: int, x_val
                          "scores do not rise with the positive rate on the validation split", "a": a, "b": b}
     before = 1.0 / (1.0 + np.exp(-z))
     after = 1.0 / (1.0 + np.exp(-(a * z + b)))
+    prefix = network.fold_prefix
     record = {"method": "platt", "fitted_on": "validation", "rows": int(len(y)), "a": a, "b": b,
-              "folded_into": f"{last_linear(cfg.hidden)} (the output Linear layer)",
+              "folded": prefix is not None,
+              "folded_into": f"{prefix} (the output Linear layer)" if prefix is not None
+              else "not folded: the served model applies a * logit + b",
               "val_log_loss_before": log_loss(y, before), "val_log_loss_after": log_loss(y, after),
               "val_mean_probability_before": float(before.mean()),
               "val_mean_probability_after": float(after.mean()), "val_positive_rate": float(y.mean())}
-    return fold_platt(weights, cfg.hidden, a, b), record
+    return (fold_platt(weights, prefix, a, b) if prefix is not None else weights), record
+
+
+def probabilities(network: Network, weights: dict[str, Any], calibration: dict[str, Any]) -> Any:
+    """What the exported model says for the validation rows: P(positive), calibration applied (numpy)."""
+    import numpy as np
+
+    z = network.cpu_logits(weights, "val")
+    if calibration.get("method") == "platt" and calibration.get("folded") is False:
+        z = calibration["a"] * z + calibration["b"]
+    return 1.0 / (1.0 + np.exp(-z))

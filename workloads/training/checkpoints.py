@@ -13,6 +13,11 @@ collective load and the load happens only when all ranks found it intact. And De
 (tensors, plain containers and the three DeepSpeed value types its ZeRO optimizer states hold, allowlisted by
 name), so even a checkpoint whose manifest was rewritten with its files cannot run code when it loads: such a
 file fails to load and is skipped like any other.
+
+Under ZeRO-2/3 and with offload the tag holds each rank's shard of the optimizer (and, at stage 3, of the
+parameters); resume loads the shards back on the same number of ranks. Weights a network keeps frozen (the
+encoder layers text_finetune does not train) are left out of the save and restored from where they came from.
+The registry never sees a shard: export writes one consolidated safetensors file (workloads/training/export.py).
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ def save_checkpoint(s: Session, tag: str) -> None:
     if s.rank == 0 and (s.ckpt_dir / tag).exists():
         shutil.rmtree(s.ckpt_dir / tag)  # an older save under this name is replaced, never half-mixed
     dist.barrier()
-    s.engine.save_checkpoint(str(s.ckpt_dir), tag=tag, client_state={"intelligentops": s.state}, save_latest=False)
+    s.engine.save_checkpoint(str(s.ckpt_dir), tag=tag, client_state={"intelligentops": s.state}, save_latest=False,
+                             exclude_frozen_parameters=s.network.has_frozen)
     dist.barrier()
     if s.rank == 0:
         d = s.ckpt_dir / tag
@@ -148,7 +154,10 @@ def resume(s: Session) -> None:
 
     candidates = [complete_checkpoints(s.ckpt_dir, s.world, s.reporter.warning) if s.rank == 0 else None]
     dist.broadcast_object_list(candidates, src=0)
-    initial = {k: v.detach().clone() for k, v in s.engine.module.state_dict().items()}
+    # What a failed load must be undone to (ZeRO-3 holds only shards here; a later complete load replaces them).
+    keys = s.network.trained_keys()
+    initial = ({k: v.detach().clone() for k, v in s.engine.module.state_dict().items() if k in keys}
+               if s.settings.zero_stage < 3 else None)
     saving_engine = s.engine.checkpoint_engine
     s.engine.checkpoint_engine = WeightsOnlyLoads(saving_engine)
     try:
@@ -162,7 +171,7 @@ def resume(s: Session) -> None:
         s.reporter.info(f"starting fresh; checkpoints go to {s.ckpt_dir}")
 
 
-def _resume_newest(s: Session, tags: list[str], initial: dict) -> None:
+def _resume_newest(s: Session, tags: list[str], initial: dict | None) -> None:
     from safetensors.torch import load_file
 
     for tag in tags:
@@ -176,7 +185,8 @@ def _resume_newest(s: Session, tags: list[str], initial: dict) -> None:
         err = None
         client = None
         try:
-            path, client = s.engine.load_checkpoint(str(s.ckpt_dir), tag=tag)
+            path, client = s.engine.load_checkpoint(str(s.ckpt_dir), tag=tag,
+                                                    load_module_strict=not s.network.has_frozen)
             ok = path is not None and "intelligentops" in (client or {})
             err = None if ok else "DeepSpeed found nothing to load"
         except Exception as exc:  # a file that hashes right but does not load is still skipped, not fatal
@@ -188,4 +198,5 @@ def _resume_newest(s: Session, tags: list[str], initial: dict) -> None:
                 s.best_state = load_file(str(s.ckpt_dir / tag / BEST))
             break
         s.reporter.warning(f"skipping checkpoint {s.ckpt_dir / tag}: it failed to load ({err or 'on another rank'})")
-        s.engine.module.load_state_dict(initial)
+        if initial is not None:
+            s.engine.module.load_state_dict(initial, strict=False)

@@ -33,7 +33,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(description: str = "Train the tabular MLP with DeepSpeed.") -> argparse.ArgumentParser:
+def build_parser(description: str = "Train a spec's network with DeepSpeed.") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workloads.training", description=description)
     parser.add_argument("--config", help="JSON file of TrainConfig fields (written by the model_checkpoint asset)")
     # DeepSpeed's launcher passes --local_rank=N unless told --no_local_rank; LOCAL_RANK says the same.
