@@ -94,6 +94,28 @@ class Profile:
                       if col in raw.columns and len(raw)}
         return Profile(numeric=numeric, categories=categories, row_count=len(df), null_rates=null_rates)
 
+    @staticmethod
+    def merge(profiles: list[Profile]) -> Profile | None:
+        """One profile for several months: ranges and category sets joined, null rates weighted by rows."""
+        if not profiles:
+            return None
+        numeric: dict[str, tuple[float, float]] = {}
+        categories: dict[str, set[str]] = {}
+        nulls: dict[str, tuple[float, int]] = {}
+        for p in profiles:
+            for col, (lo, hi) in p.numeric.items():
+                old = numeric.get(col, (lo, hi))
+                numeric[col] = (min(old[0], lo), max(old[1], hi))
+            for col, values in p.categories.items():
+                categories.setdefault(col, set()).update(values)
+            for col, rate in p.null_rates.items():
+                total, rows = nulls.get(col, (0.0, 0))
+                weight = max(p.row_count, 1)
+                nulls[col] = (total + rate * weight, rows + weight)
+        return Profile(numeric=numeric, categories={c: sorted(v)[:500] for c, v in categories.items()},
+                       row_count=sum(p.row_count for p in profiles),
+                       null_rates={c: round(t / n, 6) for c, (t, n) in nulls.items()})
+
     def to_json(self) -> dict[str, Any]:
         return {"numeric": {k: list(v) for k, v in self.numeric.items()}, "categories": self.categories,
                 "row_count": self.row_count, "null_rates": self.null_rates}
