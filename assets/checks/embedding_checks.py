@@ -74,10 +74,13 @@ def evaluate(embeddings: pd.DataFrame, validated: pd.DataFrame,
 
 
 def build_embedding_checks(spec_name: str, embeddings_key: dg.AssetKey, validated_key: dg.AssetKey,
-                           columns: dict[str, str]) -> dg.AssetChecksDefinition:
-    """One multi-check over text_embeddings (and validated_dataset for coverage), every check blocking."""
+                           columns: dict[str, str],
+                           partitions_def: dg.PartitionsDefinition | None = None) -> dg.AssetChecksDefinition:
+    """One multi-check over text_embeddings (and validated_dataset for coverage), every check blocking; with the
+    spec's `partitions_def`, over the run's months of both."""
     specs = [dg.AssetCheckSpec(name=name, asset=embeddings_key, blocking=True, description=doc,
-                               additional_deps=[validated_key] if name == "embedding_covers_validated_rows" else None)
+                               additional_deps=[validated_key] if name == "embedding_covers_validated_rows" else None,
+                               partitions_def=partitions_def)
              for name, doc in EMBEDDING_CHECKS.items()]
 
     @dg.multi_asset_check(specs=specs, name=f"{spec_name}__embedding_checks",
