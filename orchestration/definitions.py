@@ -16,7 +16,7 @@ import dagster as dg
 
 from assets import compliance, data, deployment, embeddings, evaluation, monitoring, naming, training
 from assets.spec import LoadedSpec, load_specs
-from orchestration.jobs import spec_jobs, weekly_retrain
+from orchestration.jobs import monthly_ingest, spec_jobs, weekly_retrain
 from resources import resources_for
 from resources.settings import Settings
 
@@ -57,7 +57,8 @@ def spec_definitions(loaded: LoadedSpec) -> dg.Definitions:
         *(stage(loaded) for stage in STAGES),
         # Monitoring's sensor starts the retrain job, which is no single stage's own.
         monitoring.definitions(loaded, retrain=jobs.retrain),
-        dg.Definitions(jobs=jobs.all, schedules=[weekly_retrain(loaded, jobs.retrain)]))
+        dg.Definitions(jobs=jobs.all, schedules=[weekly_retrain(loaded, jobs.retrain),
+                                                 *([monthly_ingest(loaded, jobs.ingest)] if jobs.ingest else [])]))
 
     def stamp(asset: dg.AssetSpec) -> dg.AssetSpec:
         return asset.merge_attributes(
