@@ -23,7 +23,7 @@ from assets.naming import LABEL, ROW_ID, SPLIT, asset_key
 from assets.partitions import (WINDOW_HASH, WINDOW_KEY, WINDOW_PARTITIONS, month_keys, parse_time,
                                partition_output, partitioned_asset_kwargs, partitions_def, quiet_preview, run_keys,
                                split_by_partition, window_bounds, window_label, with_note, Frames)
-from assets.profile import load_profile, month_profiles, write_profile
+from assets.profile import load_profile, month_profiles, reference_before, write_profile
 from assets.sources import SourceError, parquet_safe, read_source
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
@@ -47,8 +47,9 @@ def _validation_record_path(storage: StorageResource, spec: PipelineSpec, raw_ha
 
 def run_validation(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame,
                    profile: Profile | None) -> list[CheckOutcome]:
-    """The generated suite on `raw` against the learned `profile`, its outcome stored by the snapshot's hash."""
-    outcomes = validate_frame(raw, spec, profile)
+    """The generated suite on `raw` (a snapshot, or one month of a partitioned spec) against the learned `profile`,
+    its outcome stored by the snapshot's hash."""
+    outcomes = validate_frame(raw, spec, profile, month=spec.partitioned)
     record = {
         "raw_hash": frame_hash(raw),
         "passed": all(o.passed for o in outcomes),
@@ -260,14 +261,13 @@ def check_results(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFram
 def check_months(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, keys: list[str], log: Log
                  ) -> list[dg.AssetCheckResult]:
     """Each month of a run checked on its own, in time order, against the profile of the validated months before
-    it (a month earlier in the same run counts once it passed); one result per check family, failures prefixed
-    with their month."""
+    it (a month earlier in the same run counts once it passed; assets/profile.py, reference_before); one result per
+    check family, failures prefixed with their month."""
     parts = split_by_partition(raw, spec, keys)
     profiles = month_profiles(storage, spec)
     per_month: dict[str, list[CheckOutcome]] = {}
     for k in sorted(keys):
-        before = Profile.merge([p for m, p in sorted(profiles.items()) if m < k])
-        per_month[k] = run_validation(storage, spec, parts[k], before)
+        per_month[k] = run_validation(storage, spec, parts[k], reference_before(profiles, k))
         if all(o.passed for o in per_month[k]) and k != max(keys):
             clean, _ = clean_rows(parts[k], spec)
             profiles[k] = Profile.of(clean, spec, parts[k])

@@ -23,15 +23,16 @@ ROWS = 150  # per month
 INGEST = 'key:"{name}/*" and (group:data or group:embeddings) and not key:"{name}/training_splits"'
 
 
-def month_rows(month: str, m: int, rng: np.random.Generator, texts: list[str] | None = None) -> pd.DataFrame:
-    debt = rng.uniform(0, 40, ROWS).round(1)
+def month_rows(month: str, m: int, rng: np.random.Generator, texts: list[str] | None = None,
+               rows: int = ROWS) -> pd.DataFrame:
+    debt = rng.uniform(0, 40, rows).round(1)
     frame = pd.DataFrame({
-        "id": [f"{month}-{i:03d}" for i in range(ROWS)],
-        "amount": rng.lognormal(8, 0.4, ROWS).round(0),
+        "id": [f"{month}-{i:03d}" for i in range(rows)],
+        "amount": rng.lognormal(8, 0.4, rows).round(0),
         "debt": debt,
-        "purpose": rng.choice(["car", "home", "education"], ROWS),
+        "purpose": rng.choice(["car", "home", "education"], rows),
         "issued": f"{month}-{1 + m * 9:02d}",
-        "outcome": np.where(debt / 40 + rng.normal(0, 0.3, ROWS) > 0.7, "bad", "good"),
+        "outcome": np.where(debt / 40 + rng.normal(0, 0.3, rows) > 0.7, "bad", "good"),
     })
     if texts is not None:
         frame["title"] = texts
@@ -110,8 +111,9 @@ def test_two_months_then_a_third_costs_only_the_third_and_training_reads_the_win
 
 def test_a_corrupted_month_fails_its_own_checks_and_the_others_stay(home: Path, pipelines: Path, instance):
     rng = np.random.default_rng(1)
-    frames = [month_rows(m, i, rng) for i, m in enumerate(MONTHS)]
-    frames[2].loc[frames[2].index[:60], "amount"] = np.nan  # 40% of March lost its amounts upstream
+    # Months of 600 rows: January and February together are a reference (assets/profile.py, MIN_REFERENCE_ROWS).
+    frames = [month_rows(m, i, rng, rows=600) for i, m in enumerate(MONTHS)]
+    frames[2].loc[frames[2].index[:240], "amount"] = np.nan  # 40% of March lost its amounts upstream
     write_partitioned(pipelines, "loans", frames)
     defs = build_definitions(pipelines)
     data = 'key:"loans/raw_dataset" or key:"loans/validated_dataset"'

@@ -91,3 +91,16 @@ def test_a_sql_source_reads_only_the_months_of_the_run(tmp_path):
     assert list(frame["id"]) == [2]
     with pytest.raises(SourceError, match="names :partition_end, :partition_start, which only a partitioned spec"):
         read_source(loaded)
+
+
+def test_a_month_is_judged_by_a_reference_of_enough_rows_allowing_for_its_own_size():
+    from assets.checks.data_quality import null_tolerance
+    from assets.profile import MIN_REFERENCE_ROWS, reference_before
+
+    month = Profile(numeric={"a": (0.0, 1.0)}, row_count=MIN_REFERENCE_ROWS // 2, null_rates={"a": 0.06})
+    assert reference_before({"2018-01": month}, "2018-02") is None  # half a reference: declared rules only
+    assert reference_before({"2018-01": month, "2018-02": month}, "2018-03").row_count == MIN_REFERENCE_ROWS
+    assert reference_before({"2018-01": month, "2018-03": month}, "2018-02") is None  # later months never count
+    # A 300-row month may stray 4 standard errors (5.5 points at 6%); a 30,000-row one only the usual 3 points.
+    assert null_tolerance(0.06, 300) == pytest.approx(4 * (0.06 * 0.94 / 300) ** 0.5)
+    assert null_tolerance(0.06, 30_000) == null_tolerance(0.06) == pytest.approx(0.03)
