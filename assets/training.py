@@ -5,8 +5,8 @@ time and rejects string annotations for the context parameter.
 """
 
 import hashlib
-import io
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -107,12 +107,18 @@ def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: p
     digest = hashlib.sha256()
     for name in sorted(arrays):
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(arrays[name])).cast("B"))  # hashed in place, not copied
     prep_json = feature_module.dumps(prep)
     digest.update(prep_json.encode())
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(run_dir / "data.npz", buf.getvalue())
+    # Streamed to a temporary file and renamed: an in-memory copy of a million rows' matrix would be two more
+    # copies of it (the buffer and its bytes) at the step's memory peak.
+    target = run_dir / "data.npz"
+    partial = run_dir / f".data.npz.{os.getpid()}.partial"
+    with partial.open("wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, target)
     atomic_write_bytes(run_dir / "preprocessing.json", prep_json.encode())
     return {"data_digest": digest.hexdigest(), "train_rows": len(train), "val_rows": len(val),
             "n_features": prep["n_features"], "train_positive_rate": float(train[LABEL].mean())}
