@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -23,7 +23,6 @@ from assets import naming
 from assets.spec import PipelineSpec
 from resources.storage import WINDOW_METADATA
 
-T = TypeVar("T")
 # What a partitioned asset returns: one month's frame, or a range's {month: frame} (Dagster types it as Any).
 Frames = Any
 
@@ -109,8 +108,7 @@ def split_by_partition(frame: pd.DataFrame, spec: PipelineSpec, keys: Sequence[s
 
     `months` (one key per row of `frame`) saves parsing the time column again when the caller has it.
     """
-    months = month_keys(spec, frame[spec.time_column]) if months is None else months
-    return {k: frame[(months == k).to_numpy()].reset_index(drop=True) for k in keys}
+    return split_aligned(frame, month_keys(spec, frame[spec.time_column]) if months is None else months, keys)
 
 
 def split_aligned(frame: pd.DataFrame, months: pd.Series, keys: Sequence[str]) -> dict[str, pd.DataFrame]:
@@ -131,11 +129,6 @@ def run_keys(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) 
     return []
 
 
-def per_partition(keys: Sequence[str], values: dict[str, T]) -> T | dict[str, T]:
-    """An asset's output for the IO manager: the value itself for one month, `{month: value}` for a range."""
-    return values[keys[0]] if len(keys) == 1 else {k: values[k] for k in keys}
-
-
 def partition_output(context: dg.AssetExecutionContext, keys: list[str], values: dict[str, Any],
                      metas: dict[str, dict[str, Any]], common: dict[str, Any] | None = None,
                      version_key: str = "content_hash") -> dg.Output:
@@ -149,7 +142,7 @@ def partition_output(context: dg.AssetExecutionContext, keys: list[str], values:
                          data_version=dg.DataVersion(str(digest)[:16]) if digest else None)
     for k in keys:
         context.add_asset_metadata(metas[k], partition_key=k)
-    return dg.Output(per_partition(keys, values), metadata={**common, "partitions": f"{keys[0]}...{keys[-1]}"})
+    return dg.Output({k: values[k] for k in keys}, metadata={**common, "partitions": window_label(keys)})
 
 
 def window_bounds(keys: Sequence[str]) -> tuple[pd.Timestamp, pd.Timestamp]:

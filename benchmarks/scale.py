@@ -13,9 +13,10 @@ Phases, each in a fresh $INTELLIGENTOPS_HOME and a fresh Python process (so impo
   the last through validation, embeddings and the vector index in one single-run backfill;
 - month: then the last month alone, the way a new month arrives (same home as history).
 
-Each step's time comes from the run's event log (step start to step end); memory is the peak of the summed RSS of
-the run's process and all its children (torchrun and its ranks included), sampled every 0.2 s by psutil, per step
-and for the run. Results are written after every phase to `--out` (default benchmarks/results/scale.json), so a
+Each step's time comes from the run's event log (step start to step end); its CPU time is what the run's process
+tree used in that span (user + system of the process, its live children and the children it has reaped: torchrun
+and its ranks included), which other work on a shared machine changes far less than wall time; memory is the peak
+of the summed RSS of the process tree. Both are sampled every 0.2 s by psutil, per step and for the run. Results are written after every phase to `--out` (default benchmarks/results/scale.json), so a
 long run keeps what it measured if it is stopped.
 """
 
@@ -114,21 +115,25 @@ def child(selection: str, partition: str | None, first: str | None, last: str | 
         Path(out).write_text(json.dumps({"run_id": result.run_id, "success": result.success}))
 
 
-def _tree_rss(pid: int) -> int:
+def _tree(pid: int) -> tuple[int, float]:
+    """The summed RSS of a process and its live descendants, and the CPU seconds they and every child they reaped
+    have used (a reaped child's time, and its reaped children's, moves into its parent's children_* counters)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0.0
+    rss, cpu = 0, 0.0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            rss += p.memory_info().rss
+            t = p.cpu_times()
+            cpu += t.user + t.system + t.children_user + t.children_system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return rss, cpu
 
 
 def measured(env: dict[str, str], selection: str, partition: str | None = None,
@@ -141,7 +146,7 @@ def measured(env: dict[str, str], selection: str, partition: str | None = None,
         args += ["--partition", partition]
     if months:
         args += ["--first", months[0], "--last", months[1]]
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float]] = []
     loads: list[float] = []
     started = time.time()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -149,7 +154,7 @@ def measured(env: dict[str, str], selection: str, partition: str | None = None,
 
     def sample() -> None:
         while not done.is_set():
-            samples.append((time.time(), _tree_rss(proc.pid)))
+            samples.append((time.time(), *_tree(proc.pid)))
             if len(samples) % 25 == 0:
                 loads.append(os.getloadavg()[0])
             done.wait(0.2)
@@ -165,15 +170,23 @@ def measured(env: dict[str, str], selection: str, partition: str | None = None,
     status = json.loads(Path(out).read_text())
     os.unlink(out)
     steps = step_times(env, status["run_id"])
+    cpu_max = 0.0
+    samples = [(t, rss, cpu_max := max(cpu_max, cpu)) for t, rss, cpu in samples]  # a reaped child never lowers it
+
+    def cpu_at(when: float) -> float:
+        return next((cpu for t, _, cpu in samples if t >= when), samples[-1][2] if samples else 0.0)
+
     for step in steps.values():
-        inside = [rss for t, rss in samples if step["start"] <= t <= step["end"]]
+        inside = [rss for t, rss, _ in samples if step["start"] <= t <= step["end"]]
         step["peak_rss_gib"] = round(max(inside, default=0) / 2**30, 3)
+        step["cpu_seconds"] = round(cpu_at(step["end"]) - cpu_at(step["start"]), 2)
     # The machine is shared: the 1-minute load average over the run says how much else ran on its two cores.
     return {"success": status["success"], "wall_seconds": round(wall, 1),
             "load_average": round(sum(loads) / len(loads), 2) if loads else None,
-            "peak_rss_gib": round(max((r for _, r in samples), default=0) / 2**30, 3),
-            "steps": {k: {"seconds": round(v["end"] - v["start"], 2), "peak_rss_gib": v["peak_rss_gib"]}
-                      for k, v in steps.items()}}
+            "cpu_seconds": round(samples[-1][2], 1) if samples else None,
+            "peak_rss_gib": round(max((r for _, r, _ in samples), default=0) / 2**30, 3),
+            "steps": {k: {"seconds": round(v["end"] - v["start"], 2), "cpu_seconds": v["cpu_seconds"],
+                          "peak_rss_gib": v["peak_rss_gib"]} for k, v in steps.items()}}
 
 
 def step_times(env: dict[str, str], run_id: str) -> dict[str, dict[str, float]]:
