@@ -72,7 +72,9 @@ def test_two_months_then_a_third_costs_only_the_third_and_training_reads_the_win
     rng = np.random.default_rng(0)
     pool = titles(250)  # month 3 repeats 100 titles of month 2 and brings 50 new ones
     texts = [pool[:ROWS], pool[50:50 + ROWS], pool[100:100 + ROWS]]
-    write_partitioned(pipelines, "jobs", [month_rows(m, i, rng, texts[i]) for i, m in enumerate(MONTHS)], text=True)
+    # A month of 150 rows is scored against the reference once windows of 100 are enough (default 200).
+    write_partitioned(pipelines, "jobs", [month_rows(m, i, rng, texts[i]) for i, m in enumerate(MONTHS)], text=True,
+                      monitoring={"min_window": 100})
     defs = build_definitions(pipelines)
     resources = {**defs.resources, "vectors": VectorIndexResource(home=str(home), ann_min_rows=200)}
     first = run(defs, instance, INGEST.format(name="jobs"), resources, months=(MONTHS[0], MONTHS[1]))
@@ -107,6 +109,24 @@ def test_two_months_then_a_third_costs_only_the_third_and_training_reads_the_win
     assert checkpoint["data_window"] == "2018-02...2018-03"
     assert checkpoint["data_partitions_hash"] == splits["data_partitions_hash"]
     assert checkpoint["train_rows"] + checkpoint["val_rows"] == splits["train_rows"] + splits["validation_rows"]
+
+    # The version carries the window as lineage; serving it, a month is compared with its reference.
+    evaluated = run(defs, instance, 'key:"jobs/registered_model" or key:"jobs/model_evaluation"', resources)
+    assert evaluated.success, failure_text(evaluated)
+    mlflow = resources["mlflow"]
+    version = mlflow.get_version("jobs", "challenger")
+    assert version.tags["data_window"] == "2018-02...2018-03"
+    assert version.tags["data_partitions_hash"] == splits["data_partitions_hash"]
+    mlflow.set_alias("jobs", "champion", str(version.version))
+    job = defs.resolve_job_def("jobs__month_drift")
+    assert job.execute_in_process(partition_key="2018-03", instance=instance, resources=resources).success
+    [seen] = instance.fetch_observations(dg.AssetKey(["jobs", "validated_dataset"]), limit=5).records
+    from assets.drift_sensor import MonthReport
+
+    report = MonthReport.from_metadata(seen.asset_observation.metadata)
+    assert (report.month, report.model_version, report.status) == ("2018-03", str(version.version), "scored")
+    assert report.evidence.startswith(f"month 2018-03 against v{version.version}'s reference: ")
+    assert seen.asset_observation.metadata["rows_scored"].value == ROWS
 
 
 def test_a_corrupted_month_fails_its_own_checks_and_the_others_stay(home: Path, pipelines: Path, instance):
