@@ -186,7 +186,8 @@ def measured(env: dict[str, str], selection: str, partition: str | None = None,
             "cpu_seconds": round(samples[-1][2], 1) if samples else None,
             "peak_rss_gib": round(max((r for _, r, _ in samples), default=0) / 2**30, 3),
             "steps": {k: {"seconds": round(v["end"] - v["start"], 2), "cpu_seconds": v["cpu_seconds"],
-                          "peak_rss_gib": v["peak_rss_gib"]} for k, v in steps.items()}}
+                          "peak_rss_gib": v["peak_rss_gib"], **({"failed": v["failed"]} if "failed" in v else {})}
+                      for k, v in steps.items()}}
 
 
 def step_times(env: dict[str, str], run_id: str) -> dict[str, dict[str, float]]:
@@ -205,6 +206,12 @@ def step_times(env: dict[str, str], run_id: str) -> dict[str, dict[str, float]]:
                 times.setdefault(name, {})["start"] = record.timestamp
             elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
                 times.setdefault(name, {})["end"] = record.timestamp
+                if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+                    error = event.step_failure_data.error
+                    times[name]["failed"] = error.message.strip()[:300] if error else "step failed"
+            elif event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION and not event.event_specific_data.passed:
+                check = event.event_specific_data
+                times.setdefault(name, {})["failed"] = f"check {check.check_name} failed"
     return {k: v for k, v in times.items() if "start" in v and "end" in v}
 
 
