@@ -20,6 +20,7 @@ from assets import naming
 from assets.checks.data_quality import DATA_CHECKS, CheckOutcome, Profile, label_series, validate_frame
 from assets.features import clean_text
 from assets.naming import LABEL, ROW_ID, SPLIT, asset_key
+from assets.outcome_trust import flagged, outcome_key_bursts
 from assets.partitions import (WINDOW_HASH, WINDOW_KEY, WINDOW_PARTITIONS, month_keys, parse_time,
                                partition_output, partitioned_asset_kwargs, partitions_def, quiet_preview, run_keys,
                                split_by_partition, window_bounds, window_label, with_note, Frames)
@@ -157,12 +158,16 @@ def _schema(df: pd.DataFrame) -> dg.TableSchema:
 DECISION_ID_PREFIX = "decision:"
 
 
-def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore) -> tuple[pd.DataFrame, int]:
-    """Served decisions with a recorded outcome, as rows shaped like the source (labelled by their outcome).
+def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore,
+                 exclude_key_ids: tuple[str, ...] = ()) -> tuple[pd.DataFrame, int]:
+    """Served decisions with an outcome label, as rows shaped like the source (labelled by their outcome).
 
-    Returns the rows and the last audit seq read. The id column (when the spec has one) is `decision:<id>`; the
-    time column is the decision's time; columns the server never saw (for example a sensitive column that is
-    not an input) are empty, and the data checks treat them as any other missing value.
+    The label is the one `monitoring.outcome_rule` takes from the decision's outcome reports (core/audit/
+    outcomes.py; `unanimous` by default: a disputed decision is left out), ignoring the reports of
+    `exclude_key_ids`. Returns the rows and the last audit seq read. The id column (when the spec has one) is
+    `decision:<id>`; the time column is the decision's time; columns the server never saw (for example a
+    sensitive column that is not an input) are empty, and the data checks treat them as any other missing value.
+    The inputs are decrypted by the store (its keys folder); without `audit-enc.key` this fails naming the file.
     """
     from core.audit.traffic import all_traffic, record_features
 
@@ -174,7 +179,8 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore) ->
     positive, negative_value = spec.target.positive[0], negative.iloc[0]
     records = all_traffic(store, spec.name)
     after = records[-1].seq if records else 0
-    outcomes = store.outcomes([r.decision_id for r in records]) if records else {}
+    outcomes = store.outcomes([r.decision_id for r in records], rule=spec.monitoring.outcome_rule,
+                              exclude_key_ids=exclude_key_ids) if records else {}
     rows = []
     for r in records:
         if r.decision_id not in outcomes:
@@ -190,16 +196,22 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore) ->
     return frame, after
 
 
-def _read(loaded: LoadedSpec, log: Log, store: AuditStore | None, keys: list[str]
-          ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
-    """The source (a SQL source bound to the run's months), plus outcome rows when the spec learns from them."""
+def _read(loaded: LoadedSpec, log: Log, store: AuditStore | None, keys: list[str],
+          exclude_key_ids: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+    """The source (a SQL source bound to the run's months), plus outcome rows when the spec learns from them
+    (labelled by the spec's outcome rule, the reports of `exclude_key_ids` left out)."""
     df, where = read_source(loaded, window_bounds(keys) if keys else None)
     extra: dict[str, Any] = {}
     if store is not None:
-        learned, seq = outcome_rows(loaded.spec, df, store)
+        learned, seq = outcome_rows(loaded.spec, df, store, exclude_key_ids)
         if len(learned):
             df = pd.concat([df, learned.astype(object)], ignore_index=True)
-        extra = {"rows_from_outcomes": len(learned), "outcomes_read_through_seq": seq}
+        extra = {"rows_from_outcomes": len(learned), "outcomes_read_through_seq": seq,
+                 "outcome_rule": loaded.spec.monitoring.outcome_rule,
+                 "outcome_keys_excluded": dg.MetadataValue.json(list(exclude_key_ids))}
+        if exclude_key_ids:
+            log.warning(f"{loaded.name}: outcomes reported by {', '.join(exclude_key_ids)} are left out of the "
+                        "snapshot: their reports contradict the model far beyond its measured error (inference_log)")
         log.info(f"{loaded.name}: {len(learned)} served decisions with outcomes join the snapshot")
     return parquet_safe(df), where, extra
 
@@ -210,21 +222,24 @@ def _snapshot_metadata(loaded: LoadedSpec, df: pd.DataFrame, where: str) -> dict
             "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path)}
 
 
-def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None) -> dg.Output[pd.DataFrame]:
+def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None,
+                    exclude_key_ids: tuple[str, ...] = ()) -> dg.Output[pd.DataFrame]:
     """The source read once, Parquet-safe, with its content hash, schema and a preview; with
-    `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back."""
-    df, where, extra = _read(loaded, log, store, [])
+    `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back
+    (labelled by the spec's outcome rule, the reports of `exclude_key_ids` left out)."""
+    df, where, extra = _read(loaded, log, store, [], exclude_key_ids)
     meta = {**_snapshot_metadata(loaded, df, where), **extra}
     log.info(f"{loaded.name}: read {len(df)} rows x {df.shape[1]} columns from {where}")
     return dg.Output(df, data_version=dg.DataVersion(meta["content_hash"][:16]), metadata=meta)
 
 
-def snapshot_months(loaded: LoadedSpec, keys: list[str], log: Log, store: AuditStore | None = None
+def snapshot_months(loaded: LoadedSpec, keys: list[str], log: Log, store: AuditStore | None = None,
+                    exclude_key_ids: tuple[str, ...] = ()
                     ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
     """The source read once for a run's months and cut into them by the time column: each month's rows, each
     month's metadata (its own content hash), and what the run read (rows outside its months, without a time)."""
     spec = loaded.spec
-    df, where, extra = _read(loaded, log, store, keys)
+    df, where, extra = _read(loaded, log, store, keys, exclude_key_ids)
     months = month_keys(spec, df[spec.time_column])
     parts = split_by_partition(df, spec, keys, months)
     empty = [k for k, part in parts.items() if part.empty]
@@ -433,11 +448,16 @@ def _definitions(loaded: LoadedSpec) -> dg.Definitions:
     def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output[Frames]:
         """Snapshot of the spec's source as Parquet: content hash, schema, row count and a preview (and, when
         the spec learns from outcomes, the served decisions whose outcome came back, counted in metadata)."""
-        store = context.resources.audit.store() if learns else None
+        if not learns:
+            store, excluded = None, ()
+        else:
+            store = context.resources.audit.store()
+            excluded = tuple(flagged(outcome_key_bursts(context.instance, store, spec.name))
+                             if spec.monitoring.exclude_flagged_outcome_keys else ())
         keys = run_keys(context)
         if not keys:
-            return snapshot_source(loaded, context.log, store)
-        parts, metas, common = snapshot_months(loaded, keys, context.log, store)
+            return snapshot_source(loaded, context.log, store, excluded)
+        parts, metas, common = snapshot_months(loaded, keys, context.log, store, excluded)
         return partition_output(context, keys, parts, metas, common)
 
     specs = [dg.AssetCheckSpec(name=name, asset=raw_key, blocking=True, description=doc,

@@ -29,10 +29,11 @@ from assets.profile import load_profile
 from assets.serving_client import latency_burst, percentile, sample_rows, smoke_decision
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
-from core.names import SMOKE_KEY_ID
-from core.server_config import ServerConfig, parse_server_config
+from core.keys import keys_dir as keys_folder
+from core.names import OPERATOR_KEY_ID, SMOKE_KEY_ID
+from core.server_config import ServerConfig, TlsFiles, parse_server_config
 from resources.mlflow import MlflowResource
-from resources.servers import AuditResource, Deployed, ServerLauncher
+from resources.servers import OPERATOR_KEY_FILE, SMOKE_KEY_FILE, AuditResource, Deployed, ServerLauncher
 from resources.storage import StorageResource, atomic_write_bytes
 
 
@@ -43,7 +44,9 @@ from resources.storage import StorageResource, atomic_write_bytes
 def accepted_ranges(spec: PipelineSpec, profile: Any | None) -> tuple[dict[str, list[float] | None],
                                                                       dict[str, list[str] | None]]:
     """What the server accepts per column: declared rules win, else the learned profile widened by the data
-    stage's own `range_tolerance`, else anything of the right type."""
+    stage's own `range_tolerance`, else anything of the right type. Widening never crosses zero: a column never
+    negative in the data (counts, amounts) stays non-negative, one never positive stays non-positive, and a
+    declared bound is never widened."""
     v = spec.validation
     numeric: dict[str, list[float] | None] = {}
     for col in spec.features.numeric:
@@ -53,8 +56,12 @@ def accepted_ranges(spec: PipelineSpec, profile: Any | None) -> tuple[dict[str, 
         hi = rule.max if rule is not None and rule.max is not None else None
         if learned is not None:
             span = (learned[1] - learned[0]) or abs(learned[0]) or 1.0
-            lo = lo if lo is not None else learned[0] - v.range_tolerance * span
-            hi = hi if hi is not None else learned[1] + v.range_tolerance * span
+            if lo is None:
+                lo = learned[0] - v.range_tolerance * span
+                lo = max(lo, 0.0) if learned[0] >= 0 else lo
+            if hi is None:
+                hi = learned[1] + v.range_tolerance * span
+                hi = min(hi, 0.0) if learned[1] <= 0 else hi
         numeric[col] = None if lo is None and hi is None else [
             -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi)]
         if numeric[col] is not None and not all(math.isfinite(b) for b in numeric[col]):
@@ -69,6 +76,31 @@ def accepted_ranges(spec: PipelineSpec, profile: Any | None) -> tuple[dict[str, 
         else:
             categorical[col] = None  # too many to enumerate: the model maps unseen values to "other"
     return numeric, categorical
+
+
+def numeric_allowed(spec: PipelineSpec) -> dict[str, list[float]]:
+    """The spec's `allowed` sets of numeric columns (term: [36, 60]): the only values the server accepts."""
+    out = {}
+    for col in spec.features.numeric:
+        rule = spec.validation.columns.get(col)
+        if rule is not None and rule.allowed is not None:
+            out[col] = sorted({float(a) for a in rule.allowed if not isinstance(a, bool)})
+    return out
+
+
+def may_be_missing(spec: PipelineSpec, profile: Any | None) -> list[str] | None:
+    """The feature columns a request may leave missing: missing in the data (learned null rate above zero) or
+    allowed by the spec (`validation.columns.<col>.max_null_fraction` above zero). None without a profile:
+    nothing is known, so nothing is refused for being missing."""
+    if profile is None or not profile.null_rates:
+        return None
+    out = []
+    for col in spec.features.all:
+        rule = spec.validation.columns.get(col)
+        declared = rule is not None and rule.max_null_fraction is not None and rule.max_null_fraction > 0
+        if declared or profile.null_rates.get(col, 0.0) > 0:
+            out.append(col)
+    return out
 
 
 def _keys_document(loaded: LoadedSpec) -> dict[str, Any] | None:
@@ -87,17 +119,36 @@ def _keys_document(loaded: LoadedSpec) -> dict[str, Any] | None:
     return None
 
 
-def smoke_key(folder: Path) -> str:
-    """The deployment's own key for its smoke requests, kept beside the server's config (mode 0600)."""
-    path = folder / "smoke.key"
+def _own_key(path: Path) -> str:
     if not path.is_file():
         atomic_write_bytes(path, secrets.token_urlsafe(32).encode())
         path.chmod(0o600)
     return path.read_text().strip()
 
 
+def smoke_key(folder: Path) -> str:
+    """The deployment's own key for its smoke requests, kept beside the server's config (mode 0600)."""
+    return _own_key(folder / SMOKE_KEY_FILE)
+
+
+def operator_key(folder: Path) -> str:
+    """The operator's key (scopes outcomes and read), kept beside the server's config (mode 0600): whoever can
+    read that file reports outcomes, e.g. `python -m workloads.replay outcomes --api-key-file <it>`."""
+    return _own_key(folder / OPERATOR_KEY_FILE)
+
+
+def _tls(loaded: LoadedSpec) -> TlsFiles | None:
+    """The spec's TLS files as absolute paths (relative ones are taken from the spec's folder)."""
+    tls = loaded.spec.deployment.tls
+    if tls is None:
+        return None
+    # Not checked here: on a cluster the files are a Secret mounted in the predictor (resources/servers.py); the
+    # server refuses to start, naming the key, when one is missing.
+    return TlsFiles(**{k: (str(loaded.resolve(v)) if v else None) for k, v in tls.model_dump().items()})
+
+
 def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: str, profile: Any | None,
-                  registry_uri: str | None = None) -> tuple[ServerConfig, str | None]:
+                  registry_uri: str | None = None, keys_dir: str | None = None) -> tuple[ServerConfig, str | None]:
     """The typed config `python -m workloads.serving` runs from (core/server_config.py), and the key the smoke
     requests use. Building it validates it; the launcher validates it again when it writes the file."""
     spec, d = loaded.spec, loaded.spec.deployment
@@ -107,16 +158,23 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
     keys_file = None
     # The smoke requests always carry the deployment's own key: with api keys it is one of them, on an open server
     # the server still recognises it, so their decisions are marked (key id deployment-smoke) and left out of drift.
+    # The operator key likewise: outcomes and read need a key on every server, and this is the local one.
     key = smoke_key(folder)
+    operator = operator_key(folder)
     document = _keys_document(loaded)
     if document is not None:
-        own = {"id": SMOKE_KEY_ID, "sha256": hashlib.sha256(key.encode()).hexdigest(), "models": [spec.name]}
-        merged = {"keys": [*[k for k in document.get("keys", []) if k.get("id") != SMOKE_KEY_ID], own]}
+        own = [{"id": SMOKE_KEY_ID, "sha256": hashlib.sha256(key.encode()).hexdigest(), "models": [spec.name],
+                "scopes": ["predict", "explain", "read"]},
+               {"id": OPERATOR_KEY_ID, "sha256": hashlib.sha256(operator.encode()).hexdigest(),
+                "models": [spec.name], "scopes": ["outcomes", "read"]}]
+        merged = {"keys": [*[k for k in document.get("keys", []) if k.get("id") not in (SMOKE_KEY_ID,
+                                                                                       OPERATOR_KEY_ID)], *own]}
         keys_file = folder / "keys.json"
         atomic_write_bytes(keys_file, json.dumps(merged, indent=2).encode())
         keys_file.chmod(0o600)
     config = parse_server_config({
         "spec": spec.name, "tracking_uri": tracking_uri, "registry_uri": registry_uri, "audit_url": audit_url,
+        "keys_dir": str(keys_folder(home, keys_dir)),
         "port": d.port, "mode": d.traffic.mode, "canary_share": d.traffic.canary_share,
         "numeric": numeric, "categorical": categorical, "text": list(spec.features.text),
         "max_batch_rows": d.max_batch_rows, "max_body_bytes": d.max_body_bytes,
@@ -126,6 +184,12 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "vector_db": str(Path(home) / spec.name / "vector_index") if spec.has_text else None,
         "model_cache": str(folder / "models"),
         "smoke_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "operator_key_sha256": hashlib.sha256(operator.encode()).hexdigest(),
+        "host": d.host, "gateway_authenticates": d.gateway_authenticates,
+        "tls": (t.model_dump() if (t := _tls(loaded)) else None),
+        "nullable": may_be_missing(spec, profile), "numeric_allowed": numeric_allowed(spec),
+        "min_known_fraction": d.min_known_fraction, "max_in_flight_per_client": d.max_in_flight_per_client,
+        "batch_text_chars": d.batch_text_chars, "max_outcomes_per_request": d.max_outcomes_per_request,
     }, source=f"{loaded.path} (deployment)")
     return config, key
 
@@ -153,7 +217,7 @@ def deploy(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource,
     """Start or reload the server on the champion; (Deployed, expected versions, smoke key, smoke rows)."""
     spec = loaded.spec
     config, key = server_config(loaded, storage.home, mlflow.resolved_tracking_uri(), audit.resolved_url(),
-                                load_profile(storage, spec), mlflow.registry_uri)
+                                load_profile(storage, spec), mlflow.registry_uri, audit.resolved_keys_dir())
     expect = _versions(mlflow, spec)
     deployed = server.deploy(spec.name, config, expect, log)
     return deployed, expect, key, sample_rows(spec, validated, 20)
@@ -184,10 +248,12 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
         a short latency burst. Metadata: endpoint, versions served, traffic policy, where the log is."""
         store = audit.store()
         deployed, expect, smoke_key_, rows = deploy(loaded, storage, mlflow, audit, server, validated, context.log)
-        smoke = smoke_decision(deployed.endpoint, spec, rows[0], smoke_key_, store, expect[naming.CHAMPION])
+        smoke = smoke_decision(deployed.endpoint, spec, rows[0], smoke_key_, store, expect[naming.CHAMPION],
+                               deployed.tls)
         slo = spec.deployment.slo_p99_ms
         try:
-            burst = latency_burst(deployed.endpoint, spec, rows, spec.deployment.smoke_requests, smoke_key_)
+            burst = latency_burst(deployed.endpoint, spec, rows, spec.deployment.smoke_requests, smoke_key_,
+                                  deployed.tls)
             p50, p99 = statistics.median(burst), percentile(burst, 99)
             latency = dg.AssetCheckResult(check_name="latency_slo", passed=p99 <= slo, metadata={
                 "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "slo_p99_ms": slo, "requests": len(burst)},

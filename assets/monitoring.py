@@ -6,7 +6,11 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
 ```
 
 - `inference_log` observes the audit store: decisions per variant, the complete windows the drift sensor counts
-  (assets/windows.py), the latest seq, whether the hash chain verifies.
+  (assets/windows.py), the latest seq, whether the hash chains verify (against the checkpoints too), the
+  chains' heads signed under the audit key (`audit_anchor`: a checkpoint outside the store, which
+  `python -m orchestration.decisions --verify` reads back), and each reporting key's outcomes against the model's
+  measured error, with the keys whose reports contradict it far beyond that error flagged
+  (assets/outcome_trust.py).
 - Windows are dynamic partitions: a window is a count of traffic decisions (default 1,000), not a span of time,
   so it closes when traffic fills it. The key is `<first seq>-<last seq>` of the audit log. The deployment's own
   smoke requests (key id `deployment-smoke`) are on the audit log but are not traffic: no window counts them.
@@ -19,20 +23,25 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
 """
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 
 from assets import naming
+from assets.audit_anchors import inference_log_anchors
 from assets.detectors import load_version_detectors
 from assets.drift_sensor import MonthReport, drift_sensor
 from assets.naming import CHAMPION, asset_key
+from assets.outcome_trust import bursts_markdown, flagged, outcome_key_bursts
 from assets.partitions import partitions_def
 from assets.spec import LoadedSpec
 from assets.window_report import WindowReport, report_window, text_vectors
 from assets.windows import complete_windows, windows_partitions
 from assets.wiring import AssetJob
-from core.audit import AuditStore
+from core.audit import ANCHOR_METADATA, AuditStore
+from core.audit.checkpoints import DECISIONS
+from core.audit.outcomes import FLAGGED_KEYS_METADATA, KeyBurst
 from core.audit.traffic import traffic_after, window_bounds, window_key
 from resources.mlflow import MlflowResource
 from resources.servers import AuditResource
@@ -54,19 +63,41 @@ class InferenceLogObservation:
     chain_ok: bool
     chain_checked: int
     problems: list[str]
+    rules: list[str] = field(default_factory=list)
+    anchor: dict[str, dict] = field(default_factory=dict)  # chain -> its signed head (verified chains only)
+    bursts: list[KeyBurst] = field(default_factory=list)
+
+    def metadata(self, location: str) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "decisions": self.decisions, "latest_seq": self.latest_seq, "complete_windows": self.complete_windows,
+            "window_size": self.window_size, "chain_verified": self.chain_ok, "records_checked": self.chain_checked,
+            "per_variant": dg.MetadataValue.json(self.per_variant),
+            "chain_problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in self.problems) or "none"),
+            "chain_rules": dg.MetadataValue.md("\n".join(f"- {r}" for r in self.rules) or "none"),
+            "outcome_keys": dg.MetadataValue.md(bursts_markdown(self.bursts)),
+            FLAGGED_KEYS_METADATA: dg.MetadataValue.json(flagged(self.bursts)),
+            "audit_url": location}
+        if self.anchor:
+            meta[ANCHOR_METADATA] = dg.MetadataValue.json(self.anchor)
+            meta["chain_head_seq"] = self.anchor.get(DECISIONS, {}).get("seq", 0)
+        return meta
 
 
-def observe_inference_log(store: AuditStore, spec_name: str, window_size: int,
-                          opened: Iterable[str] = ()) -> InferenceLogObservation:
+def observe_inference_log(store: AuditStore, spec_name: str, window_size: int, opened: Iterable[str] = (),
+                          instance: dg.DagsterInstance | None = None) -> InferenceLogObservation:
     """Decisions per variant (smoke requests included: they are on the log), and the complete windows of traffic
-    as the drift sensor counts them: the windows `opened` so far and the full ones its next tick opens."""
+    as the drift sensor counts them: the windows `opened` so far and the full ones its next tick opens. The
+    chains' signed heads are recorded only when they verify: a checkpoint of a broken chain would vouch for it."""
     per_variant = store.count(spec_name)
-    chain = store.verify()
+    anchor = store.anchor()  # read before verifying: a head written after the walk began is not vouched for
+    chain = store.verify(anchors=inference_log_anchors(instance, limit=200))
     windows = complete_windows(store, spec_name, opened, window_size)
     return InferenceLogObservation(decisions=sum(per_variant.values()), per_variant=per_variant,
                                    latest_seq=store.latest_seq(spec_name), complete_windows=len(windows),
                                    window_size=window_size, chain_ok=chain.ok, chain_checked=chain.checked,
-                                   problems=chain.problems[:20])
+                                   problems=chain.problems[:20], rules=chain.rules,
+                                   anchor={c.chain: c.to_json() for c in anchor} if chain.ok else {},
+                                   bursts=outcome_key_bursts(instance, store, spec_name))
 
 
 # --- a new month against the reference ----------------------------------------------------------------------
@@ -146,24 +177,24 @@ def definitions(loaded: LoadedSpec, retrain: AssetJob) -> dg.Definitions:
 
     @dg.asset(key=log_key, group_name=naming.MONITORING, deps=[asset_key(spec.name, naming.DEPLOYMENT_ASSET)],
               description=f"What {spec.name}'s server has decided: the audit log's decisions per variant, complete "
-                          f"windows of {spec.monitoring.window}, the latest seq, and whether the hash chain verifies.")
+                          f"windows of {spec.monitoring.window}, the latest seq, whether the hash chains verify, "
+                          "their signed heads (a checkpoint outside the store) and the outcome keys flagged.")
     def inference_log(context: dg.AssetExecutionContext, audit: AuditResource) -> dg.MaterializeResult:
         """An observation of the decision audit log, the input of drift monitoring: how many decisions per
         variant, how many complete windows, the latest seq (the drift sensor's cursor reads after it) and
         whether every record still matches its hash chain."""
         store = audit.store()
         opened = context.instance.get_dynamic_partitions(partitions.name)
-        obs = observe_inference_log(store, spec.name, spec.monitoring.window, opened)
+        obs = observe_inference_log(store, spec.name, spec.monitoring.window, opened, context.instance)
         if not obs.chain_ok:
             context.log.error(f"{spec.name}: the audit chain does not verify: {obs.problems}")
-        return dg.MaterializeResult(
-            metadata={"decisions": obs.decisions, "latest_seq": obs.latest_seq,
-                      "complete_windows": obs.complete_windows, "window_size": obs.window_size,
-                      "chain_verified": obs.chain_ok, "records_checked": obs.chain_checked,
-                      "per_variant": dg.MetadataValue.json(obs.per_variant),
-                      "chain_problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in obs.problems) or "none"),
-                      "audit_url": store.location()},
-            data_version=dg.DataVersion(f"seq-{obs.latest_seq}"))
+        for burst in obs.bursts:
+            if burst.flagged:
+                context.log.warning(f"{spec.name}: outcome reports of {burst.describe()}"
+                                    + ("; left out of training" if spec.monitoring.exclude_flagged_outcome_keys
+                                       else ""))
+        return dg.MaterializeResult(metadata=obs.metadata(store.location()),
+                                    data_version=dg.DataVersion(f"seq-{obs.latest_seq}"))
 
     @dg.asset(key=key, group_name=naming.MONITORING, partitions_def=partitions, deps=[log_key])
     def drift_report(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,

@@ -2,7 +2,8 @@
 
 Bodies are built by core/protocol.py (one builder for every client). The checks send the deployment's own key
 (`smoke.key` beside the server's config), so the decisions they leave on the audit log carry key id
-`deployment-smoke` and count in no drift window (core/audit/traffic.py).
+`deployment-smoke` and count in no drift window (core/audit/traffic.py). Over TLS they trust the configured CA
+(or certificate) and present the configured client certificate (core.server_config.TlsFiles).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd
 
 from assets.spec import PipelineSpec
 from core.audit import AuditStore
+from core.server_config import TlsFiles
 
 
 def v2_request(spec: PipelineSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -54,8 +56,14 @@ def _headers(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+def verify(tls: TlsFiles | None) -> Any:
+    """httpx's `verify` for a server with `tls`: its CA (or certificate) trusted, our client certificate
+    presented when it requires one; True (the system's CAs) for plain HTTP or no configured TLS."""
+    return tls.client_context() if tls is not None else True
+
+
 def smoke_decision(endpoint: str, spec: PipelineSpec, row: dict[str, Any], key: str | None, store: AuditStore,
-                   expected_version: str) -> SmokeResult:
+                   expected_version: str, tls: TlsFiles | None = None) -> SmokeResult:
     """One v2 request; its answer must be well formed, name the champion and be on a verifiable audit log."""
     import httpx
 
@@ -63,7 +71,7 @@ def smoke_decision(endpoint: str, spec: PipelineSpec, row: dict[str, Any], key: 
 
     try:
         r = httpx.post(f"{endpoint}/v2/models/{spec.name}/infer", json=v2_request(spec, [row]),
-                       headers=_headers(key), timeout=30)
+                       headers=_headers(key), timeout=30, verify=verify(tls))
     except httpx.HTTPError as exc:
         return SmokeResult(False, f"smoke request to {endpoint} failed: {exc}", None, [])
     if r.status_code != 200:
@@ -94,12 +102,12 @@ def smoke_decision(endpoint: str, spec: PipelineSpec, row: dict[str, Any], key: 
 
 
 def latency_burst(endpoint: str, spec: PipelineSpec, rows: list[dict[str, Any]], n: int,
-                  key: str | None) -> list[float]:
+                  key: str | None, tls: TlsFiles | None = None) -> list[float]:
     """Milliseconds per v1 request, one applicant each, sent one after another."""
     import httpx
 
     out = []
-    with httpx.Client(base_url=endpoint, headers=_headers(key), timeout=30) as client:
+    with httpx.Client(base_url=endpoint, headers=_headers(key), timeout=30, verify=verify(tls)) as client:
         for i in range(n):
             body = v1_request(spec, [rows[i % len(rows)]])
             t = time.perf_counter()

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from core import server_config
+from core.audit.outcomes import DEFAULT_OUTCOME_RULE, OutcomeRule
 from core.train_config import DeepSpeedSettings, TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -242,6 +243,11 @@ class Monitoring(_Strict):
     reported as too small. A retrain is asked for at most once per `retrain_cooldown_hours`. With
     `learn_from_outcomes`, every served decision whose outcome was recorded becomes a labelled row of the next
     raw_dataset snapshot, so a retrain learns from what the deployment saw (raw_dataset's metadata says how many).
+    `outcome_rule` says which label a decision with several outcome reports takes (core/audit/outcomes.py):
+    `unanimous` (default: a disputed label is left out, so one key can withhold a label but never flip one),
+    `first` or `latest`; it also feeds the drift report's live AUC. With `exclude_flagged_outcome_keys`, the
+    reports of a key that inference_log flags (outcomes contradicting the model far beyond its measured error)
+    are left out of training.
     """
 
     window: int = Field(1000, ge=10)
@@ -254,6 +260,8 @@ class Monitoring(_Strict):
     sensor_interval_seconds: int = Field(30, ge=1, le=86400)
     # Served decisions whose outcome came back join the next snapshot (and so the next retrain) as labelled rows.
     learn_from_outcomes: bool = False
+    outcome_rule: OutcomeRule = DEFAULT_OUTCOME_RULE
+    exclude_flagged_outcome_keys: bool = True
 
     @model_validator(mode="after")
     def _window_can_be_scored(self) -> "Monitoring":
@@ -276,8 +284,13 @@ class Deployment(_Strict):
 
     The keys the server reads take their defaults and bounds from core/server_config.py, the server's own schema,
     so each is written once. API keys are the local stand-in for a cluster gateway's auth: `api_keys_file` (JSON,
-    relative to the spec's folder) or the environment variable `api_keys_env` holding the same JSON; neither set
-    means no auth.
+    relative to the spec's folder) or the environment variable `api_keys_env` holding the same JSON; each key has
+    `scopes` (predict, explain, outcomes, read, admin; default predict and explain). Without keys the server is
+    open for predict and explain on loopback only; outcomes and read always need a key (the deployment's own
+    `operator.key` has them). `host` is where it listens (127.0.0.1); any other address needs keys, or
+    `gateway_authenticates: true` where a gateway in front authenticates every caller. `tls` (`cert_file`,
+    `key_file`, optional `client_ca_file` for mutual TLS; paths relative to the spec's folder) makes it https.
+    docs/serving.md and docs/security.md say more.
     """
 
     traffic: TrafficPolicy = TrafficPolicy()
@@ -293,6 +306,22 @@ class Deployment(_Strict):
     explain_top: server_config.ExplainTop
     similar_cases: server_config.SimilarCases
     smoke_requests: int = Field(50, ge=1)
+    host: server_config.Host
+    gateway_authenticates: server_config.GatewayAuthenticates
+    tls: server_config.TlsFiles | None = None
+    max_in_flight_per_client: server_config.MaxInFlightPerClient
+    batch_text_chars: server_config.BatchTextChars
+    min_known_fraction: server_config.MinKnownFraction
+    max_outcomes_per_request: server_config.MaxOutcomesPerRequest
+
+    @model_validator(mode="after")
+    def _bind_needs_auth(self) -> "Deployment":
+        if not server_config.is_loopback(self.host) and not self.gateway_authenticates and not (
+                self.api_keys_file or self.api_keys_env):
+            raise ValueError(f"deployment.host {self.host!r} is reachable from other machines but no API keys are "
+                             "configured: set api_keys_file (or api_keys_env), bind 127.0.0.1, or set "
+                             "gateway_authenticates: true if a gateway in front authenticates every caller")
+        return self
 
 
 # --- the spec -----------------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def report_window(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowRe
     frame = window_frame(spec, records)
     scores = np.array([r.probability for r in records], dtype=np.float64)
     result = bundle.score(frame, text_vectors(loaded, storage, frame), scores)
-    n_outcomes, auc = live_metrics(records, store.outcomes([r.decision_id for r in records]))
+    labels = store.outcomes([r.decision_id for r in records], rule=spec.monitoring.outcome_rule)
+    n_outcomes, auc = live_metrics(records, labels)
     plot = None
     if plot_dir is not None and result.status == "scored":
         reference, reference_scores = reference_of(storage, spec.name, version)

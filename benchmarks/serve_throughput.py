@@ -171,7 +171,7 @@ def main() -> int:
     from assets.serving_client import sample_rows
     from assets.spec import load_specs
     from resources import resources_for
-    from core.audit import AuditStore
+    from core.audit import AuditKeys, AuditStore
     from core.server_config import write_server_config
 
     from dataclasses import replace
@@ -233,7 +233,7 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-    store = AuditStore(audit_url)
+    store = AuditStore(audit_url, AuditKeys.load(config.keys_dir) if config.keys_dir else None)
     answered = sum(m[k]["ok"] for m in results["ours"].values() for k in m) + 0
     chain = store.verify()
     results["audit"] = {"records": store.latest_seq(), "chain_ok": chain.ok, "answered_at_least": answered}

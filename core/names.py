@@ -23,6 +23,7 @@ DETECTORS_TAG = "drift_detectors_sha256"    # the digest of the version's drift 
 VARIANTS = ("champion", "canary", "shadow")  # who made a decision; shadow decisions are recorded, never answered
 SERVED_VARIANTS = ("champion", "canary")     # the decisions that were answered: the traffic a drift window counts
 SMOKE_KEY_ID = "deployment-smoke"            # the deployment's own smoke and latency requests: audited, not traffic
+OPERATOR_KEY_ID = "deployment-operator"      # the deployment's operator key (operator.key): outcomes and read
 KEY_ID_HEADER = "x-intelligentops-key-id"    # set by the gateway for the model; a client's own is stripped
 
 # The fields of every answered decision, in the order the v2 protocol returns them as output tensors.

@@ -36,10 +36,64 @@ RateLimitPerMinute = Annotated[int, Field(6000, ge=1, description="requests per 
 RetentionDays = Annotated[int, Field(183, ge=1, description="decisions older than this leave the audit log")]
 ExplainTop = Annotated[int, Field(3, ge=0, le=20, description="top factors per decision (0: none)")]
 SimilarCases = Annotated[int, Field(3, ge=0, le=50, description="nearest training cases by text per decision")]
+Host = Annotated[str, Field("127.0.0.1", min_length=1,
+                            description="the address the server binds; anything but loopback needs API keys (or "
+                                        "gateway_authenticates)")]
+GatewayAuthenticates = Annotated[bool, Field(False, description="a gateway in front authenticates every caller, so "
+                                                                "a non-loopback bind without keys is allowed")]
+MaxInFlightPerClient = Annotated[int, Field(16, ge=1, description="requests one key (or client address) may have "
+                                                                  "in flight at once (429 above)")]
+BatchTextChars = Annotated[int, Field(400, ge=100, description="cost bound of one scoring batch: characters of "
+                                                                "text plus 20 per row; larger requests are split "
+                                                                "and interleaved with others")]
+MinKnownFraction = Annotated[float, Field(0.5, ge=0, le=1, description="share of a row's features that must be "
+                                                                       "known (not null), or the row is refused")]
+MaxOutcomesPerRequest = Annotated[int, Field(1000, ge=1, le=100_000, description="outcome items in one request")]
 
 DEFAULT_PORT = 8080  # where the server listens when the config leaves `port` to it (a KServe predictor's port)
 ENV_PREFIX = "env:"
 SECRET_KEYS = ("tracking_uri", "registry_uri", "audit_url")  # may be "env:VAR"
+
+
+class TlsFiles(BaseModel):
+    """TLS for the server: its certificate and key (PEM); with `client_ca_file`, every client must present a
+    certificate signed by that CA (mutual TLS). `ca_file` is what the deployment's own client trusts (default:
+    `cert_file`, which suits a self-signed certificate); `client_cert_file`/`client_key_file` are the certificate
+    it presents when client certificates are required."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert_file: str = Field(min_length=1)
+    key_file: str = Field(min_length=1)
+    client_ca_file: str | None = None
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+    def client_context(self):
+        """An ssl.SSLContext for a client of this server: trusts `ca_file` (or `cert_file`) and presents the
+        client certificate when one is configured."""
+        import ssl
+
+        context = ssl.create_default_context(cafile=self.ca_file or self.cert_file)
+        if self.client_cert_file:
+            context.load_cert_chain(self.client_cert_file, self.client_key_file)
+        return context
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerConfigError(ValueError):
@@ -55,6 +109,8 @@ class ServerConfig(BaseModel):
     tracking_uri: str = Field(min_length=1)
     registry_uri: str | None = None
     audit_url: str = Field(min_length=1)
+    keys_dir: str | None = Field(None, description="the keys folder (audit-mac.key, audit-enc.key; core/keys.py); "
+                                                   "None only in configs written before keys: an unkeyed audit log")
     port: Port
     mode: Mode
     canary_share: CanaryShare
@@ -79,6 +135,23 @@ class ServerConfig(BaseModel):
     smoke_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
                                          description="the deployment's smoke requests' key; recognised even on an "
                                                      "open server, so their decisions are marked and not traffic")
+    operator_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                            description="the deployment's operator key (operator.key beside the "
+                                                        "config): scopes outcomes and read, keys or not")
+    host: Host
+    gateway_authenticates: GatewayAuthenticates
+    tls: TlsFiles | None = None
+    nullable: list[str] | None = Field(None, description="columns that may be missing (null, or NaN in a binary "
+                                                         "tensor); None: every column")
+    numeric_allowed: dict[str, list[float]] = Field(default_factory=dict,
+                                                    description="numeric column -> the only values accepted")
+    min_known_fraction: MinKnownFraction
+    max_in_flight_per_client: MaxInFlightPerClient
+    batch_text_chars: BatchTextChars
+    max_outcomes_per_request: MaxOutcomesPerRequest
+    log_file: str | None = Field(None, description="the server's own log, rotated by size (None: stderr only)")
+    log_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the log file past this size")
+    log_backups: int = Field(3, ge=1, le=100, description="rotated log files kept")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
@@ -96,7 +169,22 @@ class ServerConfig(BaseModel):
         unknown = [c for c in self.redact if c not in seen]
         if unknown:
             raise ValueError(f"redact: {unknown} are not feature columns")
+        unknown = [c for c in (self.nullable or []) if c not in seen]
+        if unknown:
+            raise ValueError(f"nullable: {unknown} are not feature columns")
+        unknown = [c for c in self.numeric_allowed if c not in self.numeric]
+        if unknown:
+            raise ValueError(f"numeric_allowed: {unknown} are not numeric feature columns")
+        if not is_loopback(self.host) and not self.gateway_authenticates and not (self.api_keys_file or
+                                                                                 self.api_keys_env):
+            raise ValueError(f"host {self.host!r} is reachable from other machines, but no API keys are configured "
+                             "(api_keys_file or api_keys_env): anyone there could call the model. Configure keys, "
+                             "bind 127.0.0.1, or set gateway_authenticates when a gateway in front authenticates "
+                             "every caller")
         return self
+
+    def may_be_missing(self, column: str) -> bool:
+        return self.nullable is None or column in self.nullable
 
     @property
     def features(self) -> list[str]:

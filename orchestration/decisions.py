@@ -1,14 +1,19 @@
 """Why was this applicant refused? One decision traced back to the model version, its gates and its data.
 
     python -m orchestration.decisions <decision-id>          the decision, its model version, report, gates, data
-    python -m orchestration.decisions --verify               walk the audit log's hash chain; exit 1 if broken
-    python -m orchestration.decisions <decision-id> --outcome 1   record what really happened (1: positive class)
+    python -m orchestration.decisions --verify               check the audit log's chains, MACs and checkpoints;
+                                                             exit 1 and name the first bad seq if broken
+    python -m orchestration.decisions <decision-id> --outcome 1 [--reason "..."]
+                                                             record what really happened (1: positive class); a
+                                                             different outcome than the one on record needs a reason
     python -m orchestration.decisions --find [--spec S] [--since 2026-01-01T00:00] [--until ...]
                                              [--version 3] [--variant champion|canary|shadow] [--limit 20]
 
-Reads the audit log (`$INTELLIGENTOPS_AUDIT_URL`, else SQLite under `$INTELLIGENTOPS_HOME`), the MLflow registry
-(the version's lineage tags and run) and the Dagster instance (`$DAGSTER_HOME`, else `<home>/dagster`: the
-compliance report's materialization and gate results for that version, the training data's materialization).
+Reads the audit log (`$INTELLIGENTOPS_AUDIT_URL`, else SQLite under `$INTELLIGENTOPS_HOME`) with its keys
+(`$INTELLIGENTOPS_KEYS_DIR`, else `<home>/keys`: `audit-enc.key` to show an applicant's fields, `audit-mac.key` to
+verify), the MLflow registry (the version's lineage tags and run) and the Dagster instance (`$DAGSTER_HOME`, else
+`<home>/dagster`: the compliance report's materialization and gate results for that version, the training data's
+materialization, and the chain heads `<spec>/inference_log` checkpointed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from assets import naming
+from assets.audit_anchors import inference_log_anchors
+from core.audit import OUTCOME_RULES, AuditError, AuditKeyError
 
 
 def _resources() -> dict[str, Any]:
@@ -103,16 +110,31 @@ def explain_decision(decision_id: str, out=sys.stdout) -> int:
     w(f"  decision: {rec.decision} = {verdict}: probability {rec.probability:.4f} against the operating threshold "
       f"{rec.threshold:.4f}\n")
     w(f"  model: {rec.model_name}   model version: {rec.model_version}   latency {rec.latency_ms:.1f} ms\n")
-    w("  inputs:\n")
-    for k, v in rec.inputs.items():
-        w(f"    {k}: {v!r}\n")
-    w("  top factors (how far the score moves when the feature is set to a typical value):\n")
-    for f in rec.top_factors:
-        w(f"    {f.get('feature')}: value {f.get('value')!r}, contribution {f.get('contribution'):+.4f}\n")
+    sealed = None
+    try:
+        inputs, factors = dict(rec.inputs.items()), list(rec.top_factors)
+    except AuditKeyError as exc:  # encrypted, and this reader does not hold audit-enc.key: say so, show the rest
+        sealed, inputs, factors = str(exc), {}, []
+        w(f"  inputs and top factors: encrypted, not shown: {sealed}\n")
+    if sealed is None:
+        w("  inputs:\n")
+        for k, v in inputs.items():
+            w(f"    {k}: {v!r}\n")
+        w("  top factors (how far the score moves when the feature is set to a typical value):\n")
+        for f in factors:
+            w(f"    {f.get('feature')}: value {f.get('value')!r}, contribution {f.get('contribution'):+.4f}\n")
     if rec.similar_cases:
         w(f"  similar past cases (row ids in the training data): {', '.join(rec.similar_cases)}\n")
-    outcome = store.outcomes([rec.decision_id]).get(rec.decision_id)
-    w(f"  observed outcome: {outcome if outcome is not None else 'not recorded'}\n")
+    history = store.outcome_history(rec.decision_id)
+    if not history:
+        w("  observed outcome: not recorded\n")
+    for e in history:
+        kind = f"correction: {e.reason}" if e.correction else (f"reason: {e.reason}" if e.reason else "report")
+        w(f"  observed outcome: {e.outcome} at {e.at} by key {e.key_id or '-'} ({kind}; outcome event {e.id})\n")
+    if len(history) > 1:
+        labels = {rule: store.outcomes([rec.decision_id], rule=rule).get(rec.decision_id, "none (disputed)")
+                  for rule in OUTCOME_RULES}
+        w(f"  label by rule: {', '.join(f'{k}: {v}' for k, v in labels.items())}\n")
     w(f"  audit record: seq {rec.seq}, record hash {rec.record_hash[:16]}..., input hash {rec.input_hash[:16]}...\n")
 
     mlflow = res["mlflow"]
@@ -157,19 +179,35 @@ def explain_decision(decision_id: str, out=sys.stdout) -> int:
             w(f"  trained on {_meta_value(m.metadata, 'train_rows')} rows, validated on "
               f"{_meta_value(m.metadata, 'val_rows')}; splits hash {tags.get('splits_hash', '-')}\n")
             break
+    if sealed is not None:
+        print(f"the applicant's fields could not be shown: {sealed}", file=sys.stderr)
+        return 1
     return 0
 
 
 def verify(out=sys.stdout) -> int:
-    store = _resources()["audit"].store()
-    check = store.verify()
+    res = _resources()
+    store = res["audit"].store()
+    anchors = inference_log_anchors(_instance(res["storage"].home))
+    check = store.verify(anchors=anchors)
+    w = out.write
+    where = f"the audit log at {store.location()}"
+    found = f"{check.checked} records, {check.outcome_events_checked} outcome events"
+    sources = f"{check.checkpoints_checked} checkpoints (the file {store.checkpoint_path or '-'} and " \
+              f"{len(anchors)} from inference_log materializations)"
     if check.ok:
-        out.write(f"the audit log at {store.location()} verifies: {check.checked} records, chain intact\n")
-        return 0
-    out.write(f"the audit log at {store.location()} does NOT verify ({check.checked} records checked):\n")
-    for p in check.problems:
-        out.write(f"  {p}\n")
-    return 1
+        w(f"{where} verifies: {found}, {sources}\n")
+    else:
+        w(f"{where} does NOT verify ({found} checked, {sources}):\n")
+        if check.first_bad_seq is not None:
+            w(f"  FIRST BAD SEQ: {check.first_bad_seq}\n")
+        if check.first_bad_outcome_event is not None:
+            w(f"  FIRST BAD OUTCOME EVENT: {check.first_bad_outcome_event}\n")
+        for p in check.problems:
+            w(f"  {p}\n")
+    for rule in check.rules:
+        w(f"  rule: {rule}\n")
+    return 0 if check.ok else 1
 
 
 def find(args: argparse.Namespace, out=sys.stdout) -> int:
@@ -199,31 +237,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outcome", type=int, choices=[0, 1],
                         help="record what really happened for the decision (1: the positive class); the drift "
                              "report's live metrics read it")
+    parser.add_argument("--reason", help="why: needed when the outcome corrects the one on record")
     args = parser.parse_args(argv)
-    if args.verify:
-        return verify()
-    if args.find:
-        return find(args)
-    if not args.decision_id:
+    if not (args.decision_id or args.verify or args.find):
         parser.error("give a decision id, --verify or --find")
-    if args.outcome is not None:
-        store = _resources()["audit"].store()
-        if store.get(args.decision_id) is None:
-            print(f"no decision {args.decision_id!r} on the audit log {store.location()}", file=sys.stderr)
-            return 1
-        store.record_outcome(args.decision_id, args.outcome)
-        print(f"recorded outcome {args.outcome} for decision {args.decision_id}")
-        return 0
-    if args.json:
-        from dataclasses import asdict
+    try:
+        if args.verify:
+            return verify()
+        if args.find:
+            return find(args)
+        if args.outcome is not None:
+            store = _resources()["audit"].store()
+            event = store.record_outcome(args.decision_id, args.outcome, reason=args.reason, key_id=cli_key_id())
+            print(f"recorded outcome {args.outcome} for decision {args.decision_id} (outcome event {event}, key id "
+                  f"{cli_key_id()})")
+            return 0
+        if args.json:
+            from dataclasses import asdict
 
-        rec = _resources()["audit"].store().get(args.decision_id)
-        if rec is None:
-            print(f"no decision {args.decision_id!r}", file=sys.stderr)
-            return 1
-        print(json.dumps(asdict(rec), indent=2))
-        return 0
-    return explain_decision(args.decision_id)
+            rec = _resources()["audit"].store().get(args.decision_id)
+            if rec is None:
+                print(f"no decision {args.decision_id!r}", file=sys.stderr)
+                return 1
+            print(json.dumps(asdict(rec), indent=2))
+            return 0
+        return explain_decision(args.decision_id)
+    except AuditError as exc:  # unknown decision, a correction without a reason, a key the log needs
+        print(f"decisions: {exc}", file=sys.stderr)
+        return 1
+
+
+def cli_key_id() -> str:
+    """Who records an outcome from this command line: `cli:<user>` on the outcome chain."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"
 
 
 if __name__ == "__main__":

@@ -57,10 +57,19 @@ def _ready(endpoint: str) -> bool:
 
 
 def _replay(endpoint: str, spec_path: Path, rows: int, out: Path, *shift: str) -> None:
+    """Rows to the server as traffic. On an open (loopback) server predict needs no key; with API keys the replay
+    uses $REPLAY_API_KEY, never the deployment's own keys (smoke decisions are not traffic; the operator key has
+    no predict scope)."""
     cmd = [sys.executable, "-m", "workloads.replay", "send", "--url", endpoint, "--model",
            spec_path.stem, "--spec", str(spec_path), "--rows", str(rows), "--rate", "250", "--batch", "25",
            "--decisions", str(out), *shift]
     subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def outcomes_command(endpoint: str, spec: str, home: Path, decisions: str) -> str:
+    """How to report the true outcomes of replayed decisions: the outcomes scope is the operator key's."""
+    return (f".venv/bin/python -m workloads.replay outcomes --url {endpoint} --model {spec} --decisions "
+            f"{decisions} --api-key-file {home / spec / 'deployment' / 'operator.key'}")
 
 
 # credit_risk's shift is the one the README and benchmarks describe.
@@ -258,6 +267,8 @@ def main(spec: str = "credit_risk", shift: list[str] | None = None, timeout_s: f
                   f"{written.reason[:300]}")
         print(f"  see it in the UI: make ui, then Automation -> {spec}__drift_sensor, Runs, and {spec}/drift_report "
               f"-> Partitions -> {window}")
+        print("  outcomes (a live AUC per window) are reported with the deployment's operator key, e.g.:\n    "
+              + outcomes_command(endpoint, spec, Path(settings.home), "<decisions.jsonl of a replay>"))
         return 0
     finally:
         daemon.terminate()

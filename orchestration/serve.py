@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     res = resources_for(settings)
     home = res["storage"].home
     config, _ = server_config(loaded, home, res["mlflow"].resolved_tracking_uri(), res["audit"].resolved_url(),
-                              load_profile(res["storage"], loaded.spec), res["mlflow"].registry_uri)
+                              load_profile(res["storage"], loaded.spec), res["mlflow"].registry_uri,
+                              res["audit"].resolved_keys_dir())
     path = Path(home) / loaded.name / "deployment" / "serve-foreground.json"
     write_server_config(path, config.replace(port=args.port))
     os.chdir(REPO)  # `-m workloads.serving` resolves from the repository root

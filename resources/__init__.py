@@ -33,7 +33,7 @@ def resources_for(settings: Settings) -> dict[str, Any]:
         # The inference server as a process here; a KServe InferenceService under "kubernetes".
         "server": LocalServerLauncher(home=home),
         # The decision audit log: SQLite under the home unless INTELLIGENTOPS_AUDIT_URL names a database.
-        "audit": AuditResource(home=home, url=settings.audit_url),
+        "audit": AuditResource(home=home, url=settings.audit_url, keys_dir=settings.keys_dir),
     }
     if settings.deployment == "kubernetes":
         # Training on GPU pods (launcher) or several nodes (trainjob_launcher); deploy/README.md lists the env vars.

@@ -31,13 +31,18 @@ import dagster as dg
 from pydantic import Field
 
 from core.audit import default_audit_url
-from core.server_config import DEFAULT_PORT, ServerConfig, server_config_json, write_server_config
+from core.server_config import DEFAULT_PORT, ServerConfig, TlsFiles, server_config_json, write_server_config
 from resources.storage import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "server.json"
 STATE_FILE = "server.pid.json"
-LOG_FILE = "server.log"
+LOG_FILE = "server.log"  # the server's own log, rotated by size inside the server
+OUTPUT_FILE = "server.out"  # what the process writes outside its log (before logging starts): new per start
+SMOKE_KEY_FILE = "smoke.key"  # the deployment's own keys, mode 0600 (assets/deployment.py writes them)
+OPERATOR_KEY_FILE = "operator.key"
+TLS_MOUNT = "/etc/intelligentops/tls"
+KEYS_MOUNT = "/etc/intelligentops-keys"
 ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 CONFIG_MOUNT = "/etc/intelligentops"
 SERVER_MODULE = "workloads.serving"  # run with `python -m`, from the repository root (the image's working dir)
@@ -55,6 +60,7 @@ class Deployed:
     endpoint: str
     serving: dict[str, str]  # alias -> version
     how: str  # started | reloaded | restarted | applied
+    tls: TlsFiles | None = None  # how a client of this endpoint speaks TLS (None: plain HTTP)
     pid: int | None = None
     log_path: str | None = None
     config_path: str | None = None
@@ -63,18 +69,34 @@ class Deployed:
 
 class AuditResource(dg.ConfigurableResource):
     """The decision audit log: SQLite under the home by default; `url` (or $INTELLIGENTOPS_AUDIT_URL) names
-    another SQLAlchemy database, e.g. postgresql+psycopg2://... on a cluster."""
+    another SQLAlchemy database, e.g. postgresql+psycopg2://... on a cluster. Its keys (core/audit/crypto.py)
+    are in `keys_dir` ($INTELLIGENTOPS_KEYS_DIR), default `<home>/keys`; the server is given the same folder."""
 
     home: str
     url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<home>/audit/audit.db")
+    keys_dir: str | None = Field(None, description="the keys folder; default <home>/keys")
 
     def resolved_url(self) -> str:
         return self.url or default_audit_url(self.home)
 
-    def store(self):
-        from core.audit import AuditStore
+    def resolved_keys_dir(self) -> str:
+        from core.keys import keys_dir
 
-        return AuditStore(self.resolved_url())
+        return str(keys_dir(self.home, self.keys_dir))
+
+    def checkpoint_file(self) -> str | None:
+        """Where the store's heads are checkpointed: beside a SQLite store; for a database, under the home."""
+        if self.resolved_url().startswith("sqlite") or "://" in self.home:
+            return None
+        return str(Path(self.home) / "audit" / "checkpoints.jsonl")
+
+    def store(self):
+        from core.audit import AuditKeys, AuditStore
+
+        keys = AuditKeys.load(self.resolved_keys_dir())
+        file = self.checkpoint_file()
+        return AuditStore(self.resolved_url(), keys) if file is None else AuditStore(self.resolved_url(), keys,
+                                                                                      checkpoints=file)
 
 
 class ServerLauncher(dg.ConfigurableResource):
@@ -165,13 +187,14 @@ class LocalServerLauncher(ServerLauncher):
         folder = self.folder(spec_name)
         state = self.state(spec_name)
         wanted_port = config.port
+        config = config.replace(log_file=str(folder / LOG_FILE))
         digest = config_digest(config, leave_out=("port",))
         if state is not None and state["digest"] == digest and wanted_port in (None, state["port"]):
             os.kill(int(state["pid"]), signal.SIGHUP)  # re-read the aliases now; in-flight requests finish
-            serving = self._wait(spec_name, int(state["port"]), expect, int(state["pid"]))
-            return Deployed(endpoint=self._url(int(state["port"])), serving=serving, how="reloaded",
+            serving = self._wait(spec_name, config, int(state["port"]), expect, int(state["pid"]))
+            return Deployed(endpoint=self._url(config, int(state["port"])), serving=serving, how="reloaded",
                             pid=int(state["pid"]), log_path=str(folder / LOG_FILE),
-                            config_path=str(folder / CONFIG_FILE))
+                            config_path=str(folder / CONFIG_FILE), tls=config.tls)
         how = "started"
         previous_port = state["port"] if state else None
         if state is not None:
@@ -183,48 +206,67 @@ class LocalServerLauncher(ServerLauncher):
                               "choose another port in the spec")
         config_path = folder / CONFIG_FILE
         write_server_config(config_path, config.replace(port=port))
-        log_path = folder / LOG_FILE
-        with open(log_path, "ab") as log_file:
+        # The server rotates its own log (LOG_FILE); this file only catches what is written before logging starts
+        # or below Python (a crash), and starts empty each time, so neither grows without bound.
+        with open(folder / OUTPUT_FILE, "wb") as output:
             proc = subprocess.Popen(
                 server_command(self.python or sys.executable, str(config_path)),
-                cwd=str(REPO_ROOT), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=str(REPO_ROOT), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # outlives the Dagster step that started it
                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
             )
         atomic_write_json(folder / STATE_FILE, {"pid": proc.pid, "port": port, "digest": digest,
                                                 "started": time.time(), "config": str(config_path)})
         if log is not None:
-            log.info(f"{spec_name}: server pid {proc.pid} on port {port}, log {log_path}")
-        serving = self._wait(spec_name, port, expect, proc.pid, proc)
-        return Deployed(endpoint=self._url(port), serving=serving, how=how, pid=proc.pid, log_path=str(log_path),
-                        config_path=str(config_path))
+            log.info(f"{spec_name}: server pid {proc.pid} on port {port}, log {folder / LOG_FILE}")
+        serving = self._wait(spec_name, config, port, expect, proc.pid, proc)
+        return Deployed(endpoint=self._url(config, port), serving=serving, how=how, pid=proc.pid,
+                        log_path=str(folder / LOG_FILE), config_path=str(config_path), tls=config.tls)
 
-    def _url(self, port: int) -> str:
-        return f"http://{self.host}:{port}"
+    def _url(self, config: ServerConfig, port: int) -> str:
+        """Where a client on this machine reaches the server: its host (loopback when it binds every address)."""
+        host = self.host if config.host in ("0.0.0.0", "::", "127.0.0.1") else config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if config.tls else 'http'}://{host}:{port}"
 
-    def _wait(self, spec_name: str, port: int, expect: dict[str, str], pid: int,
+    def _tail(self, spec_name: str) -> str:
+        folder = self.folder(spec_name)
+        parts = []
+        for name in (OUTPUT_FILE, LOG_FILE):
+            path = folder / name
+            if path.is_file() and path.stat().st_size:
+                with open(path, "rb") as fh:
+                    fh.seek(max(0, path.stat().st_size - 3000))
+                    parts.append(f"--- {path}\n" + fh.read().decode("utf-8", "replace"))
+        return "\n".join(parts)
+
+    def _wait(self, spec_name: str, config: ServerConfig, port: int, expect: dict[str, str], pid: int,
               proc: subprocess.Popen | None = None) -> dict[str, str]:
-        """Until the server is ready and serves the expected version per alias."""
+        """Until the server is ready and serves the expected version per alias (asked with the smoke key, which
+        has the read scope, over TLS when the server speaks it)."""
         import httpx
 
-        log_path = self.folder(spec_name) / LOG_FILE
+        key_file = self.folder(spec_name) / SMOKE_KEY_FILE
+        headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"} if key_file.is_file() else {}
+        verify = config.tls.client_context() if config.tls else True
         deadline = time.monotonic() + self.ready_timeout
         seen: dict[str, str] = {}
         while time.monotonic() < deadline:
             if (proc is not None and proc.poll() is not None) or not _alive(pid):
-                tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
                 raise ServerLaunchError(f"{spec_name}: the server (pid {pid}) exited before it was ready; the end of "
-                                  f"{log_path}:\n{tail}")
+                                        f"its output and log:\n{self._tail(spec_name)}")
             try:
-                status = httpx.get(f"{self._url(port)}/intelligentops/status", timeout=2.0).json()
+                status = httpx.get(f"{self._url(config, port)}/intelligentops/status", headers=headers, timeout=2.0,
+                                   verify=verify).json()
                 seen = {a: v["version"] for a, v in status.get("versions", {}).items()}
                 if all(seen.get(a) == v for a, v in expect.items()):
                     return seen
-            except (httpx.HTTPError, ValueError):
+            except (httpx.HTTPError, ValueError, AttributeError):
                 pass
             time.sleep(0.25)
         raise ServerLaunchError(f"{spec_name}: the server on port {port} did not serve {expect} within "
-                          f"{self.ready_timeout:.0f} s (it serves {seen or 'nothing yet'}); see {log_path}")
+                          f"{self.ready_timeout:.0f} s (it serves {seen or 'nothing yet'}); see "
+                          f"{self.folder(spec_name) / LOG_FILE}")
 
 
 # --- Kubernetes ------------------------------------------------------------------------------------------------
@@ -258,6 +300,12 @@ class KServeLauncher(ServerLauncher):
     audit_url_secret: str = Field("intelligentops-audit/url",
                                   description="'secret-name/key' holding the audit database URL; the URL itself "
                                               "never goes into the ConfigMap")
+    tls_secret: str = Field("intelligentops-tls", description="a kubernetes.io/tls Secret (tls.crt, tls.key; "
+                                                              "ca.crt for client certificates) mounted when the "
+                                                              "spec sets deployment.tls")
+    keys_secret: str = Field("intelligentops-keys", description="a Secret holding the keys folder's files "
+                                                                "(audit-mac.key, audit-enc.key), mounted read-only "
+                                                                "as the server's keys_dir")
     load_incluster_config: bool | None = None
     kubeconfig_file: str | None = None
     kube_context: str | None = None
@@ -281,7 +329,14 @@ class KServeLauncher(ServerLauncher):
         isvc_name, cm_name = self.names(spec_name)
         port = DEFAULT_PORT
         labels = {"app.kubernetes.io/name": "intelligentops-server", "intelligentops.io/spec": spec_name}
-        changes: dict[str, Any] = {"port": port, "model_cache": "/tmp/intelligentops-models"}
+        # Inside the pod the server binds every address: the InferenceService's gateway (Knative/Istio, with the
+        # cluster's authentication) is what callers reach, so the server is told so knowingly. Logs go to stdout,
+        # which the kubelet rotates. TLS files come from a Secret mounted at TLS_MOUNT.
+        changes: dict[str, Any] = {"port": port, "model_cache": "/tmp/intelligentops-models", "host": "0.0.0.0",
+                                   "gateway_authenticates": True, "log_file": None, "keys_dir": KEYS_MOUNT}
+        if config.tls is not None:
+            changes["tls"] = {"cert_file": f"{TLS_MOUNT}/tls.crt", "key_file": f"{TLS_MOUNT}/tls.key",
+                              "client_ca_file": f"{TLS_MOUNT}/ca.crt" if config.tls.client_ca_file else None}
         secret_env = dict(self.secret_env)
         if not config.audit_url.startswith("env:"):
             # A database URL carries credentials: the predictor reads it from a Secret, not from the ConfigMap.
@@ -302,18 +357,31 @@ class KServeLauncher(ServerLauncher):
         resources = {"requests": {"cpu": self.cpu_request, "memory": self.memory_request}}
         if self.memory_limit:
             resources["limits"] = {"memory": self.memory_limit}
-        probe = k.V1Probe(http_get=k.V1HTTPGetAction(path=f"/v2/models/{spec_name}/ready", port=port),
-                          period_seconds=5, failure_threshold=3)
+        tls = cluster_config.tls
+        if tls is not None and tls.client_ca_file:  # the kubelet has no client certificate: a TCP probe
+            probe = k.V1Probe(tcp_socket=k.V1TCPSocketAction(port=port), period_seconds=5, failure_threshold=3)
+        else:
+            probe = k.V1Probe(http_get=k.V1HTTPGetAction(path=f"/v2/models/{spec_name}/ready", port=port,
+                                                         scheme="HTTPS" if tls else "HTTP"),
+                              period_seconds=5, failure_threshold=3)
+        mounts = [k.V1VolumeMount(name="server-config", mount_path=CONFIG_MOUNT, read_only=True)]
+        volumes = [k.V1Volume(name="server-config", config_map=k.V1ConfigMapVolumeSource(name=cm_name))]
+        # The audit log's keys (core/keys.py) from their Secret, owner-read-only as the server checks.
+        mounts.append(k.V1VolumeMount(name="server-keys", mount_path=KEYS_MOUNT, read_only=True))
+        volumes.append(k.V1Volume(name="server-keys", secret=k.V1SecretVolumeSource(secret_name=self.keys_secret,
+                                                                                    default_mode=0o400)))
+        if tls is not None:
+            mounts.append(k.V1VolumeMount(name="server-tls", mount_path=TLS_MOUNT, read_only=True))
+            volumes.append(k.V1Volume(name="server-tls", secret=k.V1SecretVolumeSource(secret_name=self.tls_secret,
+                                                                                       default_mode=0o400)))
         container = k.V1Container(
             name="kserve-container", image=self.image, working_dir=self.working_dir,
             command=server_command("python", f"{CONFIG_MOUNT}/{CONFIG_FILE}"),
             ports=[k.V1ContainerPort(container_port=port, protocol="TCP")], env=env,
-            resources=k.V1ResourceRequirements(**resources), readiness_probe=probe,
-            volume_mounts=[k.V1VolumeMount(name="server-config", mount_path=CONFIG_MOUNT, read_only=True)])
+            resources=k.V1ResourceRequirements(**resources), readiness_probe=probe, volume_mounts=mounts)
         predictor = V1beta1PredictorSpec(
             containers=[container], min_replicas=self.min_replicas, max_replicas=self.max_replicas,
-            service_account_name=self.service_account,
-            volumes=[k.V1Volume(name="server-config", config_map=k.V1ConfigMapVolumeSource(name=cm_name))])
+            service_account_name=self.service_account, volumes=volumes)
         isvc = V1beta1InferenceService(
             api_version=f"{ISVC_GROUP}/{ISVC_VERSION}", kind="InferenceService",
             metadata=k.V1ObjectMeta(name=isvc_name, namespace=self.namespace, labels=labels, annotations={

@@ -67,6 +67,17 @@ def pipelines_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(raw).expanduser().resolve() if raw else REPO_ROOT / "pipelines"
 
 
+def keys_folder(environ: Mapping[str, str] | None = None) -> str | None:
+    """`$INTELLIGENTOPS_KEYS_DIR` (a local folder, on a cluster a mounted Secret), else None: `<home>/keys`."""
+    raw = _env(environ).get("INTELLIGENTOPS_KEYS_DIR", "").strip()
+    if not raw:
+        return None
+    if "://" in raw:
+        raise SettingsError(f"INTELLIGENTOPS_KEYS_DIR={raw!r} is not a local folder; keys are read from files "
+                            "(on Kubernetes, mount a Secret and name its folder)")
+    return str(Path(raw).expanduser().resolve())
+
+
 @dataclass(frozen=True)
 class KubernetesSettings:
     """`INTELLIGENTOPS_K8S_*`: where and how training pods run (deploy/README.md lists each one)."""
@@ -108,6 +119,8 @@ class Settings:
     audit_url: str | None = None
     # Artifacts of MLflow experiments when tracking is on a database; default <home>/mlflow/artifacts.
     mlflow_artifacts: str | None = None
+    # The folder of secrets kept outside the data they protect (the audit log's keys); default <home>/keys.
+    keys_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
@@ -121,4 +134,5 @@ class Settings:
         return cls(home=intelligentops_home(env), pipelines=pipelines_dir(env), deployment=deployment,
                    mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
                    audit_url=env.get("INTELLIGENTOPS_AUDIT_URL") or None,
-                   mlflow_artifacts=env.get("INTELLIGENTOPS_MLFLOW_ARTIFACTS") or None)
+                   mlflow_artifacts=env.get("INTELLIGENTOPS_MLFLOW_ARTIFACTS") or None,
+                   keys_dir=keys_folder(env))

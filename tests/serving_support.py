@@ -93,3 +93,82 @@ def build_registered_model(root: Path, instance: dg.DagsterInstance, **over) -> 
     client.set_model_version_tag(SPEC, version, "operating_threshold", "0.4")
     client.set_registered_model_alias(SPEC, "champion", version)
     return Registered(home=home, pipelines=pipelines, tracking_uri=tracking, version=version)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """The real server (`python -m workloads.serving`) as a process on loopback, on the registered model, with
+    the deployment's own config (assets/deployment.server_config) changed by `overrides`."""
+
+    def __init__(self, reg: Registered, tmp: Path, name: str, **overrides):
+        from assets.deployment import server_config
+        from assets.profile import load_profile
+        from assets.spec import load_spec
+        from core.server_config import write_server_config
+        from resources.storage import StorageResource
+
+        home = str(reg.home)
+        loaded = load_spec(reg.pipelines / f"{SPEC}.yaml")
+        self.audit_url = f"sqlite:///{tmp / name}-audit.db"
+        config, self.smoke_key = server_config(loaded, home, reg.tracking_uri, self.audit_url,
+                                               load_profile(StorageResource(home=home), loaded.spec))
+        self.operator_key = (reg.home / SPEC / "deployment" / "operator.key").read_text().strip()
+        self.config = config.replace(port=free_port(), poll_seconds=0.5, **overrides)
+        self.config_path = tmp / f"{name}.json"
+        write_server_config(self.config_path, self.config)
+        self.url = f"{'https' if self.config.tls else 'http'}://127.0.0.1:{self.config.port}"
+        self.log = tmp / f"{name}.log"
+        self.proc = None
+
+    def client_kwargs(self) -> dict:
+        """httpx arguments that reach this server (its CA trusted, the client certificate presented)."""
+        return {"verify": self.config.tls.client_context()} if self.config.tls else {}
+
+    def start(self, wait: bool = True) -> "Server":
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        repo = Path(__file__).resolve().parents[1]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "workloads.serving", "--config",
+                                          str(self.config_path)], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log.read_text()[-3000:]
+                try:
+                    if httpx.get(f"{self.url}/v2/health/ready", timeout=1, **self.client_kwargs()).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            raise AssertionError(f"server not ready: {self.log.read_text()[-3000:]}")
+        return self
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def store(self):
+        """The server's audit store, opened with the server's keys (decrypts inputs, verifies MACs)."""
+        from core.audit import AuditKeys, AuditStore
+
+        return AuditStore(self.audit_url, AuditKeys.load(self.config.keys_dir) if self.config.keys_dir else None)

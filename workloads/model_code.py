@@ -22,7 +22,8 @@ per row of the k features whose replacement by a typical value (train median, mo
 empty text) moves the score most, with that move: the per-decision explanation serving returns.
 
 A scoring server calls `predict` from request threads: gradients are off inside `predict` itself
-(`torch.inference_mode`), and the encoder and its text cache are used under one lock.
+(`torch.inference_mode`), and the encoder and its text cache are used under one lock. The cache holds at most
+`_CACHE_BYTES` of texts and vectors (least recently used out first), so texts nobody sends twice cannot grow it.
 """
 
 import hashlib
@@ -120,7 +121,7 @@ class TabularMLPModel(PythonModel):
         self.net.eval()
         # One lock for the encoder and its cache: a fast tokenizer must not be called from two threads at once.
         self._lock = threading.Lock()
-        self._cache = {}
+        self._cache = _TextCache(_CACHE_BYTES)
         self._block_cache = None
         self._encoder = None
         if self.preprocessing["embeddings"]:
@@ -128,19 +129,18 @@ class TabularMLPModel(PythonModel):
                                                                                    self.preprocessing)
 
     def _embed(self, texts):
-        """Sentence embeddings of already cleaned texts, cached by text: permutation tests and explanations
-        re-send the same texts."""
+        """Sentence embeddings of already cleaned texts, cached by text: permutation tests, explanations and a
+        server's repeated job titles re-send the same texts. The cache is bounded in bytes (`_cache`)."""
         texts = list(texts)
         with self._lock:
-            todo = sorted({t for t in texts if t not in self._cache})
+            found = {t: self._cache.get(t) for t in set(texts)}
+            todo = sorted(t for t, v in found.items() if v is None)
             if todo:
-                if len(self._cache) + len(todo) > 200_000:
-                    self._cache.clear()
                 vectors = self._encoder.encode(todo, batch_size=self._batch_size, convert_to_numpy=True,
                                                show_progress_bar=False, **self._encode_settings)
                 for t, v in zip(todo, vectors):
-                    self._cache[t] = list(v)
-            return [self._cache[t] for t in texts]
+                    found[t] = self._cache.put(t, v)
+            return [found[t] for t in texts]
 
     def _blocks(self):
         """Column ranges of each raw feature in the transformed matrix, and the value that stands for 'typical'.
@@ -216,6 +216,51 @@ class TabularMLPModel(PythonModel):
             if top > 0 and len(frame):
                 result["top_factors"] = self._explain(raw, x, probability, top)
         return result
+
+
+# Texts and their vectors kept at most, in bytes: about 40,000 job titles with MiniLM's 384 float32 numbers each.
+_CACHE_BYTES = 64 * 1024 * 1024
+_ENTRY_OVERHEAD = 200  # a dict slot, the key's and the array's object headers
+
+
+class _TextCache:
+    """Least recently used text -> float32 vector, bounded by the bytes it holds (never by entries: one
+    2,000-character text weighs as much as a hundred job titles). Used under the model's lock."""
+
+    def __init__(self, max_bytes):
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes, self.items = int(max_bytes), 0, OrderedDict()
+
+    def __len__(self):
+        return len(self.items)
+
+    @staticmethod
+    def _size(text, vector):
+        return len(text.encode("utf-8", "surrogatepass")) + vector.nbytes + _ENTRY_OVERHEAD
+
+    def get(self, text):
+        vector = self.items.get(text)
+        if vector is not None:
+            self.items.move_to_end(text)
+        return vector
+
+    def put(self, text, vector):
+        import numpy as np
+
+        vector = np.asarray(vector, dtype=np.float32)
+        size = self._size(text, vector)
+        if size > self.max_bytes:
+            return vector  # never kept: it alone would fill the cache
+        old = self.items.pop(text, None)
+        if old is not None:
+            self.bytes -= self._size(text, old)
+        self.items[text] = vector
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            key, evicted = self.items.popitem(last=False)
+            self.bytes -= self._size(key, evicted)
+        return vector
 
 
 def _plain(value):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,11 +49,17 @@ class AuditRecord:
 
 @dataclass(frozen=True)
 class ChainVerification:
-    """The result of walking the chain: `problems` names the seq and decision id of each row that breaks it."""
+    """The result of walking the chains: `problems` names the seq and decision id of each row that breaks it,
+    first bad seq first; `rules` says which rule each part of the log was verified under."""
 
     ok: bool
     checked: int
     problems: list[str]
+    first_bad_seq: int | None = None  # the first decision seq that is not what was written (None: none named)
+    outcome_events_checked: int = 0
+    first_bad_outcome_event: int | None = None
+    checkpoints_checked: int = 0
+    rules: list[str] = field(default_factory=list)
 
 
 FIELDS = [f.name for f in fields(AuditRecord)]
@@ -80,7 +86,13 @@ def _plain(value: Any) -> Any:
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys, no spaces, NaN and infinities as null, numpy scalars as plain numbers. Values that are plain
+    JSON already (the usual case) skip the copy: json refuses NaN and numpy integers, and those take the slow path,
+    so both paths give the same text."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def input_hash(inputs: dict) -> str:

@@ -102,8 +102,11 @@ def test_shifted_traffic_over_http_asks_for_exactly_one_retrain_which_the_gates_
             [f"retrain:{shifted}"]
 
         # Outcomes of the normal window come back later, over HTTP: the window is judged again with a live AUC.
+        # Outcomes need the outcomes scope: the deployment's operator key, kept beside the server's config.
+        operator = Path(launcher.home) / "loans" / "deployment" / "operator.key"
         reported = subprocess.run([sys.executable, "-m", "workloads.replay", "outcomes", "--url",
-                                   endpoint, "--model", "loans", "--decisions", str(tmp_path / "normal.jsonl")],
+                                   endpoint, "--model", "loans", "--decisions", str(tmp_path / "normal.jsonl"),
+                                   "--api-key-file", str(operator)],
                                   cwd=REPO, capture_output=True, text=True, timeout=120)
         assert reported.returncode == 0, reported.stdout + reported.stderr
         third = tick(second.cursor)
@@ -126,7 +129,8 @@ def test_shifted_traffic_over_http_asks_for_exactly_one_retrain_which_the_gates_
         assert {k: v.value for k, v in written.metadata.items()}["champion_version"] == "2"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            status = httpx.get(f"{endpoint}/intelligentops/status", timeout=5).json()
+            status = httpx.get(f"{endpoint}/intelligentops/status", timeout=5,
+                               headers={"Authorization": f"Bearer {operator.read_text().strip()}"}).json()
             if status["versions"]["champion"]["version"] == "2":
                 break
             time.sleep(1)

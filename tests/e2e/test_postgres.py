@@ -304,20 +304,27 @@ def test_helm_values_mount_the_shared_home_in_every_pod() -> None:
     assert env["MLFLOW_TRACKING_URI"] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
 
 
-def test_audit_log_on_postgres_chains_from_two_writers_and_names_an_edited_record(postgres) -> None:
-    """The decision log's second backend: the same store on PostgreSQL (a cluster's INTELLIGENTOPS_AUDIT_URL)."""
+def test_audit_log_on_postgres_chains_from_two_writers_and_names_an_edited_record(postgres, tmp_path: Path) -> None:
+    """The decision log's second backend: the same keyed store on PostgreSQL (a cluster's INTELLIGENTOPS_AUDIT_URL),
+    two writers sharing one keys folder (a mounted Secret) keep one chain; applicant fields are ciphertext in the
+    database; an outcome correction needs a reason; an edited record, its hashes recomputed, is named."""
     import threading
     import uuid
 
-    from core.audit import AuditStore
+    import sqlalchemy as sa
+
+    from core.audit import AuditKeys, AuditStore, OutcomeConflict
+    from core.audit.records import row_hash
 
     name, url = fresh_database(postgres, "audit")
-    stores = [AuditStore(url), AuditStore(url)]  # two servers writing to one log
+    keys = AuditKeys.load(tmp_path / "keys").created()
+    stores = [AuditStore(url, keys, checkpoints=tmp_path / f"server{i}.checkpoints.jsonl") for i in range(2)]
 
     def write(store: AuditStore) -> None:
         for _ in range(10):
             store.append([{"decision_id": uuid.uuid4().hex, "spec": "loans", "model_name": "loans",
-                           "model_version": "1", "variant": "champion", "inputs": {"income": 1.0, "purpose": "car"},
+                           "model_version": "1", "variant": "champion",
+                           "inputs": {"income": 1.0, "purpose": "car", "title": "quarry-foreman"},
                            "probability": 0.3, "decision": 0, "threshold": 0.5} for _ in range(5)])
 
     threads = [threading.Thread(target=write, args=(s,)) for s in stores]
@@ -326,14 +333,38 @@ def test_audit_log_on_postgres_chains_from_two_writers_and_names_an_edited_recor
     for t in threads:
         t.join()
     verified = stores[0].verify()
-    assert verified.ok and verified.checked == 100
+    assert verified.ok and verified.checked == 100 and "every seq from 1 under the keyed rule" in verified.rules[0]
     assert [r.seq for r in stores[1].read_after(0, limit=1000)] == list(range(1, 101))
+    assert stores[1].get(stores[0].read_after(0, limit=1)[0].decision_id).inputs["title"] == "quarry-foreman"
+    stored = postgres.query(name, "SELECT inputs, top_factors FROM audit_decisions")
+    assert len(stored) == 100 and not any("quarry" in i or "car" in i for i, _ in stored)
     victim = stores[0].read_after(41, limit=1)[0]
-    stores[0].record_outcome(victim.decision_id, 1)
+    stores[0].record_outcome(victim.decision_id, 1, key_id="lender")
     assert stores[1].outcomes([victim.decision_id]) == {victim.decision_id: 1}
-    stores[1].record_outcome(victim.decision_id, 0)  # a correction, from the other connection
+    with pytest.raises(OutcomeConflict):
+        stores[1].record_outcome(victim.decision_id, 0, key_id="collector")
+    stores[1].record_outcome(victim.decision_id, 0, key_id="collector", reason="repaid")  # from the other connection
     assert [seq for _, seq in stores[0].outcome_events_after(0, victim.spec)] == [victim.seq, victim.seq]
     assert stores[0].outcome_count(victim.spec, 1, 100) == 1
-    postgres.query(name, f"UPDATE audit_decisions SET probability = 0.99 WHERE seq = {victim.seq}")
-    broken = stores[1].verify()
-    assert not broken.ok and any(f"seq {victim.seq}" in p and victim.decision_id in p for p in broken.problems)
+    assert stores[0].outcomes([victim.decision_id], rule="latest") == {victim.decision_id: 0}
+    for store in stores:
+        store.flush_checkpoints()
+    assert stores[1].verify(anchors=stores[0].checkpoints()[0]).ok
+
+    # The insider edits the record and recomputes every plain hash after it, and the head.
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE audit_decisions SET probability = 0.99 WHERE seq = :s"), {"s": victim.seq})
+        prev = conn.execute(sa.text("SELECT record_hash FROM audit_decisions WHERE seq = :s"),
+                            {"s": victim.seq - 1}).scalar()
+        for row in conn.execute(sa.text("SELECT * FROM audit_decisions WHERE seq >= :s ORDER BY seq"),
+                                {"s": victim.seq}).mappings().all():
+            new = row_hash({**row, "prev_hash": prev})
+            conn.execute(sa.text("UPDATE audit_decisions SET prev_hash = :p, record_hash = :h WHERE seq = :s"),
+                         {"p": prev, "h": new, "s": row["seq"]})
+            prev = new
+        conn.execute(sa.text("UPDATE audit_head SET hash = :h WHERE id = 1"), {"h": prev})
+    engine.dispose()
+    broken = stores[1].verify(anchors=stores[0].checkpoints()[0])
+    assert not broken.ok and broken.first_bad_seq == victim.seq
+    assert broken.problems[0].startswith(f"seq {victim.seq} (decision {victim.decision_id}) does not match its MAC")

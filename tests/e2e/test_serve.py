@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,15 +25,11 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_support import SPEC, build_registered_model, restore_env, set_env
+from serving_support import SPEC, Server, build_registered_model, free_port, restore_env, set_env
 
-from assets.deployment import server_config
-from assets.profile import load_profile
 from assets.serving_client import v2_request
 from assets.spec import load_spec
-from core.audit import AuditStore
 from core.server_config import ServerConfig, write_server_config
-from resources.storage import StorageResource
 from workloads.serving.versions import ServingRefused, load_version
 
 pytestmark = pytest.mark.slow
@@ -88,54 +83,7 @@ def default_tracking(uri: str):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, reg, tmp: Path, name: str, **overrides):
-        home = str(reg.home)
-        loaded = load_spec(reg.pipelines / f"{SPEC}.yaml")
-        self.audit_url = f"sqlite:///{tmp / name}-audit.db"
-        config, _ = server_config(loaded, home, reg.tracking_uri, self.audit_url,
-                                  load_profile(StorageResource(home=home), loaded.spec))
-        config = config.replace(port=_free_port(), poll_seconds=0.5, **overrides)
-        self.config_path = tmp / f"{name}.json"
-        write_server_config(self.config_path, config)
-        self.url = f"http://127.0.0.1:{config.port}"
-        self.log = tmp / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> Server:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "workloads.serving", "--config",
-                                          str(self.config_path)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        if wait:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, self.log.read_text()[-3000:]
-                try:
-                    if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            raise AssertionError(f"server not ready: {self.log.read_text()[-3000:]}")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    @property
-    def store(self) -> AuditStore:
-        return AuditStore(self.audit_url)
+    return free_port()
 
 
 @pytest.fixture
@@ -153,6 +101,8 @@ def servers(registered, tmp_path):
 
 
 KEYS = {"ops-key-123": {"id": "ops", "models": [SPEC], "rate_limit_per_minute": 1000},
+        "report-key-321": {"id": "reporter", "models": [SPEC], "scopes": ["outcomes"]},
+        "read-key-654": {"id": "reader", "scopes": ["read"]},
         "other-key-456": {"id": "elsewhere", "models": ["another_model"]},
         "slow-key-789": {"id": "slow", "models": ["*"], "rate_limit_per_minute": 3}}
 
@@ -169,11 +119,13 @@ def main_server(registered, tmp_path_factory):
 
 
 AUTH = {"Authorization": "Bearer ops-key-123"}
+REPORT = {"Authorization": "Bearer report-key-321"}
+READ = {"Authorization": "Bearer read-key-654"}
 
 
 def test_v1_v2_and_explain_answer_and_audit_every_decision(main_server: Server, registered):
     url, store = main_server.url, main_server.store
-    v1 = httpx.post(f"{url}/v1/models/{SPEC}:predict", json={"instances": [ROW, {**ROW, "title": None}]},
+    v1 = httpx.post(f"{url}/v1/models/{SPEC}:predict", json={"instances": [ROW, {**ROW, "title": ""}]},
                     headers=AUTH)
     assert v1.status_code == 200, v1.text
     preds = v1.json()["predictions"]
@@ -206,11 +158,11 @@ def test_v1_v2_and_explain_answer_and_audit_every_decision(main_server: Server, 
     db = Path(main_server.audit_url.split(":///", 1)[1])
     assert all(b"ops-key-123" not in p.read_bytes() for p in db.parent.glob(db.name + "*"))
 
-    health = [httpx.get(f"{url}{p}") for p in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{SPEC}",
-                                                  f"/v2/models/{SPEC}/ready")]
+    health = [httpx.get(f"{url}{p}", headers=READ) for p in ("/v2/health/live", "/v2/health/ready",
+                                                                f"/v2/models/{SPEC}", f"/v2/models/{SPEC}/ready")]
     assert [h.status_code for h in health] == [200, 200, 200, 200]
     assert [i["name"] for i in health[2].json()["inputs"]] == ["income", "debt_ratio", "purpose", "title"]
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics", headers=READ).text
     assert f'intelligentops_decisions_total{{decision="0",model="{SPEC}",variant="champion",version="1"}}' in metrics \
         or f'intelligentops_decisions_total{{decision="1",model="{SPEC}",variant="champion",version="1"}}' in metrics
     assert 'intelligentops_requests_total{code="200",protocol="v2"}' in metrics
@@ -226,21 +178,22 @@ def test_outcomes_come_back_over_http_with_the_key_and_bad_reports_name_the_item
     ids = [p["decision_id"] for p in answered["predictions"]]
     body = {"outcomes": [{"decision_id": ids[0], "outcome": 1}, {"decision_id": ids[1], "outcome": 0}]}
     assert httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=body).status_code == 401  # same gateway as /infer
-    ok = httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=body, headers=AUTH)
+    assert httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=body, headers=AUTH).status_code == 403  # no scope
+    ok = httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=body, headers=REPORT)
     assert ok.status_code == 200 and ok.json() == {"recorded": 2}
     assert store.outcomes(ids) == {ids[0]: 1, ids[1]: 0}
     bad = [({"outcomes": [{"decision_id": ids[0], "outcome": 2}]}, 400, "outcomes[0].outcome must be 0 or 1"),
            ({"outcomes": [{"decision_id": "nope", "outcome": 1}]}, 404, "outcomes[0]: no decision 'nope'"),
            ({"outcomes": []}, 400, "non-empty list")]
     for payload, code, message in bad:
-        r = httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=payload, headers=AUTH)
+        r = httpx.post(f"{url}/v2/models/{SPEC}/outcomes", json=payload, headers=REPORT)
         assert r.status_code == code and message in r.text, r.text
     assert store.verify().ok  # outcomes live beside the chain, never in it
 
 
 @pytest.mark.parametrize(("body", "field"), [
     ({"instances": [{**ROW, "income": "lots"}]}, "field 'income' row 0: 'lots' is not a number"),
-    ({"instances": [{**ROW, "income": 1e12}]}, "field 'income' row 0: 1000000000000.0 is outside the accepted range"),
+    ({"instances": [{**ROW, "income": 1e12}]}, "field 'income' row 0: 1e+12 is outside the accepted range"),
     ({"instances": [{**ROW, "purpose": "boat"}]}, "field 'purpose' row 0: 'boat' is not a known category"),
     ({"instances": [{**ROW, "title": 7}]}, "field 'title' row 0: expected text"),
     ({"instances": [{k: v for k, v in ROW.items() if k != "debt_ratio"}]}, "missing feature field(s) ['debt_ratio']"),
@@ -272,7 +225,7 @@ def test_missing_key_401_wrong_model_403_over_limit_429(main_server: Server):
     assert httpx.post(url, json=body).status_code == 401
     assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
     forbidden = httpx.post(url, json=body, headers={"X-API-Key": "other-key-456"})
-    assert forbidden.status_code == 403 and "'elsewhere' is not allowed to call model" in forbidden.text
+    assert forbidden.status_code == 403 and "'elsewhere' is not allowed to call this model" in forbidden.text
     codes = [httpx.post(url, json=body, headers={"X-API-Key": "slow-key-789"}).status_code for _ in range(5)]
     assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
     limited = httpx.post(url, json=body, headers={"X-API-Key": "slow-key-789"})

@@ -15,32 +15,14 @@ from dagster_k8s.client import DagsterKubernetesClient
 from kubeflow_trainer_api import models as trainer_models
 
 import resources.k8s as k8s
-from resources.k8s import K8sPodLauncher, Toleration, TrainJobLauncher
-from resources.launchers import TrainingLauncher, TrainRequest
+from resources.k8s import K8sPodLauncher, TrainJobLauncher
+from resources.launchers import TrainingLauncher
+
+from k8s_support import FULL, K8S_VERSIONS, REQUEST
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-# The oldest Kubernetes minor still commonly run and the newest the schema package knows.
-K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-
-
-REQUEST = TrainRequest(spec_name="credit_risk", args=["--prepared", "/data/credit_risk", "--epochs", "2"],
-                       env={"INTELLIGENTOPS_SPEC": "credit_risk"}, extras={"spec_name": "credit_risk"},
-                       nproc_per_node=2)
-
-
-FULL = dict(
-    image="registry.example.com/intelligentops-train:0.1.0",
-    namespace="intelligentops",
-    gpus=2,
-    node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
-    tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
-    service_account="intelligentops-train",
-    checkpoint_claim="intelligentops-checkpoints",
-    secret_env={"AWS_SECRET_ACCESS_KEY": "object-store/secret-key"},
-    memory_limit="64Gi",
-)
 
 
 def validate_k8s(obj: dict[str, Any]) -> None:

@@ -13,10 +13,10 @@ import urllib.request
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from replay_support import replay_frame
 from support import JsonHandler
 
 from workloads.replay import ReplayError, cli
@@ -28,15 +28,7 @@ KEY = "test-key-123"
 
 @pytest.fixture
 def frame() -> pd.DataFrame:
-    return pd.DataFrame({
-        "job": ["Registered Nurse", "clerk", "clerk", "teacher", None, "clerk", "nurse aide", "driver", "clerk", "clerk"],
-        "income": [50_000.0, 40_000, np.nan, 61_000, 30_000, 45_000, 52_000, 38_000, 41_000, 39_000],
-        "purpose": ["car", "credit_card", "credit_card", "car", "medical", "car", "credit_card", "car", "car", "car"],
-        "month": ["Jan-2018", "Jan-2018", "Feb-2018", "Feb-2018", "Mar-2018", "Mar-2018", "Jan-2018", "Mar-2018",
-                  "Feb-2018", "Jan-2018"],
-        "grade": list("ABCDEFGABC"),
-        "rid": range(100, 110),
-    })
+    return replay_frame()
 
 
 # --- shifts -------------------------------------------------------------------------------------------------

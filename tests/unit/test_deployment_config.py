@@ -47,14 +47,16 @@ def test_server_config_from_spec_and_profile(tmp_path: Path):
     config, key = server_config(loaded, str(tmp_path / "home"), "sqlite:///m.db", "sqlite:///a.db", profile)
     assert config.mode == "canary" and config.canary_share == 0.2 and config.redact == ["title"]
     keys = json.loads(Path(config.api_keys_file).read_text())["keys"]
-    assert [k["id"] for k in keys] == ["ops", "deployment-smoke"] and key and key not in json.dumps(keys)
+    assert [k["id"] for k in keys] == ["ops", "deployment-smoke", "deployment-operator"] and key and \
+        key not in json.dumps(keys)
     assert Path(config.api_keys_file).stat().st_mode & 0o077 == 0
     assert set(load_keys(config).values()) >= {ApiKey("ops", ("*",), 6000)}
 
 
 def _cfg(**over) -> ServerConfig:
     base = dict(spec="loans", tracking_uri="x", audit_url="y", numeric={"income": [0.0, 100.0]},
-                categorical={"purpose": ["car", "home"], "term": ["36", "60.0"]}, text=["title"], max_batch_rows=3)
+                categorical={"purpose": ["car", "home"], "term": ["36", "60.0"]}, text=["title"], max_batch_rows=3,
+                min_known_fraction=0.0)
     return ServerConfig(**{**base, **over})
 
 

@@ -18,7 +18,7 @@ import yaml
 from support import JsonHandler
 
 from core.server_config import ServerConfig, read_server_config
-from resources.servers import CONFIG_FILE, KServeLauncher
+from resources.servers import CONFIG_FILE, KEYS_MOUNT, KServeLauncher
 
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
 CONFIG = ServerConfig(spec="credit_risk", tracking_uri="http://mlflow.intelligentops:5000", audit_url="env:AUDIT_URL",
@@ -69,8 +69,11 @@ def test_inference_service_and_config_map_are_valid(settings: dict, tmp_path: Pa
     mounted = tmp_path / CONFIG_FILE
     mounted.write_text(config_map["data"][CONFIG_FILE])
     monkeypatch.setenv("AUDIT_URL", "postgresql+psycopg2://audit@db/audit")
+    # Inside the pod it binds every address, knowingly: the InferenceService's gateway is what callers reach.
     assert read_server_config(mounted) == CONFIG.replace(port=8080, model_cache="/tmp/intelligentops-models",
-                                                          audit_url="postgresql+psycopg2://audit@db/audit")
+                                                          audit_url="postgresql+psycopg2://audit@db/audit",
+                                                          host="0.0.0.0", gateway_authenticates=True,
+                                                          keys_dir=KEYS_MOUNT)
     assert list(served["numeric"]) == list(CONFIG.numeric)  # column order is the model's input order
 
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
@@ -95,6 +98,11 @@ def test_inference_service_and_config_map_are_valid(settings: dict, tmp_path: Pa
         assert env["AUDIT_URL"] == {"secretKeyRef": {"name": "audit-db", "key": "url"}}
         assert predictor["minReplicas"] == 2 and predictor["serviceAccountName"] == "intelligentops-serve"
     assert predictor["volumes"][0]["configMap"]["name"] == config_map["metadata"]["name"]
+    # The audit log's keys come from their own Secret, owner-read-only, at the config's keys_dir; never in the
+    # ConfigMap.
+    keys = next(v for v in predictor["volumes"] if v["name"] == "server-keys")
+    assert keys["secret"] == {"secretName": "intelligentops-keys", "defaultMode": 0o400}
+    assert {"name": "server-keys", "mountPath": KEYS_MOUNT, "readOnly": True} in container["volumeMounts"]
 
 
 def test_the_audit_database_url_stays_out_of_the_config_map() -> None:

@@ -18,9 +18,12 @@ the feature columns and the target):
         --scale annual_income=1.1 --reweight emp_title:nurse=8 --match contains \\
         --replace loan_purpose:credit_card=medical --after issue_month=Feb-2018 --time-format %b-%Y
     .venv/bin/python -m workloads.replay outcomes --url http://127.0.0.1:8080 --model credit_risk \\
-        --decisions shifted.jsonl --fraction 0.5
+        --decisions shifted.jsonl --fraction 0.5 \\
+        --api-key-file .intelligentops/credit_risk/deployment/operator.key
 
-`--api-key KEY` (or $REPLAY_API_KEY) sends `Authorization: Bearer KEY`. `--data file.csv|.parquet|.jsonl`
+`--api-key KEY` (or $REPLAY_API_KEY, or `--api-key-file FILE`) sends `Authorization: Bearer KEY`. Reporting
+outcomes always needs a key with the `outcomes` scope; locally the deployment keeps one beside the server's
+config: `--api-key-file $INTELLIGENTOPS_HOME/credit_risk/deployment/operator.key`. `--data file.csv|.parquet|.jsonl`
 replaces the spec's source; `--numeric/--categorical/--text` replace its feature lists.
 
 The shifts are plain functions (`reweight`, `scale`, `replace_category`, `after_time`), applied in that

@@ -129,6 +129,19 @@ def parse_shift(args: argparse.Namespace) -> Shift:
                  seed=args.seed)
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key to send: --api-key-file's contents, else --api-key (or $REPLAY_API_KEY), else none."""
+    if args.api_key_file is None:
+        return args.api_key
+    try:
+        key = args.api_key_file.read_text().strip()
+    except OSError as exc:
+        raise ReplayError(f"--api-key-file {args.api_key_file}: cannot read it ({exc.strerror or exc})") from None
+    if not key:
+        raise ReplayError(f"--api-key-file {args.api_key_file} is empty")
+    return key
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workloads.replay", description=OVERVIEW,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="the model name in the URL path")
         p.add_argument("--api-key", default=os.environ.get("REPLAY_API_KEY"),
                        help="sent as 'Authorization: Bearer KEY' (default $REPLAY_API_KEY)")
+        p.add_argument("--api-key-file", type=Path, default=None,
+                       help="read the key from this file instead (kept out of the process list), e.g. the "
+                            "deployment's <home>/<spec>/deployment/operator.key for outcomes")
         p.add_argument("--decisions", required=True, type=Path, help="JSON-lines file of decision ids")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--timeout", type=float, default=30.0)
@@ -168,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    client = Client(args.url, api_key=args.api_key, timeout=args.timeout)
     try:
+        client = Client(args.url, api_key=api_key(args), timeout=args.timeout)
         if args.command == "send":
             plan = plan_data(args)
             summary = send(client, args.model, plan.frame, plan.numeric, plan.text_like, args.decisions,

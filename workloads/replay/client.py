@@ -87,8 +87,9 @@ class Client:
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:500].decode("utf-8", "replace")
                 if exc.code in (401, 403):
-                    raise ReplayError(f"{url}: HTTP {exc.code} {detail}; pass the server's key with --api-key "
-                                      f"or $REPLAY_API_KEY") from exc
+                    raise ReplayError(f"{url}: HTTP {exc.code} {detail}; pass a key with the route's scope with "
+                                      "--api-key, --api-key-file or $REPLAY_API_KEY (outcomes: the deployment's "
+                                      "<home>/<spec>/deployment/operator.key)") from exc
                 if exc.code >= 500 and attempt < self.retries:
                     time.sleep(0.5 * (attempt + 1))
                     continue

@@ -1,9 +1,11 @@
 """Run the inference server: `python -m workloads.serving --config server.json [--port N] [--audit-url URL]`.
 
 Run it from the repository root with the config the deployment asset writes (core/server_config.py). It builds
-the model and its parts, adds the gateway middleware and the project's routes to KServe's app, starts the alias
-watch and audit retention threads, and runs `kserve.ModelServer` in the foreground. A config, keys file or model
-version the server cannot use ends it with exit status 2 and one line that says why.
+the model and its parts, lets KServe's REST server register its routes on KServe's app, adds the project's
+routes, decides every route (workloads/serving/routes.py), puts the gateway in front, starts the alias watch and
+audit retention threads, and serves the app with uvicorn on the config's host and port, with TLS when the config
+has it. A config, keys file, route table or model version the server cannot use ends it with exit status 2 and
+one line that says why.
 """
 
 import os
@@ -19,6 +21,8 @@ import threading  # noqa: E402
 
 from core.server_config import DEFAULT_PORT, ServerConfig, ServerConfigError, read_server_config  # noqa: E402
 from workloads.serving.gateway import ApiKeysError  # noqa: E402
+from workloads.serving.logs import setup_logging  # noqa: E402
+from workloads.serving.routes import RouteTableError  # noqa: E402
 from workloads.serving.versions import ServingRefused  # noqa: E402
 
 log = logging.getLogger("intelligentops.serving")
@@ -34,16 +38,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
+def build_app(cfg: ServerConfig, model, metrics, keys, status, outcomes):
+    """KServe's app with every route decided (routes.py), our routes added, errors that echo nothing, and the
+    gateway in front. KServe's REST server registers its routes; we serve the app with our own uvicorn (where it
+    listens and TLS are ours to choose: KServe 0.20 always binds 0.0.0.0 without TLS)."""
+    import kserve
+    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+    from kserve.model_server import app
+    from kserve.protocol.rest.server import RESTServer
+
+    from workloads.serving.errors import install_error_handlers
+    from workloads.serving.gateway import Gateway
+    from workloads.serving.routes import disable_docs, live_routes
+
+    server = kserve.ModelServer(http_port=cfg.port or DEFAULT_PORT, enable_grpc=False, workers=1,
+                                enable_docs_url=False, enable_latency_logging=False)
+    server.register_model(model)
+    model.start()
+    app.add_api_route("/intelligentops/status", status, methods=["GET"])
+    app.add_route("/v2/models/{name}/outcomes", outcomes, methods=["POST"])
+    RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension,
+               cfg.port or DEFAULT_PORT).create_application()
+    routes = live_routes(app)  # refuses to start on a route without a decision
+    disable_docs(app)
+    install_error_handlers(app)
+    app.add_middleware(Gateway, cfg=cfg, keys=keys, metrics=metrics, routes=routes)
+    return app
+
+
+def uvicorn_config(cfg: ServerConfig, app):
+    """Where the server listens and how: `host` and `port`, TLS when configured (a client certificate signed by
+    `client_ca_file` required when it is set)."""
+    import ssl
+
+    import uvicorn
+
+    tls = cfg.tls
+    return uvicorn.Config(
+        app, host=cfg.host, port=cfg.port or DEFAULT_PORT, log_config=None, access_log=False,
+        ssl_certfile=tls.cert_file if tls else None, ssl_keyfile=tls.key_file if tls else None,
+        ssl_ca_certs=tls.client_ca_file if tls else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca_file else ssl.CERT_NONE,
+        timeout_keep_alive=65, limit_concurrency=1024, server_header=False, date_header=False)
+
+
 def serve(cfg: ServerConfig) -> None:
     """Build everything from `cfg` and serve until the process is stopped; refusals raise before it listens."""
-    import kserve
     import mlflow
-    from fastapi.responses import JSONResponse
-    from kserve.model_server import app
+    import uvicorn
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
 
-    from core.audit import AuditStore
+    from core.audit import AuditKeys, AuditStore
+    from core.server_config import is_loopback
     from workloads.serving.batching import BatchingEngine
-    from workloads.serving.gateway import Gateway, load_keys
+    from workloads.serving.gateway import load_keys
     from workloads.serving.metrics import Metrics
     from workloads.serving.model import DecisionModel
     from workloads.serving.outcomes import outcomes_endpoint
@@ -51,13 +100,21 @@ def serve(cfg: ServerConfig) -> None:
     from workloads.serving.similar import SimilarCases
     from workloads.serving.versions import ServedVersions
 
+    keys = load_keys(cfg)
+    missing = [f"tls.{k} {v}" for k, v in (cfg.tls.model_dump() if cfg.tls else {}).items()
+               if v and k in ("cert_file", "key_file", "client_ca_file") and not os.path.isfile(v)]
+    if missing:
+        raise ServingRefused(f"{', '.join(missing)}: no such file; fix deployment.tls in the spec (paths are "
+                             "relative to the spec's folder)")
+    if not keys and not is_loopback(cfg.host) and not cfg.gateway_authenticates:
+        raise ApiKeysError(f"host {cfg.host!r} is reachable from other machines but the keys document has no key: "
+                           "add keys, bind 127.0.0.1, or set gateway_authenticates")
     # The process's default store too: MLflow resolves some model URIs through it, never a stray ./mlflow.db.
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_registry_uri(cfg.registry_uri or cfg.tracking_uri)
     metrics = Metrics()
-    keys = load_keys(cfg)
     versions = ServedVersions(cfg, metrics)
-    audit = AuditStore(cfg.audit_url)
+    audit = AuditStore(cfg.audit_url, AuditKeys.load(cfg.keys_dir) if cfg.keys_dir else None)
     engine = BatchingEngine(cfg, versions, audit, metrics, SimilarCases(cfg))
     model = DecisionModel(cfg, versions, engine)
     model.load()
@@ -67,35 +124,36 @@ def serve(cfg: ServerConfig) -> None:
     signal.signal(signal.SIGHUP, lambda *_: versions.poll_now.set())
 
     async def status():
-        return JSONResponse(engine.status())
+        return JSONResponse(await run_in_threadpool(engine.status))
 
-    app.add_api_route("/intelligentops/status", status, methods=["GET"])
-    app.add_route("/v2/models/{name}/outcomes", outcomes_endpoint(audit, cfg.spec), methods=["POST"])
-    app.add_middleware(Gateway, cfg=cfg, keys=keys, metrics=metrics)
-    port = cfg.port or DEFAULT_PORT
-    log.info("%s: serving versions %s on port %d (%s policy), audit log %s", cfg.spec, versions.alias_versions,
-             port, cfg.mode, audit.location())
-    # One line per request would cost more than scoring it; /metrics has the counts and latencies.
-    for name in ("kserve.trace", "uvicorn.access"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    kserve.ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False).start([model])
+    app = build_app(cfg, model, metrics, keys, status,
+                    outcomes_endpoint(audit, cfg.spec, cfg.max_outcomes_per_request))
+    scheme = "https" if cfg.tls else "http"
+    log.info("%s: serving versions %s on %s://%s:%d (%s policy, %s), audit log %s", cfg.spec,
+             versions.alias_versions, scheme, cfg.host, cfg.port or DEFAULT_PORT, cfg.mode,
+             "API keys" if keys else "open for predict and explain on loopback", audit.location())
+    try:
+        uvicorn.Server(uvicorn_config(cfg, app)).run()
+    finally:
+        audit.flush_checkpoints()  # the last head of a burst goes to the checkpoint file before the process ends
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(None)
     try:
         cfg = read_server_config(ns.config, port=ns.port, audit_url=ns.audit_url)
     except ServerConfigError as exc:
         print(f"serving: {exc}", file=sys.stderr)
         return 2
+    setup_logging(cfg)
     # kserve parses sys.argv when it is imported (and `--config` would pass for one of its flags): hand it none.
     sys.argv = sys.argv[:1]
     try:
         serve(cfg)
-    except (ServingRefused, ApiKeysError) as exc:
+    except (ServingRefused, ApiKeysError, RouteTableError) as exc:
         log.error("%s", exc)
-        print(f"serving: {exc}", file=sys.stderr)
+        print(f"serving: {exc}", file=sys.__stderr__)
         return 2
     return 0
 

@@ -2,7 +2,8 @@
 
 `columns_from_v1` and `columns_from_v2` turn a request body into columns (feature -> values, one per row);
 `validate_columns` checks every value against the config (types, the accepted ranges and categories learned from
-the training data, text length, rows per request) and returns the rows. Every problem is an `InvalidRequest`
+the training data, the spec's allowed numeric values, text length, rows per request; null only where the column
+may be missing, and enough known features per row) and returns the rows. Every problem is an `InvalidRequest`
 whose message names the field and the row; the model answers it with a 4xx (workloads/serving/model.py).
 """
 
@@ -22,6 +23,55 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _shown(v: Any) -> str:
+    """A value as an error message shows it: never more than a few dozen characters of what was sent."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _missing(col: str, i: int, cfg: ServerConfig) -> None:
+    """A null (or a NaN in a binary tensor) is "missing": accepted only where the column may be missing."""
+    if not cfg.may_be_missing(col):
+        raise InvalidRequest(f"field {col!r} row {i}: missing (null), but {col!r} was never missing in the training "
+                             "data, so the model has not learned what a missing value means; send a value")
+
+
+def _check_known(rows: list[dict[str, Any]], cfg: ServerConfig) -> None:
+    """Refuse a row with too few known features (deployment.min_known_fraction): scoring it would be a guess."""
+    need = math.ceil(cfg.min_known_fraction * len(cfg.features))
+    for i, row in enumerate(rows):
+        unknown = [c for c in cfg.features if row[c] is None or (c in cfg.text and not str(row[c]).strip())]
+        if len(cfg.features) - len(unknown) < need:
+            raise InvalidRequest(f"row {i}: only {len(cfg.features) - len(unknown)} of {len(cfg.features)} features "
+                                 f"are known (missing: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}); at least "
+                                 f"{need} must be (deployment.min_known_fraction {cfg.min_known_fraction:g})")
+
+
+def _check_numeric(col: str, values: list, bounds: tuple[float, float] | None, cfg: ServerConfig) -> None:
+    allowed = cfg.numeric_allowed.get(col)
+    for i, v in enumerate(values):
+        if v is None:
+            _missing(col, i, cfg)
+            continue
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise InvalidRequest(f"field {col!r} row {i}: {_shown(v)} is not a number") from None
+            values[i] = v
+        if not _is_number(v):
+            raise InvalidRequest(f"field {col!r} row {i}: expected a number or null, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise InvalidRequest(f"field {col!r} row {i}: {v} is not a finite number")
+        if allowed is not None and float(v) not in allowed:
+            raise InvalidRequest(f"field {col!r} row {i}: {v:g} is not one of the values the spec allows "
+                                 f"({', '.join(f'{a:g}' for a in allowed)})")
+        if bounds is not None and not bounds[0] <= v <= bounds[1]:
+            raise InvalidRequest(f"field {col!r} row {i}: {v:g} is outside the accepted range "
+                                 f"[{bounds[0]:g}, {bounds[1]:g}] learned from the training data")
+        values[i] = float(v)
+
+
 def validate_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[str, Any]]:
     """Rows of typed, checked feature values; the first problem found is raised naming the field and row."""
     missing = [c for c in cfg.features if c not in columns]
@@ -29,7 +79,8 @@ def validate_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[s
         raise InvalidRequest(f"missing feature field(s) {missing}; every request row needs {cfg.features}")
     unknown = sorted(set(columns) - set(cfg.features))
     if unknown:
-        raise InvalidRequest(f"unknown field(s) {unknown}; the features of {cfg.spec} are {cfg.features}")
+        raise InvalidRequest(f"unknown field(s) {[str(u)[:40] for u in unknown[:10]]}; the features of {cfg.spec} are "
+                             f"{cfg.features}")
     lengths = {c: len(columns[c]) for c in cfg.features}
     n = next(iter(lengths.values()), 0)
     if any(v != n for v in lengths.values()):
@@ -39,29 +90,13 @@ def validate_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[s
     if n > cfg.max_batch_rows:
         raise InvalidRequest(f"{n} rows in one request; at most {cfg.max_batch_rows} (deployment.max_batch_rows)")
     for col, bounds in cfg.numeric.items():
-        values = columns[col]
-        for i, v in enumerate(values):
-            if v is None:
-                continue
-            if isinstance(v, str):
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise InvalidRequest(f"field {col!r} row {i}: {v!r} is not a number") from None
-                values[i] = v
-            if not _is_number(v):
-                raise InvalidRequest(f"field {col!r} row {i}: expected a number or null, got {type(v).__name__}")
-            if not math.isfinite(v):
-                raise InvalidRequest(f"field {col!r} row {i}: {v} is not a finite number")
-            if bounds is not None and not bounds[0] <= v <= bounds[1]:
-                raise InvalidRequest(f"field {col!r} row {i}: {v} is outside the accepted range "
-                                     f"[{bounds[0]:g}, {bounds[1]:g}] learned from the training data")
-            values[i] = float(v)
+        _check_numeric(col, columns[col], bounds, cfg)
     for col, allowed in cfg.categorical.items():
         allowed_set = set(allowed) if allowed is not None else None
         values = columns[col]
         for i, v in enumerate(values):
             if v is None:
+                _missing(col, i, cfg)
                 continue
             if isinstance(v, bool) or not isinstance(v, (str, int, float)):
                 raise InvalidRequest(f"field {col!r} row {i}: expected a category (string) or null, "
@@ -80,19 +115,22 @@ def validate_columns(columns: dict[str, list], cfg: ServerConfig) -> list[dict[s
             known = next((s for s in spellings if s in allowed_set), None)
             if known is None:
                 shown = sorted(allowed_set)[:20]
-                raise InvalidRequest(f"field {col!r} row {i}: {spellings[0]!r} is not a known category; expected "
-                                     f"one of {shown}{' ...' if len(allowed_set) > 20 else ''}")
+                raise InvalidRequest(f"field {col!r} row {i}: {_shown(spellings[0])} is not a known category; "
+                                     f"expected one of {shown}{' ...' if len(allowed_set) > 20 else ''}")
             values[i] = known
     for col in cfg.text:
         values = columns[col]
         for i, v in enumerate(values):
             if v is None:
+                _missing(col, i, cfg)
                 continue
             if not isinstance(v, str):
                 raise InvalidRequest(f"field {col!r} row {i}: expected text (string) or null, got {type(v).__name__}")
             if len(v) > cfg.max_text_chars:
                 raise InvalidRequest(f"field {col!r} row {i}: {len(v)} characters; at most {cfg.max_text_chars}")
-    return [{c: columns[c][i] for c in cfg.features} for i in range(n)]
+    rows = [{c: columns[c][i] for c in cfg.features} for i in range(n)]
+    _check_known(rows, cfg)
+    return rows
 
 
 def columns_from_v1(body: Any, cfg: ServerConfig) -> dict[str, list]:
@@ -112,11 +150,11 @@ def columns_from_v1(body: Any, cfg: ServerConfig) -> dict[str, list]:
         for k in row:
             if k not in columns:
                 if i:
-                    raise InvalidRequest(f"instances[{i}]: field {k!r} is not in the earlier rows")
+                    raise InvalidRequest(f"instances[{i}]: field {_shown(k)} is not in the earlier rows")
                 columns[k] = []
         for k in columns:
             if k not in row:
-                raise InvalidRequest(f"instances[{i}]: missing field {k!r}")
+                raise InvalidRequest(f"instances[{i}]: missing field {_shown(k)}")
             columns[k].append(row[k])
     return columns
 
@@ -131,14 +169,14 @@ def columns_from_v2(request: Any, cfg: ServerConfig) -> dict[str, list]:
     for inp in request.inputs:
         name, datatype, shape = inp.name, inp.datatype, list(inp.shape or [])
         if name in columns:
-            raise InvalidRequest(f"input {name!r} appears twice")
+            raise InvalidRequest(f"input {_shown(name)} appears twice")
         if datatype not in _V2_TYPES:
-            raise InvalidRequest(f"input {name!r}: datatype {datatype!r} is not an Open Inference Protocol type")
+            raise InvalidRequest(f"input {_shown(name)}: datatype {_shown(datatype)} is not an Open Inference Protocol type")
         data = inp.data
         if hasattr(data, "tolist"):
             data = data.tolist()
         if not isinstance(data, list):
-            raise InvalidRequest(f"input {name!r}: data must be a list")
+            raise InvalidRequest(f"input {_shown(name)}: data must be a list")
         flat: list = []
         stack = [data]
         while stack:  # a [n, 1] tensor may arrive nested
@@ -148,12 +186,12 @@ def columns_from_v2(request: Any, cfg: ServerConfig) -> dict[str, list]:
             else:
                 flat.append(item)
         if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
-            raise InvalidRequest(f"input {name!r}: shape {shape} must be non-negative integers")
+            raise InvalidRequest(f"input {_shown(name)}: shape {shape} must be non-negative integers")
         if math.prod(shape) != len(flat) or (len(shape) > 1 and math.prod(shape[1:]) != 1):
-            raise InvalidRequest(f"input {name!r}: shape {shape} does not match {len(flat)} values; a feature "
+            raise InvalidRequest(f"input {_shown(name)}: shape {shape} does not match {len(flat)} values; a feature "
                                  "column is [rows] or [rows, 1]")
         if len(flat) > cfg.max_batch_rows:
-            raise InvalidRequest(f"input {name!r}: {len(flat)} rows in one request; at most {cfg.max_batch_rows}")
+            raise InvalidRequest(f"input {_shown(name)}: {len(flat)} rows in one request; at most {cfg.max_batch_rows}")
         if datatype == "BYTES":
             out = []
             for v in flat:
@@ -161,14 +199,14 @@ def columns_from_v2(request: Any, cfg: ServerConfig) -> dict[str, list]:
                     try:
                         v = v.decode("utf-8")
                     except UnicodeDecodeError:
-                        raise InvalidRequest(f"input {name!r}: bytes that are not UTF-8") from None
+                        raise InvalidRequest(f"input {_shown(name)}: bytes that are not UTF-8") from None
                 out.append(v)
             flat = out
         if name in cfg.numeric and datatype == "BOOL":
-            raise InvalidRequest(f"input {name!r}: datatype BOOL for a numeric feature; use FP64 or INT64")
+            raise InvalidRequest(f"input {_shown(name)}: datatype BOOL for a numeric feature; use FP64 or INT64")
         if name in cfg.numeric and datatype == "BYTES":
-            raise InvalidRequest(f"input {name!r}: datatype BYTES for a numeric feature; use FP64 or INT64")
+            raise InvalidRequest(f"input {_shown(name)}: datatype BYTES for a numeric feature; use FP64 or INT64")
         if name in cfg.text and datatype != "BYTES":
-            raise InvalidRequest(f"input {name!r}: text goes as datatype BYTES, not {datatype}")
+            raise InvalidRequest(f"input {_shown(name)}: text goes as datatype BYTES, not {datatype}")
         columns[name] = flat
     return columns

@@ -1,5 +1,5 @@
 """The server's own Prometheus metrics, beside KServe's per-stage histograms on the same /metrics page:
-requests and latency per protocol (counted by the gateway), decisions per variant and version, rows per batch,
+requests and latency per protocol and refusals per route scope and status (counted by the gateway), decisions per variant and version, rows per batch,
 the version each alias serves, and alias moves that could not be loaded."""
 
 from __future__ import annotations
@@ -20,4 +20,7 @@ class Metrics:
         self.batch_rows = Histogram("intelligentops_batch_rows", "Rows scored and committed together",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
         self.serving = Gauge("intelligentops_serving_version", "Model version serving per alias", ["alias"])
+        self.refusals = Counter("intelligentops_refusals_total", "Requests refused (4xx) by route scope and status",
+                                ["route", "code"])
+        self.scoring_queue = Gauge("intelligentops_scoring_queue_rows", "Rows waiting to be scored")
         self.swap_failures = Counter("intelligentops_swap_failures_total", "Alias moves that could not be loaded")

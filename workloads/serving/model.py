@@ -26,6 +26,7 @@ from core.names import KEY_ID_HEADER, OUTPUT_NAMES, OUTPUTS
 from core.server_config import ServerConfig
 from workloads.serving.batching import BatchingEngine
 from workloads.serving.decoding import InvalidRequest, columns_from_v1, columns_from_v2, validate_columns
+from workloads.serving.gateway import CLIENT_HEADER
 from workloads.serving.versions import ServedVersions
 
 EXPLAIN_AT_LEAST = 3  # an explanation always carries at least this many top factors
@@ -38,6 +39,7 @@ class Decoded:
     rows: list[dict[str, Any]]
     request: InferRequest | None
     key_id: str | None
+    caller: str | None = None  # who the request counts against for fair scheduling (the gateway's CLIENT_HEADER)
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,13 @@ class DecisionModel(kserve.Model):
             rows = validate_columns(columns, self.cfg)
         except InvalidRequest as exc:
             raise InvalidInput(str(exc)) from None
-        return Decoded(rows=rows, request=payload if v2 else None, key_id=(headers or {}).get(KEY_ID_HEADER))
+        headers = headers or {}
+        return Decoded(rows=rows, request=payload if v2 else None, key_id=headers.get(KEY_ID_HEADER),
+                       caller=headers.get(CLIENT_HEADER))
 
     async def _decide(self, decoded: Decoded, explain: int, field: str) -> Decided:
         try:
-            records = await self.engine.submit(decoded.rows, explain, decoded.key_id)
+            records = await self.engine.submit(decoded.rows, explain, decoded.key_id, decoded.caller)
         except InvalidRequest as exc:  # rows whose values give no finite score
             raise InvalidInput(str(exc)) from None
         return Decided(records=records, request=decoded.request, field=field)

@@ -4,7 +4,7 @@ The index is the LanceDB table that `<spec>/vector_index` writes (layout of reso
 first text column; it is re-read when its table version changes. Up to `IN_MEMORY_ROWS` rows its vectors are
 held in memory and searched with one matrix product per batch (exact cosine, milliseconds); above that, each
 text is an approximate nearest-neighbour query to LanceDB. Texts are embedded by the served version's own
-encoder and answers are cached by text.
+encoder and answers are cached by text, at most CACHE_BYTES of them (least recently used out first).
 """
 
 from __future__ import annotations
@@ -26,13 +26,27 @@ class SimilarCases:
     """Nearest training cases by text, for a spec with a text feature and `similar_cases` > 0."""
 
     IN_MEMORY_ROWS = 200_000
-    CACHE_TEXTS = 100_000
+    CACHE_BYTES = 16 * 1024 * 1024  # answers kept, by text: bounded in bytes, least recently used out first
+    ENTRY_OVERHEAD = 200
     RECHECK_SECONDS = 30
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.cache: OrderedDict[str, list[str]] = OrderedDict()
+        self.cache_bytes = 0
         self._index: dict[str, Any] | None = None
+
+    def _size(self, text: str, ids: list[str]) -> int:
+        return len(text.encode("utf-8", "surrogatepass")) + sum(len(i) + 50 for i in ids) + self.ENTRY_OVERHEAD
+
+    def _remember(self, text: str, ids: list[str]) -> None:
+        if text in self.cache:
+            self.cache_bytes -= self._size(text, self.cache.pop(text))
+        self.cache[text] = ids
+        self.cache_bytes += self._size(text, ids)
+        while self.cache_bytes > self.CACHE_BYTES and self.cache:
+            old, old_ids = self.cache.popitem(last=False)
+            self.cache_bytes -= self._size(old, old_ids)
 
     def index(self) -> dict[str, Any]:
         """The spec's vector index for its first text column, re-read when its table version changes (checked at
@@ -68,6 +82,7 @@ class SimilarCases:
             index["matrix"] = vectors / np.where(norms > 0, norms, 1.0)
             index["row_ids"] = np.asarray(data.column("row_id").to_pylist(), dtype=object)
         self.cache.clear()
+        self.cache_bytes = 0
         self._index = index
         return index
 
@@ -81,20 +96,23 @@ class SimilarCases:
             return [[] for _ in rows]
         col, k = index["column"], self.cfg.similar_cases
         texts = ["" if r.get(col) is None else str(r[col]).strip() for r in rows]
-        todo = sorted({t for t in texts if t and t not in self.cache})
+        found = {t: self.cache.get(t) for t in set(texts) if t}
+        for t, ids in found.items():
+            if ids is not None:
+                self.cache.move_to_end(t)
+        todo = sorted(t for t, ids in found.items() if ids is None)
         if todo:
             vectors = np.asarray(embed(todo), dtype=np.float32)  # the model caches these for its own use too
             if "matrix" in index:
                 norms = np.linalg.norm(vectors, axis=1, keepdims=True)
                 scores = (vectors / np.where(norms > 0, norms, 1.0)) @ index["matrix"].T
                 top = np.argsort(-scores, axis=1)[:, :k]
-                found = [[str(r) for r in index["row_ids"][t]] for t in top]
+                answers = [[str(r) for r in index["row_ids"][t]] for t in top]
             else:
-                found = [[str(f["row_id"]) for f in index["table"].search(list(map(float, v)),
+                answers = [[str(f["row_id"]) for f in index["table"].search(list(map(float, v)),
                                                                            vector_column_name="vector")
                           .distance_type("cosine").limit(k).select(["row_id"]).to_list()] for v in vectors]
-            for text, ids in zip(todo, found):
-                self.cache[text] = ids
-            while len(self.cache) > self.CACHE_TEXTS:
-                self.cache.popitem(last=False)
-        return [self.cache.get(t, []) if t else [] for t in texts]
+            for text, ids in zip(todo, answers):
+                found[text] = ids
+                self._remember(text, ids)
+        return [found.get(t) or [] if t else [] for t in texts]
