@@ -1,6 +1,13 @@
-"""The data stage: raw_dataset -> (blocking Great Expectations checks) -> validated_dataset -> training_splits."""
+"""The data stage: raw_dataset -> (blocking Great Expectations checks) -> validated_dataset -> training_splits.
+
+A spec with `partitions` snapshots, checks and validates a month at a time (assets/partitions.py): each month against
+the profile of the months before it, so a corrupted month fails its own checks and the others stay as they were.
+training_splits then reads the training window (the IO manager's unpartitioned view) and refuses a window with a
+month missing, or one whose newest snapshot failed its checks.
+"""
 
 
+import hashlib
 import json
 from collections import Counter
 from typing import Any
@@ -14,13 +21,16 @@ from assets.checks.data_quality import DATA_CHECKS, CheckOutcome, Profile, label
 from assets.features import clean_text
 from assets.naming import LABEL, ROW_ID, SPLIT, asset_key
 from assets.outcome_trust import flagged, outcome_key_bursts
-from assets.profile import load_profile, write_profile
-from assets.sources import parquet_safe, read_source
+from assets.partitions import (WINDOW_HASH, WINDOW_KEY, WINDOW_PARTITIONS, month_keys, parse_time,
+                               partition_output, partitioned_asset_kwargs, partitions_def, quiet_preview, run_keys,
+                               split_by_partition, window_bounds, window_label, with_note, Frames)
+from assets.profile import load_profile, month_profiles, reference_before, write_profile
+from assets.sources import SourceError, parquet_safe, read_source
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
 from core.audit import AuditStore
 from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, \
-    frame_to_parquet_bytes
+    frame_to_parquet_bytes, window_keys
 
 
 class DataValidationError(RuntimeError):
@@ -36,8 +46,11 @@ def _validation_record_path(storage: StorageResource, spec: PipelineSpec, raw_ha
     return storage.spec_dir(spec.name, "validation") / f"{raw_hash}.json"
 
 
-def run_validation(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame) -> list[CheckOutcome]:
-    outcomes = validate_frame(raw, spec, load_profile(storage, spec))
+def run_validation(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame,
+                   profile: Profile | None) -> list[CheckOutcome]:
+    """The generated suite on `raw` (a snapshot, or one month of a partitioned spec) against the learned `profile`,
+    its outcome stored by the snapshot's hash."""
+    outcomes = validate_frame(raw, spec, profile, month=spec.partitioned)
     record = {
         "raw_hash": frame_hash(raw),
         "passed": all(o.passed for o in outcomes),
@@ -101,17 +114,6 @@ def clean_rows(raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, pd.
     rejected = raw[~keep].copy()
     rejected.insert(0, "reason", reasons[~keep])
     return clean.reset_index(drop=True), parquet_safe(rejected.reset_index(drop=True))
-
-
-def parse_time(values: pd.Series) -> pd.Series:
-    """Numbers stay numbers; text such as 'Mar-2018' or '2018-03-01' becomes a timestamp."""
-    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
-        return values
-    for fmt in ("%b-%Y", "%Y-%m-%d", "%Y-%m", "ISO8601"):
-        parsed = pd.to_datetime(values, format=fmt, errors="coerce")
-        if parsed.notna().sum() >= 0.9 * values.notna().sum():
-            return parsed
-    return pd.to_datetime(values, format="mixed", errors="coerce")
 
 
 # --- splitting -------------------------------------------------------------------------------------------------
@@ -194,12 +196,11 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore,
     return frame, after
 
 
-def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None,
-                    exclude_key_ids: tuple[str, ...] = ()) -> dg.Output[pd.DataFrame]:
-    """The source read once, Parquet-safe, with its content hash, schema and a preview; with
-    `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back
+def _read(loaded: LoadedSpec, log: Log, store: AuditStore | None, keys: list[str],
+          exclude_key_ids: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+    """The source (a SQL source bound to the run's months), plus outcome rows when the spec learns from them
     (labelled by the spec's outcome rule, the reports of `exclude_key_ids` left out)."""
-    df, where = read_source(loaded)
+    df, where = read_source(loaded, window_bounds(keys) if keys else None)
     extra: dict[str, Any] = {}
     if store is not None:
         learned, seq = outcome_rows(loaded.spec, df, store, exclude_key_ids)
@@ -212,73 +213,202 @@ def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = Non
             log.warning(f"{loaded.name}: outcomes reported by {', '.join(exclude_key_ids)} are left out of the "
                         "snapshot: their reports contradict the model far beyond its measured error (inference_log)")
         log.info(f"{loaded.name}: {len(learned)} served decisions with outcomes join the snapshot")
-    df = parquet_safe(df)
-    digest = frame_hash(df)
+    return parquet_safe(df), where, extra
+
+
+def _snapshot_metadata(loaded: LoadedSpec, df: pd.DataFrame, where: str) -> dict[str, Any]:
+    return {"content_hash": frame_hash(df), "source": where, "dagster/row_count": len(df),
+            "dagster/column_schema": _schema(df), "columns": df.shape[1],
+            "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path)}
+
+
+def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None,
+                    exclude_key_ids: tuple[str, ...] = ()) -> dg.Output[pd.DataFrame]:
+    """The source read once, Parquet-safe, with its content hash, schema and a preview; with
+    `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back
+    (labelled by the spec's outcome rule, the reports of `exclude_key_ids` left out)."""
+    df, where, extra = _read(loaded, log, store, [], exclude_key_ids)
+    meta = {**_snapshot_metadata(loaded, df, where), **extra}
     log.info(f"{loaded.name}: read {len(df)} rows x {df.shape[1]} columns from {where}")
-    return dg.Output(df, data_version=dg.DataVersion(digest[:16]), metadata={
-        "content_hash": digest, "source": where, "dagster/row_count": len(df),
-        "dagster/column_schema": _schema(df), "columns": df.shape[1],
-        "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path), **extra,
-    })
+    return dg.Output(df, data_version=dg.DataVersion(meta["content_hash"][:16]), metadata=meta)
+
+
+def snapshot_months(loaded: LoadedSpec, keys: list[str], log: Log, store: AuditStore | None = None,
+                    exclude_key_ids: tuple[str, ...] = ()
+                    ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The source read once for a run's months and cut into them by the time column: each month's rows, each
+    month's metadata (its own content hash), and what the run read (rows outside its months, without a time)."""
+    spec = loaded.spec
+    df, where, extra = _read(loaded, log, store, keys, exclude_key_ids)
+    months = month_keys(spec, df[spec.time_column])
+    parts = split_by_partition(df, spec, keys, months)
+    empty = [k for k, part in parts.items() if part.empty]
+    if empty:
+        raise SourceError(f"{loaded.path}: source {where} has no row in month(s) {', '.join(empty)} of time column "
+                          f"{spec.time_column!r}; the last good snapshot of each stays in place (materialize only "
+                          "months that have data)")
+    common = {"source": where, "rows_read": len(df), "rows_in_other_months": int(months.notna().sum() -
+                                                                                 sum(len(p) for p in parts.values())),
+              "rows_without_time": int(months.isna().sum()), **extra}
+    metas = {k: {**_snapshot_metadata(loaded, part, where), "partition": k} for k, part in parts.items()}
+    log.info(f"{loaded.name}: read {len(df)} rows from {where}; " +
+             ", ".join(f"{k}: {len(parts[k])}" for k in keys))
+    return parts, metas, common
+
+
+def _check_result(spec: PipelineSpec, name: str, outcome: CheckOutcome, log: Log) -> dg.AssetCheckResult:
+    if not outcome.passed:
+        log.error(f"{spec.name}/{outcome.name}: {outcome.description}")
+    return dg.AssetCheckResult(
+        asset_key=asset_key(spec.name, naming.RAW_DATASET), check_name=name, passed=outcome.passed,
+        severity=dg.AssetCheckSeverity.ERROR, description=outcome.description[:2000],
+        metadata={"expectations": outcome.evaluated, "failures": len(outcome.failures),
+                  "details": dg.MetadataValue.md("\n".join(f"- {f}" for f in outcome.failures) or "none")})
 
 
 def check_results(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log
                   ) -> list[dg.AssetCheckResult]:
     """One blocking check result per family of the generated Great Expectations suite."""
+    outcomes = run_validation(storage, spec, raw, load_profile(storage, spec))
+    return [_check_result(spec, o.name, o, log) for o in outcomes]
+
+
+def check_months(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, keys: list[str], log: Log
+                 ) -> list[dg.AssetCheckResult]:
+    """Each month of a run checked on its own, in time order, against the profile of the validated months before
+    it (a month earlier in the same run counts once it passed; assets/profile.py, reference_before); one result per
+    check family, failures prefixed with their month."""
+    parts = split_by_partition(raw, spec, keys)
+    profiles = month_profiles(storage, spec)
+    per_month: dict[str, list[CheckOutcome]] = {}
+    for k in sorted(keys):
+        per_month[k] = run_validation(storage, spec, parts[k], reference_before(profiles, k))
+        if all(o.passed for o in per_month[k]) and k != max(keys):
+            clean, _ = clean_rows(parts[k], spec)
+            profiles[k] = Profile.of(clean, spec, parts[k])
     results = []
-    for outcome in run_validation(storage, spec, raw):
-        if not outcome.passed:
-            log.error(f"{spec.name}/{outcome.name}: {outcome.description}")
-        results.append(dg.AssetCheckResult(
-            asset_key=asset_key(spec.name, naming.RAW_DATASET), check_name=outcome.name, passed=outcome.passed,
-            severity=dg.AssetCheckSeverity.ERROR, description=outcome.description[:2000],
-            metadata={"expectations": outcome.evaluated, "failures": len(outcome.failures),
-                      "details": dg.MetadataValue.md("\n".join(f"- {f}" for f in outcome.failures) or "none")},
-        ))
+    for name in DATA_CHECKS:
+        outcomes = [(k, next(o for o in per_month[k] if o.name == name)) for k in sorted(keys)]
+        failures = tuple(f"{k}: {f}" for k, o in outcomes for f in o.failures)
+        evaluated = sum(o.evaluated for _, o in outcomes)
+        notes = tuple(dict.fromkeys(n for _, o in outcomes for n in o.notes))
+        where = f"month {keys[0]}" if len(keys) == 1 else f"{len(keys)} months ({keys[0]}...{keys[-1]})"
+        merged = CheckOutcome(name=name, passed=not failures, failures=failures, evaluated=evaluated,
+                              notes=(where, *notes))
+        results.append(_check_result(spec, name, merged, log))
     return results
 
 
-def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log
-                      ) -> dg.Output[pd.DataFrame]:
-    """Typed, cleaned rows of a snapshot whose data checks passed; refuses one whose checks failed."""
+def validated_rows(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log,
+                   partition: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Typed, cleaned rows of a snapshot (or of one month) whose data checks passed, and their metadata; refuses
+    one whose checks failed."""
     raw_hash = frame_hash(raw)
+    where = f" month {partition}" if partition else ""
     record_path = _validation_record_path(storage, spec, raw_hash)
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if record is None:
-        log.info("no validation record for this snapshot; running the data checks now")
-        run_validation(storage, spec, raw)
+        log.info(f"no validation record for this snapshot{where}; running the data checks now")
+        run_validation(storage, spec, raw, load_profile(storage, spec, before=partition))
         record = json.loads(record_path.read_text())
     if not record["passed"]:
         broken = [f"{name}: {'; '.join(c['failures'])}" for name, c in record["checks"].items() if not c["passed"]]
         raise DataValidationError(
-            f"{spec.name}: raw snapshot {raw_hash[:12]} failed its data checks, so the last good "
-            f"validated_dataset stays in place. " + " | ".join(broken))
+            f"{spec.name}: raw snapshot{where} {raw_hash[:12]} failed its data checks, so the last good "
+            f"validated_dataset{where} stays in place. " + " | ".join(broken))
     clean, rejected = clean_rows(raw, spec)
     if len(clean) < spec.validation.min_rows:
         raise DataValidationError(
-            f"{spec.name}: only {len(clean)} of {len(raw)} rows survive row-level rules (validation.min_rows "
+            f"{spec.name}:{where} only {len(clean)} of {len(raw)} rows survive row-level rules (validation.min_rows "
             f"is {spec.validation.min_rows}); reasons: {dict(Counter(rejected['reason']).most_common(5))}")
-    rejected_path = storage.spec_dir(spec.name, "validation") / "rejected_rows.parquet"
+    folder = storage.spec_dir(spec.name, "validation")
+    rejected_path = folder / "rejected_rows.parquet" if partition is None else \
+        folder / "rejected_rows" / f"{partition}.parquet"
     atomic_write_bytes(rejected_path, frame_to_parquet_bytes(rejected))
-    write_profile(storage, spec, Profile.of(clean, spec, raw))
-    digest = frame_hash(clean)
+    write_profile(storage, spec, Profile.of(clean, spec, raw), partition)
     reasons = Counter(rejected["reason"])
-    return dg.Output(clean, data_version=dg.DataVersion(digest[:16]), metadata={
-        "content_hash": digest, "raw_hash": raw_hash, "dagster/row_count": len(clean),
+    meta = {
+        "content_hash": frame_hash(clean), "raw_hash": raw_hash, "dagster/row_count": len(clean),
         "rows_set_aside": len(rejected), "rejected_rows_path": dg.MetadataValue.path(str(rejected_path)),
         "set_aside_reasons": dg.MetadataValue.md(
             "\n".join(f"- {r}: {n}" for r, n in reasons.most_common(20)) or "none"),
         "positive_rate": round(float(clean[LABEL].mean()), 4),
         "dagster/column_schema": _schema(clean), "preview": dg.MetadataValue.md(_preview(clean)),
-    })
+    }
+    return clean, meta if partition is None else {**meta, "partition": partition}
 
 
-def split_rows(spec: PipelineSpec, validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
-    """Every validated row's split, with each split's size, positive rate, hash and first ids."""
+def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log
+                      ) -> dg.Output[pd.DataFrame]:
+    """Typed, cleaned rows of a snapshot whose data checks passed; refuses one whose checks failed."""
+    clean, meta = validated_rows(storage, spec, raw, log)
+    return dg.Output(clean, data_version=dg.DataVersion(meta["content_hash"][:16]), metadata=meta)
+
+
+# --- the training window of a partitioned spec -------------------------------------------------------------------
+
+
+def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, month: str) -> dict[str, Any]:
+    found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[month]), limit=1)
+    if not found.records:
+        return {}
+    return {k: getattr(v, "value", v) for k, v in found.records[0].asset_materialization.metadata.items()}
+
+
+def training_window(instance: dg.DagsterInstance, spec: PipelineSpec, validated: pd.DataFrame
+                    ) -> dict[str, Any]:
+    """The months the unpartitioned readers see (resources/storage.py: the latest `training.window.months` validated
+    months), checked: none missing inside it, none whose newest raw snapshot failed its checks or was never
+    validated, and together exactly the rows loaded. Returns training_splits' metadata naming them and their hashes.
+    """
+    pdef = partitions_def(spec)
+    raw_key, validated_key = asset_key(spec.name, naming.RAW_DATASET), asset_key(spec.name, naming.VALIDATED_DATASET)
+    ordered = list(pdef.get_partition_keys(dynamic_partitions_store=instance))
+    validated_months = set(instance.get_materialized_partitions(validated_key))
+    raw_months = set(instance.get_materialized_partitions(raw_key))
+    months = spec.training.window.months if spec.training.window else None
+    window = window_keys(ordered, validated_months, months)
+    how = f"dagster asset materialize -m orchestration.definitions --select 'key:\"{spec.name}/*\" and group:data'"
+    problems = []
+    newer = sorted(m for m in raw_months - validated_months if window and m > window[-1])
+    if newer:
+        problems.append(f"raw_dataset month(s) {', '.join(newer)} are newer than the newest validated month "
+                        f"{window[-1]}: their checks failed or they were never validated")
+    if window:
+        first = ordered.index(window[0])
+        span = ordered[first:ordered.index(window[-1]) + 1]
+        missing = [m for m in span if m not in validated_months]
+        if missing:
+            problems.append(f"month(s) {', '.join(missing)} inside the window have no validated_dataset "
+                            f"(materialize them: {how} --partition-range {missing[0]}...{missing[-1]})")
+    hashes: dict[str, str] = {}
+    rows = 0
+    for m in window:
+        v, r = _latest(instance, validated_key, m), _latest(instance, raw_key, m)
+        if r.get("content_hash") and v.get("raw_hash") and r["content_hash"] != v["raw_hash"]:
+            problems.append(f"month {m}: its newest raw snapshot {str(r['content_hash'])[:12]} was not validated "
+                            f"(its checks failed, or validated_dataset was not materialized after it)")
+        hashes[m] = str(v.get("content_hash", ""))
+        rows += int(v.get("dagster/row_count", 0) or 0)
+    if not problems and rows != len(validated):
+        problems.append(f"the window's months record {rows} validated rows but {len(validated)} were loaded; "
+                        "materialize validated_dataset for those months again")
+    if problems:
+        raise DataValidationError(f"{spec.name}: training_splits reads the window {window_label(window)}, which is "
+                                  "not ready: " + "; ".join(problems))
+    digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+    return {WINDOW_KEY: window_label(window), WINDOW_PARTITIONS: dg.MetadataValue.json(hashes), WINDOW_HASH: digest,
+            "window_months": len(window)}
+
+
+def split_rows(spec: PipelineSpec, validated: pd.DataFrame,
+               window: dict[str, Any] | None = None) -> dg.Output[pd.DataFrame]:
+    """Every validated row's split, with each split's size, positive rate, hash and first ids (and, for a
+    partitioned spec, the window's months and their hashes)."""
     labels = assign_splits(validated, spec)
     splits = pd.DataFrame({ROW_ID: validated[ROW_ID].to_numpy(), SPLIT: labels.to_numpy()})
     meta: dict[str, Any] = {"strategy": spec.split.strategy, "seed": spec.split.seed,
-                            "validated_hash": frame_hash(validated)}
+                            "validated_hash": frame_hash(validated), **(window or {})}
     for name in ("train", "validation", "test"):
         part = validated[labels == name]
         if name != "validation" or spec.split.validation > 0:
@@ -300,41 +430,70 @@ def split_rows(spec: PipelineSpec, validated: pd.DataFrame) -> dg.Output[pd.Data
 
 
 def definitions(loaded: LoadedSpec) -> dg.Definitions:
-    """raw_dataset, its blocking checks, validated_dataset and training_splits for one spec."""
+    """raw_dataset, its blocking checks, validated_dataset and training_splits for one spec; the first two a month
+    at a time when the spec has partitions."""
+    with quiet_preview():
+        return _definitions(loaded)
+
+
+def _definitions(loaded: LoadedSpec) -> dg.Definitions:
     spec = loaded.spec
     raw_key, validated_key, splits_key = (asset_key(spec.name, n) for n in
                                           (naming.RAW_DATASET, naming.VALIDATED_DATASET, naming.TRAINING_SPLITS))
-
     learns = spec.monitoring.learn_from_outcomes
+    partitioned = partitioned_asset_kwargs(spec)
 
-    @dg.asset(key=raw_key, group_name=naming.DATA, required_resource_keys={"audit"} if learns else set())
-    def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
+    @dg.asset(key=raw_key, group_name=naming.DATA, required_resource_keys={"audit"} if learns else set(),
+              **partitioned)
+    def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output[Frames]:
         """Snapshot of the spec's source as Parquet: content hash, schema, row count and a preview (and, when
         the spec learns from outcomes, the served decisions whose outcome came back, counted in metadata)."""
         if not learns:
-            return snapshot_source(loaded, context.log)
-        store = context.resources.audit.store()
-        excluded = tuple(flagged(outcome_key_bursts(context.instance, store, spec.name))
-                         if spec.monitoring.exclude_flagged_outcome_keys else ())
-        return snapshot_source(loaded, context.log, store, excluded)
+            store, excluded = None, ()
+        else:
+            store = context.resources.audit.store()
+            excluded = tuple(flagged(outcome_key_bursts(context.instance, store, spec.name))
+                             if spec.monitoring.exclude_flagged_outcome_keys else ())
+        keys = run_keys(context)
+        if not keys:
+            return snapshot_source(loaded, context.log, store, excluded)
+        parts, metas, common = snapshot_months(loaded, keys, context.log, store, excluded)
+        return partition_output(context, keys, parts, metas, common)
 
-    @dg.multi_asset_check(specs=[dg.AssetCheckSpec(name=name, asset=raw_key, blocking=True, description=doc)
-                                 for name, doc in DATA_CHECKS.items()],
-                          name=f"{spec.name}__data_expectations", ins={"raw": dg.AssetIn(key=raw_key)})
+    specs = [dg.AssetCheckSpec(name=name, asset=raw_key, blocking=True, description=doc,
+                               partitions_def=partitioned.get("partitions_def")) for name, doc in DATA_CHECKS.items()]
+
+    @dg.multi_asset_check(specs=specs, name=f"{spec.name}__data_expectations", ins={"raw": dg.AssetIn(key=raw_key)})
     def data_expectations(context: dg.AssetCheckExecutionContext, storage: StorageResource, raw: pd.DataFrame):
-        """The Great Expectations suite generated from the spec, one blocking check per family."""
-        yield from check_results(storage, spec, raw, context.log)
+        """The Great Expectations suite generated from the spec, one blocking check per family (a partitioned
+        spec's months each on their own, against the validated months before them)."""
+        keys = run_keys(context)
+        if keys:
+            yield from check_months(storage, spec, raw, keys, context.log)
+        else:
+            yield from check_results(storage, spec, raw, context.log)
 
-    @dg.asset(key=validated_key, group_name=naming.DATA, ins={"raw": dg.AssetIn(key=raw_key)})
+    @dg.asset(key=validated_key, group_name=naming.DATA, ins={"raw": dg.AssetIn(key=raw_key)}, **partitioned)
     def validated_dataset(context: dg.AssetExecutionContext, storage: StorageResource,
-                          raw: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+                          raw: pd.DataFrame) -> dg.Output[Frames]:
         """Typed, cleaned rows of a snapshot that passed every data check; rows that break row-level rules
         (null target, repeated id, values outside declared rules) are set aside with their reason."""
-        return validate_snapshot(storage, spec, raw, context.log)
+        keys = run_keys(context)
+        if not keys:
+            return validate_snapshot(storage, spec, raw, context.log)
+        parts = split_by_partition(raw, spec, keys)
+        done = {k: validated_rows(storage, spec, parts[k], context.log, k) for k in sorted(keys)}
+        return partition_output(context, keys, {k: v[0] for k, v in done.items()}, {k: v[1] for k, v in done.items()})
 
     @dg.asset(key=splits_key, group_name=naming.DATA, ins={"validated": dg.AssetIn(key=validated_key)})
-    def training_splits(validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    def training_splits(context: dg.AssetExecutionContext, validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Deterministic train / validation / test assignment of every validated row, with a hash per split."""
-        return split_rows(spec, validated)
+        window = training_window(context.instance, spec, validated) if spec.partitioned else None
+        return split_rows(spec, validated, window)
 
-    return dg.Definitions(assets=[raw_dataset, validated_dataset, training_splits], asset_checks=[data_expectations])
+    assets = [with_note(raw_dataset, spec, "A month at a time: the source's rows whose time column falls in it."),
+              with_note(validated_dataset, spec, "A month at a time, each against the validated months before it."),
+              with_note(training_splits, spec, "Over the months of the training window (training.window), named "
+                        "with their hashes; refused while a month inside it is missing or its newest snapshot failed "
+                        "its checks.")]
+    return dg.Definitions(assets=assets, asset_checks=[data_expectations])

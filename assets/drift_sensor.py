@@ -11,6 +11,12 @@
   a spec's `deployment.rollout` steps, which the rollout sensor then drives; or refused, and by which gates with
   their numbers) is written back once onto the window's drift report as an observation.
 
+- A spec with partitions: a new month arriving (a validated_dataset month materialized, newer than or as new as the
+  last one checked) is compared with the serving version's reference (job `<spec>__month_drift`, run_key
+  `month:<month>:<content hash>`), which records a MonthReport as an observation on that month; one that found drift
+  asks for one retrain (run_key `retrain:month:<month>`), within the same cooldown. Every retrain of a partitioned
+  spec snapshots the newest month again and trains on the window ending there.
+
 Its cursor moves only with the requests, in the same tick result, so a daemon killed mid-tick re-reads the same
 windows next tick and the run keys stop duplicates.
 """
@@ -27,6 +33,7 @@ import dagster as dg
 
 from assets import naming
 from assets.naming import asset_key
+from assets.partitions import newest_month
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.window_report import ReportRecord
 from assets.windows import windows_partitions
@@ -36,6 +43,7 @@ from core.audit.traffic import full_windows, traffic_outcome_count, window_bound
 from resources.servers import AuditResource
 
 TAG = naming.TAG_PREFIX
+MONTH_TAG = f"{TAG}month_drift"  # on a month's drift check and the retrain it asked for: the month
 
 # Outcome counts at which a window is judged again: live AUC needs 30 labelled decisions, and each step
 # roughly triples the evidence, so a window is re-reported a handful of times, not once per outcome.
@@ -50,6 +58,9 @@ class SensorCursor:
     seq: the last audit seq turned into a window; event_id: the last drift_report event read; last_retrain: when
     a retrain was last asked for (the cooldown); outcome_id: the last outcome event read; retrains_until: the
     update time of the last finished retrain whose outcome was written back to its window's report.
+    A partitioned spec's sensor also keeps month_event_id (the last validated_dataset materialization read),
+    month (the newest month compared with the reference) and month_report_id (the last MonthReport read); a cursor
+    without them parses, and an unpartitioned spec's cursor never writes them.
     """
 
     seq: int = 0
@@ -57,14 +68,53 @@ class SensorCursor:
     last_retrain: float = 0.0
     outcome_id: int = 0
     retrains_until: float = 0.0
+    month_event_id: int = 0
+    month: str = ""
+    month_report_id: int = 0
 
     @classmethod
     def parse(cls, raw: str | None) -> SensorCursor:
         return cls(**json.loads(raw)) if raw else cls()
 
     def dump(self) -> str:
-        return json.dumps({"seq": self.seq, "event_id": self.event_id, "last_retrain": self.last_retrain,
-                           "outcome_id": self.outcome_id, "retrains_until": self.retrains_until})
+        fields = {"seq": self.seq, "event_id": self.event_id, "last_retrain": self.last_retrain,
+                  "outcome_id": self.outcome_id, "retrains_until": self.retrains_until}
+        if self.month_event_id or self.month or self.month_report_id:
+            fields.update(month_event_id=self.month_event_id, month=self.month, month_report_id=self.month_report_id)
+        return json.dumps(fields)
+
+
+@dataclass(frozen=True)
+class MonthReport:
+    """A month of a partitioned spec compared with the reference of the version serving when it arrived, as the
+    observation on that validated_dataset month records it and the sensor reads it back."""
+
+    month: str
+    model_version: str
+    drift: bool
+    status: str
+    evidence: str
+
+    KIND = "month_drift"
+
+    @property
+    def retrain_requested(self) -> bool:
+        return self.drift
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"report": self.KIND, "month": self.month, "model_version": self.model_version, "drift": self.drift,
+                "status": self.status, "retrain_requested_by_sensor": self.retrain_requested,
+                "evidence": self.evidence}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> MonthReport | None:
+        """The report an observation carries, or None for one that is not a month's drift report."""
+        v = {k: getattr(m, "value", m) for k, m in metadata.items()}
+        if v.get("report") != cls.KIND:
+            return None
+        return cls(month=str(v.get("month", "")), model_version=str(v.get("model_version", "")),
+                   drift=bool(v.get("drift", False)), status=str(v.get("status", "")),
+                   evidence=str(v.get("evidence", "")))
 
 
 @dataclass(frozen=True)
@@ -150,6 +200,7 @@ def retrain_outcome(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Retrain
 
 
 def _written_back(instance: dg.DagsterInstance, report_key: dg.AssetKey, window: str, run_id: str) -> bool:
+    """Whether the outcome of retrain `run_id` is already written onto partition `window` of `report_key`."""
     found = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=report_key, asset_partitions=[window]),
                                         limit=20)
     for r in found.records:
@@ -170,11 +221,15 @@ def retrain_outcomes(spec: PipelineSpec, instance: dg.DagsterInstance, after: fl
                       updated_after=datetime.fromtimestamp(after, UTC)),
         limit=50, order_by="update_timestamp", ascending=True)
     observations = []
-    report_key = asset_key(spec.name, naming.DRIFT_REPORT)
     for record in records:
         after = max(after, record.update_timestamp.timestamp())
-        window = record.dagster_run.tags.get(f"{TAG}window")
-        if not window:
+        tags = record.dagster_run.tags
+        # A window's retrain answers on its drift report; a month's on that validated_dataset month.
+        if tags.get(f"{TAG}window"):
+            report_key, window = asset_key(spec.name, naming.DRIFT_REPORT), tags[f"{TAG}window"]
+        elif tags.get(MONTH_TAG):
+            report_key, window = asset_key(spec.name, naming.VALIDATED_DATASET), tags[MONTH_TAG]
+        else:
             continue  # a retrain started by hand or by the weekly schedule answers to no window
         if _written_back(instance, report_key, window, record.dagster_run.run_id):
             continue  # a daemon that died after storing the observation but before its cursor: not twice
@@ -183,6 +238,69 @@ def retrain_outcomes(spec: PipelineSpec, instance: dg.DagsterInstance, after: fl
             asset_key=report_key, partition=window, description=f"retrain {done.outcome}: {done.reason[:300]}",
             metadata=done.to_metadata()))
     return observations, after
+
+
+def month_checks(spec: PipelineSpec, instance: dg.DagsterInstance, cursor: SensorCursor
+                 ) -> tuple[list[dg.RunRequest], int, str]:
+    """New validated months since the cursor: the newest of them, when it is as new as the newest month already
+    checked, is compared with the serving version's reference (a backfill of history asks for one check, not one
+    per month). A month materialized again with other rows is checked again: its content hash is in the run key."""
+    found = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key(spec.name, naming.VALIDATED_DATASET),
+                              after_storage_id=cursor.month_event_id), limit=1000, ascending=True)
+    event_id, newest = cursor.month_event_id, None
+    for record in found.records:
+        event_id = max(event_id, record.storage_id)
+        month = record.asset_materialization.partition
+        if month and month >= cursor.month and (newest is None or month >= newest[0]):
+            digest = getattr(record.asset_materialization.metadata.get("content_hash"), "value", "")
+            newest = (month, str(digest)[:12])
+    if newest is None:
+        return [], event_id, cursor.month
+    month, digest = newest
+    return [dg.RunRequest(run_key=f"month:{month}:{digest}", job_name=naming.job_name(spec.name, "month_drift"),
+                          partition_key=month, tags={MONTH_TAG: month})], event_id, month
+
+
+def month_retrains(spec: PipelineSpec, instance: dg.DagsterInstance, cursor: SensorCursor, last_retrain: float,
+                   now: float, log: Log) -> tuple[list[dg.RunRequest], int, float]:
+    """Month reports since the cursor that found drift: one retrain per month (run_key `retrain:month:<month>`),
+    within the cooldown the window retrains share."""
+    found = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=asset_key(spec.name, naming.VALIDATED_DATASET),
+                              after_storage_id=cursor.month_report_id), limit=100, ascending=True)
+    retrain_job = naming.job_name(spec.name, "retrain")
+    event_id, requests = cursor.month_report_id, []
+    for record in found.records:
+        event_id = max(event_id, record.storage_id)
+        report = MonthReport.from_metadata(record.asset_observation.metadata)
+        if report is None or not report.retrain_requested:
+            continue
+        run_key = f"retrain:month:{report.month}"
+        if _run_exists(instance, retrain_job, run_key):
+            continue
+        if now - last_retrain < spec.monitoring.retrain_cooldown_hours * 3600:
+            log.info(f"{spec.name}: month {report.month} asks for a retrain, but one was requested "
+                     f"{(now - last_retrain) / 3600:.1f} h ago (cooldown {spec.monitoring.retrain_cooldown_hours} h)")
+            continue
+        request = retrain_request(spec, instance, run_key, {
+            MONTH_TAG: report.month, f"{TAG}trigger": "drift", f"{TAG}served_version": report.model_version,
+            f"{TAG}evidence": report.evidence[:250]})
+        if request is not None:
+            last_retrain = now
+            requests.append(request)
+    return requests, event_id, last_retrain
+
+
+def retrain_request(spec: PipelineSpec, instance: dg.DagsterInstance, run_key: str, tags: dict[str, str]
+                    ) -> dg.RunRequest | None:
+    """A `<spec>__retrain` run; a partitioned spec's names the newest month (snapshotted again; training reads the
+    window ending there), and none is asked for before any month exists."""
+    job = naming.job_name(spec.name, "retrain")
+    if not spec.partitioned:
+        return dg.RunRequest(run_key=run_key, job_name=job, tags=tags)
+    month = newest_month(instance, spec)
+    return None if month is None else dg.RunRequest(run_key=run_key, job_name=job, partition_key=month, tags=tags)
 
 
 def evaluate_drift_sensor(spec: PipelineSpec, instance: dg.DagsterInstance, store: AuditStore, cursor: SensorCursor,
@@ -218,25 +336,36 @@ def evaluate_drift_sensor(spec: PipelineSpec, instance: dg.DagsterInstance, stor
             log.info(f"{spec.name}: window {report.window} asks for a retrain, but one was requested "
                      f"{(now - last_retrain) / 3600:.1f} h ago (cooldown {m.retrain_cooldown_hours} h)")
             continue
-        last_retrain = now
-        requests.append(dg.RunRequest(
-            run_key=run_key, job_name=retrain_job,
-            tags={f"{TAG}window": report.window, f"{TAG}trigger": report.trigger,
-                  f"{TAG}served_version": report.model_version, f"{TAG}evidence": report.evidence[:250]}))
+        request = retrain_request(spec, instance, run_key, {
+            f"{TAG}window": report.window, f"{TAG}trigger": report.trigger,
+            f"{TAG}served_version": report.model_version, f"{TAG}evidence": report.evidence[:250]})
+        if request is not None:
+            last_retrain = now
+            requests.append(request)
+    month_event_id, month, month_report_id = cursor.month_event_id, cursor.month, cursor.month_report_id
+    if spec.partitioned:
+        checks, month_event_id, month = month_checks(spec, instance, cursor)
+        retrains, month_report_id, last_retrain = month_retrains(spec, instance, cursor, last_retrain, now, log)
+        requests += checks + retrains
     observations, retrains_until = retrain_outcomes(spec, instance, cursor.retrains_until)
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[partitions.build_add_request(keys)] if keys else [],
         asset_events=observations,
         cursor=SensorCursor(seq=seq, event_id=event_id, last_retrain=last_retrain, outcome_id=outcome_id,
-                            retrains_until=retrains_until).dump())
+                            retrains_until=retrains_until, month_event_id=month_event_id, month=month,
+                            month_report_id=month_report_id).dump())
 
 
-def drift_sensor(loaded: LoadedSpec, report_job: AssetJob, retrain: AssetJob) -> dg.SensorDefinition:
-    """`<spec>__drift_sensor`, on by default: starts `report_job` per window and `retrain` on drift."""
+def drift_sensor(loaded: LoadedSpec, report_job: AssetJob, retrain: AssetJob,
+                 month_job: dg.JobDefinition | None = None) -> dg.SensorDefinition:
+    """`<spec>__drift_sensor`, on by default: starts `report_job` per window, `month_job` per new month of a
+    partitioned spec, and `retrain` on drift."""
     spec = loaded.spec
 
-    @dg.sensor(name=naming.drift_sensor_name(spec.name), jobs=[report_job, retrain],
+    jobs = [report_job, retrain, *([month_job] if month_job else [])]
+
+    @dg.sensor(name=naming.drift_sensor_name(spec.name), jobs=jobs,
                minimum_interval_seconds=spec.monitoring.sensor_interval_seconds,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Reads {spec.name}'s audit log after its cursor: a drift report per window of "

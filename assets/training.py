@@ -5,8 +5,8 @@ time and rejects string annotations for the context parameter.
 """
 
 import hashlib
-import io
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +22,7 @@ from assets import features as feature_module
 from assets import naming
 from assets.features import build_feature_frame, clean_text, fit_preprocessing, transform
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
+from assets.partitions import WINDOW_HASH, WINDOW_KEY, WINDOW_PARTITIONS
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec, Training
 from assets.wiring import Log, feature_asset
 from resources.embedder import ModelRef, encoder_artifacts, encoder_description, model_files_hash, resolve_model
@@ -160,12 +161,18 @@ def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: p
     digest = hashlib.sha256()
     for name in sorted(arrays):
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(arrays[name])).cast("B"))  # hashed in place, not copied
     prep_json = feature_module.dumps(prep)
     digest.update(prep_json.encode())
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(run_dir / "data.npz", buf.getvalue())
+    # Streamed to a temporary file and renamed: an in-memory copy of a million rows' matrix would be two more
+    # copies of it (the buffer and its bytes) at the step's memory peak.
+    target = run_dir / "data.npz"
+    partial = run_dir / f".data.npz.{os.getpid()}.partial"
+    with partial.open("wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, target)
     atomic_write_bytes(run_dir / "preprocessing.json", prep_json.encode())
     return {"data_digest": digest.hexdigest(), "train_rows": len(train), "val_rows": len(val),
             "n_features": prep["n_features"], "train_positive_rate": float(train[LABEL].mean())}
@@ -189,15 +196,45 @@ def text_arrays(validated: pd.DataFrame, frames: dict[str, pd.DataFrame], arrays
     return out
 
 
+def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict[str, Any]:
+    if partition is None:
+        event = instance.get_latest_materialization_event(key)
+        mat = event.asset_materialization if event else None
+    else:
+        found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]),
+                                                limit=1)
+        mat = found.records[0].asset_materialization if found.records else None
+    return {k: getattr(v, "value", v) for k, v in (mat.metadata if mat else {}).items()}
+
+
+def recorded_window(instance: dg.DagsterInstance, spec: PipelineSpec) -> dict[str, Any]:
+    """The training window training_splits recorded, for a partitioned spec's lineage: `data_window` (first...last
+    month), `data_partitions_hash` (over each month's validated content hash) and the months themselves; {} for an
+    unpartitioned spec."""
+    if not spec.partitioned:
+        return {}
+    meta = _latest_metadata(instance, asset_key(spec.name, naming.TRAINING_SPLITS))
+    if WINDOW_KEY not in meta:
+        raise TrainingError(f"{spec.name}: training_splits records no training window; materialize "
+                            f"{spec.name}/training_splits again")
+    return {WINDOW_KEY: str(meta[WINDOW_KEY]), WINDOW_HASH: str(meta.get(WINDOW_HASH, "")),
+            "months": sorted((meta.get(WINDOW_PARTITIONS) or {}).keys())}
+
+
 def recorded_embeddings_version(instance: dg.DagsterInstance, spec: PipelineSpec,
-                                embeddings: pd.DataFrame | None) -> str:
-    """The version text_embeddings recorded for the vectors this run loaded ("none" without text)."""
+                                embeddings: pd.DataFrame | None, months: list[str] | None = None) -> str:
+    """The version text_embeddings recorded for the vectors this run loaded ("none" without text); for a partitioned
+    spec, a hash over the version each month of the window recorded."""
     if embeddings is None:
         return "none"
-    event = instance.get_latest_materialization_event(asset_key(spec.name, naming.TEXT_EMBEDDINGS))
-    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    recorded = meta.get("embeddings_version")
-    return str(recorded.value) if recorded is not None else frame_hash(embeddings)
+    key = asset_key(spec.name, naming.TEXT_EMBEDDINGS)
+    if months:
+        versions = {m: str(_latest_metadata(instance, key, m).get("embeddings_version", "")) for m in months}
+        if all(versions.values()):
+            return hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()
+        return frame_hash(embeddings)
+    recorded = _latest_metadata(instance, key).get("embeddings_version")
+    return str(recorded) if recorded is not None else frame_hash(embeddings)
 
 
 def code_revision() -> str:
@@ -268,9 +305,11 @@ def train_checkpoint(loaded: LoadedSpec, storage: StorageResource, mlflow: Mlflo
     key = training_key(spec, prepared["data_digest"], splits_hash, model_digest)
     checkpoint_dir = storage.local_dir(spec.name, "training", "checkpoints", key)
     experiment_id = mlflow.experiment_id(spec.name)
+    window = recorded_window(context.instance, spec)
     lineage = {"dataset_hash": frame_hash(validated), "splits_hash": splits_hash,
-               "embeddings_version": recorded_embeddings_version(context.instance, spec, embeddings),
-               "spec_hash": spec.spec_hash}
+               "embeddings_version": recorded_embeddings_version(context.instance, spec, embeddings,
+                                                                 window.get("months")),
+               "spec_hash": spec.spec_hash, **{k: window[k] for k in (WINDOW_KEY, WINDOW_HASH) if k in window}}
     config = workload_config(
         spec, data=str(run_dir / "data.npz"), preprocessing=str(run_dir / "preprocessing.json"),
         output_dir=str(run_dir / "model"), checkpoint_dir=str(checkpoint_dir), checkpoint_subdir=f"{spec.name}/{key}",
@@ -375,6 +414,7 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
     example = validated[spec.features.all].head(5).reset_index(drop=True)
     lineage = {k: str(checkpoint.get(k, "")) for k in ("dataset_hash", "splits_hash", "embeddings_version",
                                                         "spec_hash")}
+    lineage.update({k: str(checkpoint[k]) for k in (WINDOW_KEY, WINDOW_HASH) if k in checkpoint})
     lineage["code_revision"] = code_revision()
     lineage["checkpoint_sha256"] = checkpoint["weights_sha256"]
     version_tags = {**lineage, "spec": spec.name, "training_key": checkpoint["training_key"],

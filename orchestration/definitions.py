@@ -17,7 +17,7 @@ import dagster as dg
 from assets import (compliance, data, deployment, embeddings, evaluation, monitoring, naming, notices, rollout,
                     training)
 from assets.spec import LoadedSpec, load_specs
-from orchestration.jobs import spec_jobs, weekly_retrain
+from orchestration.jobs import monthly_ingest, spec_jobs, weekly_retrain
 from resources import resources_for
 from resources.settings import Settings
 
@@ -62,7 +62,8 @@ def spec_definitions(loaded: LoadedSpec) -> dg.Definitions:
         # Monitoring's sensor starts the retrain job, the rollout's the step and rollback jobs: no single stage's own.
         monitoring.definitions(loaded, retrain=jobs.retrain),
         rollout.definitions(loaded, rollout.RolloutJobs(step=jobs.rollout[0], rollback=jobs.rollback)),
-        dg.Definitions(jobs=jobs.all, schedules=[weekly_retrain(loaded, jobs.retrain)]))
+        dg.Definitions(jobs=jobs.all, schedules=[weekly_retrain(loaded, jobs.retrain),
+                                                 *([monthly_ingest(loaded, jobs.ingest)] if jobs.ingest else [])]))
 
     def stamp(asset: dg.AssetSpec) -> dg.AssetSpec:
         return asset.merge_attributes(

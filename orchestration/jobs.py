@@ -1,11 +1,16 @@
 """Jobs that are no single stage's own: `<spec>__data`, `<spec>__pipeline`, `<spec>__rollback`, `<spec>__retrain`,
 the rollout's moves (`<spec>__rollout_step`, `<spec>__promote`, `<spec>__hold`) and the weekly retrain schedule
-(shipped off).
+(shipped off). A spec with partitions also gets `<spec>__ingest` (one month through validation,
+embeddings and the vector index) and its `<spec>__monthly_ingest` schedule (shipped off).
 
 The rollback and rollout jobs are what a person runs (the UI's Launchpad, or `python -m orchestration.rollout`) and
 what the rollout sensor runs on an analysis's verdict: one path for both. Each takes an actor and a reason (both
 required) and optional evidence, and records the move on the audit store's serving chain
 (assets/rollout_state.py).
+
+A partitioned spec's `__data`, `__pipeline` and `__retrain` runs name a month (or a range, as a single-run
+backfill): its monthly assets snapshot that month, and training reads the training window. The weekly retrain
+snapshots the newest month again and trains on the window ending there.
 
 No `from __future__ import annotations`: Dagster reads the op's config annotation at definition time.
 """
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from assets import naming, rollout_state
+from assets.partitions import newest_month, partitions_def
 from assets.spec import LoadedSpec
 from assets.wiring import AssetJob
 from resources.mlflow import MlflowResource
@@ -122,10 +128,12 @@ class SpecJobs:
     rollback: dg.JobDefinition
     retrain: AssetJob
     rollout: list[dg.JobDefinition]
+    ingest: AssetJob | None = None
 
     @property
     def all(self) -> list[AssetJob | dg.JobDefinition]:
-        return [self.data, self.pipeline, self.rollback, self.retrain, *self.rollout]
+        return [self.data, self.pipeline, self.rollback, self.retrain, *self.rollout,
+                *([self.ingest] if self.ingest else [])]
 
 
 def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
@@ -136,6 +144,7 @@ def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
     reports = dg.AssetSelection.from_string(f'key:"{name}/{naming.DRIFT_REPORT}" or '
                                             f'key:"{name}/{naming.ROLLOUT_ANALYSIS}"')
     tags = {naming.SPEC_TAG: name}
+    pdef = partitions_def(loaded.spec)
     return SpecJobs(
         data=dg.define_asset_job(naming.job_name(name, "data"), selection=dg.AssetSelection.groups(naming.DATA) & in_spec,
                                  description=f"Snapshot, validate and split {name}'s data.", tags=tags),
@@ -151,11 +160,42 @@ def spec_jobs(loaded: LoadedSpec) -> SpecJobs:
                         "server reloads) only when they pass, at once or through the spec's rollout. Requested by "
                         "the drift sensor with the evidence in its tags."),
         rollout=rollout_jobs(loaded),
+        ingest=None if pdef is None else dg.define_asset_job(
+            naming.job_name(name, "ingest"), tags=tags, partitions_def=pdef,
+            selection=in_spec & dg.AssetSelection.groups(naming.DATA, naming.EMBEDDINGS)
+            - dg.AssetSelection.assets(naming.asset_key(name, naming.TRAINING_SPLITS)),
+            description=f"One month of {name} (or a range, in one run): snapshot, checks, validation, embeddings and "
+                        "the vector index, each month on its own; nothing is trained."),
     )
 
 
+WEEKLY_RETRAIN = "Retrain every Monday whatever the drift says; shipped off: turn it on where fresh data arrives on a " \
+                 "schedule."
+
+
 def weekly_retrain(loaded: LoadedSpec, retrain: AssetJob) -> dg.ScheduleDefinition:
-    return dg.ScheduleDefinition(name=f"{loaded.name}__weekly_retrain", job=retrain, cron_schedule="0 3 * * 1",
-                                 default_status=dg.DefaultScheduleStatus.STOPPED,
-                                 description="Retrain every Monday whatever the drift says; shipped off: turn it on "
-                                             "where fresh data arrives on a schedule.")
+    if not loaded.spec.partitioned:
+        return dg.ScheduleDefinition(name=f"{loaded.name}__weekly_retrain", job=retrain, cron_schedule="0 3 * * 1",
+                                     default_status=dg.DefaultScheduleStatus.STOPPED, description=WEEKLY_RETRAIN)
+    spec = loaded.spec
+
+    @dg.schedule(name=f"{loaded.name}__weekly_retrain", job=retrain, cron_schedule="0 3 * * 1",
+                 default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description=WEEKLY_RETRAIN + " The newest month is snapshotted again and training reads the window "
+                                              "ending there.")
+    def weekly(context: dg.ScheduleEvaluationContext):
+        month = newest_month(context.instance, spec)
+        if month is None:
+            return dg.SkipReason(f"{spec.name}: no month materialized yet; backfill raw_dataset first")
+        return dg.RunRequest(partition_key=month, tags={f"{naming.TAG_PREFIX}month": month})
+
+    return weekly
+
+
+def monthly_ingest(loaded: LoadedSpec, ingest: AssetJob) -> dg.ScheduleDefinition:
+    """`<spec>__monthly_ingest` (shipped off): each month's partition once the month is over, through validation,
+    embeddings and the vector index; the drift sensor then compares it with the serving version's reference."""
+    return dg.build_schedule_from_partitioned_job(ingest, name=f"{loaded.name}__monthly_ingest", hour_of_day=4,
+                                                  default_status=dg.DefaultScheduleStatus.STOPPED,
+                                                  description="Ingest each month once it is over (shipped off: "
+                                                              "turn it on where the source fills month by month).")

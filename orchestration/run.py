@@ -71,7 +71,8 @@ def describe(event: dg.DagsterEvent) -> str:
     if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
         mat = event.step_materialization_data.materialization
         figures = key_figures(dict(mat.metadata))
-        return f"  ok    {mat.asset_key.to_user_string():42s} {figures}".rstrip()
+        name = mat.asset_key.to_user_string() + (f" {mat.partition}" if mat.partition else "")
+        return f"  ok    {name:42s} {figures}".rstrip()
     if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
         ev = event.asset_check_evaluation_data
         verdict = "pass" if ev.passed else ("FAIL" if ev.severity == dg.AssetCheckSeverity.ERROR else "warn")
@@ -198,11 +199,16 @@ def run(spec: str, kind: str = "pipeline", emit: Callable[[str], None] | None = 
     stop = threading.Event()
     watcher = threading.Thread(target=follow, args=(instance, run_id, stop, emit), daemon=True)
     started = time.monotonic()
+    # A partitioned spec's job runs every month of its partitions in one run (a single-run backfill), then trains on
+    # the window; months without rows stop it, naming them (declare partitions.end for a closed history).
+    months = list(job.partitions_def.get_partition_keys()) if job.partitions_def is not None else []
+    tags = {"dagster/asset_partition_range_start": months[0], "dagster/asset_partition_range_end": months[-1]} \
+        if months else None
     with steps_output_to(output):
         watcher.start()
         try:
             result = job.execute_in_process(
-                instance=instance, run_id=run_id, raise_on_error=False,
+                instance=instance, run_id=run_id, raise_on_error=False, tags=tags,
                 run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
         finally:
             stop.set()

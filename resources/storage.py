@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,34 +113,74 @@ class StorageResource(dg.ConfigurableResource):
         return p
 
 
-class ParquetIOManager(dg.ConfigurableIOManager):
-    """Stores each asset's output under `<base_path>/<asset key>.parquet` (data frames) or `.json`.
+# Definition metadata of a partitioned asset: how many of its latest months an unpartitioned reader sees (0: all).
+WINDOW_METADATA = "intelligentops/window_months"
 
-    Writes are atomic, so a failed or cancelled step leaves the last good version in place.
+
+def window_keys(ordered: Sequence[str], present: set[str] | frozenset[str], months: int | None) -> list[str]:
+    """The months of a training window: the last `months` partitions of `ordered` (None or 0: all of them) that end
+    at the newest one in `present`, keeping those in `present`. Months missing inside it are the reader's concern."""
+    have = [k for k in ordered if k in present]
+    if not have:
+        return []
+    end = ordered.index(have[-1])
+    start = 0 if not months else max(0, end - months + 1)
+    return [k for k in ordered[start:end + 1] if k in present]
+
+
+class ParquetIOManager(dg.ConfigurableIOManager):
+    """Stores each asset's output under `<base_path>/<asset key>.parquet` (data frames) or `.json`; a partitioned
+    asset's under `<base_path>/<asset key>/<partition>.parquet`.
+
+    A partitioned asset's run of one month writes its value; a run of a range of months writes a `{month: value}`
+    mapping, one file per month. A partitioned reader gets its months as one frame, in time order. An unpartitioned
+    reader (training_splits, the training and evaluation stages) gets the training window: the latest
+    `WINDOW_METADATA` months materialized (all when 0), newest last. Writes are atomic, so a failed or cancelled
+    step leaves the last good version in place.
     """
 
     base_path: str
 
-    def _path(self, key: dg.AssetKey, suffix: str) -> UPath:
+    def _path(self, key: dg.AssetKey, suffix: str, partition: str | None = None) -> UPath:
+        if partition is not None:
+            return UPath(self.base_path).joinpath(*key.path, f"{partition}{suffix}")
         return UPath(self.base_path).joinpath(*key.path[:-1], f"{key.path[-1]}{suffix}")
+
+    def _write(self, key: dg.AssetKey, obj: Any, partition: str | None = None) -> UPath:
+        if isinstance(obj, pd.DataFrame):
+            path = self._path(key, ".parquet", partition)
+            atomic_write_bytes(path, frame_to_parquet_bytes(obj))
+        elif isinstance(obj, BaseModel):  # typed evidence: JSON only here, at the boundary
+            path = self._path(key, ".json", partition)
+            atomic_write_bytes(path, obj.model_dump_json(indent=2).encode())
+        else:
+            path = self._path(key, ".json", partition)
+            atomic_write_json(path, obj)
+        return path
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
         key = context.asset_key
-        if isinstance(obj, pd.DataFrame):
-            path = self._path(key, ".parquet")
-            atomic_write_bytes(path, frame_to_parquet_bytes(obj))
-        elif isinstance(obj, BaseModel):  # typed evidence: JSON only here, at the boundary
-            path = self._path(key, ".json")
-            atomic_write_bytes(path, obj.model_dump_json(indent=2).encode())
-        else:
-            path = self._path(key, ".json")
-            atomic_write_json(path, obj)
-        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+        if not context.has_asset_partitions:
+            path = self._write(key, obj)
+            context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+            return
+        keys = list(context.asset_partition_keys)
+        if len(keys) > 1 and not (isinstance(obj, dict) and set(obj) == set(keys)):
+            raise TypeError(f"{key.to_user_string()}: a run of {len(keys)} partitions ({keys[0]}...{keys[-1]}) must "
+                            "return a mapping of each partition key to its value")
+        for k in keys:
+            path = self._write(key, obj if len(keys) == 1 else obj[k], k)
+        context.add_output_metadata({"path": dg.MetadataValue.path(str(path if len(keys) == 1 else path.parent))})
 
     def load_input(self, context: dg.InputContext) -> Any:
         key = context.asset_key
+        if context.has_asset_partitions:
+            keys = list(context.asset_partition_keys)
+            if not _reader_is_partitioned(context):
+                keys = self._window(context, keys)
+            return self._read_partitions(key, keys)
         parquet, js = self._path(key, ".parquet"), self._path(key, ".json")
         if parquet.exists():
             with parquet.open("rb") as fh:
@@ -153,3 +194,45 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             f"{key.to_user_string()} has not been materialized under {self.base_path}; "
             f"materialize it first (dagster asset materialize --select '{key.to_user_string()}')"
         )
+
+    def load_partition(self, key: dg.AssetKey, partition: str) -> Any:
+        """One partition of an asset as this IO manager stored it (an op reading a month, say)."""
+        return self._read_partitions(key, [partition])
+
+    def _window(self, context: dg.InputContext, keys: list[str]) -> list[str]:
+        meta = context.upstream_output.definition_metadata if context.upstream_output is not None else {}
+        months = int(getattr(meta.get(WINDOW_METADATA, 0), "value", meta.get(WINDOW_METADATA, 0)) or 0)
+        present = context.instance.get_materialized_partitions(context.asset_key)
+        window = window_keys(keys, present, months)
+        if not window:
+            name = context.asset_key.to_user_string()
+            raise FileNotFoundError(
+                f"{name} has no materialized partition; backfill its months first (dagster asset materialize "
+                f"--select '{name}' --partition-range {keys[0]}...{keys[-1]})")
+        return window
+
+    def _read_partitions(self, key: dg.AssetKey, keys: list[str]) -> Any:
+        values = []
+        for k in keys:
+            parquet, js = self._path(key, ".parquet", k), self._path(key, ".json", k)
+            if parquet.exists():
+                with parquet.open("rb") as fh:
+                    values.append(pd.read_parquet(fh))
+            elif js.exists():
+                values.append(json.loads(js.read_text()))
+            else:
+                raise FileNotFoundError(
+                    f"{key.to_user_string()} partition {k} has not been materialized under {self.base_path}; "
+                    f"materialize it first (dagster asset materialize --select '{key.to_user_string()}' "
+                    f"--partition {k})")
+        if values and all(isinstance(v, pd.DataFrame) for v in values):
+            return values[0] if len(values) == 1 else pd.concat(values, ignore_index=True)
+        return values[0] if len(values) == 1 else dict(zip(keys, values, strict=True))
+
+
+def _reader_is_partitioned(context: dg.InputContext) -> bool:
+    """Whether the step loading this input is itself partitioned (it then reads its own months); Dagster maps an
+    unpartitioned reader onto every partition, of which the IO manager keeps the training window."""
+    step = context.step_context
+    assets_def = step.job_def.asset_layer.get_assets_def_for_node(step.node_handle)
+    return assets_def is not None and assets_def.partitions_def is not None
