@@ -182,7 +182,8 @@ def test_the_spec_and_the_workload_config_share_one_set_of_defaults(tmp_path: Pa
 
     assert issubclass(Training, TrainSettings) and issubclass(TrainConfig, TrainSettings)
     assert DeepSpeedSettings is train_config.DeepSpeedSettings and issubclass(TrainConfig, DeepSpeedSettings)
-    assert not_passed == {"deepspeed", "launcher", "nproc_per_node", "num_nodes", "max_categories", "keep_runs"}
+    assert not_passed == {"deepspeed", "launcher", "nproc_per_node", "num_nodes", "max_categories", "keep_runs",
+                         "window"}
     # No spec module declares a setting of its own: every shared field is the one TrainSettings declares.
     for key in TrainSettings.model_fields:
         assert key in Training.__pydantic_fields__ and key not in Training.__annotations__, key
