@@ -50,8 +50,10 @@ def write_byo_spec(pipelines: Path, name: str, rows: int, training: dict, titles
         "target": {"column": "outcome", "positive": ["default"]}, "features": features, "sensitive": ["region"],
         "split": {"strategy": "random", "test": 0.2, "validation": 0.15, "seed": 5},
         "training": training,
+        # The toy label is a simple rule on few inputs: a copy learns it from 1,000 queries (kappa ~0.95), so this
+        # spec accepts being copied; the extraction gate's limit is tested in tests/stage/test_robustness_gate.py.
         "compliance": {"intended_purpose": "Test model: decision support for a person reviewing applications.",
-                       "max_missing_text_shift": 0.3},
+                       "max_missing_text_shift": 0.3, "max_extraction_agreement": 1.0},
         "deployment": {"slo_p99_ms": 5000, "smoke_requests": 10},
     })
 

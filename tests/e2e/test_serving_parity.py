@@ -75,7 +75,8 @@ def write_parity_spec(pipelines: Path, encoder: Path, rows: int = 240) -> None:
         "embeddings": {"model": str(encoder), "batch_size": 16},
         "training": {"hidden": [16], "epochs": 4, "learning_rate": 0.01, "checkpoint_every_steps": 50,
                      "deepspeed": {"micro_batch_size": 32}, "nproc_per_node": 1},
-        "compliance": {"intended_purpose": "Test model for serving parity.", "min_group_size": 5},
+        "compliance": {"intended_purpose": "Test model for serving parity.", "min_group_size": 5,
+                       "max_extraction_agreement": 1.0},  # a toy rule any copy learns (tests/byo_support.py)
     })
 
 
