@@ -231,8 +231,13 @@ def parity_gap(rates: dict[str, tuple[int, int]], min_group_size: int) -> tuple[
 
 def compare_parity(feature: str, challenger: dict[str, tuple[int, int]], champion: dict[str, tuple[int, int]],
                    threshold: float, min_group_size: int, alpha: float, approved_gap: bool) -> Figure:
-    """The challenger's live flag-rate gap between sensitive groups against the fairness gate's threshold (or,
-    where a person approved the version over the fairness gate, against the champion's live gap)."""
+    """The challenger's live flag-rate gap between sensitive groups against the fairness gate's threshold.
+
+    Where the champion's gap on the same traffic is over the threshold too (live traffic unlike the test split,
+    or a version a person approved over the fairness gate), the limit is the champion's gap: the rollout decides
+    which of the two serves, and holding back a challenger no less fair than the champion changes nothing for the
+    people decided about. Then the challenger is rolled back only when significantly worse than the champion,
+    and the figure says that both versions are over the threshold on live traffic (a finding for the owner)."""
     ours, theirs = parity_gap(challenger, min_group_size), parity_gap(champion, min_group_size)
     values: dict[str, Any] = {"feature": feature, "threshold": threshold, "min_group_size": min_group_size,
                               "challenger_groups": {g: list(v) for g, v in challenger.items()},
@@ -247,23 +252,28 @@ def compare_parity(feature: str, challenger: dict[str, tuple[int, int]], champio
                       "nothing yet", values)
     hi, lo, gap, se = ours
     limit = threshold
-    if approved_gap and theirs is not None and theirs[2] > threshold:
-        limit = theirs[2]  # a person approved this version over the fairness gate: it may not be worse than now
+    relative = theirs is not None and theirs[2] > threshold
+    if relative:
+        limit = theirs[2]  # the champion is over the threshold on this traffic: the challenger may not be worse
     p = _norm_sf((gap - limit) / se)
     values.update({"challenger_gap": round(gap, 4), "highest": hi, "lowest": lo, "se": round(se, 4),
                    "limit": round(limit, 4), "p_over": float(f"{p:.3g}")})
     rates = {g: k / n for g, (k, n) in challenger.items() if n}
     text = (f"{feature}: flag rate {hi} {rates[hi]:.3f} ({challenger[hi][1]}) vs {lo} {rates[lo]:.3f} "
             f"({challenger[lo][1]}): gap {gap:.3f} against {limit:.3f}"
-            + (" (the champion's live gap: this version was approved over the fairness gate)" if limit != threshold
-               else " (compliance.max_demographic_parity_difference)")
+            + ((" (the champion's live gap: this version was approved over the fairness gate)" if approved_gap else
+                f" (the champion's live gap: BOTH versions are over compliance.max_demographic_parity_difference "
+                f"{threshold:g} on live traffic)") if relative else " (compliance.max_demographic_parity_difference)")
             + (f", champion's gap {theirs[2]:.3f}" if theirs is not None else "") + f"; p = {p:.3g}")
     can_tell = (f"a gap more than {(_z(alpha) + POWER_Z) * se:.3f} above the limit would be detected 4 times in 5; the "
                 "two groups compared are the extremes, so at small sizes the gap reads high")
     if gap > limit and p < alpha:
         return Figure(f"fairness:{feature}", ROLLBACK, f"a live fairness breach: {text}", can_tell, values)
-    if gap > limit:
+    if gap > limit and not relative:
         return Figure(f"fairness:{feature}", HOLD, f"over the limit, not yet significantly: {text}", can_tell, values)
+    if relative:
+        return Figure(f"fairness:{feature}", PASS, f"not significantly less fair than the champion: {text}",
+                      can_tell, values)
     return Figure(f"fairness:{feature}", PASS, text, can_tell, values)
 
 

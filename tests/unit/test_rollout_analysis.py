@@ -98,3 +98,19 @@ def test_an_analysis_of_a_step_that_never_began_is_refused_by_name(tmp_path: Pat
     s, spec = store(tmp_path), _spec()
     with pytest.raises(ValueError, match="no serving event began step 1 of rollout v9"):
         analyse_step(spec, spec.deployment.rollout, s, "v9-1-shadow")
+
+
+def test_where_the_champion_is_over_the_fairness_limit_too_the_challenger_is_held_to_the_champions_gap():
+    """Live traffic unlike the test split can put both versions over the limit: a challenger as fair as the champion
+    passes (saying both are over), one significantly less fair is still rolled back, and a champion under the limit
+    keeps the threshold as the limit."""
+    from core.rollout_stats import HOLD, PASS, ROLLBACK, compare_parity
+
+    champion = {"own": (40, 200), "rent": (80, 200)}                # gap 0.20 on this traffic, limit 0.10
+    same = compare_parity("home", dict(champion), champion, 0.1, 20, 0.05, False)
+    assert same.verdict == PASS and "BOTH versions are over" in same.text and same.values["limit"] == 0.2
+    worse = compare_parity("home", {"own": (20, 200), "rent": (120, 200)}, champion, 0.1, 20, 0.05, False)
+    assert worse.verdict == ROLLBACK and worse.values["challenger_gap"] == 0.5
+    fair_champion = {"own": (60, 200), "rent": (70, 200)}          # gap 0.05: the threshold stays the limit
+    over = compare_parity("home", {"own": (40, 200), "rent": (70, 200)}, fair_champion, 0.1, 20, 0.05, False)
+    assert over.verdict == HOLD and over.values["limit"] == 0.1  # 0.15 against 0.10, not yet significant
