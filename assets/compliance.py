@@ -9,7 +9,7 @@ from assets import naming, rollout_state
 from assets.checks.gates import GATES, NOT_OVERRIDABLE, GateOutcome, evaluate_gates
 from assets.evidence import ComplianceReport, Evaluation, GateVerdict, NoticeEvidence
 from assets.naming import CHALLENGER, CHAMPION, asset_key
-from assets.notice_gate import notice_verdicts, refuse_unchecked, tag_template
+from assets.notice_gate import follow_template, notice_verdicts, refuse_unchecked, tag_template
 from assets.report import build_report, missing_sections, to_html, to_markdown
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log
@@ -213,6 +213,9 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
             refuse_unchecked(spec, report.model_version, notice, str(current.version) if current else None)
             tagged = tag_template(mlflow, spec.name, report.model_version, str(notice.template_version))
         result = promote(spec, mlflow, report, verdicts, config, audit.store(), storage, context.run_id)
+        champion = mlflow.alias_version(spec.name, CHAMPION)
+        if tagged and champion is not None and str(champion.version) == report.model_version:
+            follow_template(mlflow, spec.name, report.model_version)  # already champion: the alias still follows
         return dg.MaterializeResult(metadata={**(result.metadata or {}), **tagged})
 
     return dg.Definitions(assets=[compliance_report, champion_model], asset_checks=[compliance_gates])
