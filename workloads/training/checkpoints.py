@@ -114,9 +114,11 @@ def save_checkpoint(s: Session, tag: str) -> None:
 
 
 # What DeepSpeed's ZeRO optimizer states pickle besides tensors and containers (found with
-# torch.serialization.get_unsafe_globals_in_checkpoint on stages 0-3, fp32 and bf16): value types, no code.
-SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
-                "deepspeed.utils.tensor_fragment.fragment_address")
+# torch.serialization.get_unsafe_globals_in_checkpoint over every checkpoint of tests/stage/test_deepspeed_settings.py's
+# matrix: stages 0-3, fp32, bf16 and fp16 with loss scaling, offloads, a factory and text_finetune): value types
+# whose state is numbers, no code.
+SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def _safe_globals() -> list:
