@@ -114,3 +114,21 @@ def test_where_the_champion_is_over_the_fairness_limit_too_the_challenger_is_hel
     fair_champion = {"own": (60, 200), "rent": (70, 200)}          # gap 0.05: the threshold stays the limit
     over = compare_parity("home", {"own": (40, 200), "rent": (70, 200)}, fair_champion, 0.1, 20, 0.05, False)
     assert over.verdict == HOLD and over.values["limit"] == 0.1  # 0.15 against 0.10, not yet significant
+
+
+def test_where_the_champion_is_over_the_slo_too_the_challenger_is_compared_with_the_champion():
+    """A loaded machine puts both versions over the latency SLO: an equally slow challenger passes (saying both are
+    over), a clearly slower one is rolled back, and with a champion within the SLO the SLO itself decides."""
+    import numpy as np
+
+    from core.rollout_stats import PASS, ROLLBACK, latency_exceedance
+
+    rng = np.random.default_rng(3)
+    loaded = rng.uniform(100, 700, 300)                                   # ~75% over 250 ms
+    same = latency_exceedance(rng.uniform(100, 700, 300), loaded, 250, 0.01, 0.05)
+    assert same.verdict == PASS and "BOTH versions are over the SLO" in same.text
+    slower = latency_exceedance(rng.uniform(400, 900, 300), rng.uniform(100, 400, 300), 250, 0.01, 0.05)
+    assert slower.verdict == ROLLBACK and "slower than the champion with significance" in slower.text
+    quick = rng.uniform(5, 50, 300)
+    over = latency_exceedance(rng.uniform(100, 700, 300), quick, 250, 0.01, 0.05)
+    assert over.verdict == ROLLBACK and "slower than the SLO with significance" in over.text
