@@ -11,7 +11,7 @@ from typing import Any
 
 from core.names import VARIANTS
 
-__all__ = ["VARIANTS", "AuditError", "AuditRecord", "ChainVerification", "canonical_json", "input_hash", "now_iso",
+__all__ = ["OOD_FLAGGED", "OOD_IN", "OOD_REFUSED", "VARIANTS", "AuditError", "AuditRecord", "ChainVerification", "canonical_json", "input_hash", "now_iso",
            "redact", "row_hash"]
 
 GENESIS = "0" * 64
@@ -45,6 +45,11 @@ class AuditRecord:
     key_id: str | None
     prev_hash: str
     record_hash: str
+    # The out-of-distribution detector's score of the row and its verdict (core/ood.py): OOD_IN, OOD_FLAGGED
+    # (answered, flagged) or OOD_REFUSED (refused for human review: never answered). None: not scored (a version
+    # without the detector, or a record written before it existed).
+    ood_score: float | None = None
+    ood: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class ChainVerification:
 
 
 FIELDS = [f.name for f in fields(AuditRecord)]
+OOD_IN, OOD_FLAGGED, OOD_REFUSED = 0, 1, 2
+# Fields added after records were first chained: hashed only when set, so records written before still verify.
+OPTIONAL_FIELDS = ("ood_score", "ood")
 JSON_FIELDS = ("inputs", "top_factors", "similar_cases")
 REQUIRED = ("decision_id", "spec", "model_name", "model_version", "variant", "inputs", "probability", "decision",
              "threshold")
@@ -106,7 +114,10 @@ def redact(inputs: dict, fields_to_redact: list[str] | tuple[str, ...]) -> dict:
 
 def row_hash(row: dict[str, Any]) -> str:
     """Hash over every stored field but record_hash; JSON fields are hashed as the exact text stored."""
-    payload = {k: row[k] for k in FIELDS if k != "record_hash"}
+    payload = {k: row.get(k) for k in FIELDS if k != "record_hash"
+               and not (k in OPTIONAL_FIELDS and row.get(k) is None)}
+    if payload.get("ood_score") is not None:
+        payload["ood_score"] = repr(float(payload["ood_score"]))
     payload["probability"] = repr(float(payload["probability"]))
     payload["threshold"] = repr(float(payload["threshold"]))
     payload["latency_ms"] = repr(float(payload["latency_ms"]))

@@ -298,6 +298,8 @@ class AuditStore(OutcomeLog):
             "similar_cases": canonical_json(rec.get("similar_cases") or []),
             "latency_ms": float(rec.get("latency_ms") or 0.0),
             "key_id": None if rec.get("key_id") is None else str(rec["key_id"]),
+            "ood_score": None if rec.get("ood_score") is None else float(rec["ood_score"]),
+            "ood": None if rec.get("ood") is None else int(rec["ood"]),
         }
         return row, inputs, factors
 
