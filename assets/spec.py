@@ -294,6 +294,7 @@ class Deployment(_Strict):
     batch_text_chars: server_config.BatchTextChars
     min_known_fraction: server_config.MinKnownFraction
     max_outcomes_per_request: server_config.MaxOutcomesPerRequest
+    out_of_distribution: server_config.OutOfDistribution
 
     @model_validator(mode="after")
     def _bind_needs_auth(self) -> "Deployment":

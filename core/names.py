@@ -27,8 +27,11 @@ SMOKE_KEY_ID = "deployment-smoke"            # the deployment's own smoke and la
 OPERATOR_KEY_ID = "deployment-operator"      # the deployment's operator key (operator.key): outcomes and read
 KEY_ID_HEADER = "x-intelligentops-key-id"    # set by the gateway for the model; a client's own is stripped
 
-# The fields of every answered decision, in the order the v2 protocol returns them as output tensors.
+# The fields of every answered decision, in the order the v2 protocol returns them as output tensors. `ood_score`
+# and `ood` are the out-of-distribution detector's (core/ood.py); -1 in a v2 tensor (null in v1) when the version
+# has none.
 OUTPUTS: tuple[tuple[str, str], ...] = (
     ("probability", "FP64"), ("decision", "INT64"), ("decision_id", "BYTES"), ("model_version", "BYTES"),
-    ("variant", "BYTES"), ("top_factors", "BYTES"), ("similar_cases", "BYTES"))
+    ("variant", "BYTES"), ("top_factors", "BYTES"), ("similar_cases", "BYTES"), ("ood_score", "FP64"),
+    ("ood", "INT64"))
 OUTPUT_NAMES = tuple(name for name, _ in OUTPUTS)

@@ -48,6 +48,11 @@ BatchTextChars = Annotated[int, Field(400, ge=100, description="cost bound of on
                                                                 "and interleaved with others")]
 MinKnownFraction = Annotated[float, Field(0.5, ge=0, le=1, description="share of a row's features that must be "
                                                                        "known (not null), or the row is refused")]
+OutOfDistribution = Annotated[Literal["answer_flagged", "refuse_for_review"], Field(
+    "answer_flagged", description="what a row the version's out-of-distribution detector flags gets (core/ood.py): "
+                                  "answer_flagged: answered, with ood 1 on the answer and the audit record; "
+                                  "refuse_for_review: its request is refused (400 naming the rows) and the flagged "
+                                  "rows are recorded with ood 2 for a person to review")]
 MaxOutcomesPerRequest = Annotated[int, Field(1000, ge=1, le=100_000, description="outcome items in one request")]
 
 DEFAULT_PORT = 8080  # where the server listens when the config leaves `port` to it (a KServe predictor's port)
@@ -151,6 +156,7 @@ class ServerConfig(BaseModel):
     max_in_flight_per_client: MaxInFlightPerClient
     batch_text_chars: BatchTextChars
     max_outcomes_per_request: MaxOutcomesPerRequest
+    out_of_distribution: OutOfDistribution
     log_file: str | None = Field(None, description="the server's own log, rotated by size (None: stderr only)")
     log_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the log file past this size")
     log_backups: int = Field(3, ge=1, le=100, description="rotated log files kept")

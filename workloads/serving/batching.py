@@ -18,6 +18,11 @@ only then answered. Records of a request that fails are never written: a decisio
 it was answered. A batch that fails is retried slice by slice, so one request's bad row fails only that request;
 a commit that fails fails every request in it: nobody gets an unaudited answer.
 
+Every row is scored by the answering version's out-of-distribution detector (core/ood.py) when it has one:
+`ood_score` and `ood` (0 in distribution, 1 flagged) go on its record and its answer, and /metrics counts flagged
+rows per key. Under `out_of_distribution: refuse_for_review` a request with a flagged row is refused (400 naming
+the rows); its flagged rows are recorded with `ood` 2 (never answered) for a person to review.
+
 The traffic policy is applied here: `canary` sends `canary_share` of requests to `@challenger`; `shadow` lets the
 challenger score every row too, recorded as variant `shadow` and never answered.
 """
@@ -34,7 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.audit import AuditStore, input_hash, now_iso, redact
+from core.audit import OOD_FLAGGED, OOD_IN, OOD_REFUSED, AuditStore, input_hash, now_iso, redact
 from core.names import CHALLENGER, CHAMPION
 from core.server_config import ServerConfig
 from workloads.serving.decoding import InvalidRequest
@@ -44,6 +49,18 @@ from workloads.serving.versions import ServedVersion, ServedVersions
 
 CANARY, SHADOW = "canary", "shadow"
 ROW_CHARS = 20  # what one row costs beside its text, in characters of text (measured: ~2.5 ms per new text)
+
+
+REFUSE_FOR_REVIEW = "refuse_for_review"
+
+
+class OodRefused(InvalidRequest):
+    """A request refused for human review: rows unlike the data the model learned from. `records` are the flagged
+    rows' records (ood 2), committed to the audit log though never answered."""
+
+    def __init__(self, message: str, records: list[dict[str, Any]]):
+        super().__init__(message)
+        self.records = records
 
 
 @dataclass(eq=False)
@@ -191,12 +208,16 @@ class BatchingEngine:
             if p.error is not None or p.scored == len(p.rows):
                 finished.append(p)
         records = [r for p in finished if p.error is None for r in (*p.records, *p.shadow)]
+        records += [r for p in finished if isinstance(p.error, OodRefused) for r in p.error.records]
         if records:
             self.audit.append(records)  # committed (group commit) before any answer leaves
             self.metrics.batch_rows.observe(len(records))
             for r in records:
                 self.metrics.decisions.labels(model=self.cfg.spec, variant=r["variant"], version=r["model_version"],
                                               decision=str(r["decision"])).inc()
+                if r.get("ood") in (OOD_FLAGGED, OOD_REFUSED) and r["variant"] != SHADOW:
+                    self.metrics.ood_rows.labels(key_id=r["key_id"] or "(none)",
+                                                 action="refused" if r["ood"] == OOD_REFUSED else "answered").inc()
         for p in finished:
             if p.error is not None:
                 p.records, p.shadow = [], []
@@ -233,7 +254,9 @@ class BatchingEngine:
         import pandas as pd
 
         rows = [r for s in items for r in s.pending.rows[s.start:s.stop]]
-        prob, factors = version.score(pd.DataFrame(rows, columns=self.cfg.features), explain)
+        frame = pd.DataFrame(rows, columns=self.cfg.features)
+        prob, factors = version.score(frame, explain)
+        ood = version.ood_scores(frame)
         similar = self.similar.lookup(version, rows)
         out, j = [], 0
         for s in items:
@@ -246,6 +269,7 @@ class BatchingEngine:
             recs = []
             for row in p.rows[s.start:s.stop]:
                 probability = float(prob[j])
+                verdict = None if ood is None else (OOD_FLAGGED if ood.flagged[j] else OOD_IN)
                 recs.append({
                     "decision_id": uuid.uuid4().hex, "time": now, "spec": self.cfg.spec,
                     "model_name": self.cfg.spec, "model_version": version.version, "variant": variant,
@@ -254,8 +278,17 @@ class BatchingEngine:
                     "threshold": version.threshold, "top_factors": factors[j] if factors else [],
                     "similar_cases": similar[j],
                     "latency_ms": (time.perf_counter() - p.arrived) * 1000.0, "key_id": p.key_id,
+                    "ood_score": None if ood is None else float(ood.scores[j]), "ood": verdict,
                 })
                 j += 1
+            if self.cfg.out_of_distribution == REFUSE_FOR_REVIEW and variant != SHADOW:
+                flagged = [k for k, r in enumerate(recs) if r["ood"] == OOD_FLAGGED]
+                if flagged:
+                    held = [{**recs[k], "ood": OOD_REFUSED} for k in flagged]
+                    raise OodRefused(
+                        f"row(s) {[s.start + k for k in flagged][:20]} are unlike the data the model learned from "
+                        f"(out-of-distribution score {held[0]['ood_score']:.1f} above {ood.threshold:.1f}): refused "
+                        "for human review; the rows are recorded, no decision is answered", held)
             out.append((s, recs))
         return out
 

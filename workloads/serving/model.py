@@ -53,10 +53,12 @@ class Decided:
 
 def v1_answer(record: dict[str, Any]) -> dict[str, Any]:
     """One decision as v1 answers it: the output fields, and the threshold it was decided at."""
-    return {**{name: record[name] for name in OUTPUT_NAMES}, "threshold": record["threshold"]}
+    return {**{name: record.get(name) for name in OUTPUT_NAMES}, "threshold": record["threshold"]}
 
 
 def _tensor_value(value: Any, datatype: str) -> Any:
+    if value is None and datatype in ("FP64", "INT64"):
+        return -1  # not scored (a version without an out-of-distribution detector)
     return json.dumps(value) if datatype == "BYTES" and not isinstance(value, str) else value
 
 
