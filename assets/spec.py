@@ -201,13 +201,16 @@ class Compliance(_Strict):
 class AbuseLimits(_Strict):
     """The per-key abuse check on inference_log (core/abuse.py): each key's `recent_queries` latest queries are
     judged once it has sent `min_queries`; it is named for probing when PRADA's Shapiro-Wilk W over the minimum
-    distances between its queries is under `min_shapiro_w`, and for sampling the input space when more than
-    `max_ood_rate` of its queries were out of distribution. benchmarks/README.md ("Abuse checks") measured the
-    defaults on replayed real traffic."""
+    distances between its queries is under `min_shapiro_w` or more than `max_variant_share` of its queries repeat
+    an earlier one with one feature changed, and for sampling the input space when more than `max_ood_rate` of
+    its queries were out of distribution. W's scale depends on the number of features (real keys of a
+    three-feature table score about 0.55): lower `min_shapiro_w` for a spec with few. benchmarks/README.md
+    ("Abuse checks") measured the defaults on replayed real traffic."""
 
     recent_queries: int = Field(500, ge=50, le=5000)
     min_queries: int = Field(100, ge=20)
-    min_shapiro_w: float = Field(0.80, gt=0, lt=1)
+    min_shapiro_w: float = Field(0.75, ge=0, lt=1)
+    max_variant_share: float = Field(0.25, gt=0, le=1)
     max_ood_rate: float = Field(0.10, gt=0, lt=1)
 
 

@@ -9,6 +9,11 @@ Two patterns, each named per key:
   a few applicants and varies them feature by feature sends a few far queries and many near copies, and the
   distances pile up on one small value. A Shapiro-Wilk test on them gives W (1 for a perfect normal); a key
   with at least `min_queries` queries and W under `min_shapiro_w` is named.
+  PRADA's W depends on the number of features (with two or three, real applicants' minimum distances are
+  skewed too), so a second, dimension-free sign goes with it: the share of a key's queries that repeat one of
+  its earlier queries in every feature but one (text included). Real applicants almost never do (a few percent
+  on a three-feature toy table, none on credit_risk); one applicant stepped through one feature at a time always
+  does. A key over `max_variant_share` is named for probing too.
 - **sampling the input space**: the share of a key's queries that the server's out-of-distribution detector
   flagged (core/ood.py; about 1 - its quantile for real applicants); a key with at least `min_queries` scored
   queries and a share above `max_ood_rate` is named (uniform random applicants are nearly all flagged).
@@ -32,9 +37,11 @@ from typing import Any
 import numpy as np
 
 MIN_QUERIES = 100
-MIN_SHAPIRO_W = 0.80
+MIN_SHAPIRO_W = 0.75
 MAX_OOD_RATE = 0.10
+MAX_VARIANT_SHARE = 0.25
 RECENT_QUERIES = 500  # per key: PRADA is quadratic in the queries it looks at
+SCAN_DECISIONS = 20_000  # the latest traffic decisions read to find each key's recent queries
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class AbuseVerdict:
     key_id: str
     queries: int
     shapiro_w: float | None  # None: too few queries to judge
+    variant_share: float | None  # share of queries equal to an earlier one in all features but one
     ood_rate: float | None  # None: no query of the key was scored by an out-of-distribution detector
     ood_flagged: int = 0
     probing: bool = False
@@ -58,14 +66,16 @@ class AbuseVerdict:
         why = []
         if self.probing:
             why.append(f"probing: PRADA Shapiro-Wilk W {self.shapiro_w:.3f} over the minimum distances between its "
-                       "queries (a few applicants varied feature by feature)")
+                       f"queries, {self.variant_share:.0%} of them an earlier query with one feature changed (a few "
+                       "applicants varied feature by feature)")
         if self.sampling:
             why.append(f"sampling the input space: {self.ood_flagged} of {self.queries} queries "
                        f"({self.ood_rate:.0%}) out of distribution")
         return f"key {self.key_id!r} ({self.queries} queries): " + ("; ".join(why) or "looks like real applicants")
 
     def to_json(self) -> dict[str, Any]:
-        return {"key_id": self.key_id, "queries": self.queries, "shapiro_w": self.shapiro_w, "ood_rate": self.ood_rate,
+        return {"key_id": self.key_id, "queries": self.queries, "shapiro_w": self.shapiro_w,
+                "variant_share": self.variant_share, "ood_rate": self.ood_rate,
                 "ood_flagged": self.ood_flagged, "probing": self.probing, "sampling": self.sampling}
 
 
@@ -145,18 +155,42 @@ def shapiro_w(distances: np.ndarray) -> float:
     return float(shapiro(distances[:5000]).statistic)
 
 
+def variant_share(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> float:
+    """The share of queries (after the first) equal to an earlier query in every column but at most one."""
+    n = len(rows)
+    if n < 2 or not columns:
+        return 0.0
+    codes = np.zeros((n, len(columns)), dtype=np.int64)
+    for j, col in enumerate(columns):
+        seen: dict[Any, int] = {}
+        codes[:, j] = [seen.setdefault(_value_key(r.get(col)), len(seen)) for r in rows]
+    hits = 0
+    for i in range(1, n):
+        if ((codes[:i] != codes[i]).sum(axis=1) <= 1).any():
+            hits += 1
+    return hits / (n - 1)
+
+
+def _value_key(value: Any) -> Any:
+    number = _number(value)
+    return ("n", number) if math.isfinite(number) and not isinstance(value, str) else ("t", _text(value))
+
+
 def judge_key(key_id: str, rows: Sequence[Mapping[str, Any]], ood_flags: Sequence[bool | None],
-              encoder: QueryEncoder, *, min_queries: int = MIN_QUERIES, min_shapiro_w: float = MIN_SHAPIRO_W,
+              encoder: QueryEncoder, *, text: Sequence[str] = (), min_queries: int = MIN_QUERIES,
+              min_shapiro_w: float = MIN_SHAPIRO_W, max_variant_share: float = MAX_VARIANT_SHARE,
               max_ood_rate: float = MAX_OOD_RATE) -> AbuseVerdict:
-    """One key's queries, oldest first, with the out-of-distribution flag the server gave each (None: not scored)."""
+    """One key's queries, oldest first, with the out-of-distribution flag the server gave each (None: not scored).
+    `text` columns count in the variant share (not in the distances)."""
     n = len(rows)
     scored = [bool(f) for f in ood_flags if f is not None]
     flagged = sum(scored)
     rate = flagged / len(scored) if scored else None
     if n < min_queries:
-        return AbuseVerdict(key_id, n, None, rate, flagged)
+        return AbuseVerdict(key_id, n, None, None, rate, flagged)
     w = shapiro_w(prada_distances(*encoder.encode(rows)))
-    return AbuseVerdict(key_id, n, w, rate, flagged, probing=w < min_shapiro_w,
+    share = variant_share(rows, [*encoder.numeric, *encoder.categorical, *text])
+    return AbuseVerdict(key_id, n, w, share, rate, flagged, probing=w < min_shapiro_w or share > max_variant_share,
                         sampling=len(scored) >= min_queries and rate is not None and rate > max_ood_rate)
 
 
@@ -182,3 +216,36 @@ def first_detection(rows: Sequence[Mapping[str, Any]], ood_flags: Sequence[bool 
         if judge_key("k", rows[:n], ood_flags[:n], encoder, **limits).named:
             return n
     return None
+
+
+def judge_store(store: Any, spec: str, numeric: Sequence[str], categorical: Sequence[str], text: Sequence[str],
+                reference: Sequence[Mapping[str, Any]] | None = None, *, recent: int = RECENT_QUERIES,
+                scan: int = SCAN_DECISIONS, **limits: Any) -> list[AbuseVerdict]:
+    """Every key's verdict over its recent traffic on the audit log (the latest `scan` decisions; smoke and shadow
+    decisions are not traffic). `reference` rows fit the distance encoding (the serving version's training
+    sample); without them the traffic itself does."""
+    from core.audit.traffic import record_features, traffic_after
+
+    records = traffic_after(store, spec, max(0, store.latest_seq(spec) - scan), scan)
+    features = [*numeric, *categorical, *text]
+    rows = [record_features(r, features) for r in records]
+    encoder = QueryEncoder.fit(reference if reference is not None else rows, numeric, categorical)
+    queries = [(r.key_id, row, None if r.ood is None else r.ood != 0) for r, row in zip(records, rows)]
+    return judge_keys(queries, encoder, recent=recent, text=tuple(text), **limits)
+
+
+def verdicts_markdown(verdicts: Sequence[AbuseVerdict]) -> str:
+    """One row per key: queries, PRADA W, variant share, out-of-distribution share, and what it is named for."""
+    if not verdicts:
+        return "no traffic with a key id yet"
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| key | queries | PRADA W | one-feature variants | out of distribution | named |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for v in verdicts:
+        named = ", ".join(n for n, on in (("probing", v.probing), ("sampling", v.sampling)) if on) or "no"
+        lines.append(f"| {v.key_id} | {v.queries} | {num(v.shapiro_w, '.3f')} | {num(v.variant_share, '.0%')} | "
+                     f"{num(v.ood_rate, '.1%')} | {named} |")
+    return "\n".join(lines)
