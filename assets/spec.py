@@ -209,7 +209,7 @@ class AbuseLimits(_Strict):
 
     recent_queries: int = Field(500, ge=50, le=5000)
     min_queries: int = Field(100, ge=20)
-    min_shapiro_w: float = Field(0.75, ge=0, lt=1)
+    min_shapiro_w: float = Field(0.78, ge=0, lt=1)
     max_variant_share: float = Field(0.25, gt=0, le=1)
     max_ood_rate: float = Field(0.10, gt=0, lt=1)
 

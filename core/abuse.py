@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 MIN_QUERIES = 100
-MIN_SHAPIRO_W = 0.75
+MIN_SHAPIRO_W = 0.78
 MAX_OOD_RATE = 0.10
 MAX_VARIANT_SHARE = 0.25
 RECENT_QUERIES = 500  # per key: PRADA is quadratic in the queries it looks at
@@ -85,23 +85,27 @@ class QueryEncoder:
 
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]  # categorical and text columns: compared as equal or not
-    sorted_values: tuple[np.ndarray, ...] = field(default=())
+    # per numeric column: its distinct reference values and the mid-rank quantile of each
+    cdfs: tuple[tuple[np.ndarray, np.ndarray], ...] = field(default=())
 
     @classmethod
     def fit(cls, reference: Sequence[Mapping[str, Any]], numeric: Sequence[str],
             categorical: Sequence[str]) -> QueryEncoder:
-        values = []
+        cdfs = []
         for col in numeric:
             v = np.asarray([_number(r.get(col)) for r in reference], dtype=np.float64)
-            values.append(np.sort(v[np.isfinite(v)]))
-        return cls(tuple(numeric), tuple(categorical), tuple(values))
+            values, counts = np.unique(v[np.isfinite(v)], return_counts=True)
+            below = np.cumsum(counts) - counts
+            cdfs.append((values, (below + counts / 2.0) / max(int(counts.sum()), 1)))
+        return cls(tuple(numeric), tuple(categorical), tuple(cdfs))
 
     def encode(self, rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         num = np.zeros((len(rows), len(self.numeric)))
-        for j, (col, ref) in enumerate(zip(self.numeric, self.sorted_values)):
+        for j, (col, (values, quantiles)) in enumerate(zip(self.numeric, self.cdfs)):
             v = np.asarray([_number(r.get(col)) for r in rows], dtype=np.float64)
-            q = np.searchsorted(ref, v, side="left") + np.searchsorted(ref, v, side="right")
-            q = q / (2.0 * max(len(ref), 1))
+            # Interpolated between distinct values, so a value a hair off a common one (0.001 instead of 0)
+            # stays beside it rather than jumping past all the ties.
+            q = np.interp(v, values, quantiles) if len(values) else np.zeros(len(v))
             num[:, j] = np.where(np.isfinite(v), q, -1.0)  # missing: a value of its own, far from any quantile
         codes = np.zeros((len(rows), len(self.categorical)), dtype=np.int64)
         for j, col in enumerate(self.categorical):
