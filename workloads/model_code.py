@@ -210,6 +210,11 @@ class TabularMLPModel(PythonModel):
 
     def predict(self, context, model_input, params=None):
         """P(positive) per row; with params {"explain": k}, also the k features that moved each score most."""
+        return self.predict_with_inputs(model_input, params)[0]
+
+    def predict_with_inputs(self, model_input, params=None):
+        """`predict`'s answer and the matrix the network read, so a server scores that matrix for
+        out-of-distribution without preparing the rows twice."""
         import pandas as pd
         import torch
 
@@ -223,7 +228,7 @@ class TabularMLPModel(PythonModel):
             top = int((params or {}).get("explain") or 0)
             if top > 0 and len(frame):
                 result["top_factors"] = self._explain(raw, x, probability, top)
-        return result
+        return result, x.numpy()
 
 
 # Texts and their vectors kept at most, in bytes: about 40,000 job titles with MiniLM's 384 float32 numbers each.

@@ -5,9 +5,9 @@ against the attacks they stop (tests/e2e/test_abuse.py, benchmarks/abuse.py):
 
 - `probe`: a few real applicants, each varied one feature at a time over a grid of values (the way one maps a
   decision boundary or the influence of each feature), in the order they would be sent.
-- `uniform`: applicants drawn uniformly at random from the accepted input space (each numeric column between its
-  smallest and largest real value, each categorical column one of its real values), the way one samples inputs to
-  train a copy of the model.
+- `uniform`: applicants drawn uniformly at random from the input space (each numeric column over the range the
+  server accepts, or its real range, each categorical column one of its real values), the way one samples
+  inputs to train a copy of the model.
 """
 
 from __future__ import annotations
@@ -37,20 +37,21 @@ def probe(frame: pd.DataFrame, numeric: list[str], categorical: list[str], rows:
 
 
 def uniform(frame: pd.DataFrame, numeric: list[str], categorical: list[str], rows: int, seed: int = 0,
-            text: dict[str, str] | None = None) -> pd.DataFrame:
-    """`rows` applicants drawn uniformly over each column's real range (numeric) or values (categorical); text
-    columns take `text`'s value (default: a random real value)."""
+            bounds: dict[str, tuple[float, float] | list[float] | None] | None = None) -> pd.DataFrame:
+    """`rows` applicants drawn uniformly over each numeric column's range (`bounds`: what the server accepts, as
+    its config says, else the real values' range) and each categorical column's real values; other columns (text)
+    take a random real value."""
     rng = np.random.default_rng(seed)
     out = pd.DataFrame(index=range(rows))
     for col in numeric:
         v = pd.to_numeric(frame[col], errors="coerce").dropna()
         whole = bool(np.all(v == np.round(v)))
-        draw = rng.uniform(v.min(), v.max(), rows)
+        lo, hi = (bounds or {}).get(col) or (v.min(), v.max())
+        draw = rng.uniform(lo, hi, rows)
         out[col] = np.round(draw) if whole else draw
     for col in categorical:
         out[col] = rng.choice(frame[col].dropna().unique(), rows)
     for col in frame.columns:
         if col not in out.columns:
-            out[col] = (text or {}).get(col, None) if text and col in text else \
-                frame[col].iloc[rng.integers(0, len(frame), rows)].to_numpy()
+            out[col] = frame[col].iloc[rng.integers(0, len(frame), rows)].to_numpy()
     return out[list(frame.columns)]

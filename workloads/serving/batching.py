@@ -255,8 +255,7 @@ class BatchingEngine:
 
         rows = [r for s in items for r in s.pending.rows[s.start:s.stop]]
         frame = pd.DataFrame(rows, columns=self.cfg.features)
-        prob, factors = version.score(frame, explain)
-        ood = version.ood_scores(frame)
+        prob, factors, ood = version.score(frame, explain)
         similar = self.similar.lookup(version, rows)
         out, j = [], 0
         for s in items:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.names import CHALLENGER, CHAMPION, DETECTORS_TAG, MANIFEST_TAG, THRESHOLD_TAG
+from core.ood import OodError
 from core.server_config import ServerConfig
 from workloads.serving.metrics import Metrics
 
@@ -49,21 +50,21 @@ class ServedVersion:
     ood: Any = None  # core.ood.OodDetector, or None: this version has none
 
     def score(self, frame, explain: int):
-        """(probabilities, top factors per row) for a frame of raw feature values."""
+        """(probabilities, top factors per row, the out-of-distribution verdict: core.ood.OodScores or None)
+        for a frame of raw feature values."""
         import torch
 
+        pm = self.python_model
+        params = {"explain": explain} if explain else None
         # The pyfunc may have been loaded on another thread; autograd state is per thread.
         with torch.inference_mode():
-            out = self.python_model.predict(None, frame, params={"explain": explain} if explain else None)
+            if self.ood is not None:
+                out, x = pm.predict_with_inputs(frame, params)
+            else:
+                out, x = pm.predict(None, frame, params=params), None
         probability = out["probability"].to_numpy(dtype="float64")
         factors = [json.loads(v) for v in out["top_factors"]] if explain and "top_factors" in out else None
-        return probability, factors
-
-    def ood_scores(self, frame):
-        """The out-of-distribution detector's verdict on the rows (core.ood.OodScores), or None without one."""
-        if self.ood is None:
-            return None
-        return self.ood.score(self.python_model.prepare(frame))
+        return probability, factors, None if x is None else self.ood.score(x)
 
 
 def verify_model_files(model_root: Path, expected_manifest_sha: str | None, public_key: str | None,
@@ -151,8 +152,9 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
     ood = load_ood_detector(cfg, version, tags.get(DETECTORS_TAG), mv.run_id, label)
     pyfunc = mlflow.pyfunc.load_model(str(model_root))
     python_model = pyfunc.unwrap_python_model()
-    if ood is not None and not hasattr(python_model, "prepare"):
-        log.warning("%s: its model code has no prepare(); served without its out-of-distribution detector", label)
+    if ood is not None and not hasattr(python_model, "predict_with_inputs"):
+        log.warning("%s: its model code predates predict_with_inputs; served without its out-of-distribution "
+                    "detector", label)
         ood = None
     return ServedVersion(version=str(version), threshold=threshold, python_model=python_model,
                          run_id=mv.run_id, manifest_sha256=digest, ood=ood)
@@ -162,7 +164,7 @@ def load_ood_detector(cfg: ServerConfig, version: str, expected: str | None, run
                       label: str) -> Any:
     """The version's out-of-distribution detector from its verified detector bundle; None when it has none."""
     from core.manifest import ManifestError, verify_manifest
-    from core.ood import OOD_FOLDER, OodError, load_ood
+    from core.ood import OOD_FOLDER, load_ood
 
     if not expected or not run_id:
         log.warning("%s has no %s tag: served without an out-of-distribution detector (re-evaluate it to fit one)",
@@ -281,10 +283,9 @@ class ServedVersions:
         for col in self.cfg.text:
             row[col] = ""
         frame = pd.DataFrame([row], columns=self.cfg.features)
-        version.score(frame, self.cfg.explain_top or 1)
-        try:
-            version.ood_scores(frame)  # a detector that does not fit this version's inputs is refused here
-        except Exception as exc:
+        try:  # a detector that does not fit this version's inputs is refused here, not on the first request
+            version.score(frame, self.cfg.explain_top or 1)
+        except OodError as exc:
             raise ServingRefused(f"model {self.cfg.spec!r} version {version.version}: its out-of-distribution "
                                  f"detector cannot score its inputs ({exc}): refusing to serve") from None
 
