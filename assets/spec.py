@@ -298,6 +298,7 @@ class Deployment(_Strict):
     min_known_fraction: server_config.MinKnownFraction
     max_outcomes_per_request: server_config.MaxOutcomesPerRequest
     out_of_distribution: server_config.OutOfDistribution
+    answers: server_config.Answers
 
     @model_validator(mode="after")
     def _bind_needs_auth(self) -> "Deployment":

@@ -55,6 +55,21 @@ OutOfDistribution = Annotated[Literal["answer_flagged", "refuse_for_review"], Fi
                                   "rows are recorded with ood 2 for a person to review")]
 MaxOutcomesPerRequest = Annotated[int, Field(1000, ge=1, le=100_000, description="outcome items in one request")]
 
+class AnswerView(BaseModel):
+    """What an answer of one route scope carries beside the decision: the probability to `probability_decimals`
+    (None: full precision), the operating threshold (v1), the top factors. The audit record keeps everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probability_decimals: int | None = Field(None, ge=0, le=17)
+    threshold: bool = True
+    top_factors: bool = True
+
+
+Answers = Annotated[dict[Literal["predict", "explain"], AnswerView], Field(
+    default_factory=dict, description="per route scope (predict: :predict and v2 infer; explain: :explain), what "
+                                      "an answer carries; a scope not listed gets everything at full precision")]
+
 DEFAULT_PORT = 8080  # where the server listens when the config leaves `port` to it (a KServe predictor's port)
 ENV_PREFIX = "env:"
 SECRET_KEYS = ("tracking_uri", "registry_uri", "audit_url")  # may be "env:VAR"
@@ -157,6 +172,7 @@ class ServerConfig(BaseModel):
     batch_text_chars: BatchTextChars
     max_outcomes_per_request: MaxOutcomesPerRequest
     out_of_distribution: OutOfDistribution
+    answers: Answers
     log_file: str | None = Field(None, description="the server's own log, rotated by size (None: stderr only)")
     log_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the log file past this size")
     log_backups: int = Field(3, ge=1, le=100, description="rotated log files kept")

@@ -24,7 +24,10 @@ from support import failure_text, materialize
 from workloads.replay.attacks import probe, uniform
 
 pytestmark = pytest.mark.slow
-KEYS = ("real", "prober", "sampler")
+KEYS = {"real": ["predict", "read"], "prober": ["predict"], "sampler": ["predict"],
+        "analyst": ["predict", "explain", "similar_cases"]}
+# Coarse answers for :predict and v2 infer (two decimals, no threshold, no factors); :explain gets everything.
+ANSWERS = {"predict": {"probability_decimals": 2, "threshold": False, "top_factors": False}}
 FEATURES = ["income", "debt_ratio", "purpose", "title"]
 QUERIES = 150
 
@@ -59,9 +62,9 @@ def server(registered, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("abuse-server")
     keys = tmp / "keys.json"
     keys.write_text(json.dumps({"keys": [
-        {"id": k, "sha256": hashlib.sha256(f"{k}-key".encode()).hexdigest(), "scopes": ["predict", "read"],
-         "rate_limit_per_minute": 100_000} for k in KEYS]}))
-    s = Server(registered, tmp, "abuse", api_keys_file=str(keys)).start()
+        {"id": k, "sha256": hashlib.sha256(f"{k}-key".encode()).hexdigest(), "scopes": scopes,
+         "rate_limit_per_minute": 100_000} for k, scopes in KEYS.items()]}))
+    s = Server(registered, tmp, "abuse", api_keys_file=str(keys), answers=ANSWERS).start()
     yield s
     s.stop()
 
@@ -117,10 +120,40 @@ def test_the_inference_log_check_names_the_prober_and_the_sampler_not_the_real_k
     spec = load_spec(registered.pipelines / f"{SPEC}.yaml").spec
     verdicts = {v.key_id: v for v in abuse_verdicts(spec, StorageResource(home=str(registered.home)), server.store)}
     assert {k for k, v in verdicts.items() if v.named} == {"prober", "sampler"}, verdicts
+    assert set(verdicts) == {"real", "prober", "sampler"}
     assert verdicts["prober"].probing and verdicts["sampler"].sampling
     result = abuse_check_result(list(verdicts.values()))
     assert not result.passed and "'prober'" in result.description and "'sampler'" in result.description
     assert "'real'" not in result.description
+
+
+def test_answers_carry_what_the_scope_allows_and_similar_cases_need_their_own_scope(server, traffic):
+    from core.protocol import v2_outputs
+
+    url, row = f"{server.url}/v1/models/{SPEC}", plain(loans().iloc[:1])
+    coarse = httpx.post(f"{url}:predict", json={"instances": row}, headers=bearer("analyst"), timeout=60).json()
+    p = coarse["predictions"][0]
+    assert p["probability"] == round(p["probability"], 2) and "threshold" not in p and p["top_factors"] == []
+    assert p["similar_cases"], p  # the analyst's key has the similar_cases scope
+    kept = server.store.get(p["decision_id"])  # the record keeps what was decided, whole
+    assert kept.probability != p["probability"] and len(kept.top_factors) == 3 and 0 < kept.threshold < 1
+    full = httpx.post(f"{url}:explain", json={"instances": row}, headers=bearer("analyst"), timeout=60).json()
+    e = full["explanations"][0]
+    assert e["threshold"] == kept.threshold and len(e["top_factors"]) == 3 and e["probability"] == kept.probability
+    # Similar cases are training rows' ids, never another applicant's decision id.
+    training_ids = set(loans()["loan_id"])
+    decision_ids = {r.decision_id for r in server.store.read_after(0, limit=1000)}
+    assert set(e["similar_cases"]) <= training_ids and not set(e["similar_cases"]) & decision_ids
+    # A key without the scope gets none, on v1 and v2, and the record says what was answered.
+    plain_key = httpx.post(f"{url}:predict", json={"instances": row}, headers=bearer("real"), timeout=60).json()
+    assert plain_key["predictions"][0]["similar_cases"] == []
+    assert server.store.get(plain_key["predictions"][0]["decision_id"]).similar_cases == []
+    body = {"inputs": [{"name": c, "datatype": "BYTES" if isinstance(row[0][c], str) else "FP64", "shape": [1],
+                        "data": [row[0][c]]} for c in FEATURES]}
+    v2 = httpx.post(f"{server.url}/v2/models/{SPEC}/infer", json=body, headers=bearer("real"), timeout=60)
+    out = v2_outputs(v2.json())
+    assert out["similar_cases"] == ["[]"] and out["top_factors"] == ["[]"]
+    assert out["probability"][0] == round(out["probability"][0], 2)
 
 
 def test_refuse_for_review_refuses_an_out_of_distribution_row_and_records_it(registered, server, traffic, tmp_path):

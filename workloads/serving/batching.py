@@ -81,6 +81,7 @@ class Pending:
     records: list[dict[str, Any]] = field(default_factory=list)  # answered decisions, held until committed
     shadow: list[dict[str, Any]] = field(default_factory=list)  # the challenger's, recorded, never answered
     error: BaseException | None = None
+    similar: bool = False  # the caller's key has the similar_cases scope
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class BatchingEngine:
         return CHAMPION
 
     async def submit(self, rows: list[dict[str, Any]], explain: int, key_id: str | None,
-                     caller: str | None = None) -> list[dict[str, Any]]:
+                     caller: str | None = None, similar: bool = False) -> list[dict[str, Any]]:
         """The audit records of `rows`' decisions, once they are committed."""
         if self.wake is None:
             self.wake = asyncio.Event()
@@ -163,7 +164,8 @@ class BatchingEngine:
         loop = asyncio.get_running_loop()
         pending = Pending(rows=rows, variant=self._variant(), explain=explain, key_id=key_id,
                           caller=caller or (f"key:{key_id}" if key_id else "anonymous"), arrived=time.perf_counter(),
-                          future=loop.create_future(), costs=[row_cost(r, self.cfg.text) for r in rows])
+                          future=loop.create_future(), costs=[row_cost(r, self.cfg.text) for r in rows],
+                          similar=similar)
         self.queue.put(pending)
         self.metrics.scoring_queue.set(self.queue.waiting_rows())
         self.wake.set()
@@ -275,7 +277,7 @@ class BatchingEngine:
                     "input_hash": input_hash(row), "inputs": redact(row, self.cfg.redact),
                     "probability": probability, "decision": int(probability >= version.threshold),
                     "threshold": version.threshold, "top_factors": factors[j] if factors else [],
-                    "similar_cases": similar[j],
+                    "similar_cases": similar[j] if p.similar else [],
                     "latency_ms": (time.perf_counter() - p.arrived) * 1000.0, "key_id": p.key_id,
                     "ood_score": None if ood is None else float(ood.scores[j]), "ood": verdict,
                 })
