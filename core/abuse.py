@@ -201,10 +201,11 @@ def judge_key(key_id: str, rows: Sequence[Mapping[str, Any]], ood_flags: Sequenc
 def judge_keys(queries: Iterable[tuple[str | None, Mapping[str, Any], bool | None]], encoder: QueryEncoder,
                *, recent: int = RECENT_QUERIES, **limits: Any) -> list[AbuseVerdict]:
     """Every key's verdict over its `recent` latest queries; `queries` are (key id, inputs, ood flag) in log order.
-    Traffic without a key id is judged as key '(none)': on an open server every caller shares it."""
+    Traffic without a key id (an open server's) is not judged: its callers share no identity to name."""
     per_key: dict[str, list[tuple[Mapping[str, Any], bool | None]]] = {}
     for key_id, inputs, flag in queries:
-        per_key.setdefault(key_id or "(none)", []).append((inputs, flag))
+        if key_id:
+            per_key.setdefault(key_id, []).append((inputs, flag))
     out = []
     for key_id in sorted(per_key):
         items = per_key[key_id][-recent:]
@@ -241,7 +242,7 @@ def judge_store(store: Any, spec: str, numeric: Sequence[str], categorical: Sequ
 def verdicts_markdown(verdicts: Sequence[AbuseVerdict]) -> str:
     """One row per key: queries, PRADA W, variant share, out-of-distribution share, and what it is named for."""
     if not verdicts:
-        return "no traffic with a key id yet"
+        return "no traffic with a key id yet (an open server's callers have none: the check needs API keys)"
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
