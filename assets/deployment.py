@@ -199,6 +199,8 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "min_known_fraction": d.min_known_fraction, "max_in_flight_per_client": d.max_in_flight_per_client,
         "batch_text_chars": d.batch_text_chars, "max_outcomes_per_request": d.max_outcomes_per_request,
         "notice_prompt": notice_prompt_name(spec.name) if spec.notices else None,
+        "out_of_distribution": d.out_of_distribution,
+        "answers": {scope: view.model_dump() for scope, view in d.answers.items()},
     }, source=f"{loaded.path} (deployment)")
     return config, key
 

@@ -30,9 +30,12 @@ def detectors_dir(storage: StorageResource, spec_name: str, version: str) -> Pat
 
 def fit_version_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
                           run_id: str | None, reference: pd.DataFrame, text_vectors: dict[str, np.ndarray],
-                          held_out_scores: np.ndarray | None) -> str:
+                          held_out_scores: np.ndarray | None,
+                          ood_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> str:
     """Fit the version's detectors on its training split, keep the reference beside them, log both to the run.
 
+    `ood_inputs` (the prepared feature matrix of training and held-out rows) adds the out-of-distribution
+    detector the server scores every row with (core/ood.py), at `monitoring.ood_quantile`.
     Returns the sha256 of the detectors' manifest, also set as the version tag `drift_detectors_sha256`.
     """
     from core.drift import fit_detectors
@@ -44,7 +47,7 @@ def fit_version_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: 
     bundle_dir = folder / "detectors"
     fit_detectors(reference, list(spec.features.numeric), list(spec.features.categorical), text_vectors,
                   held_out_scores, bundle_dir, p_val=m.p_val, seed=spec.split.seed, min_window=m.min_window,
-                  n_permutations=m.permutations)
+                  n_permutations=m.permutations, ood=ood_inputs, ood_quantile=m.ood_quantile)
     atomic_write_bytes(folder / "reference.parquet", frame_to_parquet_bytes(reference.reset_index(drop=True)))
     np.save(folder / "reference_scores.npy", np.asarray([] if held_out_scores is None else held_out_scores,
                                                         dtype=np.float64))

@@ -184,16 +184,23 @@ def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path
 
 
 def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
-                        run_id: str | None, feature_frame: pd.DataFrame, held_out_scores: np.ndarray | None) -> str:
-    """The version's drift detectors, fitted on (a sample of) its training split; see assets/detectors.py."""
-    from assets.features import embedding_column
+                        run_id: str | None, feature_frame: pd.DataFrame, held_out_scores: np.ndarray | None,
+                        prep: dict | None = None) -> str:
+    """The version's drift detectors, fitted on (a sample of) its training split; see assets/detectors.py. With
+    the version's preprocessing (`prep`), its out-of-distribution detector too, on the matrix the network reads:
+    fitted on the training rows, its threshold set on the validation and test rows (core/ood.py)."""
+    from assets.features import embedding_column, transform
 
     train = feature_frame[feature_frame[SPLIT] == "train"]
     if len(train) > spec.monitoring.reference_rows:
         train = train.sample(n=spec.monitoring.reference_rows, random_state=spec.split.seed)
     vectors = {c: np.stack(train[embedding_column(c)].to_numpy()).astype(np.float32) for c in spec.features.text}
     reference = train[[*spec.features.numeric, *spec.features.categorical]].reset_index(drop=True)
-    return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, held_out_scores)
+    ood = None
+    if prep is not None:
+        held = feature_frame[feature_frame[SPLIT] != "train"]
+        ood = (transform(feature_frame[feature_frame[SPLIT] == "train"], prep), transform(held, prep))
+    return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, held_out_scores, ood)
 
 
 def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResource, validated: pd.DataFrame,
@@ -272,7 +279,8 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     held_out = np.concatenate([val_p, p])
     try:
         detectors = fit_drift_detectors(spec, storage, mlflow, version, challenger.run_id, feature_frame,
-                                        held_out if len(held_out) >= spec.monitoring.min_window else None)
+                                        held_out if len(held_out) >= spec.monitoring.min_window else None,
+                                        json.loads((local / "artifacts" / "preprocessing.json").read_text()))
     except Exception as exc:  # monitoring is not a gate: the version is evaluated, and says it has no detectors
         log.warning(f"{name} v{version}: drift detectors not fitted ({type(exc).__name__}: {exc}); the drift sensor "
                     "cannot score windows this version serves")

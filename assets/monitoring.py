@@ -10,7 +10,8 @@ deployment -> inference_log -> drift_report (one partition per window)  --drift-
   chains' heads signed under the audit key (`audit_anchor`: a checkpoint outside the store, which
   `python -m orchestration.decisions --verify` reads back), and each reporting key's outcomes against the model's
   measured error, with the keys whose reports contradict it far beyond that error flagged
-  (assets/outcome_trust.py).
+  (assets/outcome_trust.py). Its check `abuse_by_key` names each API key whose recent queries look like probing
+  (a few applicants varied feature by feature) or like sampling the input space (assets/abuse_check.py).
 - Windows are dynamic partitions: a window is a count of traffic decisions (default 1,000), not a span of time,
   so it closes when traffic fills it. The key is `<first seq>-<last seq>` of the audit log. The deployment's own
   smoke requests (key id `deployment-smoke`) are on the audit log but are not traffic: no window counts them.
@@ -29,6 +30,7 @@ from typing import Any
 import dagster as dg
 
 from assets import naming
+from assets.abuse_check import CHECK_NAME, abuse_check_result, abuse_verdicts
 from assets.audit_anchors import inference_log_anchors
 from assets.detectors import load_version_detectors
 from assets.drift_sensor import MonthReport, drift_sensor
@@ -196,6 +198,13 @@ def definitions(loaded: LoadedSpec, retrain: AssetJob) -> dg.Definitions:
         return dg.MaterializeResult(metadata=obs.metadata(store.location()),
                                     data_version=dg.DataVersion(f"seq-{obs.latest_seq}"))
 
+    @dg.asset_check(asset=log_key, name=CHECK_NAME, blocking=True,
+                    description="Names each API key whose recent queries look like probing (PRADA: the distances "
+                                "between a key's queries; one-feature variants) or like sampling the input space "
+                                "(out-of-distribution share); core/abuse.py.")
+    def abuse_by_key(storage: StorageResource, audit: AuditResource) -> dg.AssetCheckResult:
+        return abuse_check_result(abuse_verdicts(spec, storage, audit.store()))
+
     @dg.asset(key=key, group_name=naming.MONITORING, partitions_def=partitions, deps=[log_key])
     def drift_report(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
                      audit: AuditResource) -> dg.Output[dict]:
@@ -224,6 +233,7 @@ def definitions(loaded: LoadedSpec, retrain: AssetJob) -> dg.Definitions:
         return dg.RunRequest(run_key=f"report:{k}", partition_key=k, tags={f"{TAG}window": k, f"{TAG}partial": "true"})
 
     month_job = month_drift_job(loaded)
-    return dg.Definitions(assets=[inference_log, drift_report], jobs=[report_job, *([month_job] if month_job else [])],
+    return dg.Definitions(assets=[inference_log, drift_report], asset_checks=[abuse_by_key],
+                          jobs=[report_job, *([month_job] if month_job else [])],
                           sensors=[drift_sensor(loaded, report_job, retrain, month_job)],
                           schedules=[nightly_drift_check])

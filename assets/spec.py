@@ -263,6 +263,22 @@ class Compliance(_Strict):
     extraction_queries: int = Field(1000, ge=10, le=100_000)
 
 
+class AbuseLimits(_Strict):
+    """The per-key abuse check on inference_log (core/abuse.py): each key's `recent_queries` latest queries are
+    judged once it has sent `min_queries`; it is named for probing when PRADA's Shapiro-Wilk W over the minimum
+    distances between its queries is under `min_shapiro_w` or more than `max_variant_share` of its queries repeat
+    an earlier one with one feature changed, and for sampling the input space when more than `max_ood_rate` of
+    its queries were out of distribution. W's scale depends on the number of features (real keys of a
+    three-feature table score about 0.55): lower `min_shapiro_w` for a spec with few. benchmarks/README.md
+    ("Abuse checks") measured the defaults on replayed real traffic."""
+
+    recent_queries: int = Field(500, ge=50, le=5000)
+    min_queries: int = Field(100, ge=20)
+    min_shapiro_w: float = Field(0.78, ge=0, lt=1)
+    max_variant_share: float = Field(0.25, gt=0, le=1)
+    max_ood_rate: float = Field(0.10, gt=0, lt=1)
+
+
 class Monitoring(_Strict):
     """Drift detection on what the deployment sees (core/drift/, assets/detectors.py, assets/window_report.py, assets/drift_sensor.py).
 
@@ -290,6 +306,11 @@ class Monitoring(_Strict):
     learn_from_outcomes: bool = False
     outcome_rule: OutcomeRule = DEFAULT_OUTCOME_RULE
     exclude_flagged_outcome_keys: bool = True
+    # Out-of-distribution detector (core/ood.py): its threshold is this quantile of held-out rows' scores, so
+    # about 1 - ood_quantile of real applicants are flagged.
+    ood_quantile: float = Field(0.995, ge=0.5, lt=1)
+    # The abuse check on inference_log (core/abuse.py): per key, the queries looked at and the limits.
+    abuse: AbuseLimits = AbuseLimits()
 
     @model_validator(mode="after")
     def _window_can_be_scored(self) -> "Monitoring":
@@ -341,6 +362,8 @@ class Deployment(_Strict):
     batch_text_chars: server_config.BatchTextChars
     min_known_fraction: server_config.MinKnownFraction
     max_outcomes_per_request: server_config.MaxOutcomesPerRequest
+    out_of_distribution: server_config.OutOfDistribution
+    answers: server_config.Answers
     # `direct`: a version that passes the gates is champion at once; or steps, each gated by live evidence
     # (core/rollout.py, assets/rollout.py). Kept as None for `direct`.
     rollout: RolloutPolicy | None = None

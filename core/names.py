@@ -42,7 +42,10 @@ KEY_ID_HEADER = "x-intelligentops-key-id"    # set by the gateway for the model;
 
 # The fields of every answered decision, in the order the v2 protocol returns them as output tensors. `notice` is
 # the notice to the applicant for a decision the spec's `notices.adverse` names (null in v1, "" in v2 otherwise).
+# `ood_score` and `ood` are the out-of-distribution detector's (core/ood.py); -1 in a v2 tensor (null in v1) when
+# the version has none.
 OUTPUTS: tuple[tuple[str, str], ...] = (
     ("probability", "FP64"), ("decision", "INT64"), ("decision_id", "BYTES"), ("model_version", "BYTES"),
-    ("variant", "BYTES"), ("top_factors", "BYTES"), ("similar_cases", "BYTES"), ("notice", "BYTES"))
+    ("variant", "BYTES"), ("top_factors", "BYTES"), ("similar_cases", "BYTES"), ("notice", "BYTES"),
+    ("ood_score", "FP64"), ("ood", "INT64"))
 OUTPUT_NAMES = tuple(name for name, _ in OUTPUTS)

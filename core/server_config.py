@@ -48,7 +48,27 @@ BatchTextChars = Annotated[int, Field(400, ge=100, description="cost bound of on
                                                                 "and interleaved with others")]
 MinKnownFraction = Annotated[float, Field(0.5, ge=0, le=1, description="share of a row's features that must be "
                                                                        "known (not null), or the row is refused")]
+OutOfDistribution = Annotated[Literal["answer_flagged", "refuse_for_review"], Field(
+    "answer_flagged", description="what a row the version's out-of-distribution detector flags gets (core/ood.py): "
+                                  "answer_flagged: answered, with ood 1 on the answer and the audit record; "
+                                  "refuse_for_review: its request is refused (400 naming the rows) and the flagged "
+                                  "rows are recorded with ood 2 for a person to review")]
 MaxOutcomesPerRequest = Annotated[int, Field(1000, ge=1, le=100_000, description="outcome items in one request")]
+
+class AnswerView(BaseModel):
+    """What an answer of one route scope carries beside the decision: the probability to `probability_decimals`
+    (None: full precision), the operating threshold (v1), the top factors. The audit record keeps everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probability_decimals: int | None = Field(None, ge=0, le=17)
+    threshold: bool = True
+    top_factors: bool = True
+
+
+Answers = Annotated[dict[Literal["predict", "explain"], AnswerView], Field(
+    default_factory=dict, description="per route scope (predict: :predict and v2 infer; explain: :explain), what "
+                                      "an answer carries; a scope not listed gets everything at full precision")]
 
 DEFAULT_PORT = 8080  # where the server listens when the config leaves `port` to it (a KServe predictor's port)
 ENV_PREFIX = "env:"
@@ -154,6 +174,8 @@ class ServerConfig(BaseModel):
     max_in_flight_per_client: MaxInFlightPerClient
     batch_text_chars: BatchTextChars
     max_outcomes_per_request: MaxOutcomesPerRequest
+    out_of_distribution: OutOfDistribution
+    answers: Answers
     log_file: str | None = Field(None, description="the server's own log, rotated by size (None: stderr only)")
     log_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the log file past this size")
     log_backups: int = Field(3, ge=1, le=100, description="rotated log files kept")

@@ -252,29 +252,42 @@ class TabularMLPModel(PythonModel):
                  "contribution": round(float(matrix[i, j]), 5)} for j in order]))
         return out
 
-    def predict(self, context, model_input, params=None):
-        """P(positive) per row; with params {"explain": k}, also the k features that moved each score most."""
+    def prepare(self, model_input):
+        """The matrix the network reads for these rows: standardized numbers with missing flags, one-hot
+        categories, sentence embeddings (the out-of-distribution detector scores this; core/ood.py)."""
         import pandas as pd
-        import torch
 
         from intelligentops_features import clean_text, transform
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         frame = frame.reset_index(drop=True).copy()
-        raw = frame.copy()
         for column, info in self.preprocessing["embeddings"].items():
             if column not in frame.columns:
                 raise ValueError(f"text feature column {column!r} is missing from the input")
             frame[info["column"]] = self._embed(frame[column].map(clean_text))
+        return transform(frame, self.preprocessing)
+
+    def predict(self, context, model_input, params=None):
+        """P(positive) per row; with params {"explain": k}, also the k features that moved each score most."""
+        return self.predict_with_inputs(model_input, params)[0]
+
+    def predict_with_inputs(self, model_input, params=None):
+        """`predict`'s answer and the matrix the network read, so a server scores that matrix for
+        out-of-distribution without preparing the rows twice."""
+        import pandas as pd
+        import torch
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        raw = frame.reset_index(drop=True).copy()
         # Per call, not per load: a server predicts on threads other than the one that loaded the model.
         with torch.inference_mode():
-            x = torch.from_numpy(transform(frame, self.preprocessing))
+            x = torch.from_numpy(self.prepare(raw))
             probability = torch.sigmoid(self.net(x).squeeze(-1)).double().numpy() if len(frame) else []
             result = pd.DataFrame({"probability": probability})
             top = int((params or {}).get("explain") or 0)
             if top > 0 and len(frame):
                 result["top_factors"] = self._explain(raw, x, probability, top)
-        return result
+        return result, x.numpy()
 
 
 # Texts and their vectors kept at most, in bytes: about 40,000 job titles with MiniLM's 384 float32 numbers each.

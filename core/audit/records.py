@@ -11,7 +11,7 @@ from typing import Any
 
 from core.names import VARIANTS
 
-__all__ = ["VARIANTS", "AuditError", "AuditRecord", "ChainVerification", "canonical_json", "input_hash", "now_iso",
+__all__ = ["OOD_FLAGGED", "OOD_IN", "OOD_REFUSED", "VARIANTS", "AuditError", "AuditRecord", "ChainVerification", "canonical_json", "input_hash", "now_iso",
            "redact", "row_hash"]
 
 GENESIS = "0" * 64
@@ -52,6 +52,11 @@ class AuditRecord:
     notice: str | None = None
     # The caller's audit-only fields (the spec's sensitive columns; never model inputs), sealed with the inputs.
     audit_fields: dict = field(default_factory=dict)
+    # The out-of-distribution detector's score of the row and its verdict (core/ood.py): OOD_IN, OOD_FLAGGED
+    # (answered, flagged) or OOD_REFUSED (refused for human review: never answered). None: not scored (a version
+    # without the detector, or a record written before it existed).
+    ood_score: float | None = None
+    ood: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,10 @@ class ChainVerification:
 
 # the stored columns; audit_fields ride inside the sealed inputs (core/audit/store.py)
 FIELDS = [f.name for f in fields(AuditRecord) if f.name != "audit_fields"]
+OOD_IN, OOD_FLAGGED, OOD_REFUSED = 0, 1, 2
 # Fields added after records were first written: hashed only when set, so the rows written before them (and the
-# decisions that have no notice) keep the hash they were written with.
-OPTIONAL_FIELDS = ("notice_template_version", "notice_sha256", "notice")
+# decisions that have no notice, or were not scored for out-of-distribution) keep the hash they were written with.
+OPTIONAL_FIELDS = ("notice_template_version", "notice_sha256", "notice", "ood_score", "ood")
 JSON_FIELDS = ("inputs", "top_factors", "similar_cases")
 REQUIRED = ("decision_id", "spec", "model_name", "model_version", "variant", "inputs", "probability", "decision",
              "threshold")
@@ -121,6 +127,8 @@ def row_hash(row: dict[str, Any]) -> str:
     the exact text stored."""
     payload = {k: row[k] for k in FIELDS if k != "record_hash" and k not in OPTIONAL_FIELDS}
     payload.update({k: row[k] for k in OPTIONAL_FIELDS if row.get(k) is not None})
+    if payload.get("ood_score") is not None:
+        payload["ood_score"] = repr(float(payload["ood_score"]))
     payload["probability"] = repr(float(payload["probability"]))
     payload["threshold"] = repr(float(payload["threshold"]))
     payload["latency_ms"] = repr(float(payload["latency_ms"]))

@@ -1,7 +1,8 @@
 """The audit store's tables, and the additive migration that lets a store written before keep working.
 
 - `audit_decisions`: the decision chain, one row per decision (seq, every field, prev_hash, record_hash, and
-  `mac` for rows written under the keyed rule).
+  `mac` for rows written under the keyed rule; `ood_score` and `ood`, the out-of-distribution score and verdict,
+  null for rows written before them).
 - `audit_outcome_events`: the outcome chain, one row per outcome report in arrival order (corrections too),
   each with the reporting key id, its reason, its own prev_hash, record_hash and mac.
 - `audit_serving_events`: the serving chain, one row per change of who serves (a promotion, a rollout step, a hold,
@@ -55,6 +56,8 @@ def tables(sa: Any) -> tuple[Any, Any, Any, Any]:
         sa.Column("notice_template_version", sa.String(32), nullable=True),
         sa.Column("notice_sha256", sa.String(64), nullable=True),
         sa.Column("notice", sa.Text, nullable=True),
+        sa.Column("ood_score", sa.Float(precision=53), nullable=True),
+        sa.Column("ood", sa.Integer, nullable=True),
     )
     head = sa.Table(
         "audit_head", meta,

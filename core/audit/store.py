@@ -327,6 +327,8 @@ class AuditStore(OutcomeLog, ServingLog):
             "notice_template_version": (None if rec.get("notice_template_version") is None
                                         else str(rec["notice_template_version"])),
             "notice_sha256": notice_digest, "notice": stored_notice,
+            "ood_score": None if rec.get("ood_score") is None else float(rec["ood_score"]),
+            "ood": None if rec.get("ood") is None else int(rec["ood"]),
         }
         return row, inputs, factors, audit_fields
 

@@ -209,7 +209,8 @@ def _quiet_alibi() -> None:
 def fit_detectors(reference: pd.DataFrame, numeric: list[str], categorical: list[str],
                   text_vectors: dict[str, np.ndarray], scores: np.ndarray | None, out_dir: Path,
                   p_val: float = 0.05, seed: int = 0, *, text_method: str = "mmd", correction: str = "fdr",
-                  n_permutations: int = DEFAULT_PERMUTATIONS, min_window: int = MIN_WINDOW) -> DetectorBundle:
+                  n_permutations: int = DEFAULT_PERMUTATIONS, min_window: int = MIN_WINDOW,
+                  ood: tuple[np.ndarray, np.ndarray] | None = None, ood_quantile: float = 0.995) -> DetectorBundle:
     """Fit every detector on `reference` (a model version's training split) and save them in `out_dir`.
 
     `text_vectors` maps each text column to its embeddings, row for row with `reference`. `scores` are the
@@ -217,8 +218,9 @@ def fit_detectors(reference: pd.DataFrame, numeric: list[str], categorical: list
     not train on (its validation split, or cross-fitted predictions). A model is more confident on its own
     training rows, so in-sample scores make the reference look unlike any new traffic; for a logistic
     regression the difference is small (benchmarks/README.md), for a network that fits its training rows
-    closely it is not. The folder is replaced as a whole, atomically: readers see the old bundle or the new
-    one, never a mix.
+    closely it is not. `ood` (training rows, held-out rows of the version's prepared feature matrix) adds the
+    out-of-distribution detector (core/ood.py) in `ood/`, under the same manifest. The folder is replaced as a
+    whole, atomically: readers see the old bundle or the new one, never a mix.
     """
     _quiet_alibi()
     import alibi_detect
@@ -306,6 +308,10 @@ def fit_detectors(reference: pd.DataFrame, numeric: list[str], categorical: list
         if ref_scores is not None:
             score_det = KSDrift(ref_scores.reshape(-1, 1).astype(np.float32), p_val=detector_p_val)
             save_detector(score_det, staging / "scores")
+        if ood is not None:
+            from core.ood import OOD_FOLDER, fit_ood
+
+            fit_ood(ood[0], ood[1], staging / OOD_FOLDER, ood_quantile)
         atomic_write_json_local(staging / BUNDLE_FILE, config.to_json())
         write_manifest(staging)
         _swap_in(staging, out_dir)

@@ -100,7 +100,8 @@ def servers(registered, tmp_path):
         s.stop()
 
 
-KEYS = {"ops-key-123": {"id": "ops", "models": [SPEC], "rate_limit_per_minute": 1000},
+KEYS = {"ops-key-123": {"id": "ops", "models": [SPEC], "rate_limit_per_minute": 1000,
+                        "scopes": ["predict", "explain", "similar_cases"]},
         "report-key-321": {"id": "reporter", "models": [SPEC], "scopes": ["outcomes"]},
         "read-key-654": {"id": "reader", "scopes": ["read"]},
         "other-key-456": {"id": "elsewhere", "models": ["another_model"]},

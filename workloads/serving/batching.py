@@ -25,6 +25,11 @@ two batches; a request still being scored then starts again on it, so every deci
 `applied` event is of the new split. A shadow that fails to score never fails the champion's answer; failures are
 counted per variant and version and reported to the serving chain. Records carry the caller's audit-only fields
 (core/server_config.py `audit_fields`), which the model never sees.
+
+Every row is scored by the answering version's out-of-distribution detector (core/ood.py) when it has one:
+`ood_score` and `ood` (0 in distribution, 1 flagged) go on its record and its answer, and /metrics counts flagged
+rows per key. Under `out_of_distribution: refuse_for_review` a request with a flagged row is refused (400 naming
+the rows); its flagged rows are recorded with `ood` 2 (never answered) for a person to review.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.audit import AuditStore, input_hash, now_iso, redact
+from core.audit import OOD_FLAGGED, OOD_IN, OOD_REFUSED, AuditStore, input_hash, now_iso, redact
 from core.names import CHALLENGER, CHAMPION
 from core.server_config import ServerConfig
 from workloads.serving.decoding import InvalidRequest
@@ -50,6 +55,18 @@ from workloads.serving.split import CANARY, SHADOW, ServedSplit, ServingReports
 from workloads.serving.versions import ServedVersion, ServedVersions
 
 ROW_CHARS = 20  # what one row costs beside its text, in characters of text (measured: ~2.5 ms per new text)
+
+
+REFUSE_FOR_REVIEW = "refuse_for_review"
+
+
+class OodRefused(InvalidRequest):
+    """A request refused for human review: rows unlike the data the model learned from. `records` are the flagged
+    rows' records (ood 2), committed to the audit log though never answered."""
+
+    def __init__(self, message: str, records: list[dict[str, Any]]):
+        super().__init__(message)
+        self.records = records
 
 
 @dataclass(eq=False)
@@ -71,6 +88,7 @@ class Pending:
     records: list[dict[str, Any]] = field(default_factory=list)  # answered decisions, held until committed
     shadow: list[dict[str, Any]] = field(default_factory=list)  # the challenger's, recorded, never answered
     error: BaseException | None = None
+    similar: bool = False  # the caller's key has the similar_cases scope
 
 
 @dataclass(frozen=True)
@@ -148,7 +166,8 @@ class BatchingEngine:
         self.taken_up = split
 
     async def submit(self, rows: list[dict[str, Any]], explain: int, key_id: str | None,
-                     caller: str | None = None, audit: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                     caller: str | None = None, audit: list[dict[str, Any]] | None = None,
+                     similar: bool = False) -> list[dict[str, Any]]:
         """The audit records of `rows`' decisions, once they are committed."""
         if self.wake is None:
             self.wake = asyncio.Event()
@@ -156,7 +175,8 @@ class BatchingEngine:
         loop = asyncio.get_running_loop()
         pending = Pending(rows=rows, variant=CHAMPION, explain=explain, key_id=key_id,
                           caller=caller or (f"key:{key_id}" if key_id else "anonymous"), arrived=time.perf_counter(),
-                          future=loop.create_future(), costs=[row_cost(r, self.cfg.text) for r in rows], audit=audit)
+                          future=loop.create_future(), costs=[row_cost(r, self.cfg.text) for r in rows], audit=audit,
+                          similar=similar)
         self.queue.put(pending)
         self.metrics.scoring_queue.set(self.queue.waiting_rows())
         self.wake.set()
@@ -209,12 +229,16 @@ class BatchingEngine:
             if p.error is not None or p.scored == len(p.rows):
                 finished.append(p)
         records = [r for p in finished if p.error is None for r in (*p.records, *p.shadow)]
+        records += [r for p in finished if isinstance(p.error, OodRefused) for r in p.error.records]
         if records:
             self.audit.append(records)  # committed (group commit) before any answer leaves
             self.metrics.batch_rows.observe(len(records))
             for r in records:
                 self.metrics.decisions.labels(model=self.cfg.spec, variant=r["variant"], version=r["model_version"],
                                               decision=str(r["decision"])).inc()
+                if r.get("ood") in (OOD_FLAGGED, OOD_REFUSED) and r["variant"] != SHADOW:
+                    self.metrics.ood_rows.labels(key_id=r["key_id"] or "(none)",
+                                                 action="refused" if r["ood"] == OOD_REFUSED else "answered").inc()
         for p in finished:
             if p.error is not None:
                 p.records, p.shadow = [], []
@@ -258,7 +282,8 @@ class BatchingEngine:
 
         began = time.perf_counter()
         rows = [r for s in items for r in s.pending.rows[s.start:s.stop]]
-        prob, factors = version.score(pd.DataFrame(rows, columns=self.cfg.features), explain)
+        frame = pd.DataFrame(rows, columns=self.cfg.features)
+        prob, factors, ood = version.score(frame, explain)
         similar = self.similar.lookup(version, rows)
         done = time.perf_counter()
         out, j = [], 0
@@ -273,13 +298,15 @@ class BatchingEngine:
             recs = []
             for i, row in enumerate(p.rows[s.start:s.stop], start=s.start):
                 probability = float(prob[j])
+                verdict = None if ood is None else (OOD_FLAGGED if ood.flagged[j] else OOD_IN)
                 rec = {
                     "decision_id": uuid.uuid4().hex, "time": now, "spec": self.cfg.spec,
                     "model_name": self.cfg.spec, "model_version": version.version, "variant": variant,
                     "input_hash": input_hash(row), "inputs": redact(row, self.cfg.redact),
                     "probability": probability, "decision": int(probability >= version.threshold),
                     "threshold": version.threshold, "top_factors": factors[j] if factors else [],
-                    "similar_cases": similar[j], "latency_ms": waited * 1000.0, "key_id": p.key_id,
+                    "similar_cases": similar[j] if p.similar else [], "latency_ms": waited * 1000.0,
+                    "key_id": p.key_id, "ood_score": None if ood is None else float(ood.scores[j]), "ood": verdict,
                 }
                 if p.audit and p.audit[i]:
                     rec["audit_fields"] = p.audit[i]
@@ -287,6 +314,14 @@ class BatchingEngine:
                     self.notices.attach(rec, row, version)
                 recs.append(rec)
                 j += 1
+            if self.cfg.out_of_distribution == REFUSE_FOR_REVIEW and variant != SHADOW:
+                flagged = [k for k, r in enumerate(recs) if r["ood"] == OOD_FLAGGED]
+                if flagged:
+                    held = [{**recs[k], "ood": OOD_REFUSED} for k in flagged]
+                    raise OodRefused(
+                        f"row(s) {[s.start + k for k in flagged][:20]} are unlike the data the model learned from "
+                        f"(out-of-distribution score {held[0]['ood_score']:.1f} above {ood.threshold:.1f}): refused "
+                        "for human review; the rows are recorded, no decision is answered", held)
             out.append((s, recs))
         return out
 

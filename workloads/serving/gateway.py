@@ -10,7 +10,8 @@ caller (its key id, or its address when it has no key) has a rate limit (429) an
 counted on /metrics and logged as one structured line (workloads/serving/logs.py).
 
 Keys are stored as sha256 digests (`load_keys`); the model hears only the key's id, in the header KEY_ID_HEADER,
-and the caller's identity for fair scheduling in CLIENT_HEADER; a client can set neither. The deployment's own
+the caller's identity for fair scheduling in CLIENT_HEADER and whether the key has the `similar_cases` scope in
+SIMILAR_HEADER; a client can set none of them. The deployment's own
 keys (smoke: predict, explain, read; operator: outcomes, read) are known by their digests in the server config,
 keys file or not.
 """
@@ -39,6 +40,7 @@ from workloads.serving.routes import (
     REMOVED,
     SCOPES,
     SCORING_SCOPES,
+    SIMILAR_SCOPE,
     LiveRoute,
     Resolved,
     resolve,
@@ -46,7 +48,8 @@ from workloads.serving.routes import (
 
 CLIENT_HEADER = "x-intelligentops-client"  # who a request counts against: key:<id> or addr:<address>
 BINARY_HEADER = b"inference-header-content-length"
-INTERNAL_HEADERS = (KEY_ID_HEADER.encode(), CLIENT_HEADER.encode())
+SIMILAR_HEADER = "x-intelligentops-similar-cases"  # "1" when the caller's key has the similar_cases scope
+INTERNAL_HEADERS = (KEY_ID_HEADER.encode(), CLIENT_HEADER.encode(), SIMILAR_HEADER.encode())
 SMOKE_SCOPES = ("predict", "explain", "read")
 OPERATOR_SCOPES = ("outcomes", "read")
 
@@ -258,6 +261,8 @@ class Gateway:
                           [(b"retry-after", b"1")])
         if entry is not None:
             headers.append((KEY_ID_HEADER.encode(), entry.id.encode()))
+            if SIMILAR_SCOPE in entry.scopes:
+                headers.append((SIMILAR_HEADER.encode(), b"1"))
         headers.append((CLIENT_HEADER.encode(), caller.encode("utf-8", "replace")))
         self.in_flight[caller] = self.in_flight.get(caller, 0) + 1
         try:

@@ -1,6 +1,6 @@
 """The server's own Prometheus metrics, beside KServe's per-stage histograms on the same /metrics page:
 requests and latency per protocol and refusals per route scope and status (counted by the gateway), decisions per variant and version, rows per batch,
-the version each alias serves, and alias moves that could not be loaded."""
+out-of-distribution rows per key, the version each alias serves, and alias moves that could not be loaded."""
 
 from __future__ import annotations
 
@@ -23,4 +23,6 @@ class Metrics:
         self.refusals = Counter("intelligentops_refusals_total", "Requests refused (4xx) by route scope and status",
                                 ["route", "code"])
         self.scoring_queue = Gauge("intelligentops_scoring_queue_rows", "Rows waiting to be scored")
+        self.ood_rows = Counter("intelligentops_ood_rows_total", "Rows the out-of-distribution detector flagged, "
+                                "per key and what they got (answered, refused)", ["key_id", "action"])
         self.swap_failures = Counter("intelligentops_swap_failures_total", "Alias moves that could not be loaded")

@@ -23,11 +23,11 @@ from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 
 from core.names import KEY_ID_HEADER, OUTPUT_NAMES, OUTPUTS
-from core.server_config import ServerConfig
+from core.server_config import AnswerView, ServerConfig
 from workloads.serving.batching import BatchingEngine
 from workloads.serving.decoding import (InvalidRequest, audit_columns, columns_from_v1, columns_from_v2,
                                        validate_columns)
-from workloads.serving.gateway import CLIENT_HEADER
+from workloads.serving.gateway import CLIENT_HEADER, SIMILAR_HEADER
 from workloads.serving.versions import ServedVersions
 
 EXPLAIN_AT_LEAST = 3  # an explanation always carries at least this many top factors
@@ -42,6 +42,7 @@ class Decoded:
     key_id: str | None
     caller: str | None = None  # who the request counts against for fair scheduling (the gateway's CLIENT_HEADER)
     audit: list[dict[str, Any]] | None = None  # per row: audit-only fields, kept on the record, never scored
+    similar: bool = False  # the key has the similar_cases scope (the gateway's SIMILAR_HEADER)
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,39 @@ class Decided:
     field: str  # the v1 answer's list: predictions | explanations
 
 
-def v1_answer(record: dict[str, Any]) -> dict[str, Any]:
-    """One decision as v1 answers it: the output fields (`notice` null when the decision has none), and the
-    threshold it was decided at."""
-    return {**{name: record.get(name) for name in OUTPUT_NAMES}, "threshold": record["threshold"]}
+FULL = AnswerView()
+SCOPE_OF_FIELD = {"predictions": "predict", "explanations": "explain"}
+
+
+def shown(record: dict[str, Any], view: AnswerView) -> dict[str, Any]:
+    """The record's output fields as `view` lets them be seen (the record itself is kept whole on the log)."""
+    out = {name: record.get(name) for name in OUTPUT_NAMES}
+    if view.probability_decimals is not None:
+        out["probability"] = round(float(out["probability"]), view.probability_decimals)
+    if not view.top_factors:
+        out["top_factors"] = []
+    return out
+
+
+def v1_answer(record: dict[str, Any], view: AnswerView = FULL) -> dict[str, Any]:
+    """One decision as v1 answers it: the output fields (`notice` null when the decision has none) and, unless the
+    view hides it, the threshold it was decided at."""
+    out = shown(record, view)
+    return {**out, "threshold": record["threshold"]} if view.threshold else out
 
 
 def _tensor_value(value: Any, datatype: str) -> Any:
     if value is None and datatype == "BYTES":
         return ""  # a decision without a notice
+    if value is None and datatype in ("FP64", "INT64"):
+        return -1  # not scored (a version without an out-of-distribution detector)
     return json.dumps(value) if datatype == "BYTES" and not isinstance(value, str) else value
 
 
-def v2_answer(request: InferRequest, records: list[dict[str, Any]], model_name: str) -> InferResponse:
+def v2_answer(request: InferRequest, records: list[dict[str, Any]], model_name: str,
+              view: AnswerView = FULL) -> InferResponse:
     """The decisions as v2 output tensors, one per field of core.names.OUTPUTS (lists travel as JSON text)."""
+    records = [shown(r, view) for r in records]
     outputs = [InferOutput(name=name, shape=[len(records)], datatype=datatype,
                            data=[_tensor_value(r.get(name), datatype) for r in records]) for name, datatype in OUTPUTS]
     return InferResponse(response_id=request.id or uuid.uuid4().hex, model_name=model_name,
@@ -109,11 +129,13 @@ class DecisionModel(kserve.Model):
             raise InvalidInput(str(exc)) from None
         headers = headers or {}
         return Decoded(rows=rows, request=payload if v2 else None, key_id=headers.get(KEY_ID_HEADER),
-                       caller=headers.get(CLIENT_HEADER), audit=audit)
+                       caller=headers.get(CLIENT_HEADER), audit=audit,
+                       similar=headers.get(SIMILAR_HEADER) == "1")
 
     async def _decide(self, decoded: Decoded, explain: int, field: str) -> Decided:
         try:
-            records = await self.engine.submit(decoded.rows, explain, decoded.key_id, decoded.caller, decoded.audit)
+            records = await self.engine.submit(decoded.rows, explain, decoded.key_id, decoded.caller, decoded.audit,
+                                               decoded.similar)
         except InvalidRequest as exc:  # rows whose values give no finite score
             raise InvalidInput(str(exc)) from None
         return Decided(records=records, request=decoded.request, field=field)
@@ -133,6 +155,7 @@ class DecisionModel(kserve.Model):
 
     async def postprocess(self, result: Decided, headers: dict[str, str] | None = None,
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        view = self.cfg.answers.get(SCOPE_OF_FIELD[result.field], FULL)
         if result.request is not None:
-            return v2_answer(result.request, result.records, self.cfg.spec)
-        return {result.field: [v1_answer(r) for r in result.records]}
+            return v2_answer(result.request, result.records, self.cfg.spec, view)
+        return {result.field: [v1_answer(r, view) for r in result.records]}

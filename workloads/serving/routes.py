@@ -17,6 +17,7 @@ Scopes (a key's `scopes` in the keys file; an entry without them has predict and
 | outcomes | `POST /v2/models/{name}/outcomes` |
 | read | `GET /metrics`, `/intelligentops/status`, `/v2`, `/v2/models`, `/v2/models/{name}`, `/v1/models`, `/v1/models/{name}` |
 | admin | no route today: KServe's repository load and unload are removed (an unloaded model needs a restart) |
+| similar_cases | no route: a field of the answer. Only a key with this scope gets `similar_cases` (the row ids of the nearest training cases by text; never decision ids of other applicants); everyone else gets `[]` |
 
 Removed: `/` (a second liveness route), `/openapi.json`, `/docs`, `/redoc` (the API's shape is in
 docs/serving.md), the versioned v2 routes (KServe answers them "not implemented"), and the repository routes.
@@ -30,7 +31,8 @@ from typing import Any
 
 OPEN = "open"
 REMOVED = "removed"
-SCOPES = ("predict", "explain", "outcomes", "read", "admin")
+SCOPES = ("predict", "explain", "outcomes", "read", "admin", "similar_cases")
+SIMILAR_SCOPE = "similar_cases"  # gates a field of the answer, not a route
 DEFAULT_SCOPES = ("predict", "explain")
 
 # (path template as the app spells it) -> decision. Methods are the route's own; a path decides them all.

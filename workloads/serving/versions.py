@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.names import CHALLENGER, CHAMPION, MANIFEST_TAG, THRESHOLD_TAG
+from core.names import CHALLENGER, CHAMPION, DETECTORS_TAG, MANIFEST_TAG, THRESHOLD_TAG
+from core.ood import OodError
 from core.rollout import split_in_force
 from core.server_config import ServerConfig
 from workloads.serving.metrics import Metrics
@@ -49,17 +50,24 @@ class ServedVersion:
     python_model: Any
     run_id: str | None
     manifest_sha256: str
+    ood: Any = None  # core.ood.OodDetector, or None: this version has none
 
     def score(self, frame, explain: int):
-        """(probabilities, top factors per row) for a frame of raw feature values."""
+        """(probabilities, top factors per row, the out-of-distribution verdict: core.ood.OodScores or None)
+        for a frame of raw feature values."""
         import torch
 
+        pm = self.python_model
+        params = {"explain": explain} if explain else None
         # The pyfunc may have been loaded on another thread; autograd state is per thread.
         with torch.inference_mode():
-            out = self.python_model.predict(None, frame, params={"explain": explain} if explain else None)
+            if self.ood is not None:
+                out, x = pm.predict_with_inputs(frame, params)
+            else:
+                out, x = pm.predict(None, frame, params=params), None
         probability = out["probability"].to_numpy(dtype="float64")
         factors = [json.loads(v) for v in out["top_factors"]] if explain and "top_factors" in out else None
-        return probability, factors
+        return probability, factors, None if x is None else self.ood.score(x)
 
 
 def verify_model_files(model_root: Path, expected_manifest_sha: str | None, public_key: str | None,
@@ -144,9 +152,61 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
     except ServingRefused as exc:
         raise ServingRefused(f"{exc} (files cached at {cache}; if the registry's copy is intact, delete that "
                              "folder to fetch it again)") from None
+    ood = load_ood_detector(cfg, version, tags.get(DETECTORS_TAG), mv.run_id, label)
     pyfunc = mlflow.pyfunc.load_model(str(model_root))
-    return ServedVersion(version=str(version), threshold=threshold, python_model=pyfunc.unwrap_python_model(),
-                         run_id=mv.run_id, manifest_sha256=digest)
+    python_model = pyfunc.unwrap_python_model()
+    if ood is not None and not hasattr(python_model, "predict_with_inputs"):
+        log.warning("%s: its model code predates predict_with_inputs; served without its out-of-distribution "
+                    "detector", label)
+        ood = None
+    return ServedVersion(version=str(version), threshold=threshold, python_model=python_model,
+                         run_id=mv.run_id, manifest_sha256=digest, ood=ood)
+
+
+def load_ood_detector(cfg: ServerConfig, version: str, expected: str | None, run_id: str | None,
+                      label: str) -> Any:
+    """The version's out-of-distribution detector from its verified detector bundle; None when it has none."""
+    from core.manifest import ManifestError, verify_manifest
+    from core.ood import OOD_FOLDER, load_ood
+
+    if not expected or not run_id:
+        log.warning("%s has no %s tag: served without an out-of-distribution detector (re-evaluate it to fit one)",
+                    label, DETECTORS_TAG)
+        return None
+    cache = Path(cfg.model_cache or Path.home() / ".cache" / "intelligentops" / cfg.spec) / \
+        f"v{version}-detectors-{expected[:16]}"
+    bundle = cache / "drift_detectors"
+    if not (cache / ".complete").is_file():
+        import mlflow
+
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="drift_detectors", dst_path=str(tmp),
+                                                tracking_uri=cfg.tracking_uri)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ServingRefused(f"{label}: its detector bundle (run {run_id}, drift_detectors/) cannot be "
+                                 f"downloaded ({type(exc).__name__}: {exc}): refusing to serve") from None
+        (tmp / ".complete").write_text(version)
+        try:
+            os.replace(tmp, cache)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        verify_manifest(bundle, expected_sha256=expected)
+    except ManifestError as exc:
+        raise ServingRefused(f"{label}: its detector bundle: {exc}: refusing to serve (files cached at {cache}; if "
+                             "the registry's copy is intact, delete that folder to fetch it again)") from None
+    if not (bundle / OOD_FOLDER).is_dir():
+        log.warning("%s: its detector bundle has no out-of-distribution detector (evaluated before it existed)",
+                    label)
+        return None
+    try:
+        return load_ood(bundle / OOD_FOLDER)
+    except OodError as exc:
+        raise ServingRefused(f"{label}: {exc}: refusing to serve") from None
 
 
 NAMES_IT = "tracking_uri/registry_uri in the server config"
@@ -245,7 +305,12 @@ class ServedVersions:
             row[col] = allowed[0] if allowed else None
         for col in self.cfg.text:
             row[col] = ""
-        version.score(pd.DataFrame([row], columns=self.cfg.features), self.cfg.explain_top or 1)
+        frame = pd.DataFrame([row], columns=self.cfg.features)
+        try:  # a detector that does not fit this version's inputs is refused here, not on the first request
+            version.score(frame, self.cfg.explain_top or 1)
+        except OodError as exc:
+            raise ServingRefused(f"model {self.cfg.spec!r} version {version.version}: its out-of-distribution "
+                                 f"detector cannot score its inputs ({exc}): refusing to serve") from None
 
     def watch(self) -> None:
         """Poll the aliases every `poll_seconds` (or at once when `poll_now` is set) until `stop`."""
