@@ -216,6 +216,7 @@ def ui(tmp_path: Path, home: Path, pipelines: Path, monkeypatch: pytest.MonkeyPa
     # Fewer epochs than the shipped spec: the test is about what the UI shows, and training still runs
     # DeepSpeed under torchrun, registers a version and goes through every gate.
     spec["training"] = {**spec.get("training", {}), "epochs": 2}
+    copy_shipped(pipelines, SPEC)  # with its notice template
     write_spec(pipelines, spec)
     dagster_home = home / "dagster"
     dagster_home.mkdir()
