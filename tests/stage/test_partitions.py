@@ -185,10 +185,12 @@ def test_an_unpartitioned_spec_behaves_as_today(home: Path, pipelines: Path, ins
                       training={})
     defs = build_definitions(pipelines)
     graph = defs.resolve_asset_graph()
+    # Only the per-window drift reports and the per-step rollout analyses are partitioned (neither by month).
     assert all(graph.get(k).partitions_def is None for k in graph.get_all_asset_keys()
-               if k.path[-1] != "drift_report")
-    assert {j.name for j in defs.jobs} == {f"loans__{j}" for j in ("data", "pipeline", "rollback", "retrain",
-                                                                   "report_drift")}
+               if k.path[-1] not in ("drift_report", "rollout_analysis"))
+    assert {j.name for j in defs.jobs} == {f"loans__{j}" for j in (
+        "data", "pipeline", "rollback", "retrain", "report_drift", "rollout_step", "promote", "hold",
+        "analyse_rollout")}  # no __ingest, no __month_drift
     result = run(defs, instance, 'key:"loans/*" and group:data')
     assert result.success, failure_text(result)
     assert metadata(result, "training_splits")[None]["dagster/row_count"] == 3 * ROWS
