@@ -197,51 +197,10 @@ def _event(m: Any) -> ServingEvent:
 def walk_serving(verifier: Any, conn: Any, batch: int) -> Any:
     """The serving chain walked like the outcome chain (core/audit/verify.py): each event's hash, link and MAC,
     the head, and the checkpoints; returns the verifier's walk."""
-    import sqlalchemy as sa
-
-    from core.audit.verify import _Walk
-
-    s = verifier.store
-    t = s.serving_table
-    walk = _Walk(SERVING)
-    head = conn.execute(sa.select(s.head).where(s.head.c.id == HEAD_SERVING)).first()
-    if head is None:
-        return walk
-    keyed_from = verifier._keyed_from(head, SERVING, walk)
-    macs = verifier._check_head(HEAD_SERVING, SERVING, head, keyed_from is not None, walk)
-    wanted = {c.seq for c in verifier.checkpoints[SERVING]}
-    hashes: dict[int, str] = {}
-    expected, prev = int(head.anchor_seq), head.anchor_hash
-    while True:
-        rows = conn.execute(sa.select(t).where(t.c.id > expected, t.c.id <= int(head.seq))
-                            .order_by(t.c.id).limit(batch)).all()
-        if not rows:
-            break
-        for r in rows:
-            m = dict(r._mapping)
-            walk.checked += 1
-            i = int(m["id"])
-            name = f"serving event {i} ({m['kind']} by {m['actor']} at {m['time']})"
-            if i != expected + 1:
-                walk.bad(expected + 1, f"serving events {expected + 1}..{i - 1} missing before {name}: events "
-                                       "were removed")
-            if m["prev_hash"] != prev:
-                walk.bad(i, f"{name}: prev_hash does not match the event before it: an event before it was removed, "
-                            "edited or reordered")
-            if m["record_hash"] != serving_event_hash(m):
-                walk.bad(i, f"{name}: contents do not match its record_hash: the event was edited")
-            if macs and keyed_from is not None and i >= keyed_from:
-                verifier._check_mac(walk, "serving", m["record_hash"] or "", m.get("mac"), i, name)
-            if i in wanted:
-                hashes[i] = m["record_hash"]
-            expected, prev = i, m["record_hash"]
-    if int(head.seq) != expected or head.hash != prev:
-        if int(head.seq) > expected:
-            walk.bad(expected + 1, f"serving events {expected + 1}..{int(head.seq)} missing at the end of the serving "
-                                   "chain (the newest events were removed)")
-        else:
-            walk.bad(expected, f"the serving chain's head (event {int(head.seq)}) does not match the newest event "
-                               f"({expected})")
-    verifier._compare_checkpoints(SERVING, walk, head, hashes, expected)
-    verifier._rule(SERVING, head, keyed_from, walk.checked)
+    walk, head, keyed_from = verifier.walk_events(
+        conn, verifier.store.serving_table, HEAD_SERVING, SERVING, serving_event_hash,
+        lambda m, i: f"serving event {i} ({m['kind']} by {m['actor']} at {m['time']})", "serving", "event", "events",
+        batch)
+    if head is not None:
+        verifier._rule(SERVING, head, keyed_from, walk.checked)
     return walk

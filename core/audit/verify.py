@@ -241,57 +241,67 @@ class Verifier:
     # --- the outcome chain ---
 
     def outcomes(self, conn: Any, batch: int) -> _Walk:
+        walk, head, keyed_from = self.walk_events(conn, self.store.outcome_events, 2, OUTCOMES, event_hash,
+                                                  lambda m, i: f"outcome event {i} (decision seq {int(m['seq'])}, "
+                                                               f"{m['decision_id']})",
+                                                  "outcome", "outcome", "outcomes", batch)
+        if head is None:
+            return walk
+        if int(head.anchor_seq) > 0 and head.anchor_hash == GENESIS:
+            self.rules.append(f"outcomes: events up to {int(head.anchor_seq)} were recorded before outcomes were "
+                              "chained, and cannot be verified")
+        self._rule(OUTCOMES, head, keyed_from, walk.checked)
+        return walk
+
+    def walk_events(self, conn: Any, table: Any, head_id: int, chain: str, hash_of: Any, name_of: Any, word: str,
+                    item: str, items: str, batch: int) -> tuple[_Walk, Any, int | None]:
+        """Walk an event chain (outcomes, serving events) from its anchor to its head: each event's place, link,
+        hash and MAC, the head, and the checkpoints. Returns the walk, the head row (None: no chain yet) and where
+        keyed events begin; the caller records the chain's rule."""
         import sqlalchemy as sa
 
         s = self.store
-        e = s.outcome_events
-        walk = _Walk(OUTCOMES)
-        head = conn.execute(sa.select(s.head).where(s.head.c.id == 2)).first()
+        walk = _Walk(chain)
+        head = conn.execute(sa.select(s.head).where(s.head.c.id == head_id)).first()
         if head is None:
-            return walk
-        keyed_from = self._keyed_from(head, OUTCOMES, walk)
-        macs = self._check_head(2, OUTCOMES, head, keyed_from is not None, walk)
-        wanted = {c.seq for c in self.checkpoints[OUTCOMES]}
+            return walk, None, None
+        keyed_from = self._keyed_from(head, chain, walk)
+        macs = self._check_head(head_id, chain, head, keyed_from is not None, walk)
+        wanted = {c.seq for c in self.checkpoints[chain]}
         hashes: dict[int, str] = {}
         expected, prev = int(head.anchor_seq), head.anchor_hash
-        last_seen = expected
         while True:
-            rows = conn.execute(sa.select(e).where(e.c.id > last_seen, e.c.id <= int(head.seq))
-                                .order_by(e.c.id).limit(batch)).all()
+            rows = conn.execute(sa.select(table).where(table.c.id > expected, table.c.id <= int(head.seq))
+                                .order_by(table.c.id).limit(batch)).all()
             if not rows:
                 break
             for r in rows:
                 m = dict(r._mapping)
                 walk.checked += 1
                 i = int(m["id"])
-                name = f"outcome event {i} (decision seq {int(m['seq'])}, {m['decision_id']})"
+                name = name_of(m, i)
                 if i != expected + 1:
-                    walk.bad(expected + 1, f"outcome events {expected + 1}..{i - 1} missing before {name}: "
-                                           "outcomes were removed")
+                    walk.bad(expected + 1, f"{word} events {expected + 1}..{i - 1} missing before {name}: {items} "
+                                           "were removed")
                 if m["prev_hash"] != prev:
-                    walk.bad(i, f"{name}: prev_hash does not match the event before it: an outcome before it was "
+                    walk.bad(i, f"{name}: prev_hash does not match the event before it: an {item} before it was "
                                 "removed, edited or reordered")
-                if m["record_hash"] != event_hash(m):
-                    walk.bad(i, f"{name}: contents do not match its record_hash: the outcome was edited")
+                if m["record_hash"] != hash_of(m):
+                    walk.bad(i, f"{name}: contents do not match its record_hash: the {item} was edited")
                 if macs and keyed_from is not None and i >= keyed_from:
-                    self._check_mac(walk, "outcome", m["record_hash"] or "", m.get("mac"), i, name)
+                    self._check_mac(walk, word, m["record_hash"] or "", m.get("mac"), i, name)
                 if i in wanted:
                     hashes[i] = m["record_hash"]
                 expected, prev = i, m["record_hash"]
-                last_seen = i
         if int(head.seq) != expected or head.hash != prev:
             if int(head.seq) > expected:
-                walk.bad(expected + 1, f"outcome events {expected + 1}..{int(head.seq)} missing at the end of the "
-                                       "outcome chain (the newest outcomes were removed)")
+                walk.bad(expected + 1, f"{word} events {expected + 1}..{int(head.seq)} missing at the end of the "
+                                       f"{word} chain (the newest {items} were removed)")
             else:
-                walk.bad(expected, f"the outcome chain's head (event {int(head.seq)}) does not match the newest "
+                walk.bad(expected, f"the {word} chain's head (event {int(head.seq)}) does not match the newest "
                                    f"event ({expected})")
-        self._compare_checkpoints(OUTCOMES, walk, head, hashes, expected)
-        if int(head.anchor_seq) > 0 and head.anchor_hash == GENESIS:
-            self.rules.append(f"outcomes: events up to {int(head.anchor_seq)} were recorded before outcomes were "
-                              "chained, and cannot be verified")
-        self._rule(OUTCOMES, head, keyed_from, walk.checked)
-        return walk
+        self._compare_checkpoints(chain, walk, head, hashes, expected)
+        return walk, head, keyed_from
 
     def result(self, decisions: _Walk, outcomes: _Walk, *more: _Walk) -> ChainVerification:
         problems: list[str] = []
