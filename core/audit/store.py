@@ -561,10 +561,12 @@ def _sqlite_pragmas(engine, begin: str) -> None:
         # takes the write lock at BEGIN and two writers never both read the same chain head.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
+        # First: switching a new database to WAL takes a lock, and two processes opening it at once (two servers,
+        # a server and the CLI) must wait for each other, not fail with "database is locked".
+        cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed decision survives power loss, not only a killed process; group commit pays for it.
         cur.execute("PRAGMA synchronous=FULL")
-        cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
     @event.listens_for(engine, "begin")
