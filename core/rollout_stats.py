@@ -13,7 +13,9 @@ one-sided at `alpha`): below it, "no significant difference" means "too few deci
   SLO (a p99 within the SLO is 1% allowed above it).
 - Fairness: the flag rate (decision 1, the fairness gate's selection rate) per sensitive group on live decisions;
   the largest gap between two measurable groups against the gate's threshold, one-sided z test. The two groups
-  are the extreme ones, chosen after looking, so the gap is biased upward at small sizes; the test says so.
+  are the extreme ones, chosen after looking among k groups, so the test is corrected for having looked: the gap
+  is significant only at `alpha / (k (k - 1) / 2)` (Bonferroni over the pairs it could have picked), which keeps
+  the chance of rolling back a version whose every true gap is within the limit at most `alpha`.
 - Scores: alibi-detect's `KSDrift` between the two versions' scores; informative (a retrain on shifted data is
   expected to score differently), never a verdict of its own.
 """
@@ -232,15 +234,16 @@ def group_rates(groups: list[str], decisions: list[int]) -> dict[str, tuple[int,
     return {g: (v[0], v[1]) for g, v in sorted(out.items())}
 
 
-def parity_gap(rates: dict[str, tuple[int, int]], min_group_size: int) -> tuple[str, str, float, float] | None:
-    """(highest group, lowest group, gap, its standard error) over measurable groups; None under two of them."""
+def parity_gap(rates: dict[str, tuple[int, int]], min_group_size: int) -> tuple[str, str, float, float, int] | None:
+    """(highest group, lowest group, gap, its standard error, pairs it was picked from) over measurable groups;
+    None under two of them."""
     measured = {g: (k, n) for g, (k, n) in rates.items() if n >= min_group_size and g != "missing"}
     if len(measured) < 2:
         return None
     share = {g: k / n for g, (k, n) in measured.items()}
     hi, lo = max(share, key=share.get), min(share, key=share.get)
     se = math.sqrt(sum(max(share[g] * (1 - share[g]), 0.25 / measured[g][1]) / measured[g][1] for g in (hi, lo)))
-    return hi, lo, share[hi] - share[lo], se
+    return hi, lo, share[hi] - share[lo], se, len(measured) * (len(measured) - 1) // 2
 
 
 def compare_parity(feature: str, challenger: dict[str, tuple[int, int]], champion: dict[str, tuple[int, int]],
@@ -264,24 +267,27 @@ def compare_parity(feature: str, challenger: dict[str, tuple[int, int]], champio
                       f"{feature}: fewer than two groups with {min_group_size} of the challenger's decisions "
                       f"({sizes}); parity cannot be measured yet (callers send {feature} as an audit-only field)",
                       "nothing yet", values)
-    hi, lo, gap, se = ours
+    hi, lo, gap, se, pairs = ours
+    level = alpha / pairs  # the extremes were picked among `pairs` pairs after looking (Bonferroni)
     limit = threshold
     relative = theirs is not None and theirs[2] > threshold
     if relative:
         limit = theirs[2]  # the champion is over the threshold on this traffic: the challenger may not be worse
     p = _norm_sf((gap - limit) / se)
     values.update({"challenger_gap": round(gap, 4), "highest": hi, "lowest": lo, "se": round(se, 4),
-                   "limit": round(limit, 4), "p_over": float(f"{p:.3g}")})
+                   "limit": round(limit, 4), "p_over": float(f"{p:.3g}"), "pairs": pairs,
+                   "significance_level": float(f"{level:.3g}")})
     rates = {g: k / n for g, (k, n) in challenger.items() if n}
     text = (f"{feature}: flag rate {hi} {rates[hi]:.3f} ({challenger[hi][1]}) vs {lo} {rates[lo]:.3f} "
             f"({challenger[lo][1]}): gap {gap:.3f} against {limit:.3f}"
             + ((" (the champion's live gap: this version was approved over the fairness gate)" if approved_gap else
                 f" (the champion's live gap: BOTH versions are over compliance.max_demographic_parity_difference "
                 f"{threshold:g} on live traffic)") if relative else " (compliance.max_demographic_parity_difference)")
-            + (f", champion's gap {theirs[2]:.3f}" if theirs is not None else "") + f"; p = {p:.3g}")
-    can_tell = (f"a gap more than {(_z(alpha) + POWER_Z) * se:.3f} above the limit would be detected 4 times in 5; the "
-                "two groups compared are the extremes, so at small sizes the gap reads high")
-    if gap > limit and p < alpha:
+            + (f", champion's gap {theirs[2]:.3f}" if theirs is not None else "")
+            + f"; p = {p:.3g} against {level:.3g} (alpha {alpha:g} over the {pairs} pair(s) of groups)")
+    can_tell = (f"a gap more than {(_z(level) + POWER_Z) * se:.3f} above the limit would be detected 4 times in 5 (the "
+                f"two groups compared are the extremes of {pairs} pair(s), so the test asks for alpha / {pairs})")
+    if gap > limit and p < level:
         return Figure(f"fairness:{feature}", ROLLBACK, f"a live fairness breach: {text}", can_tell, values)
     if gap > limit and not relative:
         return Figure(f"fairness:{feature}", HOLD, f"over the limit, not yet significantly: {text}", can_tell, values)

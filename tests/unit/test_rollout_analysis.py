@@ -116,6 +116,35 @@ def test_where_the_champion_is_over_the_fairness_limit_too_the_challenger_is_hel
     assert over.verdict == HOLD and over.values["limit"] == 0.1  # 0.15 against 0.10, not yet significant
 
 
+def test_the_live_parity_test_corrects_for_picking_the_extreme_pair_among_the_groups():
+    """The gap tested is the largest among k groups, picked after looking. The demo's real case (stop 25): a canary
+    whose homeownership gap read 0.22 on 326 decisions over four groups, p = 0.0135 against the 0.1 limit, was
+    rolled back. Corrected over the six pairs it could have picked, such a p is not yet significant (hold), while the
+    same gap between only two groups still rolls back, and a clear breach among four groups does too. And a model
+    whose every true gap is at the limit is rolled back at most alpha of the time over four groups."""
+    import numpy as np
+
+    from core.rollout_stats import HOLD, ROLLBACK, compare_parity
+
+    fair = {"MORTGAGE": (20, 200), "OWN": (18, 180), "RENT": (22, 200), "OTHER": (2, 20)}
+    four = {"MORTGAGE": (12, 120), "OWN": (6, 80), "RENT": (20, 130), "OTHER": (23, 80)}  # 0.29 vs 0.075
+    held = compare_parity("home_ownership", four, fair, 0.1, 20, 0.05, False)
+    assert held.verdict == HOLD and held.values["pairs"] == 6, held.text
+    assert held.values["p_over"] < 0.05 and held.values["significance_level"] == round(0.05 / 6, 5), held.values
+    two = {"OWN": (6, 80), "OTHER": (23, 80)}
+    assert compare_parity("home_ownership", two, fair, 0.1, 20, 0.05, False).verdict == ROLLBACK
+    breach = {"MORTGAGE": (12, 120), "OWN": (6, 80), "RENT": (60, 130), "OTHER": (23, 80)}
+    assert compare_parity("home_ownership", breach, fair, 0.1, 20, 0.05, False).verdict == ROLLBACK
+
+    rng = np.random.default_rng(11)
+    rates, sizes = [0.10, 0.20, 0.15, 0.20], [120, 40, 130, 36]  # the largest true gap is the limit, 0.10
+    rollbacks = 0
+    for _ in range(400):
+        live = {g: (int(rng.binomial(n, r)), n) for g, r, n in zip("ABCD", rates, sizes)}
+        rollbacks += compare_parity("g", live, fair, 0.1, 20, 0.05, False).verdict == ROLLBACK
+    assert rollbacks / 400 <= 0.05, rollbacks
+
+
 def test_where_the_champion_is_over_the_slo_too_the_challenger_is_compared_with_the_champion():
     """A loaded machine puts both versions over the latency SLO: an equally slow challenger passes (saying both are
     over), a clearly slower one is rolled back, and with a champion within the SLO the SLO itself decides."""
