@@ -235,22 +235,23 @@ class TabularMLPModel(PythonModel):
         import numpy as np
         import torch
 
+        blocks = self._blocks()
+        names = [b[0] for b in blocks]
+        n = len(frame)
+        if not blocks:
+            return ["[]"] * n
+        # Every block's occlusion in one forward pass: block j's copy of the rows is rows j*n .. (j+1)*n - 1.
         with torch.inference_mode():
-            deltas = []
-            for col, lo, hi, ref in self._blocks():
-                occluded = x.clone()
-                occluded[:, lo:hi] = torch.from_numpy(ref.astype(np.float32))
-                p = torch.sigmoid(self.net(occluded).squeeze(-1)).double().numpy()
-                deltas.append(probability - p)
-        names = [b[0] for b in self._blocks()]
-        matrix = np.stack(deltas, axis=1) if deltas else np.zeros((len(frame), 0))
-        out = []
-        for i in range(len(frame)):
-            order = np.argsort(-np.abs(matrix[i]))[:top]
-            out.append(json.dumps([
-                {"feature": names[j], "value": _plain(frame[names[j]].iloc[i]),
-                 "contribution": round(float(matrix[i, j]), 5)} for j in order]))
-        return out
+            occluded = x.repeat(len(blocks), 1)
+            for j, (_, lo, hi, ref) in enumerate(blocks):
+                occluded[j * n:(j + 1) * n, lo:hi] = torch.from_numpy(ref.astype(np.float32))
+            p = torch.sigmoid(self.net(occluded).squeeze(-1)).double().numpy().reshape(len(blocks), n)
+        matrix = np.asarray(probability)[None, :] - p  # (blocks, rows)
+        order = np.argsort(-np.abs(matrix), axis=0, kind="stable")[:top]
+        values = {name: frame[name].tolist() for name in set(names[j] for j in order.ravel())}
+        return [json.dumps([{"feature": names[j], "value": _plain(values[names[j]][i]),
+                             "contribution": round(float(matrix[j, i]), 5)} for j in order[:, i]])
+                for i in range(n)]
 
     def prepare(self, model_input):
         """The matrix the network reads for these rows: standardized numbers with missing flags, one-hot
