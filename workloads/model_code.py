@@ -14,6 +14,10 @@ these artifacts:
                                        `training.model: text_finetune` the encoder training fine-tuned
     network_module <module>.py         `training.model: "module:factory"`: the user's module as it trained;
                                        its factory builds the network (checked against the manifest first)
+    (in artifacts/) onnx.json          which path each network serves on, ONNX Runtime or PyTorch, and the
+                   encoder*.onnx,      parity figures that chose it (written at registration,
+                   network.onnx        assets/onnx_parity.py); `intelligentops_onnx.py` (core/onnx_runtime.py)
+                                       runs them. A version without onnx.json serves on PyTorch.
 
 The manifest's `architecture.kind` says which network the weights belong to: `mlp` and `text_finetune` (whose
 head is the same MLP over the features and the fine-tuned encoder's vectors) build `tabular_mlp.build_mlp`; a
@@ -68,8 +72,8 @@ def _folder_sha256(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _load_encoder(artifacts, preprocessing):
-    """The sentence encoder named by the version's encoder.json, after checking its files and width."""
+def _encoder_source(artifacts):
+    """(encoder.json's description, the encoder's folder, what to do if its files differ)."""
     if "encoder" not in artifacts:
         raise ValueError("this model version has text features but no encoder artifact (encoder.json): it cannot "
                          "know which sentence encoder its training used; register the model again")
@@ -90,6 +94,13 @@ def _load_encoder(artifacts, preprocessing):
         folder, remedy = Path(artifacts[source["artifact"]]), "register the model again from its training run"
     else:
         raise ValueError(f"encoder.json: unknown source kind {source['kind']!r}")
+    return description, folder, remedy
+
+
+def _load_encoder(artifacts, preprocessing):
+    """The sentence encoder named by the version's encoder.json, after checking its files and width."""
+    description, folder, remedy = _encoder_source(artifacts)
+    expected = description["files_sha256"]
     actual = _folder_sha256(folder)
     if actual != expected:
         raise ValueError(f"text encoder {description['name']!r} at {folder} has files sha256 {actual}, but this model "
@@ -186,6 +197,41 @@ class TabularMLPModel(PythonModel):
         if self.preprocessing["embeddings"]:
             self._encoder, self._batch_size, self._encode_settings = _load_encoder(context.artifacts,
                                                                                    self.preprocessing)
+            self._encoder_folder = _encoder_source(context.artifacts)[1]
+        self._onnx_encoder = self._onnx_network = None
+        self.runtime = "encoder: pytorch; network: pytorch" if self._encoder is not None else "network: pytorch"
+        self.artifacts_dir = Path(context.artifacts["manifest"]).parent
+        if (self.artifacts_dir / "onnx.json").is_file():
+            from intelligentops_onnx import read_parity
+
+            self.use_runtime(read_parity(self.artifacts_dir))
+
+    def use_runtime(self, parity):
+        """Serve each network on the path `parity` (the version's onnx.json, core/onnx_runtime.py) names: ONNX
+        Runtime or PyTorch. Registration calls it with each candidate path to measure it."""
+        from intelligentops_onnx import ENCODER_PATHS, PYTORCH, OnnxEncoder, OnnxNetwork, summary
+
+        encoder, network = parity["encoder"], parity["network"]
+        with self._lock:
+            self._onnx_encoder = self._onnx_network = None
+            if self._encoder is not None and encoder["path"] != PYTORCH:
+                self._onnx_encoder = OnnxEncoder(self.artifacts_dir / ENCODER_PATHS[encoder["path"]],
+                                                 self._encoder_folder / "tokenizer.json", encoder["max_seq_length"],
+                                                 encoder.get("do_lower_case", False))
+            if network["path"] == "onnx":
+                self._onnx_network = OnnxNetwork(self.artifacts_dir / network["file"])
+            # Vectors of one encoder never stand in for another's.
+            self._cache = _TextCache(_CACHE_BYTES)
+            self._block_cache = None
+            self.runtime = summary(parity, self._encoder is not None)
+
+    def _logits(self, x):
+        """The network's (rows, 1) logits for a float32 tensor, on the path in use."""
+        import torch
+
+        if self._onnx_network is not None:
+            return torch.from_numpy(self._onnx_network(x.numpy()))
+        return self.net(x)
 
     def _embed(self, texts):
         """Sentence embeddings of already cleaned texts, cached by text: permutation tests, explanations and a
@@ -194,11 +240,13 @@ class TabularMLPModel(PythonModel):
         with self._lock:
             found = {t: self._cache.get(t) for t in set(texts)}
             todo = sorted(t for t, v in found.items() if v is None)
-            if todo:
+            if todo and self._onnx_encoder is not None:
+                vectors = self._onnx_encoder.encode(todo, batch_size=self._batch_size)
+            elif todo:
                 vectors = self._encoder.encode(todo, batch_size=self._batch_size, convert_to_numpy=True,
                                                show_progress_bar=False, **self._encode_settings)
-                for t, v in zip(todo, vectors):
-                    found[t] = self._cache.put(t, v)
+            for t, v in zip(todo, vectors if todo else []):
+                found[t] = self._cache.put(t, v)
             return [found[t] for t in texts]
 
     def _blocks(self):
@@ -245,7 +293,7 @@ class TabularMLPModel(PythonModel):
             occluded = x.repeat(len(blocks), 1)
             for j, (_, lo, hi, ref) in enumerate(blocks):
                 occluded[j * n:(j + 1) * n, lo:hi] = torch.from_numpy(ref.astype(np.float32))
-            p = torch.sigmoid(self.net(occluded).squeeze(-1)).double().numpy().reshape(len(blocks), n)
+            p = torch.sigmoid(self._logits(occluded).squeeze(-1)).double().numpy().reshape(len(blocks), n)
         matrix = np.asarray(probability)[None, :] - p  # (blocks, rows)
         order = np.argsort(-np.abs(matrix), axis=0, kind="stable")[:top]
         values = {name: frame[name].tolist() for name in set(names[j] for j in order.ravel())}
@@ -283,7 +331,7 @@ class TabularMLPModel(PythonModel):
         # Per call, not per load: a server predicts on threads other than the one that loaded the model.
         with torch.inference_mode():
             x = torch.from_numpy(self.prepare(raw))
-            probability = torch.sigmoid(self.net(x).squeeze(-1)).double().numpy() if len(frame) else []
+            probability = torch.sigmoid(self._logits(x).squeeze(-1)).double().numpy() if len(frame) else []
             result = pd.DataFrame({"probability": probability})
             top = int((params or {}).get("explain") or 0)
             if top > 0 and len(frame):

@@ -179,7 +179,21 @@ def test_registered_version_carries_the_encoder_and_its_settings(trained: Traine
 def test_served_probabilities_equal_the_training_workloads(trained: Trained, pyfunc):
     assert len(trained.rows) == len(trained.expected) > 20
     served = pyfunc.predict(trained.rows)["probability"].to_numpy()
-    np.testing.assert_allclose(served, trained.expected, rtol=0, atol=1e-5)
+    model = pyfunc.unwrap_python_model()
+    parity = json.loads((model.artifacts_dir / "onnx.json").read_text())
+    model.use_runtime({"encoder": {"path": "pytorch"}, "network": {"path": "pytorch"}})
+    try:
+        reference = pyfunc.predict(trained.rows)["probability"].to_numpy()
+    finally:
+        model.use_runtime(parity)
+    # The PyTorch path is training's; the ONNX path the version chose (docs/serving.md) is held to its checks: a
+    # network within 1e-5, an INT8 encoder within the test AUC bound, which moves single scores a little.
+    np.testing.assert_allclose(reference, trained.expected, rtol=0, atol=1e-5)
+    if parity["encoder"]["path"] == "pytorch":
+        np.testing.assert_allclose(served, trained.expected, rtol=0, atol=1e-5)
+    else:
+        assert parity["encoder"]["cosine"] >= 0.98 and parity["encoder"]["auc_delta"] <= 0.002, parity
+        assert np.abs(served - trained.expected).mean() < 0.02
     # The spec reached model_evaluation with the registered version loading and its artifacts verified.
     assert trained.evaluation.model_version == trained.version
     assert trained.evaluation.test is not None and "test_auc" in trained.evaluation_meta

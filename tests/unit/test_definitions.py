@@ -72,8 +72,11 @@ def test_data_checks_are_blocking(shipped_defs):
     for spec in ("credit_risk", "credit_scoring"):
         for check in ("columns_present", "column_types", "null_rates", "value_ranges", "unique_ids", "row_count"):
             assert f"{spec}/raw_dataset:{check}:blocking" in structure["checks"]
+    # The ONNX parity checks decide a version's runtime path, not whether it ships: failing, it serves on PyTorch.
+    runtime = {f"{s}/registered_model:{c}:warn" for s in ("credit_risk", "credit_scoring")
+               for c in ("onnx_encoder_parity", "onnx_network_parity")}
     warn = [c for c in structure["checks"] if not c.endswith(":blocking")]
-    assert warn == [], f"every check is a gate and must block: {warn}"
+    assert set(warn) <= runtime, f"every check is a gate and must block: {sorted(set(warn) - runtime)}"
 
 
 def test_graph_snapshot(shipped_defs):

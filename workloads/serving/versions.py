@@ -51,6 +51,7 @@ class ServedVersion:
     run_id: str | None
     manifest_sha256: str
     ood: Any = None  # core.ood.OodDetector, or None: this version has none
+    runtime: str = "pytorch"  # which path each network serves on and why (the version's onnx.json)
 
     def score(self, frame, explain: int):
         """(probabilities, top factors per row, the out-of-distribution verdict: core.ood.OodScores or None)
@@ -159,8 +160,10 @@ def load_version(client, cfg: ServerConfig, version: str) -> ServedVersion:
         log.warning("%s: its model code predates predict_with_inputs; served without its out-of-distribution "
                     "detector", label)
         ood = None
+    runtime = getattr(python_model, "runtime", "encoder and network: pytorch (model code predates onnx.json)")
+    log.info("%s: %s", label, runtime)
     return ServedVersion(version=str(version), threshold=threshold, python_model=python_model,
-                         run_id=mv.run_id, manifest_sha256=digest, ood=ood)
+                         run_id=mv.run_id, manifest_sha256=digest, ood=ood, runtime=runtime)
 
 
 def load_ood_detector(cfg: ServerConfig, version: str, expected: str | None, run_id: str | None,
