@@ -337,7 +337,7 @@ class BatchingEngine:
                           "taken_up": split is not None and split is self.reports.applied},
                 "serving_actor": self.reports.actor,
                 "versions": {a: {"version": v.version, "operating_threshold": v.threshold,
-                                 "manifest_sha256": v.manifest_sha256, "run_id": v.run_id}
+                                 "manifest_sha256": v.manifest_sha256, "run_id": v.run_id, "runtime": v.runtime}
                              for a, v in self.versions.current.items()},
                 "audit_url": self.audit.location(), "audit_latest_seq": self.audit.latest_seq(),
                 "scoring_queue_rows": self.queue.waiting_rows(),
