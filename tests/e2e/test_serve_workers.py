@@ -117,7 +117,7 @@ def test_both_workers_answer_one_chain_in_answer_order(server):
 
 
 def burst_with_a_kill(s: Server, seconds: float = 6.0, clients: int = 6) -> tuple[list[str], int, int]:
-    """Concurrent requests for `seconds`; one worker SIGKILLed a third of the way in. (answered ids, failures,
+    """Concurrent requests; one worker SIGKILLed once 20 decisions were answered, the burst going on `seconds`. (answered ids, failures,
     the killed pid)."""
     answered: list[str] = []
     failed = [0]
@@ -140,14 +140,17 @@ def burst_with_a_kill(s: Server, seconds: float = 6.0, clients: int = 6) -> tupl
                     else:
                         failed[0] += 1
 
+    assert answered_by_both(s) == {"0", "1"}  # both warm
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
-    time.sleep(seconds / 3)
+    deadline = time.monotonic() + 60
+    while len(answered) < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
     victim = s.worker_pids()[0]
     before = len(answered)
     os.kill(victim, signal.SIGKILL)
-    time.sleep(seconds * 2 / 3)
+    time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(60)
