@@ -56,7 +56,7 @@ OutOfDistribution = Annotated[Literal["answer_flagged", "refuse_for_review"], Fi
 MaxOutcomesPerRequest = Annotated[int, Field(1000, ge=1, le=100_000, description="outcome items in one request")]
 # How the server uses the machine (defaults measured on a 2-core machine: benchmarks/README.md "Serving").
 MAX_WORKERS = 32
-Workers = Annotated[int, Field(2, ge=1, le=MAX_WORKERS, description=(
+Workers = Annotated[int, Field(1, ge=1, le=MAX_WORKERS, description=(
     "server processes behind the one port, each with its own model and scoring thread, all appending to the one "
     "audit chain; a supervisor restarts one that dies (1: a single process, no supervisor)"))]
 BatchWindowMs = Annotated[float, Field(0.0, ge=0, le=50, description=(
