@@ -201,6 +201,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
         "notice_prompt": notice_prompt_name(spec.name) if spec.notices else None,
         "out_of_distribution": d.out_of_distribution,
         "answers": {scope: view.model_dump() for scope, view in d.answers.items()},
+        "workers": d.workers, "batch_window_ms": d.batch_window_ms, "scoring_threads": d.scoring_threads,
     }, source=f"{loaded.path} (deployment)")
     return config, key
 

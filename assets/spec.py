@@ -365,6 +365,9 @@ class Deployment(_Strict):
     max_outcomes_per_request: server_config.MaxOutcomesPerRequest
     out_of_distribution: server_config.OutOfDistribution
     answers: server_config.Answers
+    workers: server_config.Workers
+    batch_window_ms: server_config.BatchWindowMs
+    scoring_threads: server_config.ScoringThreads
     # `direct`: a version that passes the gates is champion at once; or steps, each gated by live evidence
     # (core/rollout.py, assets/rollout.py). Kept as None for `direct`.
     rollout: RolloutPolicy | None = None

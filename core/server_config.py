@@ -54,6 +54,15 @@ OutOfDistribution = Annotated[Literal["answer_flagged", "refuse_for_review"], Fi
                                   "refuse_for_review: its request is refused (400 naming the rows) and the flagged "
                                   "rows are recorded with ood 2 for a person to review")]
 MaxOutcomesPerRequest = Annotated[int, Field(1000, ge=1, le=100_000, description="outcome items in one request")]
+# How the server uses the machine (defaults measured on a 2-core machine: benchmarks/README.md "Serving").
+MAX_WORKERS = 32
+Workers = Annotated[int, Field(1, ge=1, le=MAX_WORKERS, description=(
+    "server processes behind the one port, each with its own model and scoring thread, all appending to the one "
+    "audit chain; a supervisor restarts one that dies (1: a single process, no supervisor)"))]
+BatchWindowMs = Annotated[float, Field(0.0, ge=0, le=50, description=(
+    "how long an idle scorer waits for more requests before it scores a batch (0: it scores what is queued)"))]
+ScoringThreads = Annotated[int, Field(1, ge=1, le=64, description="intra-op threads of each worker's scoring "
+                                                                   "(torch, ONNX Runtime)")]
 
 class AnswerView(BaseModel):
     """What an answer of one route scope carries beside the decision: the probability to `probability_decimals`
@@ -176,6 +185,9 @@ class ServerConfig(BaseModel):
     max_outcomes_per_request: MaxOutcomesPerRequest
     out_of_distribution: OutOfDistribution
     answers: Answers
+    workers: Workers
+    batch_window_ms: BatchWindowMs
+    scoring_threads: ScoringThreads
     log_file: str | None = Field(None, description="the server's own log, rotated by size (None: stderr only)")
     log_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the log file past this size")
     log_backups: int = Field(3, ge=1, le=100, description="rotated log files kept")

@@ -291,7 +291,8 @@ class KServeLauncher(ServerLauncher):
     service_account: str | None = None
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(3, ge=1)
-    cpu_request: str = "1"
+    cpu_request: str | None = Field(None, description="None: one CPU per server worker (deployment.workers, which "
+                                                      "reaches the predictor in its config)")
     memory_request: str = "2Gi"
     memory_limit: str | None = "4Gi"
     env: dict[str, str] = Field(default_factory=dict)
@@ -354,7 +355,8 @@ class KServeLauncher(ServerLauncher):
             secret, key = ref.split("/", 1)
             env.append(k.V1EnvVar(name=name, value_from=k.V1EnvVarSource(
                 secret_key_ref=k.V1SecretKeySelector(name=secret, key=key))))
-        resources = {"requests": {"cpu": self.cpu_request, "memory": self.memory_request}}
+        resources = {"requests": {"cpu": self.cpu_request or str(cluster_config.workers),
+                                  "memory": self.memory_request}}
         if self.memory_limit:
             resources["limits"] = {"memory": self.memory_limit}
         tls = cluster_config.tls

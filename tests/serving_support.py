@@ -105,9 +105,10 @@ def free_port() -> int:
 
 class Server:
     """The real server (`python -m workloads.serving`) as a process on loopback, on the registered model, with
-    the deployment's own config (assets/deployment.server_config) changed by `overrides`."""
+    the deployment's own config (assets/deployment.server_config) changed by `overrides`. One worker process unless
+    `workers` says more (then `proc` is the supervisor and `worker_pids()` its workers)."""
 
-    def __init__(self, reg: Registered, tmp: Path, name: str, **overrides):
+    def __init__(self, reg: Registered, tmp: Path, name: str, workers: int = 1, **overrides):
         from assets.deployment import server_config
         from assets.profile import load_profile
         from assets.spec import load_spec
@@ -116,11 +117,11 @@ class Server:
 
         home = str(reg.home)
         loaded = load_spec(reg.pipelines / f"{SPEC}.yaml")
-        self.audit_url = f"sqlite:///{tmp / name}-audit.db"
+        self.audit_url = overrides.pop("audit_url", None) or f"sqlite:///{tmp / name}-audit.db"
         config, self.smoke_key = server_config(loaded, home, reg.tracking_uri, self.audit_url,
                                                load_profile(StorageResource(home=home), loaded.spec))
         self.operator_key = (reg.home / SPEC / "deployment" / "operator.key").read_text().strip()
-        self.config = config.replace(port=free_port(), poll_seconds=0.5, **overrides)
+        self.config = config.replace(port=free_port(), poll_seconds=0.5, workers=workers, **overrides)
         self.config_path = tmp / f"{name}.json"
         write_server_config(self.config_path, self.config)
         self.url = f"{'https' if self.config.tls else 'http'}://127.0.0.1:{self.config.port}"
@@ -154,6 +155,12 @@ class Server:
                 time.sleep(0.2)
             raise AssertionError(f"server not ready: {self.log.read_text()[-3000:]}")
         return self
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's live worker processes (none for a single-process server)."""
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.proc.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
 
     def stop(self) -> None:
         import subprocess

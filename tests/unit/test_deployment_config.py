@@ -14,7 +14,8 @@ from assets.spec import SpecError, load_spec
 from core.audit import AuditStore
 from core.server_config import ServerConfig
 from workloads.serving.decoding import InvalidRequest, columns_from_v2, validate_columns
-from workloads.serving.gateway import ApiKey, TokenBucket, load_keys
+from workloads.serving.gateway import ApiKey, load_keys
+from workloads.serving.limits import CallerLimits
 
 BASE = {"name": "loans", "source": {"kind": "file", "path": "loans.csv"},
         "target": {"column": "outcome", "positive": ["default"]},
@@ -103,8 +104,9 @@ def test_v2_request_round_trips_through_the_pandas_codec_reader(tmp_path: Path):
 
 
 def test_token_bucket_and_percentile():
-    bucket = TokenBucket(per_minute=2)
-    assert bucket.take() == 0 and bucket.take() == 0 and bucket.take() > 0
+    limits = CallerLimits()
+    assert limits.take("key:a", 2) == 0 and limits.take("key:a", 2) == 0 and limits.take("key:a", 2) > 0
+    assert limits.take("key:b", 2) == 0  # another caller has its own bucket
     assert percentile([1, 2, 3, 4, 100], 99) == 100 and percentile([5.0], 50) == 5.0
 
 

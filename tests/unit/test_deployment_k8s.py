@@ -90,6 +90,8 @@ def test_inference_service_and_config_map_are_valid(settings: dict, tmp_path: Pa
     validate_k8s(pod)
     assert container["command"] == ["python", "-m", "workloads.serving", "--config",
                                     f"/etc/intelligentops/{CONFIG_FILE}"]
+    # Every worker process gets a CPU: the predictor asks for as many as the config's workers.
+    assert served["workers"] == CONFIG.workers and container["resources"]["requests"]["cpu"] == str(CONFIG.workers)
     assert container["workingDir"] == "/app"  # the image's repository root, where `-m workloads.serving` resolves
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/credit_risk/ready"
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}

@@ -32,5 +32,7 @@ The package is shaped like KServe's own servers (python/sklearnserver, python/cu
 - `batching`: fair scoring in cost-bounded slices and group commit to the audit log; the traffic policy.
 - `versions`: loading by alias, verification against the manifest, alias polling (`ServingRefused`).
 - `similar`: similar cases from the spec's vector index. `outcomes`: the outcomes route.
+- `workers`: the supervisor of several worker processes on one port; `limits`: callers' rate limits and requests
+  in flight, shared by the workers.
 - `metrics`: the Prometheus metrics. `retention`: the audit log's retention.
 """

@@ -142,14 +142,15 @@ class BatchingEngine:
     """Scores queued requests in fair, bounded batches and commits their decisions before answering."""
 
     def __init__(self, cfg: ServerConfig, versions: ServedVersions, audit: AuditStore, metrics: Metrics,
-                 similar: SimilarCases, reports: ServingReports | None = None):
+                 similar: SimilarCases, reports: ServingReports | None = None, worker: int = 0):
         import torch
 
         # A model this small is matrix-vector work: torch's intra-op thread pool costs more in hand-offs than it
         # saves (measured: 17 ms -> 3.6 ms per 16-row batch with one thread on two busy cores).
-        torch.set_num_threads(int(os.environ.get("INTELLIGENTOPS_SERVE_THREADS", "1")))
+        torch.set_num_threads(cfg.scoring_threads)
         self.cfg, self.versions, self.audit, self.metrics, self.similar = cfg, versions, audit, metrics, similar
         self.rng = random.Random()
+        self.worker = worker  # this process's index among the server's workers (0 for a single process)
         self.queue = FairQueue()
         self.wake: asyncio.Event | None = None
         self.reports = reports or ServingReports(cfg, audit)
@@ -184,8 +185,13 @@ class BatchingEngine:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        window = self.cfg.batch_window_ms / 1000.0
+        idle = True
         while True:
             await self.wake.wait()
+            if idle and window:  # the scorer was idle: let the batch fill for `batch_window_ms` first
+                await asyncio.sleep(window)
+            idle = False
             split = self.versions.served
             if split is not self.taken_up:
                 self._take_up(split)
@@ -193,6 +199,7 @@ class BatchingEngine:
             self.metrics.scoring_queue.set(self.queue.waiting_rows())
             if not slices:
                 self.wake.clear()
+                idle = True
                 continue
             try:
                 done = await loop.run_in_executor(self.executor, self._run, slices, split)
@@ -330,7 +337,7 @@ class BatchingEngine:
         split = self.versions.served  # loaded; the scoring loop takes it up at its next batch
         summary = split.summary() if split is not None else {}
         applied = self.reports.applied_event
-        return {"spec": self.cfg.spec, "pid": os.getpid(), "mode": summary.get("mode", self.cfg.mode),
+        return {"spec": self.cfg.spec, "pid": os.getpid(), "worker": self.worker, "mode": summary.get("mode", self.cfg.mode),
                 "canary_share": summary.get("share", self.cfg.canary_share),
                 "split": {**summary, "applied_event": applied.id if applied else None,
                           "applied_seq": applied.seq_at if applied else None,

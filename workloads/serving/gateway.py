@@ -32,6 +32,7 @@ from typing import Any
 from core.names import KEY_ID_HEADER, OPERATOR_KEY_ID, SMOKE_KEY_ID
 from core.server_config import ServerConfig
 from workloads.serving.binary import BinaryRequestError, json_body
+from workloads.serving.limits import CallerLimits
 from workloads.serving.logs import log_refusal
 from workloads.serving.metrics import Metrics
 from workloads.serving.routes import (
@@ -49,6 +50,7 @@ from workloads.serving.routes import (
 CLIENT_HEADER = "x-intelligentops-client"  # who a request counts against: key:<id> or addr:<address>
 BINARY_HEADER = b"inference-header-content-length"
 SIMILAR_HEADER = "x-intelligentops-similar-cases"  # "1" when the caller's key has the similar_cases scope
+WORKER_HEADER = "x-intelligentops-worker"  # on answers to keys with the read scope: the worker's index
 INTERNAL_HEADERS = (KEY_ID_HEADER.encode(), CLIENT_HEADER.encode(), SIMILAR_HEADER.encode())
 SMOKE_SCOPES = ("predict", "explain", "read")
 OPERATOR_SCOPES = ("outcomes", "read")
@@ -125,24 +127,6 @@ def builtin_keys(cfg: ServerConfig) -> dict[str, ApiKey]:
     return out
 
 
-class TokenBucket:
-    def __init__(self, per_minute: int):
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
-        self.tokens = float(per_minute)
-        self.at = time.monotonic()
-
-    def take(self) -> float:
-        """0 when allowed, else seconds until a token is back."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
 class Refused(Exception):
     def __init__(self, status: int, message: str, headers: list | None = None):
         super().__init__(message)
@@ -156,15 +140,15 @@ def _protocol(path: str) -> str:
 class Gateway:
     """ASGI middleware in front of KServe's app; see the module docstring for what it decides, in order."""
 
-    BUCKETS_KEPT = 10_000  # callers whose rate-limit state is remembered (oldest forgotten first)
-
-    def __init__(self, app, cfg: ServerConfig, keys: dict[str, ApiKey], metrics: Metrics, routes: list[LiveRoute]):
+    def __init__(self, app, cfg: ServerConfig, keys: dict[str, ApiKey], metrics: Metrics, routes: list[LiveRoute],
+                 limits: CallerLimits | None = None, worker: int = 0):
         self.app, self.cfg, self.metrics = app, cfg, metrics
         self.routes = routes  # the live app's routes with their decisions (routes.live_routes)
         self.open = not keys  # no keys configured: predict and explain need none (loopback only)
         self.keys = {**keys, **builtin_keys(cfg)}
-        self.buckets: dict[str, TokenBucket] = {}
-        self.in_flight: dict[str, int] = {}
+        # Rate limits and in-flight counts, shared by every worker of the server (workloads/serving/limits.py).
+        self.limits = limits or CallerLimits()
+        self.worker_header = (WORKER_HEADER.encode(), str(worker).encode())
 
     async def _reply(self, send, status: int, message: str, headers: list | None = None) -> None:
         body = json.dumps({"error": message}).encode()
@@ -179,11 +163,13 @@ class Gateway:
         started = time.perf_counter()
         path, method = scope.get("path", ""), scope.get("method", "")
         client = (scope.get("client") or ("unknown", 0))[0]
-        seen: dict[str, Any] = {"code": 500, "error": b"", "key_id": None}
+        seen: dict[str, Any] = {"code": 500, "error": b"", "key_id": None, "read": False}
 
         async def send_seen(message):
             if message["type"] == "http.response.start":
                 seen["code"] = message["status"]
+                if seen["read"]:  # which worker answered: for callers that may read the server's status only
+                    message = {**message, "headers": [*message.get("headers", []), self.worker_header]}
             elif message["type"] == "http.response.body" and 400 <= seen["code"] < 500 and len(seen["error"]) < 2048:
                 seen["error"] += message.get("body", b"")[:2048]
             await send(message)
@@ -239,12 +225,7 @@ class Gateway:
         return entry, f"key:{entry.id}"
 
     def _limit(self, caller: str, per_minute: int) -> None:
-        bucket = self.buckets.get(caller)
-        if bucket is None:
-            if len(self.buckets) >= self.BUCKETS_KEPT:
-                self.buckets.pop(next(iter(self.buckets)))
-            bucket = self.buckets[caller] = TokenBucket(per_minute)
-        wait = bucket.take()
+        wait = self.limits.take(caller, per_minute)
         if wait:
             raise Refused(429, f"over the limit of {per_minute} requests per minute for this caller",
                           [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
@@ -254,8 +235,9 @@ class Gateway:
         lookup = {k.lower(): v for k, v in headers}
         entry, caller = self._authorize(self._key(lookup), resolved, client)
         seen["key_id"] = entry.id if entry else None
+        seen["read"] = entry is not None and "read" in entry.scopes
         self._limit(caller, entry.rate_limit_per_minute if entry else self.cfg.rate_limit_per_minute)
-        if self.in_flight.get(caller, 0) >= self.cfg.max_in_flight_per_client:
+        if not self.limits.enter(caller, self.cfg.max_in_flight_per_client):
             raise Refused(429, f"{self.cfg.max_in_flight_per_client} requests of this caller are in flight "
                                "(deployment.max_in_flight_per_client); wait for an answer first",
                           [(b"retry-after", b"1")])
@@ -264,13 +246,10 @@ class Gateway:
             if SIMILAR_SCOPE in entry.scopes:
                 headers.append((SIMILAR_HEADER.encode(), b"1"))
         headers.append((CLIENT_HEADER.encode(), caller.encode("utf-8", "replace")))
-        self.in_flight[caller] = self.in_flight.get(caller, 0) + 1
         try:
             await self._forward(scope, receive, send, headers, lookup)
         finally:
-            self.in_flight[caller] -= 1
-            if not self.in_flight[caller]:
-                del self.in_flight[caller]
+            self.limits.leave(caller)
 
     async def _read_body(self, receive, lookup: dict[bytes, bytes]) -> bytes | None:
         limit = self.cfg.max_body_bytes
