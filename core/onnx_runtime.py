@@ -9,7 +9,7 @@ nothing of the project; onnxruntime, tokenizers and numpy are imported inside fu
 
 Each session runs on one intra-op and one inter-op thread by default: a server runs one scoring thread per
 worker process, and more threads per session only fight the other workers for the same cores
-(`INTELLIGENTOPS_SERVE_THREADS`, the number the server already gives torch, overrides it).
+(`INTELLIGENTOPS_SERVE_THREADS`, which the server sets from `deployment.scoring_threads`, overrides it).
 """
 
 from __future__ import annotations

@@ -118,6 +118,7 @@ def serve(cfg: ServerConfig) -> None:
     from starlette.responses import JSONResponse
 
     from core.audit import AuditKeys, AuditStore
+    from core.onnx_runtime import THREADS_ENV
     from workloads.serving.batching import BatchingEngine
     from workloads.serving.limits import CallerLimits
     from workloads.serving.metrics import Metrics
@@ -130,6 +131,9 @@ def serve(cfg: ServerConfig) -> None:
     from workloads.serving.workers import say_ready, watch_parent, worker_env
 
     keys = check_startup(cfg)
+    # A version's ONNX Runtime sessions (its own model code, which reads no config) take the scoring threads from
+    # here, as torch does in the batching engine.
+    os.environ[THREADS_ENV] = str(cfg.scoring_threads)
     env = worker_env()
     index = env.index if env else 0
     limits = CallerLimits(env.limits_path, index) if env and env.limits_path else None
