@@ -356,8 +356,9 @@ def test_mutual_tls_https_works_plain_http_gets_no_answer_and_bad_client_certifi
     tls = {"cert_file": str(files["server_cert"]), "key_file": str(files["server_key"]),
            "client_ca_file": str(files["ca_cert"]), "ca_file": str(files["ca_cert"]),
            "client_cert_file": str(files["client_cert"]), "client_key_file": str(files["client_key"])}
-    # An open server (no keys: loopback only) with a small rate limit: it holds without keys too.
-    s = Server(registered, tmp_path, "tls", tls=tls, rate_limit_per_minute=20).start()
+    # An open server (no keys: loopback only) with a small rate limit: it holds without keys too. Two workers
+    # (deployment.workers): each serves TLS on the socket its supervisor bound, and the limit is shared by both.
+    s = Server(registered, tmp_path, "tls", tls=tls, rate_limit_per_minute=20, workers=2).start()
     try:
         assert s.url.startswith("https://")
         ok = httpx.post(f"{s.url}/v1/models/{SPEC}:predict", json={"instances": [ROW]}, **s.client_kwargs())
@@ -374,9 +375,9 @@ def test_mutual_tls_https_works_plain_http_gets_no_answer_and_bad_client_certifi
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{s.url}/v2/health/live", verify=untrusted, timeout=5)
         # The rate limit holds on an open server: per client address.
-        with httpx.Client(**s.client_kwargs()) as c:
-            codes = [c.post(f"{s.url}/v1/models/{SPEC}:predict", json={"instances": [ROW]}).status_code
-                     for _ in range(25)]
+        with httpx.Client(**s.client_kwargs()) as c:  # a new connection each time: either worker may take it
+            codes = [c.post(f"{s.url}/v1/models/{SPEC}:predict", json={"instances": [ROW]},
+                            headers={"Connection": "close"}).status_code for _ in range(25)]
         assert 429 in codes and codes.count(200) <= 20
     finally:
         s.stop()
