@@ -234,6 +234,7 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2", help="comma-separated process counts, each run in turn")
     parser.add_argument("--explain", default="3,0", help="comma-separated explain_top values for our server")
     parser.add_argument("--open-loop-runs", type=int, default=3)
+    parser.add_argument("--batch-window-ms", type=float, default=None, help="default: the spec's deployment setting")
     parser.add_argument("--skip-mlflow", action="store_true")
     args = parser.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",")]
@@ -310,9 +311,13 @@ def main() -> int:
             config, _ = server_config(loaded, home, mlflow.resolved_tracking_uri(), audit_url, profile)
             port = _free_port()
             path = work / f"server-{workers}-explain{explain}.json"
-            changes: dict[str, Any] = {"port": port, "explain_top": explain, "api_keys_file": None}
+            # No keys (an open server on loopback) and no rate limit in reach: the load is one client address.
+            changes: dict[str, Any] = {"port": port, "explain_top": explain, "api_keys_file": None,
+                                       "rate_limit_per_minute": 10**9, "max_in_flight_per_client": 10**6}
             if has_workers:
                 changes["workers"] = workers
+            if args.batch_window_ms is not None:
+                changes["batch_window_ms"] = args.batch_window_ms
             write_server_config(path, config.replace(**changes))
             entries = []
             with Served([sys.executable, "-m", "workloads.serving", "--config", str(path)],

@@ -14,7 +14,8 @@ id, or a client address: the gateway's CLIENT_HEADER) may have waiting is bounde
 (round robin across callers, within the cost bound), scores it on one thread (the versions the request started
 on, even if an alias moves between its slices), and holds each slice's records on its request; a request whose
 last slice was scored is committed together with the others finished in that batch, in one transaction, and
-only then answered. Records of a request that fails are never written: a decision is on the log exactly when
+only then answered. Commits run on a thread of their own, one at a time and in batch order, so the next batch
+is scored while the last one waits for its fsync (one commit at most beside the scoring). Records of a request that fails are never written: a decision is on the log exactly when
 it was answered. A batch that fails is retried slice by slice, so one request's bad row fails only that request;
 a commit that fails fails every request in it: nobody gets an unaudited answer.
 
@@ -156,6 +157,9 @@ class BatchingEngine:
         self.reports = reports or ServingReports(cfg, audit)
         self.taken_up: ServedSplit | None = None  # the split the scoring loop serves now
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        # Commits run on their own thread, one at a time and in batch order, so the next batch is scored while
+        # the last one's commit waits for its fsync (at most one commit beside the scoring).
+        self.committer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.notices = ServedNotices(cfg, versions) if cfg.notice_prompt else None  # refreshed with the aliases
 
     def _take_up(self, split: ServedSplit) -> None:
@@ -187,6 +191,7 @@ class BatchingEngine:
         loop = asyncio.get_running_loop()
         window = self.cfg.batch_window_ms / 1000.0
         idle = True
+        committing: asyncio.Task | None = None  # the previous batch's commit, running beside this batch's scoring
         while True:
             await self.wake.wait()
             if idle and window:  # the scorer was idle: let the batch fill for `batch_window_ms` first
@@ -202,20 +207,56 @@ class BatchingEngine:
                 idle = True
                 continue
             try:
-                done = await loop.run_in_executor(self.executor, self._run, slices, split)
-                for p in done:
-                    if not p.future.done():
-                        p.future.set_exception(p.error) if p.error is not None else p.future.set_result(p.records)
-            except BaseException as exc:  # the commit failed: nobody gets an unaudited answer
-                for s in slices:
-                    s.pending.error = s.pending.error or exc
-                    if not s.pending.future.done():
-                        s.pending.future.set_exception(exc)
+                finished = await loop.run_in_executor(self.executor, self._run, slices, split)
+            except BaseException as exc:
+                self._fail(slices, exc)
+                continue
+            if committing is not None:
+                await committing  # in batch order, and never more than one commit waiting
+            committing = loop.create_task(self._commit(slices, finished, split))
+
+    @staticmethod
+    def _fail(slices: list[Slice], exc: BaseException) -> None:
+        for s in slices:
+            s.pending.error = s.pending.error or exc
+            if not s.pending.future.done():
+                s.pending.future.set_exception(exc)
+
+    async def _commit(self, slices: list[Slice], finished: list[Pending], split: ServedSplit) -> None:
+        """Commit the finished requests' records (on the commit thread), then answer them. Which records: decided
+        here, after the commit before this one ended, so a request that commit failed has none of its rows
+        written by this one."""
+        records = [r for p in finished if p.error is None for r in (*p.records, *p.shadow)]
+        records += [r for p in finished if isinstance(p.error, OodRefused) for r in p.error.records]
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.committer, self._write, records, split)
+        except BaseException as exc:  # the commit failed: nobody gets an unaudited answer
+            self._fail(slices, exc)
+            return
+        for p in finished:
+            if p.error is not None:
+                p.records, p.shadow = [], []
+            if not p.future.done():
+                p.future.set_exception(p.error) if p.error is not None else p.future.set_result(p.records)
+
+    def _write(self, records: list[dict[str, Any]], split: ServedSplit) -> None:
+        """The commit thread: the split's `applied` event first when it is new (so every decision committed after
+        it is of this split), then the records in one transaction, before any of their answers leaves."""
+        self.reports.apply(split)
+        if not records:
+            return
+        self.audit.append(records)  # group commit: one transaction, one fsync
+        self.metrics.batch_rows.observe(len(records))
+        for r in records:
+            self.metrics.decisions.labels(model=self.cfg.spec, variant=r["variant"], version=r["model_version"],
+                                          decision=str(r["decision"])).inc()
+            if r.get("ood") in (OOD_FLAGGED, OOD_REFUSED) and r["variant"] != SHADOW:
+                self.metrics.ood_rows.labels(key_id=r["key_id"] or "(none)",
+                                             action="refused" if r["ood"] == OOD_REFUSED else "answered").inc()
 
     def _run(self, slices: list[Slice], split: ServedSplit) -> list[Pending]:
-        """Score the slices (together; if that fails, each alone, so a failure is only its own request's), then
-        commit the requests whose last row was scored. Returns those requests."""
-        self.reports.apply(split)  # before the first commit on a new split: its `applied` event and seq_at
+        """Score the slices (together; if that fails, each alone, so a failure is only its own request's). Returns
+        the requests whose last row was scored (or that failed): the ones the next commit answers."""
         live = [s for s in slices if s.pending.error is None]
         try:
             self._score(live, split)
@@ -235,20 +276,6 @@ class BatchingEngine:
             p.scored += s.stop - s.start
             if p.error is not None or p.scored == len(p.rows):
                 finished.append(p)
-        records = [r for p in finished if p.error is None for r in (*p.records, *p.shadow)]
-        records += [r for p in finished if isinstance(p.error, OodRefused) for r in p.error.records]
-        if records:
-            self.audit.append(records)  # committed (group commit) before any answer leaves
-            self.metrics.batch_rows.observe(len(records))
-            for r in records:
-                self.metrics.decisions.labels(model=self.cfg.spec, variant=r["variant"], version=r["model_version"],
-                                              decision=str(r["decision"])).inc()
-                if r.get("ood") in (OOD_FLAGGED, OOD_REFUSED) and r["variant"] != SHADOW:
-                    self.metrics.ood_rows.labels(key_id=r["key_id"] or "(none)",
-                                                 action="refused" if r["ood"] == OOD_REFUSED else "answered").inc()
-        for p in finished:
-            if p.error is not None:
-                p.records, p.shadow = [], []
         return finished
 
     def _score(self, slices: list[Slice], split: ServedSplit) -> None:
