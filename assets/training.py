@@ -88,12 +88,13 @@ def stage_version_artifacts(spec_name: str, model_dir: Path, manifest: dict[str,
     return artifacts
 
 
-def model_files(loaded: LoadedSpec, model_dir: Path, staging: Path) -> dict[str, str]:
+def model_files(loaded: LoadedSpec, model_dir: Path, staging: Path, runtime: Any = None) -> dict[str, str]:
     """The files besides the weights and preprocessing that a version needs to serve what trained, by MLflow
     artifact name (stage_version_artifacts copies them under the version's one manifest).
 
-    - text features embedded by a frozen encoder: `encoder` (encoder.json) and, for a folder other than the shipped
-      MiniLM, `encoder_model` (resources.embedder.encoder_artifacts);
+    - text features embedded by a frozen encoder: `encoder` (encoder.json, naming `runtime`, the network
+      text_embeddings embedded with) and, for a folder other than the shipped MiniLM, `encoder_model`
+      (resources.embedder.encoder_artifacts);
     - text_finetune: the fine-tuned encoder training exported (`encoder_model`, model_dir/encoder) and the
       encoder.json that names it, so the served model tokenizes, pools and embeds as training did;
     - a user's factory: its module's source as trained (`network_module`), which workloads/model_code.py runs.
@@ -109,7 +110,7 @@ def model_files(loaded: LoadedSpec, model_dir: Path, staging: Path) -> dict[str,
         atomic_write_bytes(staging / "encoder.json", json.dumps(description, indent=2, sort_keys=True).encode())
         files.update(encoder=str(staging / "encoder.json"), encoder_model=str(folder))
     elif spec.has_text:
-        files.update(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, staging))
+        files.update(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, staging, runtime))
     if architecture.get("kind") == "factory":
         files["network_module"] = str(model_dir / architecture["file"])
     return files
@@ -423,8 +424,10 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
 
     Before sealing, the saved folder's encoder and network are exported to ONNX and checked against its PyTorch
     ones on `splits`' validation texts and test rows (assets/onnx_parity.py); the chosen path and its figures
-    (onnx.json) are sealed with the folder. Returns the output and that parity file's content."""
+    (onnx.json) are sealed with the folder. A frozen encoder's version carries the graph text_embeddings embedded
+    with instead (resources.embedder.cached_runtime, re-hashed). Returns the output and that parity file's content."""
     from assets.onnx_parity import choose_runtime, parity_rows
+    from resources.embedder import cached_runtime
     from core.model_folder import Seal, seal
 
     spec = loaded.spec
@@ -445,7 +448,10 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
         experiment_id, run_name=f"{spec.name}-register-{dagster_run_id[:8]}").info.run_id
     with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir, \
             tempfile.TemporaryDirectory(prefix="intelligentops-artifacts-") as staging:
-        encoder = model_files(loaded, model_dir, Path(staging))
+        frozen = spec.has_text and manifest["architecture"].get("kind") != TEXT_FINETUNE
+        runtime = cached_runtime(resolve_model(spec.embeddings.model, spec.name, loaded.path.parent),
+                                 spec.embeddings.runtime, storage.local_dir("embedding_cache", "onnx")) if frozen else None
+        encoder = model_files(loaded, model_dir, Path(staging), runtime)
         artifacts = stage_version_artifacts(spec.name, model_dir, manifest, Path(staging), encoder)
         sealed: list[Seal] = []
         parity: dict[str, Any] = {}
@@ -453,7 +459,7 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
 
         def prepare(folder: Path) -> None:
             if rows is not None:
-                parity.update(choose_runtime(folder, *rows, **parity_bounds))
+                parity.update(choose_runtime(folder, *rows, graph=runtime and runtime.graph, **parity_bounds))
             sealed.append(seal(folder, keys))
 
         source = mlflow.log_pyfunc(

@@ -28,6 +28,8 @@ NETWORK_FILE = "network.onnx"
 MIN_COSINE = 0.98
 MAX_AUC_DELTA = 0.002
 MAX_NETWORK_DIFF = 1e-5
+# Validation texts the cosine check reads at most (distinct, cleaned): enough for a stable mean, bounded in time.
+MAX_COSINE_TEXTS = 2000
 # The encoder paths, best first; "pytorch" is the fallback every version has.
 PYTORCH = "pytorch"
 ENCODER_PATHS = {"onnx-int8": ENCODER_INT8, "onnx-fp32": ENCODER_FP32}
