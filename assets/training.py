@@ -241,6 +241,18 @@ def recorded_embeddings_version(instance: dg.DagsterInstance, spec: PipelineSpec
     return str(recorded) if recorded is not None else frame_hash(embeddings)
 
 
+def recorded_embeddings_graph(instance: dg.DagsterInstance, spec: PipelineSpec, months: list[str] | None) -> str:
+    """The ONNX graph digest ("none": PyTorch) text_embeddings embedded the loaded vectors with ("" if it recorded
+    none); a window whose months were embedded on different runtimes is refused: their vectors must not mix."""
+    key = asset_key(spec.name, naming.TEXT_EMBEDDINGS)
+    graphs = {m: str(_latest_metadata(instance, key, m).get("graph_sha256", "")) for m in (months or [None])}
+    if len(set(graphs.values())) > 1:
+        raise TrainingError(f"{spec.name}: text_embeddings months were embedded on different runtimes (ONNX graph "
+                            f"sha256 by month: {graphs}); materialize text_embeddings again for every month of the "
+                            "window, then train")
+    return next(iter(graphs.values()))
+
+
 def code_revision() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -351,7 +363,8 @@ def train_checkpoint(loaded: LoadedSpec, storage: StorageResource, mlflow: Mlflo
         "checkpoint_dir": str(checkpoint_dir), "training_key": key, "mlflow_run_id": run_id,
         "mlflow_experiment_id": experiment_id, "epochs": result["epochs"], "steps": result["steps"],
         "best_val_auc": result["best_val_auc"], "resumed_from_step": result["resumed_from_step"],
-        **lineage,
+        "embeddings_graph": recorded_embeddings_graph(context.instance, spec, window.get("months"))
+        if embeddings is not None else "", **lineage,
     }
     reported: dict[str, Any] = {}
     for r in invocation.get_results():
@@ -449,8 +462,14 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
     with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir, \
             tempfile.TemporaryDirectory(prefix="intelligentops-artifacts-") as staging:
         frozen = spec.has_text and manifest["architecture"].get("kind") != TEXT_FINETUNE
-        runtime = cached_runtime(resolve_model(spec.embeddings.model, spec.name, loaded.path.parent),
-                                 spec.embeddings.runtime, storage.local_dir("embedding_cache", "onnx")) if frozen else None
+        ref = resolve_model(spec.embeddings.model, spec.name, loaded.path.parent) if frozen else None
+        runtime = cached_runtime(ref, spec.embeddings.runtime, storage.local_dir("embedding_cache", "onnx")) \
+            if ref is not None else None
+        trained_on = checkpoint.get("embeddings_graph") or ""
+        if runtime is not None and trained_on and trained_on != (runtime.graph_sha256 or "none"):
+            raise TrainingError(f"{spec.name}: training's vectors came from ONNX graph {trained_on}, but the encoder "
+                                f"cache holds {runtime.graph_sha256 or 'none (PyTorch)'}; materialize text_embeddings "
+                                "and model_checkpoint again")
         encoder = model_files(loaded, model_dir, Path(staging), runtime)
         artifacts = stage_version_artifacts(spec.name, model_dir, manifest, Path(staging), encoder)
         sealed: list[Seal] = []

@@ -17,8 +17,8 @@ cases `ENCODE_SETTINGS` and the runtime (path and graph sha256), so the served m
 as text_embeddings encoded the rows: registration carries that same graph into the version
 (assets/onnx_parity.py).
 
-torch, sentence_transformers and onnxruntime are imported inside the functions that load the model: importing this module
-is cheap, and the code location never pays for them.
+torch, sentence_transformers and onnxruntime are imported inside the functions that load the model: importing
+this module is cheap, and the code location never pays for them.
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ def test_pytorch_training_vectors_give_a_version_that_serves_pytorch(saved, tmp_
 
     folder, parity = carried(saved, tmp_path, EncoderRuntime("pytorch", reason="embeddings.runtime: pytorch"), None)
     assert parity["encoder"]["path"] == "pytorch" and parity["encoder"]["source"] == "text_embeddings"
-    assert "training's vectors came from the PyTorch encoder (embeddings.runtime: pytorch)" in parity["encoder"]["reason"]
+    reason = parity["encoder"]["reason"]
+    assert "training's vectors came from the PyTorch encoder (embeddings.runtime: pytorch)" in reason
     assert not list((folder / "artifacts").glob("encoder*.onnx"))
     served = load(folder)
     assert served._onnx_encoder is None and served.runtime.startswith("encoder: pytorch (training's vectors came")
