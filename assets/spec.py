@@ -190,12 +190,9 @@ class Validation(_Strict):
 
 
 class Embeddings(_Strict):
-    """The sentence-transformers model for text features; `null` means the shipped all-MiniLM-L6-v2.
-
-    `runtime`: `auto` embeds with the encoder's own ONNX graph (INT8 where its mean cosine to the PyTorch encoder
-    holds, else fp32, else PyTorch; resources/embedder.py), and a frozen encoder's version serves that same graph;
-    `pytorch` embeds, and serves, with the PyTorch SentenceTransformer.
-    """
+    """The sentence-transformers model for text features (`null`: the shipped all-MiniLM-L6-v2) and its `runtime`:
+    `auto`, its own ONNX graph (INT8, else fp32, else PyTorch: resources/embedder.py), which a frozen encoder's
+    version then serves too; `pytorch`, the SentenceTransformer, for embedding and serving."""
 
     model: str | None = None
     batch_size: int = Field(64, ge=1)
