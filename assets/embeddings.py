@@ -1,8 +1,10 @@
 """The embeddings stage: validated_dataset -> text_embeddings (checked) -> vector_index.
 
 Only specs with text features get this stage. Every text column is embedded by one sentence-transformers
-model (the shipped all-MiniLM-L6-v2 unless the spec names another directory); a text already embedded by the
-same model, at the same weights hash, is read from the cache under the home instead of being embedded again.
+model (the shipped all-MiniLM-L6-v2 unless the spec names another directory), on the runtime
+`embeddings.runtime` chooses (by default its ONNX graph, INT8 where it holds up: resources/embedder.py); a text
+already embedded by the same model, at the same weights hash, on the same runtime and graph, is read from the
+cache under the home instead of being embedded again.
 """
 
 import hashlib
@@ -56,7 +58,7 @@ def _embed(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame
     """Vectors of every text column of `validated` through the cache, and what that cost (run-wide metadata)."""
     spec = loaded.spec
     text_columns = list(spec.features.text)
-    from resources.embedder import EmbeddingCache, embed_with_cache, model_dimension
+    from resources.embedder import EmbeddingCache, embed_with_cache, encoder_runtime, model_dimension
 
     missing = [c for c in text_columns if c not in validated.columns]
     if missing:
@@ -64,15 +66,19 @@ def _embed(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame
                        f"re-materialize {spec.name}/validated_dataset")
     started = time.perf_counter()
     ref = _model_metadata(spec, loaded)
-    cache = EmbeddingCache(storage.local_dir("embedding_cache", ref.cache_id))
+    texts = {col: validated[col].map(clean_text).tolist() for col in text_columns}
+    runtime = encoder_runtime(ref, spec.embeddings.runtime, [t for c in text_columns for t in texts[c]],
+                              storage.local_dir("embedding_cache", "onnx"), spec.embeddings.batch_size)
+    runtime_seconds = time.perf_counter() - started
+    # The folder names the runtime and the graph's digest: PyTorch and ONNX vectors never mix.
+    cache = EmbeddingCache(storage.local_dir("embedding_cache", ref.cache_id + runtime.cache_suffix))
     frame = pd.DataFrame({ROW_ID: validated[ROW_ID].astype(str).to_numpy()})
     per_column: dict[str, Any] = {}
     totals = {"rows_embedded": 0, "rows_reused": 0, "texts_embedded": 0, "encode_seconds": 0.0}
     dim: int | None = None
     for col in text_columns:
-        texts = validated[col].map(clean_text).tolist()
-        run = embed_with_cache(ref, texts, cache, spec.embeddings.batch_size)
-        dim = int(run.vectors.shape[1]) if len(texts) else model_dimension(ref)
+        run = embed_with_cache(ref, texts[col], cache, spec.embeddings.batch_size, runtime)
+        dim = int(run.vectors.shape[1]) if len(texts[col]) else model_dimension(ref)
         frame[embedding_column(col)] = list(run.vectors)
         per_column[col] = {"rows_embedded": run.rows_embedded, "rows_reused": run.rows_reused,
                            "texts_embedded": run.texts_embedded}
@@ -87,6 +93,13 @@ def _embed(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame
         "model": ref.name,
         "model_path": dg.MetadataValue.path(str(ref.path)),
         "weights_hash": ref.weights_hash,
+        "runtime": runtime.path,
+        "runtime_cosine": runtime.cosine if runtime.cosine is not None else "n/a",
+        "runtime_detail": (f"ONNX graph sha256 {runtime.graph_sha256}, mean cosine {runtime.cosine:.4f} to the "
+                           f"PyTorch encoder on {runtime.texts} distinct texts" if runtime.graph_sha256
+                           else runtime.reason),
+        "graph_sha256": runtime.graph_sha256 or "none",
+        "runtime_seconds": round(runtime_seconds, 3),
         "dimension": dim,
         "text_columns": ", ".join(text_columns),
         "rows_embedded": totals["rows_embedded"],

@@ -4,9 +4,14 @@ Registration (assets/training.py) calls `choose_runtime` on the model folder MLf
 the version's own pyfunc is loaded from that folder (its PyTorch encoder and network, exactly what serving
 loads), both are exported to ONNX (resources/onnx_export.py) and checked against it:
 
-- encoder, INT8 first, then fp32: mean cosine similarity to the PyTorch encoder >= MIN_COSINE on the validation
-  split's texts, and the model's AUC on the test split through the ONNX encoder within MAX_AUC_DELTA of the
-  PyTorch path's; the first that passes both serves, else PyTorch;
+- a frozen encoder (training.model mlp or a factory) is not exported again: training's vectors came from the
+  runtime its encoder.json names (text_embeddings' choice, resources/embedder.py), so the version carries that
+  graph, its bytes checked against encoder.json's sha256 (a mismatch refuses the version), or serves PyTorch
+  when training's vectors came from PyTorch: no train/serve skew. The checks below still run on that graph;
+- a fine-tuned encoder (text_finetune, trained on PyTorch) is exported, INT8 first, then fp32: mean cosine
+  similarity to the PyTorch encoder >= MIN_COSINE on the validation split's texts, and the model's AUC on the
+  test split through the ONNX encoder within MAX_AUC_DELTA of the PyTorch path's; the first that passes both
+  serves, else PyTorch (its skew is bounded by these checks, not zero);
 - network: logits within MAX_NETWORK_DIFF of PyTorch's on the test matrix, and faster on one thread at batch 1
   and 16; else PyTorch.
 
@@ -28,14 +33,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.onnx_runtime import (ENCODER_FP32, ENCODER_INT8, ENCODER_PATHS, MAX_AUC_DELTA, MAX_NETWORK_DIFF,
-                               MIN_COSINE, NETWORK_FILE, PARITY_FILE, PARITY_FORMAT, PYTORCH, OnnxEncoder,
-                               OnnxNetwork)
+from core.onnx_runtime import (ENCODER_FP32, ENCODER_INT8, ENCODER_PATHS, MAX_AUC_DELTA, MAX_COSINE_TEXTS,
+                               MAX_NETWORK_DIFF, MIN_COSINE, NETWORK_FILE, PARITY_FILE, PARITY_FORMAT, PYTORCH,
+                               OnnxEncoder, OnnxNetwork)
 
 ENCODER_CHECK = "onnx_encoder_parity"
 NETWORK_CHECK = "onnx_network_parity"
-# Validation texts the cosine check reads at most (distinct, cleaned): enough for a stable mean, bounded in time.
-MAX_COSINE_TEXTS = 2000
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -49,24 +52,56 @@ def _probabilities(model: Any, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndar
     return out["probability"].to_numpy(dtype=np.float64), x
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+class CarriedGraphError(RuntimeError):
+    """The graph a version would carry is not the one encoder.json says training's vectors came from."""
+
+
+def _carry(artifacts: Path, runtime: dict[str, Any], graph: Path | None) -> str:
+    """Copy the graph text_embeddings embedded with into the version's artifacts and check its bytes against
+    encoder.json's sha256 (a mismatch refuses the version, naming both); returns its file name."""
+    from core.files import sha256_file
+
+    name = ENCODER_PATHS[runtime["path"]]
+    if graph is None or not Path(graph).is_file():
+        raise CarriedGraphError(f"encoder.json says training's vectors came from the {runtime['path']} graph "
+                                f"{runtime['graph_sha256']}, but no such graph was given to carry ({graph}); "
+                                "materialize text_embeddings again, then train")
+    shutil.copyfile(graph, artifacts / name)
+    actual = sha256_file(artifacts / name)
+    if actual != runtime["graph_sha256"]:
+        (artifacts / name).unlink()
+        raise CarriedGraphError(f"{graph}: sha256 {actual}, but encoder.json records {runtime['graph_sha256']} for "
+                                "the graph training's vectors came from; the version is not registered. Materialize "
+                                "text_embeddings again, then train")
+    return name
 
 
 def encoder_choice(model: Any, artifacts: Path, texts: list[str], test: pd.DataFrame, y: np.ndarray,
                    base_auc: float | None, base_p: np.ndarray, min_cosine: float = MIN_COSINE,
-                   max_auc_delta: float = MAX_AUC_DELTA) -> dict[str, Any]:
-    """Export the version's encoder, try INT8 then fp32, and return the encoder half of the parity file."""
-    from resources.onnx_export import OnnxExportError, export_encoder, quantize_int8
+                   max_auc_delta: float = MAX_AUC_DELTA, graph: Path | None = None) -> dict[str, Any]:
+    """The encoder half of the parity file. A frozen encoder whose encoder.json names the runtime training's
+    vectors came from serves that: its graph (`graph`, text_embeddings' cached file) carried byte for byte, or
+    PyTorch when training embedded on PyTorch. Otherwise (text_finetune, an encoder.json without a runtime) the
+    version's own encoder is exported, INT8 then fp32. The cosine and AUC checks run on either."""
+    from resources.onnx_export import OnnxExportError, cosine, export_encoder, quantize_int8
 
     settings = dict(model._encode_settings)
-    try:
-        tokenizing = export_encoder(model._encoder, artifacts / ENCODER_FP32,
-                                    normalize=bool(settings.get("normalize_embeddings")))
-        quantize_int8(artifacts / ENCODER_FP32, artifacts / ENCODER_INT8)
-    except OnnxExportError as exc:
-        return {"path": PYTORCH, "reason": str(exc), "tried": {}}
+    described = json.loads((artifacts / "encoder.json").read_text()) if (artifacts / "encoder.json").is_file() else {}
+    runtime = described.get("runtime") if not described.get("fine_tuned") else None
+    if runtime is not None and runtime["path"] == PYTORCH:
+        return {"path": PYTORCH, "source": "text_embeddings", "tried": {},
+                "reason": f"training's vectors came from the PyTorch encoder ({runtime.get('reason', '')})"}
+    if runtime is not None:
+        candidates = {runtime["path"]: _carry(artifacts, runtime, graph)}
+        tokenizing = {k: runtime[k] for k in ("max_seq_length", "do_lower_case")}
+    else:
+        candidates = ENCODER_PATHS
+        try:
+            tokenizing = export_encoder(model._encoder, artifacts / ENCODER_FP32,
+                                        normalize=bool(settings.get("normalize_embeddings")))
+            quantize_int8(artifacts / ENCODER_FP32, artifacts / ENCODER_INT8)
+        except OnnxExportError as exc:
+            return {"path": PYTORCH, "reason": str(exc), "tried": {}}
     folder = model._encoder_folder
     if not (folder / "tokenizer.json").is_file():
         return {"path": PYTORCH, "reason": f"the encoder folder {folder} has no tokenizer.json (a fast tokenizer) "
@@ -74,11 +109,12 @@ def encoder_choice(model: Any, artifacts: Path, texts: list[str], test: pd.DataF
     reference = model._encoder.encode(texts, batch_size=model._batch_size, convert_to_numpy=True,
                                       show_progress_bar=False, **settings)
     tried, chosen = {}, None
-    for path, file in ENCODER_PATHS.items():
+    for path, file in candidates.items():
         encoder = OnnxEncoder(artifacts / file, folder / "tokenizer.json", **tokenizing)
-        cosine = _cosine(encoder.encode(texts, model._batch_size), reference)
-        figures: dict[str, Any] = {"cosine": round(float(cosine.mean()), 6), "cosine_min": round(float(cosine.min()), 6),
-                                   "texts": len(texts), "megabytes": round((artifacts / file).stat().st_size / 1e6, 1)}
+        similarity = cosine(encoder.encode(texts, model._batch_size), reference)
+        figures: dict[str, Any] = {"cosine": round(float(similarity.mean()), 6),
+                                   "cosine_min": round(float(similarity.min()), 6), "texts": len(texts),
+                                   "megabytes": round((artifacts / file).stat().st_size / 1e6, 1)}
         tried[path] = figures
         if figures["cosine"] < min_cosine:
             figures["reason"] = f"onnx cosine {figures['cosine']:.4f} < {min_cosine}"
@@ -95,11 +131,14 @@ def encoder_choice(model: Any, artifacts: Path, texts: list[str], test: pd.DataF
         chosen = path
         break
     model.use_runtime({"encoder": {"path": PYTORCH}, "network": {"path": PYTORCH}})
+    source = {"source": "text_embeddings", "graph_sha256": runtime["graph_sha256"]} if runtime else \
+        {"source": "exported"}
     if chosen is None:
-        return {"path": PYTORCH, "reason": "; ".join(f"{k}: {v['reason']}" for k, v in tried.items()), "tried": tried}
+        return {"path": PYTORCH, "reason": "; ".join(f"{k}: {v['reason']}" for k, v in tried.items()), "tried": tried,
+                **source}
     return {"path": chosen, "file": ENCODER_PATHS[chosen], **tokenizing, **{k: tried[chosen][k] for k in
                                                                              ("cosine", "auc_delta")},
-            "tried": tried}
+            "tried": tried, **source}
 
 
 def network_choice(model: Any, artifacts: Path, x: np.ndarray, max_diff: float = MAX_NETWORK_DIFF) -> dict[str, Any]:
@@ -137,10 +176,11 @@ def network_choice(model: Any, artifacts: Path, x: np.ndarray, max_diff: float =
     return {"path": "onnx", "file": NETWORK_FILE, **figures}
 
 
-def choose_runtime(folder: Path, texts: list[str], test: pd.DataFrame, y: np.ndarray,
+def choose_runtime(folder: Path, texts: list[str], test: pd.DataFrame, y: np.ndarray, graph: Path | None = None,
                    **bounds: float) -> dict[str, Any]:
-    """Export and check the networks of the pyfunc saved in `folder`, keep the chosen .onnx files in its
-    artifacts with onnx.json, and list them in the artifacts' manifest. Returns the parity file's content.
+    """Export (or, for a frozen encoder, carry `graph`: encoder_choice) and check the networks of the pyfunc saved
+    in `folder`, keep the chosen .onnx files in its artifacts with onnx.json, and list them in the artifacts'
+    manifest. Returns the parity file's content.
     `bounds` (min_cosine, max_auc_delta, max_diff) exist for tests that force a failing check."""
     from mlflow.pyfunc import load_model
 
@@ -157,7 +197,7 @@ def choose_runtime(folder: Path, texts: list[str], test: pd.DataFrame, y: np.nda
     base_auc = _auc(y, base_p)
     encoder: dict[str, Any] = {"path": PYTORCH, "reason": "the model has no text features"}
     if model._encoder is not None:
-        encoder = encoder_choice(model, artifacts, texts, test, y, base_auc, base_p,
+        encoder = encoder_choice(model, artifacts, texts, test, y, base_auc, base_p, graph=graph,
                                  **{k: v for k, v in bounds.items() if k in ("min_cosine", "max_auc_delta")})
     network = network_choice(model, artifacts, x, **{k: v for k, v in bounds.items() if k == "max_diff"})
     parity = {"format": PARITY_FORMAT, "encoder": encoder, "network": network,

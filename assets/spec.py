@@ -190,10 +190,13 @@ class Validation(_Strict):
 
 
 class Embeddings(_Strict):
-    """The sentence-transformers model for text features; `null` means the shipped all-MiniLM-L6-v2."""
+    """The sentence-transformers model for text features (`null`: the shipped all-MiniLM-L6-v2) and its `runtime`:
+    `auto`, its own ONNX graph (INT8, else fp32, else PyTorch: resources/embedder.py), which a frozen encoder's
+    version then serves too; `pytorch`, the SentenceTransformer, for embedding and serving."""
 
     model: str | None = None
     batch_size: int = Field(64, ge=1)
+    runtime: Literal["auto", "pytorch"] = "auto"
 
 
 class TrainingWindow(_Strict):

@@ -88,12 +88,13 @@ def stage_version_artifacts(spec_name: str, model_dir: Path, manifest: dict[str,
     return artifacts
 
 
-def model_files(loaded: LoadedSpec, model_dir: Path, staging: Path) -> dict[str, str]:
+def model_files(loaded: LoadedSpec, model_dir: Path, staging: Path, runtime: Any = None) -> dict[str, str]:
     """The files besides the weights and preprocessing that a version needs to serve what trained, by MLflow
     artifact name (stage_version_artifacts copies them under the version's one manifest).
 
-    - text features embedded by a frozen encoder: `encoder` (encoder.json) and, for a folder other than the shipped
-      MiniLM, `encoder_model` (resources.embedder.encoder_artifacts);
+    - text features embedded by a frozen encoder: `encoder` (encoder.json, naming `runtime`, the network
+      text_embeddings embedded with) and, for a folder other than the shipped MiniLM, `encoder_model`
+      (resources.embedder.encoder_artifacts);
     - text_finetune: the fine-tuned encoder training exported (`encoder_model`, model_dir/encoder) and the
       encoder.json that names it, so the served model tokenizes, pools and embeds as training did;
     - a user's factory: its module's source as trained (`network_module`), which workloads/model_code.py runs.
@@ -109,7 +110,7 @@ def model_files(loaded: LoadedSpec, model_dir: Path, staging: Path) -> dict[str,
         atomic_write_bytes(staging / "encoder.json", json.dumps(description, indent=2, sort_keys=True).encode())
         files.update(encoder=str(staging / "encoder.json"), encoder_model=str(folder))
     elif spec.has_text:
-        files.update(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, staging))
+        files.update(encoder_artifacts(spec.name, spec.embeddings, loaded.path.parent, staging, runtime))
     if architecture.get("kind") == "factory":
         files["network_module"] = str(model_dir / architecture["file"])
     return files
@@ -240,6 +241,18 @@ def recorded_embeddings_version(instance: dg.DagsterInstance, spec: PipelineSpec
     return str(recorded) if recorded is not None else frame_hash(embeddings)
 
 
+def recorded_embeddings_graph(instance: dg.DagsterInstance, spec: PipelineSpec, months: list[str] | None) -> str:
+    """The ONNX graph digest ("none": PyTorch) text_embeddings embedded the loaded vectors with ("" if it recorded
+    none); a window whose months were embedded on different runtimes is refused: their vectors must not mix."""
+    key = asset_key(spec.name, naming.TEXT_EMBEDDINGS)
+    graphs = {m: str(_latest_metadata(instance, key, m).get("graph_sha256", "")) for m in (months or [None])}
+    if len(set(graphs.values())) > 1:
+        raise TrainingError(f"{spec.name}: text_embeddings months were embedded on different runtimes (ONNX graph "
+                            f"sha256 by month: {graphs}); materialize text_embeddings again for every month of the "
+                            "window, then train")
+    return next(iter(graphs.values()))
+
+
 def code_revision() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -350,7 +363,8 @@ def train_checkpoint(loaded: LoadedSpec, storage: StorageResource, mlflow: Mlflo
         "checkpoint_dir": str(checkpoint_dir), "training_key": key, "mlflow_run_id": run_id,
         "mlflow_experiment_id": experiment_id, "epochs": result["epochs"], "steps": result["steps"],
         "best_val_auc": result["best_val_auc"], "resumed_from_step": result["resumed_from_step"],
-        **lineage,
+        "embeddings_graph": recorded_embeddings_graph(context.instance, spec, window.get("months"))
+        if embeddings is not None else "", **lineage,
     }
     reported: dict[str, Any] = {}
     for r in invocation.get_results():
@@ -423,8 +437,10 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
 
     Before sealing, the saved folder's encoder and network are exported to ONNX and checked against its PyTorch
     ones on `splits`' validation texts and test rows (assets/onnx_parity.py); the chosen path and its figures
-    (onnx.json) are sealed with the folder. Returns the output and that parity file's content."""
+    (onnx.json) are sealed with the folder. A frozen encoder's version carries the graph text_embeddings embedded
+    with instead (resources.embedder.cached_runtime, re-hashed). Returns the output and that parity file's content."""
     from assets.onnx_parity import choose_runtime, parity_rows
+    from resources.embedder import cached_runtime
     from core.model_folder import Seal, seal
 
     spec = loaded.spec
@@ -445,7 +461,16 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
         experiment_id, run_name=f"{spec.name}-register-{dagster_run_id[:8]}").info.run_id
     with tempfile.TemporaryDirectory(prefix="intelligentops-code-") as code_dir, \
             tempfile.TemporaryDirectory(prefix="intelligentops-artifacts-") as staging:
-        encoder = model_files(loaded, model_dir, Path(staging))
+        frozen = spec.has_text and manifest["architecture"].get("kind") != TEXT_FINETUNE
+        ref = resolve_model(spec.embeddings.model, spec.name, loaded.path.parent) if frozen else None
+        runtime = cached_runtime(ref, spec.embeddings.runtime, storage.local_dir("embedding_cache", "onnx")) \
+            if ref is not None else None
+        trained_on = checkpoint.get("embeddings_graph") or ""
+        if runtime is not None and trained_on and trained_on != (runtime.graph_sha256 or "none"):
+            raise TrainingError(f"{spec.name}: training's vectors came from ONNX graph {trained_on}, but the encoder "
+                                f"cache holds {runtime.graph_sha256 or 'none (PyTorch)'}; materialize text_embeddings "
+                                "and model_checkpoint again")
+        encoder = model_files(loaded, model_dir, Path(staging), runtime)
         artifacts = stage_version_artifacts(spec.name, model_dir, manifest, Path(staging), encoder)
         sealed: list[Seal] = []
         parity: dict[str, Any] = {}
@@ -453,7 +478,7 @@ def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: Sto
 
         def prepare(folder: Path) -> None:
             if rows is not None:
-                parity.update(choose_runtime(folder, *rows, **parity_bounds))
+                parity.update(choose_runtime(folder, *rows, graph=runtime and runtime.graph, **parity_bounds))
             sealed.append(seal(folder, keys))
 
         source = mlflow.log_pyfunc(

@@ -5,12 +5,20 @@ The model is a sentence-transformers directory: by default all-MiniLM-L6-v2 as s
 of the model's files (weights, tokenizer, pooling config) plus the hash of the text, so a new or retrained
 model never reads another model's vectors.
 
+Which network computes the vectors (`embeddings.runtime`, `encoder_runtime`): by default the encoder's own ONNX
+graph on ONNX Runtime, INT8 where it holds up, else fp32, else the PyTorch SentenceTransformer. The graph is
+exported once per encoder (files digest) into <home>/embedding_cache/onnx/<files digest>/, checked there against
+the PyTorch encoder (mean cosine >= MIN_COSINE), its sha256 recorded and checked again every time it is loaded.
+The vector cache's folder names the runtime and the graph's digest, so PyTorch and ONNX vectors never mix.
+
 A registered model version carries the encoder its training vectors came from (`encoder_artifacts`): the
 shipped MiniLM by package name and files digest, any other folder as an artifact of its own, and in both
-cases `ENCODE_SETTINGS`, so the served model encodes a request exactly as text_embeddings encoded the rows.
+cases `ENCODE_SETTINGS` and the runtime (path and graph sha256), so the served model encodes a request exactly
+as text_embeddings encoded the rows: registration carries that same graph into the version
+(assets/onnx_parity.py).
 
-torch and sentence_transformers are imported inside the functions that load the model: importing this module
-is cheap, and the code location never pays for them.
+torch, sentence_transformers and onnxruntime are imported inside the functions that load the model: importing
+this module is cheap, and the code location never pays for them.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from core.files import sha256_file
+from core.onnx_runtime import ENCODER_PATHS, MAX_COSINE_TEXTS, MIN_COSINE, PYTORCH
 from resources.storage import atomic_write_bytes
 
 SHIPPED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -41,6 +53,10 @@ ENCODER_FORMAT = 1
 # the same ones, read from the version's encoder.json.
 ENCODE_SETTINGS: dict[str, Any] = {"normalize_embeddings": True}
 _CACHE_SHARDS_BEFORE_COMPACTION = 16
+# `embeddings.runtime` (assets/spec.py holds the default): auto = the ONNX graph where it holds up; pytorch = never.
+RUNTIMES = ("auto", PYTORCH)
+GRAPH_CHOICE = "choice.json"
+GRAPH_FORMAT = 1
 
 
 class EmbeddingModelError(RuntimeError):
@@ -145,18 +161,171 @@ def model_dimension(ref: ModelRef) -> int:
     return int(dim)
 
 
-def encode(ref: ModelRef, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """L2-normalized float32 vectors of `texts`, one row each.
+def encode(ref: ModelRef, texts: Sequence[str], batch_size: int, runtime: EncoderRuntime | None = None
+           ) -> np.ndarray:
+    """L2-normalized float32 vectors of `texts`, one row each, by `runtime` (default: the PyTorch encoder).
 
-    sentence-transformers already sorts a call's texts by length so that each batch pads little; callers
-    deduplicate first, which is where the real saving is.
+    Both paths encode the texts sorted by length, so that each batch pads little (sentence-transformers does it
+    itself); callers deduplicate first, which is where the real saving is.
     """
+    if runtime is not None and runtime.path != PYTORCH:
+        if not texts:
+            return np.zeros((0, model_dimension(ref)), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = _onnx_encoder(ref, runtime).encode([texts[i] for i in order], batch_size=batch_size)
+        vectors = np.empty_like(out)
+        vectors[order] = out
+        return np.ascontiguousarray(vectors, dtype=np.float32)
     model = load_model(ref)
     if not texts:
         return np.zeros((0, model_dimension(ref)), dtype=np.float32)
     vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False,
                            **ENCODE_SETTINGS)
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+# --- the ONNX graph of an encoder ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderRuntime:
+    """Which network embeds: `path` onnx-int8 / onnx-fp32 (`graph`, its sha256, how to tokenize for it, the
+    cosine it reached against the PyTorch encoder) or pytorch (`reason` says why)."""
+
+    path: str
+    reason: str = ""
+    graph: Path | None = None
+    graph_sha256: str = ""
+    tokenizing: dict[str, Any] = field(default_factory=dict)
+    cosine: float | None = None
+    texts: int = 0
+
+    @property
+    def cache_suffix(self) -> str:
+        """What the vector cache's folder adds to the encoder's id: nothing for PyTorch (its vectors, as before)."""
+        return "" if self.path == PYTORCH else f"-{self.path}-{self.graph_sha256[:16]}"
+
+    def describe(self) -> dict[str, Any]:
+        """encoder.json's `runtime`: what training's vectors came from."""
+        if self.path == PYTORCH:
+            return {"path": PYTORCH, "reason": self.reason}
+        return {"path": self.path, "graph_sha256": self.graph_sha256, "cosine": self.cosine, "texts": self.texts,
+                **self.tokenizing}
+
+
+def _onnx_encoder(ref: ModelRef, runtime: EncoderRuntime):
+    """The ONNX Runtime session of `runtime`'s graph, once per process, on every core (a server worker runs one)."""
+    from core.onnx_runtime import OnnxEncoder
+
+    key = f"onnx:{runtime.graph_sha256}"
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = OnnxEncoder(runtime.graph, ref.path / "tokenizer.json", threads=os.cpu_count() or 1,
+                                       **runtime.tokenizing)
+        return _MODELS[key]
+
+
+def sample_texts(texts: Sequence[str]) -> list[str]:
+    """The distinct texts the cosine check reads: at most MAX_COSINE_TEXTS, a stable spread (by text hash)."""
+    return sorted(set(texts), key=text_hash)[:MAX_COSINE_TEXTS]
+
+
+def _read_choice(folder: Path) -> EncoderRuntime:
+    """The decision recorded in `folder`, its graph hashed again: a graph changed since its check is refused."""
+    choice = json.loads((folder / GRAPH_CHOICE).read_text())
+    if choice.get("format") != GRAPH_FORMAT:
+        raise EmbeddingModelError(f"{folder / GRAPH_CHOICE}: format {choice.get('format')!r}, this code reads "
+                                  f"{GRAPH_FORMAT}; delete {folder} to export the encoder again")
+    if choice["path"] == PYTORCH:
+        return EncoderRuntime(PYTORCH, reason=choice["reason"])
+    graph = folder / ENCODER_PATHS[choice["path"]]
+    actual = sha256_file(graph) if graph.is_file() else "missing"
+    if actual != choice["graph_sha256"]:
+        raise EmbeddingModelError(
+            f"{graph}: sha256 {actual}, but {folder / GRAPH_CHOICE} recorded {choice['graph_sha256']} when the graph "
+            f"was exported and checked; it was changed since and is not used. Delete {folder} to export and check "
+            f"the encoder again")
+    return EncoderRuntime(choice["path"], graph=graph, graph_sha256=actual, tokenizing=choice["tokenizing"],
+                          cosine=choice["cosine"], texts=choice["texts"])
+
+
+def _export_and_check(ref: ModelRef, texts: list[str], batch_size: int, work: Path) -> dict[str, Any]:
+    """Export `ref`'s encoder into `work`, quantize it, and keep the best graph whose mean cosine to the PyTorch
+    encoder on `texts` reaches MIN_COSINE (INT8, then fp32); the decision, for choice.json."""
+    from core.onnx_runtime import ENCODER_FP32, ENCODER_INT8
+    from resources.onnx_export import OnnxExportError, cosine, export_encoder, quantize_int8
+
+    if not (ref.path / "tokenizer.json").is_file():
+        return {"path": PYTORCH, "reason": f"{ref.path} has no tokenizer.json (a fast tokenizer) to tokenize with "
+                                           "outside PyTorch"}
+    try:
+        tokenizing = export_encoder(load_model(ref), work / ENCODER_FP32,
+                                    normalize=bool(ENCODE_SETTINGS["normalize_embeddings"]))
+        quantize_int8(work / ENCODER_FP32, work / ENCODER_INT8)
+    except OnnxExportError as exc:
+        return {"path": PYTORCH, "reason": str(exc)}
+    reference = encode(ref, texts, batch_size)
+    tried: dict[str, Any] = {}
+    for path, file in ENCODER_PATHS.items():
+        candidate = EncoderRuntime(path, graph=work / file, graph_sha256=sha256_file(work / file),
+                                   tokenizing=tokenizing)
+        similarity = cosine(encode(ref, texts, batch_size, candidate), reference)
+        with _MODELS_LOCK:
+            _MODELS.pop(f"onnx:{candidate.graph_sha256}", None)  # the session was for the check only
+        tried[path] = {"cosine": round(float(similarity.mean()), 6), "cosine_min": round(float(similarity.min()), 6)}
+        if tried[path]["cosine"] >= MIN_COSINE:
+            return {"path": path, "graph_sha256": candidate.graph_sha256, "tokenizing": tokenizing,
+                    "cosine": tried[path]["cosine"], "texts": len(texts), "tried": tried}
+    return {"path": PYTORCH, "tried": tried, "reason": "; ".join(
+        f"{k}: onnx cosine {v['cosine']:.4f} < {MIN_COSINE}" for k, v in tried.items())}
+
+
+def encoder_runtime(ref: ModelRef, setting: str, texts: Sequence[str], graphs: Path, batch_size: int = 64
+                    ) -> EncoderRuntime:
+    """The network that embeds for `ref` under `embeddings.runtime` = `setting`.
+
+    `auto`: the graph cached in `graphs`/<files digest>/ (hashed again on every load), exported and checked on
+    `texts` (sample_texts of them) the first time; the folder is written whole or not at all, so a crash or a
+    concurrent run never leaves half a decision. `pytorch`: the SentenceTransformer.
+    """
+    if setting not in RUNTIMES:
+        raise EmbeddingModelError(f"embeddings.runtime {setting!r}: use one of {', '.join(RUNTIMES)}")
+    if setting == PYTORCH:
+        return EncoderRuntime(PYTORCH, reason="embeddings.runtime: pytorch")
+    folder = graphs / ref.weights_hash
+    if not (folder / GRAPH_CHOICE).is_file():
+        checked = sample_texts(texts)
+        if not checked:
+            return EncoderRuntime(PYTORCH, reason="no texts to check the ONNX encoder on")
+        graphs.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{ref.weights_hash[:16]}-", dir=graphs))
+        try:
+            choice = {"format": GRAPH_FORMAT, "encoder": ref.name, "files_sha256": ref.weights_hash,
+                      "min_cosine": MIN_COSINE, **_export_and_check(ref, checked, batch_size, work)}
+            for file in ENCODER_PATHS.values():
+                if file != ENCODER_PATHS.get(choice["path"]):
+                    (work / file).unlink(missing_ok=True)
+            atomic_write_bytes(work / GRAPH_CHOICE, json.dumps(choice, indent=2, sort_keys=True).encode())
+            try:
+                os.rename(work, folder)
+            except OSError:  # a concurrent run put its own (equally checked) decision there first
+                if not (folder / GRAPH_CHOICE).is_file():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _read_choice(folder)
+
+
+def cached_runtime(ref: ModelRef, setting: str, graphs: Path) -> EncoderRuntime:
+    """The runtime text_embeddings embedded `ref`'s texts with (registration asks): never exports, so a version
+    carries exactly the graph its training vectors came from, or says there is none to carry."""
+    if setting == PYTORCH:
+        return EncoderRuntime(PYTORCH, reason="embeddings.runtime: pytorch")
+    folder = graphs / ref.weights_hash
+    if not (folder / GRAPH_CHOICE).is_file():
+        raise EmbeddingModelError(f"{folder}: no ONNX encoder decision for {ref.name} (files {ref.weights_hash[:16]}); "
+                                  "text_embeddings writes it: materialize text_embeddings again, then train")
+    return _read_choice(folder)
 
 
 # --- what a registered model version carries -------------------------------------------------------------
@@ -166,8 +335,9 @@ def is_shipped(ref: ModelRef) -> bool:
     return ref.path.resolve() == shipped_model_path().resolve()
 
 
-def encoder_description(ref: ModelRef, batch_size: int) -> dict[str, Any]:
-    """encoder.json: which encoder made a spec's vectors and how it was called.
+def encoder_description(ref: ModelRef, batch_size: int, runtime: EncoderRuntime | None = None) -> dict[str, Any]:
+    """encoder.json: which encoder made a spec's vectors, how it was called and, given `runtime`, on which
+    network (the ONNX graph's sha256, which the version's carried graph must match).
 
     The shipped MiniLM is named by package, version and files digest (the served model finds it in the
     installed package and refuses a different digest); any other folder travels as the `encoder_model`
@@ -179,19 +349,21 @@ def encoder_description(ref: ModelRef, batch_size: int) -> dict[str, Any]:
         source = {"kind": "package", "package": SHIPPED_PACKAGE, "version": metadata.version(SHIPPED_PACKAGE)}
     else:
         source = {"kind": "artifact", "artifact": "encoder_model"}
-    return {"format": ENCODER_FORMAT, "name": ref.name, "files_sha256": ref.weights_hash, "source": source,
-            "encode": {"batch_size": batch_size, **ENCODE_SETTINGS},
-            "text_cleaning": "intelligentops_features.clean_text"}
+    description = {"format": ENCODER_FORMAT, "name": ref.name, "files_sha256": ref.weights_hash, "source": source,
+                   "encode": {"batch_size": batch_size, **ENCODE_SETTINGS},
+                   "text_cleaning": "intelligentops_features.clean_text"}
+    return description if runtime is None else {**description, "runtime": runtime.describe()}
 
 
-def encoder_artifacts(spec_name: str, embeddings: Any, spec_folder: Path | None, staging: Path) -> dict[str, str]:
+def encoder_artifacts(spec_name: str, embeddings: Any, spec_folder: Path | None, staging: Path,
+                      runtime: EncoderRuntime | None = None) -> dict[str, str]:
     """MLflow artifacts that let a registered version embed text as training did: `encoder` (encoder.json,
-    written into `staging`) and, for a folder other than the shipped MiniLM, `encoder_model` (the folder).
+    written into `staging`, naming `runtime`) and, for a folder other than the shipped MiniLM, `encoder_model`.
 
     `embeddings` is the spec's embeddings section (model, batch_size).
     """
     ref = resolve_model(embeddings.model, spec_name, spec_folder)
-    description = encoder_description(ref, embeddings.batch_size)
+    description = encoder_description(ref, embeddings.batch_size, runtime)
     path = staging / ENCODER_FILE
     atomic_write_bytes(path, json.dumps(description, indent=2, sort_keys=True).encode())
     artifacts = {"encoder": str(path)}
@@ -286,8 +458,10 @@ class EmbeddingRun:
     encode_seconds: float
 
 
-def embed_with_cache(ref: ModelRef, texts: Sequence[str], cache: EmbeddingCache, batch_size: int) -> EmbeddingRun:
-    """Vectors for `texts`: cached ones are read, distinct new ones are encoded once and added to the cache."""
+def embed_with_cache(ref: ModelRef, texts: Sequence[str], cache: EmbeddingCache, batch_size: int,
+                     runtime: EncoderRuntime | None = None) -> EmbeddingRun:
+    """Vectors for `texts`: cached ones are read, distinct new ones are encoded once (by `runtime`, whose vectors
+    alone `cache` must hold) and added to the cache."""
     keys = [text_hash(t) for t in texts]
     cached = cache.lookup(keys)
     missing: dict[str, str] = {}
@@ -295,7 +469,7 @@ def embed_with_cache(ref: ModelRef, texts: Sequence[str], cache: EmbeddingCache,
         if key not in cached and key not in missing:
             missing[key] = text
     started = time.perf_counter()
-    fresh = encode(ref, list(missing.values()), batch_size) if missing else None
+    fresh = encode(ref, list(missing.values()), batch_size, runtime) if missing else None
     seconds = time.perf_counter() - started
     if fresh is not None:
         cache.add(list(missing), fresh)

@@ -83,6 +83,14 @@ def export_network(net: Any, in_features: int, target: Path) -> None:
         raise OnnxExportError(f"the network could not be exported to ONNX ({type(exc).__name__}: {exc})") from exc
 
 
+def cosine(a: Any, b: Any) -> Any:
+    """Row-wise cosine similarity of two (rows, dim) matrices: how close the ONNX path's vectors are to PyTorch's."""
+    import numpy as np
+
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
 def milliseconds(call: Callable[[], Any], repeats: int = 50) -> float:
     """Median wall time of `call` in milliseconds, after one warm-up call."""
     call()

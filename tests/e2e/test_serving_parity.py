@@ -30,6 +30,7 @@ import pytest
 from support import REPO, failure_text, materialize, write_spec
 
 from orchestration.definitions import build_definitions
+from core.files import sha256_file
 from resources.embedder import model_files_hash, shipped_model_path
 from resources.mlflow import MlflowResource
 
@@ -112,6 +113,7 @@ class Trained:
     expected: np.ndarray            # the training workload's probabilities for them
     evaluation: dict
     evaluation_meta: dict
+    embeddings_meta: dict           # text_embeddings' metadata: the runtime and graph its vectors came from
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
             yield Trained(home=home, encoder=encoder, version=str(registered["version"]),
                           tracking_uri=registered["tracking_uri"], rows=rows.reset_index(drop=True),
                           expected=training_probabilities(Path(checkpoint["model_dir"])), evaluation=evaluation,
-                          evaluation_meta=meta["model_evaluation"])
+                          evaluation_meta=meta["model_evaluation"], embeddings_meta=meta["text_embeddings"])
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +165,17 @@ def test_registered_version_carries_the_encoder_and_its_settings(trained: Traine
     assert description["files_sha256"] == model_files_hash(trained.encoder)
     # MLflow keeps a folder artifact under the folder's own name.
     assert model_files_hash(artifacts / trained.encoder.name) == model_files_hash(trained.encoder)
+    # Zero skew: encoder.json names the runtime text_embeddings embedded with, and an ONNX one travels byte for byte.
+    embedded = trained.embeddings_meta
+    assert description["runtime"]["path"] == embedded["runtime"].value
+    encoder = json.loads((artifacts / "onnx.json").read_text())["encoder"]
+    assert encoder["source"] == "text_embeddings"
+    if embedded["runtime"].value != "pytorch":
+        assert description["runtime"]["graph_sha256"] == embedded["graph_sha256"].value
+        cached = trained.home / "embedding_cache" / "onnx" / description["files_sha256"] / encoder["file"]
+        assert encoder["path"] == embedded["runtime"].value, encoder  # the carried graph passed its checks
+        assert (artifacts / encoder["file"]).read_bytes() == cached.read_bytes()
+        assert sha256_file(cached) == embedded["graph_sha256"].value
 
     # A changed file in the carried encoder is refused at load, naming the encoder and both digests.
     import mlflow.pyfunc
@@ -186,14 +199,16 @@ def test_served_probabilities_equal_the_training_workloads(trained: Trained, pyf
         reference = pyfunc.predict(trained.rows)["probability"].to_numpy()
     finally:
         model.use_runtime(parity)
-    # The PyTorch path is training's; the ONNX path the version chose (docs/serving.md) is held to its checks: a
-    # network within 1e-5, an INT8 encoder within the test AUC bound, which moves single scores a little.
-    np.testing.assert_allclose(reference, trained.expected, rtol=0, atol=1e-5)
-    if parity["encoder"]["path"] == "pytorch":
-        np.testing.assert_allclose(served, trained.expected, rtol=0, atol=1e-5)
+    # The served encoder is the one training's vectors came from (text_embeddings' runtime, carried into the
+    # version): the served scores are the training workload's. The other path is held to the checks only.
+    trained_on = trained.embeddings_meta["runtime"].value
+    assert parity["encoder"]["path"] == trained_on, parity["encoder"]
+    np.testing.assert_allclose(served, trained.expected, rtol=0, atol=1e-5)
+    if trained_on == "pytorch":
+        np.testing.assert_allclose(reference, trained.expected, rtol=0, atol=1e-5)
     else:
         assert parity["encoder"]["cosine"] >= 0.98 and parity["encoder"]["auc_delta"] <= 0.002, parity
-        assert np.abs(served - trained.expected).mean() < 0.02
+        assert np.abs(reference - trained.expected).mean() < 0.02
     # The spec reached model_evaluation with the registered version loading and its artifacts verified.
     assert trained.evaluation.model_version == trained.version
     assert trained.evaluation.test is not None and "test_auc" in trained.evaluation_meta

@@ -3,8 +3,9 @@
 The spec's job titles drive part of the outcome. Two CPU ranks train; rank 1 SIGKILLs itself after step 12
 (checkpoints every 5), so the first materialization fails; the next resumes from step 10's shards and the graph
 goes on through the gates to the running server. The version carries the fine-tuned encoder (top layer changed,
-the rest as shipped), and the server's probabilities for the validation rows equal what the training workload
-computed for them with its own tokenization and pooling (1e-5): no train/serve skew.
+the rest as shipped): its PyTorch path gives the validation rows the probabilities the training workload computed
+with its own tokenization and pooling (1e-5); the server serves the encoder's INT8 export where it passes the ONNX
+checks, a skew those checks bound.
 """
 
 from __future__ import annotations
@@ -108,5 +109,18 @@ def test_the_server_answers_what_training_computed(deployed: dict) -> None:
     assert len(rows) == len(expected) > 200
     endpoint = metadata(result, NAME, "deployment")["endpoint"]
     served = served_probabilities(endpoint, NAME, rows, NUMERIC, smoke_key(home, NAME))
-    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
+    ml = MlflowResource(home=str(home))
+    pyfunc = ml.load_model(NAME, version=ml.get_version(NAME, "champion").version)
+    model = pyfunc.unwrap_python_model()
+    parity = json.loads((model.artifacts_dir / "onnx.json").read_text())["encoder"]
+    model.use_runtime({"encoder": {"path": "pytorch"}, "network": {"path": "pytorch"}})
+    # The version's PyTorch path tokenizes, pools and embeds as the training workload did.
+    np.testing.assert_allclose(pyfunc.predict(rows)["probability"], expected, rtol=0, atol=1e-5)
+    if parity["path"] == "onnx-int8":
+        # A fine-tuned encoder trained on PyTorch is exported at registration: its skew is bounded by the
+        # checks (docs/serving.md), not zero as a frozen encoder's is.
+        assert parity["cosine"] >= 0.98 and parity["auc_delta"] <= 0.002, parity
+        assert np.abs(served - expected).mean() < 0.02
+    else:
+        np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
     assert Path(metadata(result, NAME, "model_checkpoint")["model_dir"], "encoder", "tokenizer.json").is_file()

@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 
 from orchestration.definitions import build_definitions
-from resources.embedder import SHIPPED_MODEL_NAME, EmbeddingModelError, resolve_model
+from assets.features import clean_text
+from core.files import sha256_file
+from resources.embedder import SHIPPED_MODEL_NAME, EmbeddingModelError, encode, encoder_runtime, resolve_model
 from support import materialize
 from text_support import _metadata, write_text_spec
 
@@ -38,7 +40,16 @@ def test_text_embeddings_asset_contract(home: Path, instance, pipelines: Path, t
 
     meta = _metadata(result, "jobs/text_embeddings")
     assert meta["model"] == SHIPPED_MODEL_NAME and meta["dimension"] == 384
-    assert meta["weights_hash"] == resolve_model(None, "jobs").weights_hash
+    ref = resolve_model(None, "jobs")
+    assert meta["weights_hash"] == ref.weights_hash
+    # The default runtime: the encoder's own INT8 graph, checked against PyTorch, the vectors its own.
+    graph = home / "embedding_cache" / "onnx" / ref.weights_hash / "encoder.int8.onnx"
+    assert meta["runtime"] == "onnx-int8" and meta["runtime_cosine"] >= 0.98
+    assert meta["graph_sha256"] == sha256_file(graph) and meta["graph_sha256"] in meta["runtime_detail"]
+    assert Path(meta["cache_dir"]).name == f"{ref.cache_id}-onnx-int8-{meta['graph_sha256'][:16]}"
+    runtime = encoder_runtime(ref, "auto", [], home / "embedding_cache" / "onnx")
+    np.testing.assert_allclose(matrix, encode(ref, validated["title"].map(clean_text).tolist(), 16, runtime),
+                               rtol=0, atol=1e-6)
     assert meta["rows_embedded"] == 60 and meta["rows_reused"] == 0 and len(meta["embeddings_version"]) == 64
     assert meta["throughput_texts_per_s"] > 0 and "title" in meta["preview"]
     assert _metadata(result, "jobs/vector_index")["embeddings_version"] == meta["embeddings_version"]
@@ -80,3 +91,20 @@ def test_configured_model_that_is_not_a_model_names_the_spec(home: Path, instanc
     write_text_spec(pipelines, tmp_path, rows=60, embeddings={"model": "models/nowhere"})
     with pytest.raises(EmbeddingModelError, match=r"jobs: embeddings.model 'models/nowhere'.*nowhere"):
         materialize(build_definitions(pipelines), instance, 'key:"jobs/*" and (group:data or group:embeddings)', raise_on_error=True)
+
+
+def test_pytorch_runtime_embeds_with_the_sentence_transformer(home: Path, instance, pipelines: Path,
+                                                             tmp_path: Path):
+    write_text_spec(pipelines, tmp_path, rows=60, embeddings={"runtime": "pytorch"})
+    result = materialize(build_definitions(pipelines), instance,
+                         'key:"jobs/*" and (group:data or group:embeddings)')
+    assert result.success and all(_checks(result).values())
+    meta = _metadata(result, "jobs/text_embeddings")
+    ref = resolve_model(None, "jobs")
+    assert meta["runtime"] == "pytorch" and meta["graph_sha256"] == "none" and meta["runtime_cosine"] == "n/a"
+    assert meta["runtime_detail"] == "embeddings.runtime: pytorch" and Path(meta["cache_dir"]).name == ref.cache_id
+    assert not (home / "embedding_cache" / "onnx" / ref.weights_hash).exists()  # nothing exported
+    stored = pd.read_parquet(home / "assets" / "jobs" / "text_embeddings.parquet")
+    validated = pd.read_parquet(home / "assets" / "jobs" / "validated_dataset.parquet")
+    np.testing.assert_allclose(np.stack(stored["title__embedding"]),
+                               encode(ref, validated["title"].map(clean_text).tolist(), 16), rtol=0, atol=1e-5)

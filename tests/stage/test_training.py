@@ -220,3 +220,21 @@ def test_old_run_folders_are_pruned_newest_kept(tmp_path: Path) -> None:
     removed = prune_runs(runs, keep=3, current=current)
     assert sorted(d.name for d in runs.iterdir()) == ["run0", "run4", "run5"]
     assert sorted(d.name for d in removed) == ["run1", "run2", "run3"]
+
+
+def test_a_window_embedded_on_two_runtimes_is_refused_not_mixed(instance) -> None:
+    """Months of text_embeddings embedded on different runtimes (an ONNX graph, PyTorch) never train together."""
+    from types import SimpleNamespace
+
+    from assets.naming import TEXT_EMBEDDINGS, asset_key
+    from assets.training import TrainingError, recorded_embeddings_graph
+
+    key, graph = asset_key("jobs", TEXT_EMBEDDINGS), "3e" * 32
+    for month, digest in (("2018-01", graph), ("2018-02", graph), ("2018-03", "none")):
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=month,
+                                                                    metadata={"graph_sha256": digest}))
+    spec = SimpleNamespace(name="jobs")
+    assert recorded_embeddings_graph(instance, spec, ["2018-01", "2018-02"]) == graph
+    with pytest.raises(TrainingError, match=r"jobs: text_embeddings months were embedded on different runtimes .*"
+                                            r"'2018-03': 'none'.*materialize text_embeddings again for every month"):
+        recorded_embeddings_graph(instance, spec, ["2018-01", "2018-02", "2018-03"])

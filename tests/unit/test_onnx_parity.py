@@ -146,3 +146,78 @@ def test_a_tampered_onnx_graph_is_refused_by_the_seal(saved, tmp_path):
     graph.write_bytes(bytes(data))
     with pytest.raises(ModelFolderError, match=f"artifacts/{ENCODER_INT8}: sha256"):
         verify_model_folder(folder, keys.public_key, sealed.manifest_sha256)
+
+
+# --- a frozen encoder: the version carries the graph text_embeddings embedded with (zero skew) ----------------
+
+
+def carried(saved: Path, tmp_path: Path, runtime, graph: Path | None) -> tuple[Path, dict]:
+    """The saved folder with an encoder.json naming `runtime` (as registration writes it), its runtime chosen."""
+    from assets.onnx_parity import choose_runtime
+    from resources.embedder import encoder_description, resolve_model
+
+    folder = tmp_path / "version"
+    shutil.copytree(saved, folder)
+    description = encoder_description(resolve_model(None, "onnx_test"), 64, runtime)
+    (folder / "artifacts" / "encoder.json").write_text(json.dumps(description))
+    return folder, choose_runtime(folder, *rows(), graph=graph)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """text_embeddings' runtime for the shipped MiniLM: its INT8 graph, exported and checked into a home."""
+    from resources.embedder import encoder_runtime, resolve_model
+
+    graphs = tmp_path_factory.mktemp("home") / "embedding_cache" / "onnx"
+    return encoder_runtime(resolve_model(None, "onnx_test"), "auto", rows()[0], graphs)
+
+
+def test_the_version_serves_the_very_graph_text_embeddings_used(saved, tmp_path, embedded):
+    from core.files import sha256_file
+    from core.manifest import verify_manifest
+    from resources.embedder import encode, resolve_model
+
+    assert embedded.path == "onnx-int8"
+    folder, parity = carried(saved, tmp_path, embedded, embedded.graph)
+    encoder = parity["encoder"]
+    assert encoder["path"] == "onnx-int8" and encoder["source"] == "text_embeddings", encoder
+    assert list(encoder["tried"]) == ["onnx-int8"]  # nothing exported again, nothing else tried
+    assert encoder["cosine"] >= MIN_COSINE and encoder["auc_delta"] <= 0.002  # the checks still run and report
+    served_graph = folder / "artifacts" / ENCODER_INT8
+    assert served_graph.read_bytes() == embedded.graph.read_bytes()  # byte-identical: zero skew
+    assert encoder["graph_sha256"] == embedded.graph_sha256 == sha256_file(served_graph)
+    verify_manifest(folder / "artifacts")
+
+    served = load(folder)
+    assert served.runtime.startswith("encoder: onnx-int8")
+    texts = ["night nurse", "senior software engineer", "welder"]
+    training = encode(resolve_model(None, "onnx_test"), texts, 64, embedded)  # as text_embeddings computed them
+    for text, vector in zip(texts, training, strict=True):  # as the server computes one request's text
+        np.testing.assert_allclose(served._onnx_encoder.encode([text])[0], vector, rtol=0, atol=1e-6)
+
+
+def test_a_carried_graph_other_than_encoder_json_names_is_refused(saved, tmp_path, embedded):
+    from assets.onnx_parity import CarriedGraphError
+
+    other = tmp_path / "other" / ENCODER_INT8
+    other.parent.mkdir()
+    data = bytearray(embedded.graph.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    other.write_bytes(bytes(data))
+    from core.files import sha256_file
+
+    with pytest.raises(CarriedGraphError, match=rf"sha256 {sha256_file(other)}, but encoder.json records "
+                                                rf"{embedded.graph_sha256}"):
+        carried(saved, tmp_path, embedded, other)
+
+
+def test_pytorch_training_vectors_give_a_version_that_serves_pytorch(saved, tmp_path):
+    from resources.embedder import EncoderRuntime
+
+    folder, parity = carried(saved, tmp_path, EncoderRuntime("pytorch", reason="embeddings.runtime: pytorch"), None)
+    assert parity["encoder"]["path"] == "pytorch" and parity["encoder"]["source"] == "text_embeddings"
+    reason = parity["encoder"]["reason"]
+    assert "training's vectors came from the PyTorch encoder (embeddings.runtime: pytorch)" in reason
+    assert not list((folder / "artifacts").glob("encoder*.onnx"))
+    served = load(folder)
+    assert served._onnx_encoder is None and served.runtime.startswith("encoder: pytorch (training's vectors came")
