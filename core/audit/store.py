@@ -30,6 +30,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -564,7 +565,7 @@ def _sqlite_pragmas(engine, begin: str) -> None:
         # First: switching a new database to WAL takes a lock, and two processes opening it at once (two servers,
         # a server and the CLI) must wait for each other, not fail with "database is locked".
         cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cur)
         # FULL: a committed decision survives power loss, not only a killed process; group commit pays for it.
         cur.execute("PRAGMA synchronous=FULL")
         cur.close()
@@ -572,6 +573,25 @@ def _sqlite_pragmas(engine, begin: str) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
         conn.exec_driver_sql(begin)
+
+
+def _switch_to_wal(cur, seconds: float = 30.0) -> None:
+    """WAL mode, which stays with the database file: only the first opener switches it. The switch needs an
+    exclusive lock, and SQLite answers "database is locked" at once, without its busy handler, when two
+    connections try it together (seen in make test: two servers opening a new store), so it is retried."""
+    import sqlite3
+
+    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _normalize_time(value: str) -> str:
