@@ -91,6 +91,9 @@ def write_spec(folder: Path, data: Path, partitioned: bool, months: int) -> None
         spec.setdefault("training", {})["window"] = {"months": 24}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{SPEC}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    template = (spec.get("notices") or {}).get("template")
+    if template:  # the spec's notice template lives next to it (without it the run stops at notice_template)
+        (folder / template).write_text((REPO / "pipelines" / template).read_text())
 
 
 # --- one measured run in its own process --------------------------------------------------------------------------
