@@ -562,8 +562,7 @@ def _sqlite_pragmas(engine, begin: str) -> None:
         # takes the write lock at BEGIN and two writers never both read the same chain head.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        # First: switching a new database to WAL takes a lock, and two processes opening it at once (two servers,
-        # a server and the CLI) must wait for each other, not fail with "database is locked".
+        # First, so two processes opening a new database at once wait for each other's locks.
         cur.execute("PRAGMA busy_timeout=30000")
         _switch_to_wal(cur)
         # FULL: a committed decision survives power loss, not only a killed process; group commit pays for it.
@@ -576,9 +575,8 @@ def _sqlite_pragmas(engine, begin: str) -> None:
 
 
 def _switch_to_wal(cur, seconds: float = 30.0) -> None:
-    """WAL mode, which stays with the database file: only the first opener switches it. The switch needs an
-    exclusive lock, and SQLite answers "database is locked" at once, without its busy handler, when two
-    connections try it together (seen in make test: two servers opening a new store), so it is retried."""
+    """WAL mode stays with the file, so only the first opener switches it; SQLite refuses a switch with "database is
+    locked" at once, without its busy handler, while another opener holds a lock: retried."""
     import sqlite3
 
     if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
