@@ -282,17 +282,23 @@ def kappa(truth: np.ndarray, copied: np.ndarray) -> float:
     return float((observed - chance) / (1 - chance))
 
 
-def surface_for(python_model: Any, feature_frame: Any, threshold: float) -> AttackSurface:
+def surface_for(python_model: Any, feature_frame: Any, threshold: float,
+                matrices: dict[str, np.ndarray] | None = None) -> AttackSurface:
     """The attack surface of a loaded version: its network and preprocessing (workloads/model_code.py's
     TabularMLPModel: `net`, `preprocessing`) over the train and test rows of `feature_frame`
-    (assets.features.build_feature_frame), in the version's own input representation."""
+    (assets.features.build_feature_frame), in the version's own input representation; `matrices` (train and test,
+    already prepared with that preprocessing: assets/evaluation.py's split_features) are used as they are."""
     from assets.features import SPLIT, transform
 
     prep = python_model.preprocessing
     numeric, blocks = surface_blocks(prep)
-    train, test = feature_frame[feature_frame[SPLIT] == "train"], feature_frame[feature_frame[SPLIT] == "test"]
-    return AttackSurface(score=net_scorer(python_model.net), threshold=float(threshold), x_train=transform(train, prep),
-                         x_test=transform(test, prep), numeric=numeric, blocks=blocks)
+    if matrices is not None:
+        x_train, x_test = matrices["train"], matrices["test"]
+    else:
+        train, test = feature_frame[feature_frame[SPLIT] == "train"], feature_frame[feature_frame[SPLIT] == "test"]
+        x_train, x_test = transform(train, prep), transform(test, prep)
+    return AttackSurface(score=net_scorer(python_model.net), threshold=float(threshold), x_train=x_train,
+                         x_test=x_test, numeric=numeric, blocks=blocks)
 
 
 def attack_evidence(surface: AttackSurface, compliance: Any, seed: int = 0) -> dict[str, Any]:

@@ -174,21 +174,36 @@ def _governance(spec: PipelineSpec, tags: dict[str, str], validated: pd.DataFram
     return Governance(problems=sorted(set(problems)), model_inputs=inputs, current=current)
 
 
-def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path) -> list[BaselineScore]:
+def split_features(feature_frame: pd.DataFrame, prep: dict) -> dict[str, np.ndarray]:
+    """The matrix the network reads, per split, built once for the baselines, the drift detectors and the attacks
+    (a million rows' train matrix is the largest thing the evaluation holds)."""
+    from assets.features import transform
+
+    return {s: transform(feature_frame[feature_frame[SPLIT] == s], prep) for s in ("train", "validation", "test")}
+
+
+def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path,
+                    matrices: dict[str, np.ndarray] | None = None) -> list[BaselineScore]:
     """Logistic regression and gradient boosting on the network's own inputs (the version's preprocessing)."""
     from assets.baselines import fit_baselines, split_matrices
 
-    prep = json.loads((local / "artifacts" / "preprocessing.json").read_text())
+    if matrices is None:
+        prep = json.loads((local / "artifacts" / "preprocessing.json").read_text())
+        inputs = split_matrices(feature_frame, prep)
+    else:
+        labels = {s: feature_frame.loc[feature_frame[SPLIT] == s, LABEL].to_numpy(np.int64) for s in ("train", "test")}
+        inputs = (matrices["train"], labels["train"], matrices["test"], labels["test"])
     return [BaselineScore(name=b.name, auc=b.auc, fit_seconds=round(b.fit_seconds, 2))
-            for b in fit_baselines(*split_matrices(feature_frame, prep), seed=spec.split.seed)]
+            for b in fit_baselines(*inputs, seed=spec.split.seed)]
 
 
 def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
                         run_id: str | None, feature_frame: pd.DataFrame, held_out_scores: np.ndarray | None,
-                        prep: dict | None = None) -> str:
+                        prep: dict | None = None, matrices: dict[str, np.ndarray] | None = None) -> str:
     """The version's drift detectors, fitted on (a sample of) its training split; see assets/detectors.py. With
     the version's preprocessing (`prep`), its out-of-distribution detector too, on the matrix the network reads:
-    fitted on the training rows, its threshold set on the validation and test rows (core/ood.py)."""
+    fitted on the training rows, its threshold set on the validation and test rows (core/ood.py); `matrices`
+    (split_features) are those rows already prepared."""
     from assets.features import embedding_column, transform
 
     train = feature_frame[feature_frame[SPLIT] == "train"]
@@ -197,7 +212,9 @@ def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: Ml
     vectors = {c: np.stack(train[embedding_column(c)].to_numpy()).astype(np.float32) for c in spec.features.text}
     reference = train[[*spec.features.numeric, *spec.features.categorical]].reset_index(drop=True)
     ood = None
-    if prep is not None:
+    if matrices is not None:
+        ood = (matrices["train"], np.concatenate([matrices["validation"], matrices["test"]]))
+    elif prep is not None:
         held = feature_frame[feature_frame[SPLIT] != "train"]
         ood = (transform(feature_frame[feature_frame[SPLIT] == "train"], prep), transform(held, prep))
     return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, held_out_scores, ood)
@@ -271,23 +288,27 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
         example=ExplainedDecision(row_id=str(test[ROW_ID].iloc[0]), probability=float(explained["probability"].iloc[0]),
                                   top_factors=json.loads(factors.iloc[0]) if factors.iloc[0] else []))
     plots = _plots(storage.local_dir(name, "evaluation", f"v{version}"), y, p, slices, champion_p)
+    del frame, explained, factors
     f = spec.features
     feature_frame = build_feature_frame(validated, splits, f.numeric, f.categorical, f.text, embeddings, name)
-    baselines = score_baselines(spec, feature_frame, local)
+    prep = json.loads((local / "artifacts" / "preprocessing.json").read_text())
+    matrices = split_features(feature_frame, prep)
+    baselines = score_baselines(spec, feature_frame, local, matrices)
     # Scores the model never trained on: the validation and test splits. Too few of them (a small table) and
     # the score detector is left out rather than fitted on noise.
     held_out = np.concatenate([val_p, p])
     try:
         detectors = fit_drift_detectors(spec, storage, mlflow, version, challenger.run_id, feature_frame,
                                         held_out if len(held_out) >= spec.monitoring.min_window else None,
-                                        json.loads((local / "artifacts" / "preprocessing.json").read_text()))
+                                        prep, matrices)
     except Exception as exc:  # monitoring is not a gate: the version is evaluated, and says it has no detectors
         log.warning(f"{name} v{version}: drift detectors not fitted ({type(exc).__name__}: {exc}); the drift sensor "
                     "cannot score windows this version serves")
         detectors = None
     robust = robustness(predict, sample[features], spec.features.numeric, spec.features.text, threshold)
     robust = robust.model_copy(update=attack_evidence(
-        surface_for(model.unwrap_python_model(), feature_frame, threshold), spec.compliance, spec.split.seed))
+        surface_for(model.unwrap_python_model(), feature_frame, threshold, matrices), spec.compliance,
+        spec.split.seed))
     if robust.attack_error:
         log.warning(f"{name} v{version}: {robust.attack_error}")
     ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, baselines=baselines,

@@ -28,6 +28,7 @@ EMBEDDING_SUFFIX = "__embedding"
 OTHER = "other"
 MISSING = "<missing>"
 PREPROCESSING_VERSION = 1
+EMBED_CHUNK = 65536  # rows of an embedding column converted at a time by transform
 
 
 class FeatureError(ValueError):
@@ -138,9 +139,24 @@ def ordered_items(prep: dict[str, Any], kind: str) -> list[tuple[str, dict[str, 
 
 
 def transform(frame: pd.DataFrame, prep: dict[str, Any]) -> np.ndarray:
-    """Raw feature columns (as in validated_dataset, plus embeddings) -> float32 matrix of n_features."""
+    """Raw feature columns (as in validated_dataset, plus embeddings) -> float32 matrix of n_features.
+
+    The matrix is allocated once and filled a block at a time (numbers computed in float64, then stored), so a
+    million rows cost the matrix and one column's temporaries, never a float64 copy of every embedding.
+    """
     n = len(frame)
-    blocks: list[np.ndarray] = []
+    x = np.empty((n, int(prep["n_features"])), dtype=np.float32)
+    at = 0
+
+    def put(block: np.ndarray) -> None:
+        nonlocal at
+        width = block.shape[1]
+        if at + width > x.shape[1]:
+            raise FeatureError(f"transform produced more than the {prep['n_features']} features the preprocessing "
+                               "expects")
+        x[:, at:at + width] = block
+        at += width
+
     for col, st in ordered_items(prep, "numeric"):
         if col not in frame.columns:
             raise FeatureError(f"numeric feature column {col!r} is missing from the input")
@@ -154,17 +170,19 @@ def transform(frame: pd.DataFrame, prep: dict[str, Any]) -> np.ndarray:
                 raise FeatureError(f"numeric feature column {col!r} holds a non-number: {exc}") from None
         missing = np.isnan(values)
         filled = np.where(missing, st["median"], values)
-        blocks.append(((filled - st["mean"]) / st["std"]).reshape(n, 1))
-        blocks.append(missing.astype("float64").reshape(n, 1))
+        put(((filled - st["mean"]) / st["std"]).reshape(n, 1))
+        put(missing.astype("float64").reshape(n, 1))
     for col, st in ordered_items(prep, "categorical"):
         if col not in frame.columns:
             raise FeatureError(f"categorical feature column {col!r} is missing from the input")
         cats = st["categories"]
         index = {c: i for i, c in enumerate(cats)}
         codes = np.array([index.get(_category(v), len(cats)) for v in frame[col].tolist()], dtype=np.int64)
-        onehot = np.zeros((n, len(cats) + 1))
-        onehot[np.arange(n), codes] = 1.0
-        blocks.append(onehot)
+        if at + len(cats) + 1 > x.shape[1]:
+            put(np.zeros((n, len(cats) + 1)))  # raises: too many features
+        x[:, at:at + len(cats) + 1] = 0.0
+        x[np.arange(n), at + codes] = 1.0
+        at += len(cats) + 1
     for col, st in ordered_items(prep, "embeddings"):
         ecol, dim = st["column"], st["dim"]
         if ecol not in frame.columns:
@@ -173,11 +191,16 @@ def transform(frame: pd.DataFrame, prep: dict[str, Any]) -> np.ndarray:
         bad = [i for i, r in enumerate(rows) if r is None or len(r) != dim]
         if bad:
             raise FeatureError(f"{ecol}: row {bad[0]} is not a vector of {dim} floats")
-        blocks.append(np.asarray([np.asarray(r, dtype=np.float64) for r in rows]).reshape(n, dim))
-    x = np.concatenate(blocks, axis=1) if blocks else np.zeros((n, 0))
-    if x.shape[1] != prep["n_features"]:
-        raise FeatureError(f"transform produced {x.shape[1]} features; the preprocessing expects {prep['n_features']}")
-    return x.astype(np.float32)
+        if at + dim > x.shape[1]:
+            put(np.zeros((n, dim)))  # raises: too many features
+        for start in range(0, n, EMBED_CHUNK):  # a float32 vector is exact in float64, so this equals the old cast
+            chunk = rows[start:start + EMBED_CHUNK]
+            x[start:start + len(chunk), at:at + dim] = np.asarray(
+                [np.asarray(r, dtype=np.float64) for r in chunk]).reshape(len(chunk), dim)
+        at += dim
+    if at != x.shape[1]:
+        raise FeatureError(f"transform produced {at} features; the preprocessing expects {prep['n_features']}")
+    return x
 
 
 def dumps(prep: dict[str, Any]) -> str:

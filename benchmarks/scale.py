@@ -7,7 +7,9 @@ rows resampled from the 10,000 real loans, the continuous numbers jittered (x ex
 spec's declared rules), `--new-texts` of the job titles made unique (default a fifth: each is one more text to
 embed), and `--months` issue months (default 33, so one month is about 3% of the rows).
 
-Phases, each in a fresh $INTELLIGENTOPS_HOME and a fresh Python process (so imports and model loads count):
+Phases, each in a fresh $INTELLIGENTOPS_HOME and a fresh Python process (so imports and model loads count), run
+the way `dagster asset materialize` runs them (the default executor, each step in its own process, here one step at
+a time):
 - full: the unpartitioned spec (as shipped, only the source changed) from raw_dataset to compliance_report, one run;
 - history: the same data with `partitions: {grain: month}` and `training.window: {months: 24}`, every month but
   the last through validation, embeddings and the vector index in one single-run backfill;
@@ -100,21 +102,27 @@ def write_spec(folder: Path, data: Path, partitioned: bool, months: int) -> None
 
 
 def child(selection: str, partition: str | None, first: str | None, last: str | None, out: str) -> None:
-    """Inside the measured process: materialize `selection` (and its checks) on $DAGSTER_HOME's instance."""
+    """Inside the measured process: materialize `selection` (and its checks) on $DAGSTER_HOME's instance the way
+    `dagster asset materialize` does (the definitions' default executor: each step in its own process), one step
+    at a time so that each step's time and memory are its own."""
     import warnings
 
     import dagster as dg
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from orchestration.definitions import build_definitions
 
     warnings.filterwarnings("ignore")
-    defs = build_definitions()
-    tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last} if first else None
+    keys = list(dg.AssetSelection.from_string(selection).resolve(build_definitions().resolve_asset_graph()))
+    repo = ReconstructableRepository.for_module("orchestration.definitions", "defs", working_directory=str(REPO))
+    job = repo.get_reconstructable_job("__ASSET_JOB")
+    tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last} if first else {}
+    if partition:
+        tags = {"dagster/partition": partition}
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.from_string(selection),
-                                resources=defs.resources, instance=instance, partition_key=partition, tags=tags,
-                                raise_on_error=False)
+        result = dg.execute_job(job, instance, asset_selection=keys, tags=tags,
+                                run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 1}}}})
         Path(out).write_text(json.dumps({"run_id": result.run_id, "success": result.success}))
 
 

@@ -288,12 +288,20 @@ class TabularMLPModel(PythonModel):
         n = len(frame)
         if not blocks:
             return ["[]"] * n
-        # Every block's occlusion in one forward pass: block j's copy of the rows is rows j*n .. (j+1)*n - 1.
+        # Every block's occlusion of a slice of rows in one forward pass: block j's copy of the m rows is rows
+        # j*m .. (j+1)*m - 1. Slices keep the occluded copy near EXPLAIN_BYTES however many rows are explained.
+        p = np.empty((len(blocks), n))
+        step = max(1, EXPLAIN_BYTES // (len(blocks) * max(1, x.shape[1]) * 4))
+        refs = [torch.from_numpy(ref.astype(np.float32)) for *_, ref in blocks]
         with torch.inference_mode():
-            occluded = x.repeat(len(blocks), 1)
-            for j, (_, lo, hi, ref) in enumerate(blocks):
-                occluded[j * n:(j + 1) * n, lo:hi] = torch.from_numpy(ref.astype(np.float32))
-            p = torch.sigmoid(self._logits(occluded).squeeze(-1)).double().numpy().reshape(len(blocks), n)
+            for start in range(0, n, step):
+                part = x[start:start + step]
+                m = len(part)
+                occluded = part.repeat(len(blocks), 1)
+                for j, (_, lo, hi, _) in enumerate(blocks):
+                    occluded[j * m:(j + 1) * m, lo:hi] = refs[j]
+                p[:, start:start + m] = torch.sigmoid(self._logits(occluded).squeeze(-1)).double().numpy().reshape(
+                    len(blocks), m)
         matrix = np.asarray(probability)[None, :] - p  # (blocks, rows)
         order = np.argsort(-np.abs(matrix), axis=0, kind="stable")[:top]
         values = {name: frame[name].tolist() for name in set(names[j] for j in order.ravel())}
@@ -339,6 +347,8 @@ class TabularMLPModel(PythonModel):
         return result, x.numpy()
 
 
+# The occluded copies one explanation pass builds, at most (about 64 MB), whatever the rows.
+EXPLAIN_BYTES = 64 * 1024 * 1024
 # Texts and their vectors kept at most, in bytes: about 40,000 job titles with MiniLM's 384 float32 numbers each.
 _CACHE_BYTES = 64 * 1024 * 1024
 _ENTRY_OVERHEAD = 200  # a dict slot, the key's and the array's object headers

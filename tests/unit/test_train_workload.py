@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -55,6 +56,63 @@ def test_feature_builder_joins_embeddings_and_fits_on_train_only() -> None:
     # d: x = 100 -> far above the train mean; color None -> other.
     assert x[1][0] > 10 and x[1][2:4].tolist() == [0.0, 1.0]
     assert json.loads(json.dumps(prep)) == prep  # plain JSON, no pickle
+
+
+def test_transform_in_slices_equals_the_whole_float64_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A million rows are converted a slice at a time into one float32 matrix; the numbers must be exactly those
+    of building every block in float64 and casting once (what training, evaluation and serving always used)."""
+    import assets.features as features
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    frame = pd.DataFrame({"x": np.where(rng.random(n) < 0.1, np.nan, rng.normal(50, 20, n)),
+                          "color": rng.choice(["red", "blue", "green", None], n),
+                          "title__embedding": [rng.normal(size=4).astype(np.float32) for _ in range(n)]})
+    prep = fit_preprocessing(frame, ["x"], ["color"], ["title"], max_categories=2)
+    st = prep["numeric"]["x"]
+    x = frame["x"].to_numpy()
+    cats = prep["categorical"]["color"]["categories"]
+    onehot = np.zeros((n, len(cats) + 1))
+    onehot[np.arange(n), [cats.index(c) if c in cats else len(cats) for c in frame["color"].map(features._category)]] = 1
+    expected = np.concatenate([((np.where(np.isnan(x), st["median"], x) - st["mean"]) / st["std"])[:, None],
+                               np.isnan(x)[:, None].astype(float), onehot,
+                               np.stack(frame["title__embedding"].to_numpy()).astype(np.float64)], axis=1)
+    monkeypatch.setattr(features, "EMBED_CHUNK", 7)  # 143 slices, the last one short
+    got = transform(frame, prep)
+    assert got.dtype == np.float32 and np.array_equal(got, expected.astype(np.float32))
+    with pytest.raises(FeatureError, match="transform produced more than the 8 features"):
+        transform(frame, {**prep, "n_features": 8})
+
+
+def test_explanations_in_slices_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test split's explanations are computed a slice of rows at a time (200,000 rows x every feature's
+    occluded copy would be gigabytes); each row's factors are those of one pass over every row."""
+    import torch
+
+    import assets.features
+    import workloads.model_code as model_code
+
+    monkeypatch.setitem(sys.modules, "intelligentops_features", assets.features)  # the name the model ships it as
+    rng = np.random.default_rng(4)
+    n = 300
+    frame = pd.DataFrame({"x": rng.normal(size=n), "color": rng.choice(["red", "blue"], n)})
+    prep = fit_preprocessing(frame, ["x"], ["color"])
+    model = model_code.TabularMLPModel()
+    model.preprocessing, model._block_cache, model._onnx_network = prep, None, None
+    torch.manual_seed(0)
+    model.net = torch.nn.Sequential(torch.nn.Linear(prep["n_features"], 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.from_numpy(transform(frame, prep))
+    with torch.inference_mode():
+        probability = torch.sigmoid(model.net(x).squeeze(-1)).double().numpy()
+    whole = model._explain(frame, x, probability, 2)
+    monkeypatch.setattr(model_code, "EXPLAIN_BYTES", 2 * prep["n_features"] * 4 * 13)  # 13 rows a slice
+    sliced = model._explain(frame, x, probability, 2)
+    assert len(sliced) == n
+    for one, other in zip(sliced, whole, strict=True):  # a slice's forward pass may round differently in the 7th digit
+        a, b = json.loads(one), json.loads(other)
+        assert {f["feature"]: f["value"] for f in a} == {f["feature"]: f["value"] for f in b} and len(a) == 2
+        assert {f["feature"]: pytest.approx(f["contribution"], abs=2e-5) for f in a} == \
+            {f["feature"]: f["contribution"] for f in b}
 
 
 def test_feature_builder_names_what_is_missing() -> None:
