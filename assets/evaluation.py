@@ -184,17 +184,23 @@ def split_features(feature_frame: pd.DataFrame, prep: dict) -> dict[str, np.ndar
 
 def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path,
                     matrices: dict[str, np.ndarray] | None = None) -> list[BaselineScore]:
-    """Logistic regression and gradient boosting on the network's own inputs (the version's preprocessing)."""
+    """Logistic regression and gradient boosting on the network's own inputs (the version's preprocessing);
+    `matrices` (split_features) are emptied: the baselines are the evaluation's last and largest step."""
     from assets.baselines import fit_baselines, split_matrices
 
     if matrices is None:
         prep = json.loads((local / "artifacts" / "preprocessing.json").read_text())
-        inputs = split_matrices(feature_frame, prep)
-    else:
-        labels = {s: feature_frame.loc[feature_frame[SPLIT] == s, LABEL].to_numpy(np.int64) for s in ("train", "test")}
-        inputs = (matrices["train"], labels["train"], matrices["test"], labels["test"])
+        inputs, validation = split_matrices(feature_frame, prep), None
+    else:  # the float64 copies the baselines read replace the float32 matrices, which nothing reads after them
+        labels = {s: feature_frame.loc[feature_frame[SPLIT] == s, LABEL].to_numpy(np.int64)
+                  for s in ("train", "validation", "test")}
+        x = {s: matrices.pop(s).astype(np.float64) for s in ("train", "validation", "test")}
+        matrices.clear()
+        inputs = (x["train"], labels["train"], x["test"], labels["test"])
+        validation = (x.pop("validation"), labels["validation"]) if len(labels["validation"]) else None
+        del x
     return [BaselineScore(name=b.name, auc=b.auc, fit_seconds=round(b.fit_seconds, 2))
-            for b in fit_baselines(*inputs, seed=spec.split.seed)]
+            for b in fit_baselines(*inputs, seed=spec.split.seed, validation=validation)]
 
 
 def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
@@ -293,7 +299,6 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     feature_frame = build_feature_frame(validated, splits, f.numeric, f.categorical, f.text, embeddings, name)
     prep = json.loads((local / "artifacts" / "preprocessing.json").read_text())
     matrices = split_features(feature_frame, prep)
-    baselines = score_baselines(spec, feature_frame, local, matrices)
     # Scores the model never trained on: the validation and test splits. Too few of them (a small table) and
     # the score detector is left out rather than fitted on noise.
     held_out = np.concatenate([val_p, p])
@@ -311,6 +316,7 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
         spec.split.seed))
     if robust.attack_error:
         log.warning(f"{name} v{version}: {robust.attack_error}")
+    baselines = score_baselines(spec, feature_frame, local, matrices)  # last: it takes the matrices over
     ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, baselines=baselines,
                     drift_detectors=detectors, importance=importance, explanations=explanations,
                     robustness=robust, plots=plots, seconds=round(time.perf_counter() - started, 2))

@@ -8,6 +8,7 @@ and the `operating_threshold` tag the way model_evaluation and champion_model wo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,43 @@ def build_registered_model(root: Path, instance: dg.DagsterInstance, **over) -> 
     client.set_model_version_tag(SPEC, version, "operating_threshold", "0.4")
     client.set_registered_model_alias(SPEC, "champion", version)
     return Registered(home=home, pipelines=pipelines, tracking_uri=tracking, version=version)
+
+
+def registered_module(tmp_path_factory, name: str, after=None, **over) -> Iterator[Registered]:
+    """The body of a module-scoped `registered` fixture: the module's own version (spec overrides `over`), trained
+    on its own instance, with the module's environment set while it runs; `after(reg, instance)` runs on that
+    instance once the version is registered."""
+    root = tmp_path_factory.mktemp(name)
+    saved = set_env(root / "home", root / "pipelines")
+    (root / "home" / "dagster").mkdir(parents=True)
+    try:
+        with dg.instance_for_test(temp_dir=str(root / "home" / "dagster")) as instance:
+            reg = build_registered_model(root, instance, **over)
+            if after is not None:
+                after(reg, instance)
+            yield reg
+    finally:
+        restore_env(saved)
+
+
+_SHARED: dict[str, Registered] = {}
+
+
+def lent_registered(tmp_path_factory) -> Iterator[Registered]:
+    """The body of a module-scoped `registered` fixture for a module that only reads the registry (a server's
+    tests: each server keeps its audit chain and keys in its own folder): the default version, trained once per
+    session and lent to each such module, with the module's environment set while it runs."""
+    if "default" not in _SHARED:
+        built = registered_module(tmp_path_factory, "lent")
+        _SHARED["default"] = next(built)
+        built.close()  # the instance is closed and the environment restored; the files stay
+    reg = _SHARED["default"]
+    saved = set_env(reg.home, reg.pipelines)
+    os.environ["DAGSTER_HOME"] = str(reg.home / "dagster")
+    try:
+        yield reg
+    finally:
+        restore_env(saved)
 
 
 def free_port() -> int:

@@ -152,6 +152,10 @@ def faithfulness(template: NoticeTemplate, notices: Sequence[Rendered]) -> Outco
     bad: list[str] = []
     for n in notices:
         found = found_reasons(template, n.structure)
+        if not found and not n.cited:
+            bad.append(f"row {n.row_id}: gives no reason (none of its first {template.top_factors} factors raised "
+                       "its score; notices.top_factors says how many are read)")
+            continue
         if not found:
             bad.append(f"row {n.row_id}: gives no reason")
             continue

@@ -22,12 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-import dagster as dg
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_support import SPEC, Server, build_registered_model, restore_env, set_env
+from serving_support import SPEC, Server, lent_registered
 
 from workloads.serving.binary import binary_body
 
@@ -44,14 +43,7 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    saved = set_env(root / "home", root / "pipelines")
-    (root / "home" / "dagster").mkdir(parents=True)
-    try:
-        with dg.instance_for_test(temp_dir=str(root / "home" / "dagster")) as instance:
-            yield build_registered_model(root, instance)
-    finally:
-        restore_env(saved)
+    yield from lent_registered(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

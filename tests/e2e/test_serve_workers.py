@@ -20,10 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-import dagster as dg
 import httpx
 import pytest
-from serving_support import SPEC, Server, build_registered_model, restore_env, set_env
+from serving_support import SPEC, Server, lent_registered
 
 from workloads.serving.gateway import WORKER_HEADER
 
@@ -41,14 +40,7 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    root = tmp_path_factory.mktemp("workers")
-    saved = set_env(root / "home", root / "pipelines")
-    (root / "home" / "dagster").mkdir(parents=True)
-    try:
-        with dg.instance_for_test(temp_dir=str(root / "home" / "dagster")) as instance:
-            yield build_registered_model(root, instance)
-    finally:
-        restore_env(saved)
+    yield from lent_registered(tmp_path_factory)
 
 
 def keys_file(tmp: Path) -> str:

@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import dagster as dg
 import httpx
 import pytest
-from serving_support import SPEC, build_registered_model, restore_env, set_env
+from serving_support import SPEC, registered_module
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -31,15 +30,7 @@ CLI = Path(sys.executable).parent / "model_signing"
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    root = tmp_path_factory.mktemp("supply")
-    (root / "pipelines").mkdir()
-    saved = set_env(root / "home", root / "pipelines")
-    (root / "home" / "dagster").mkdir(parents=True)
-    try:
-        with dg.instance_for_test(temp_dir=str(root / "home" / "dagster")) as instance:
-            yield build_registered_model(root, instance)
-    finally:
-        restore_env(saved)
+    yield from registered_module(tmp_path_factory, "supply")
 
 
 @pytest.fixture(scope="module")

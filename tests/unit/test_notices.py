@@ -87,6 +87,10 @@ def test_a_template_that_gives_the_reasons_out_of_order_or_none_fails_faithfulne
     assert not v["faithfulness"].passed and "out of the factors' order" in v["faithfulness"].summary
     none = re.sub(r"\{% for reason in reasons %\}.*?\{% endfor %\}", "", TEXT, flags=re.S)
     assert "gives no reason" in verdicts(template(none), factors=COVERED)["faithfulness"].summary
+    # An adverse decision none of whose first top_factors factors raised its score: the check says what to change.
+    lowered = [{**f, "contribution": -abs(f["contribution"])} for f in COVERED]
+    summary = verdicts(template(), factors=lowered)["faithfulness"].summary
+    assert "gives no reason (none of its first 4 factors raised its score; notices.top_factors" in summary
     # Only the first reason is still faithful: a subsequence, in order.
     first = TEXT.replace("{% for reason in reasons %}", "{% for reason in reasons[:1] %}")
     assert verdicts(template(first), factors=COVERED)["faithfulness"].passed
