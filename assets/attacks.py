@@ -31,13 +31,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import Any, TypeAlias
 
 from assets.evidence import Evasion, Extraction
+from core.lazy import np
 
-Scorer = Callable[[np.ndarray], np.ndarray]  # representation rows -> P(positive)
+Scorer: TypeAlias = "Callable[[np.ndarray], np.ndarray]"  # representation rows -> P(positive)
 
 # How HopSkipJump spends a row's budget: few random starts and small gradient estimates, many iterations.
 HSJ_SETTINGS = {"max_eval": 50, "init_eval": 10, "init_size": 50, "max_iter": 200}

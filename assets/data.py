@@ -13,8 +13,6 @@ from collections import Counter
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
 from assets import naming
 from assets.checks.data_quality import DATA_CHECKS, CheckOutcome, Profile, label_series, validate_frame
@@ -27,8 +25,9 @@ from assets.partitions import (WINDOW_HASH, WINDOW_KEY, WINDOW_PARTITIONS, month
 from assets.profile import load_profile, month_profiles, reference_before, write_profile
 from assets.sources import SourceError, parquet_safe, read_source
 from assets.spec import LoadedSpec, PipelineSpec
-from assets.wiring import Log
+from assets.wiring import DataFrameType, Log
 from core.audit import AuditStore
+from core.lazy import np, pd
 from resources.storage import StorageResource, atomic_write_bytes, atomic_write_json, frame_hash, \
     frame_to_parquet_bytes, window_keys
 
@@ -46,7 +45,7 @@ def _validation_record_path(storage: StorageResource, spec: PipelineSpec, raw_ha
     return storage.spec_dir(spec.name, "validation") / f"{raw_hash}.json"
 
 
-def run_validation(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame,
+def run_validation(storage: StorageResource, spec: PipelineSpec, raw: "pd.DataFrame",
                    profile: Profile | None) -> list[CheckOutcome]:
     """The generated suite on `raw` (a snapshot, or one month of a partitioned spec) against the learned `profile`,
     its outcome stored by the snapshot's hash."""
@@ -63,7 +62,7 @@ def run_validation(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFra
 # --- row-level cleaning ----------------------------------------------------------------------------------------
 
 
-def clean_rows(raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+def clean_rows(raw: "pd.DataFrame", spec: PipelineSpec) -> "tuple[pd.DataFrame, pd.DataFrame]":
     """Typed, cleaned rows and the rows set aside, each with its reason."""
     cols = spec.columns
     df = raw[cols].copy()
@@ -76,7 +75,7 @@ def clean_rows(raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, pd.
     df.insert(0, ROW_ID, row_id.astype(object))
     reasons = pd.Series([""] * len(df), index=df.index, dtype=object)
 
-    def reject(mask: pd.Series, why: str) -> None:
+    def reject(mask: "pd.Series", why: str) -> None:
         mask = mask.fillna(False).astype(bool) & (reasons == "")
         reasons[mask] = why
 
@@ -119,7 +118,7 @@ def clean_rows(raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, pd.
 # --- splitting -------------------------------------------------------------------------------------------------
 
 
-def assign_splits(df: pd.DataFrame, spec: PipelineSpec) -> pd.Series:
+def assign_splits(df: "pd.DataFrame", spec: PipelineSpec) -> "pd.Series":
     """Deterministic split labels: stratified on the label for `random`, latest rows last for `time`."""
     s = spec.split
     n = len(df)
@@ -147,19 +146,19 @@ def assign_splits(df: pd.DataFrame, spec: PipelineSpec) -> pd.Series:
 # --- the stage's work, as plain functions --------------------------------------------------------------------
 
 
-def _preview(df: pd.DataFrame, rows: int = 5, cols: int = 12) -> str:
+def _preview(df: "pd.DataFrame", rows: int = 5, cols: int = 12) -> str:
     return df.iloc[:rows, :cols].to_markdown(index=False)
 
 
-def _schema(df: pd.DataFrame) -> dg.TableSchema:
+def _schema(df: "pd.DataFrame") -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name=str(c), type=str(t)) for c, t in df.dtypes.items()])
 
 
 DECISION_ID_PREFIX = "decision:"
 
 
-def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore,
-                 exclude_key_ids: tuple[str, ...] = ()) -> tuple[pd.DataFrame, int]:
+def outcome_rows(spec: PipelineSpec, source: "pd.DataFrame", store: AuditStore,
+                 exclude_key_ids: tuple[str, ...] = ()) -> "tuple[pd.DataFrame, int]":
     """Served decisions with an outcome label, as rows shaped like the source (labelled by their outcome).
 
     The label is the one `monitoring.outcome_rule` takes from the decision's outcome reports (core/audit/
@@ -197,7 +196,7 @@ def outcome_rows(spec: PipelineSpec, source: pd.DataFrame, store: AuditStore,
 
 
 def _read(loaded: LoadedSpec, log: Log, store: AuditStore | None, keys: list[str],
-          exclude_key_ids: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+          exclude_key_ids: tuple[str, ...] = ()) -> "tuple[pd.DataFrame, str, dict[str, Any]]":
     """The source (a SQL source bound to the run's months), plus outcome rows when the spec learns from them
     (labelled by the spec's outcome rule, the reports of `exclude_key_ids` left out)."""
     df, where = read_source(loaded, window_bounds(keys) if keys else None)
@@ -216,14 +215,14 @@ def _read(loaded: LoadedSpec, log: Log, store: AuditStore | None, keys: list[str
     return parquet_safe(df), where, extra
 
 
-def _snapshot_metadata(loaded: LoadedSpec, df: pd.DataFrame, where: str) -> dict[str, Any]:
+def _snapshot_metadata(loaded: LoadedSpec, df: "pd.DataFrame", where: str) -> dict[str, Any]:
     return {"content_hash": frame_hash(df), "source": where, "dagster/row_count": len(df),
             "dagster/column_schema": _schema(df), "columns": df.shape[1],
             "preview": dg.MetadataValue.md(_preview(df)), "spec_file": str(loaded.path)}
 
 
 def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = None,
-                    exclude_key_ids: tuple[str, ...] = ()) -> dg.Output[pd.DataFrame]:
+                    exclude_key_ids: tuple[str, ...] = ()) -> "dg.Output[pd.DataFrame]":
     """The source read once, Parquet-safe, with its content hash, schema and a preview; with
     `monitoring.learn_from_outcomes` (given the audit `store`), plus the served decisions whose outcome came back
     (labelled by the spec's outcome rule, the reports of `exclude_key_ids` left out)."""
@@ -235,7 +234,7 @@ def snapshot_source(loaded: LoadedSpec, log: Log, store: AuditStore | None = Non
 
 def snapshot_months(loaded: LoadedSpec, keys: list[str], log: Log, store: AuditStore | None = None,
                     exclude_key_ids: tuple[str, ...] = ()
-                    ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
+                    ) -> "tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]":
     """The source read once for a run's months and cut into them by the time column: each month's rows, each
     month's metadata (its own content hash), and what the run read (rows outside its months, without a time)."""
     spec = loaded.spec
@@ -266,14 +265,14 @@ def _check_result(spec: PipelineSpec, name: str, outcome: CheckOutcome, log: Log
                   "details": dg.MetadataValue.md("\n".join(f"- {f}" for f in outcome.failures) or "none")})
 
 
-def check_results(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log
+def check_results(storage: StorageResource, spec: PipelineSpec, raw: "pd.DataFrame", log: Log
                   ) -> list[dg.AssetCheckResult]:
     """One blocking check result per family of the generated Great Expectations suite."""
     outcomes = run_validation(storage, spec, raw, load_profile(storage, spec))
     return [_check_result(spec, o.name, o, log) for o in outcomes]
 
 
-def check_months(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, keys: list[str], log: Log
+def check_months(storage: StorageResource, spec: PipelineSpec, raw: "pd.DataFrame", keys: list[str], log: Log
                  ) -> list[dg.AssetCheckResult]:
     """Each month of a run checked on its own, in time order, against the profile of the validated months before
     it (a month earlier in the same run counts once it passed; assets/profile.py, reference_before); one result per
@@ -299,8 +298,8 @@ def check_months(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame
     return results
 
 
-def validated_rows(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log,
-                   partition: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def validated_rows(storage: StorageResource, spec: PipelineSpec, raw: "pd.DataFrame", log: Log,
+                   partition: str | None = None) -> "tuple[pd.DataFrame, dict[str, Any]]":
     """Typed, cleaned rows of a snapshot (or of one month) whose data checks passed, and their metadata; refuses
     one whose checks failed."""
     raw_hash = frame_hash(raw)
@@ -338,8 +337,8 @@ def validated_rows(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFra
     return clean, meta if partition is None else {**meta, "partition": partition}
 
 
-def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: pd.DataFrame, log: Log
-                      ) -> dg.Output[pd.DataFrame]:
+def validate_snapshot(storage: StorageResource, spec: PipelineSpec, raw: "pd.DataFrame", log: Log
+                      ) -> "dg.Output[pd.DataFrame]":
     """Typed, cleaned rows of a snapshot whose data checks passed; refuses one whose checks failed."""
     clean, meta = validated_rows(storage, spec, raw, log)
     return dg.Output(clean, data_version=dg.DataVersion(meta["content_hash"][:16]), metadata=meta)
@@ -355,7 +354,7 @@ def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, month: str) -> dict[
     return {k: getattr(v, "value", v) for k, v in found.records[0].asset_materialization.metadata.items()}
 
 
-def training_window(instance: dg.DagsterInstance, spec: PipelineSpec, validated: pd.DataFrame
+def training_window(instance: dg.DagsterInstance, spec: PipelineSpec, validated: "pd.DataFrame"
                     ) -> dict[str, Any]:
     """The months the unpartitioned readers see (resources/storage.py: the latest `training.window.months` validated
     months), checked: none missing inside it, none whose newest raw snapshot failed its checks or was never
@@ -401,8 +400,8 @@ def training_window(instance: dg.DagsterInstance, spec: PipelineSpec, validated:
             "window_months": len(window)}
 
 
-def split_rows(spec: PipelineSpec, validated: pd.DataFrame,
-               window: dict[str, Any] | None = None) -> dg.Output[pd.DataFrame]:
+def split_rows(spec: PipelineSpec, validated: "pd.DataFrame",
+               window: dict[str, Any] | None = None) -> "dg.Output[pd.DataFrame]":
     """Every validated row's split, with each split's size, positive rate, hash and first ids (and, for a
     partitioned spec, the window's months and their hashes)."""
     labels = assign_splits(validated, spec)
@@ -464,7 +463,7 @@ def _definitions(loaded: LoadedSpec) -> dg.Definitions:
                                partitions_def=partitioned.get("partitions_def")) for name, doc in DATA_CHECKS.items()]
 
     @dg.multi_asset_check(specs=specs, name=f"{spec.name}__data_expectations", ins={"raw": dg.AssetIn(key=raw_key)})
-    def data_expectations(context: dg.AssetCheckExecutionContext, storage: StorageResource, raw: pd.DataFrame):
+    def data_expectations(context: dg.AssetCheckExecutionContext, storage: StorageResource, raw: DataFrameType):
         """The Great Expectations suite generated from the spec, one blocking check per family (a partitioned
         spec's months each on their own, against the validated months before them)."""
         keys = run_keys(context)
@@ -475,7 +474,7 @@ def _definitions(loaded: LoadedSpec) -> dg.Definitions:
 
     @dg.asset(key=validated_key, group_name=naming.DATA, ins={"raw": dg.AssetIn(key=raw_key)}, **partitioned)
     def validated_dataset(context: dg.AssetExecutionContext, storage: StorageResource,
-                          raw: pd.DataFrame) -> dg.Output[Frames]:
+                          raw: DataFrameType) -> dg.Output[Frames]:
         """Typed, cleaned rows of a snapshot that passed every data check; rows that break row-level rules
         (null target, repeated id, values outside declared rules) are set aside with their reason."""
         keys = run_keys(context)
@@ -486,7 +485,7 @@ def _definitions(loaded: LoadedSpec) -> dg.Definitions:
         return partition_output(context, keys, {k: v[0] for k, v in done.items()}, {k: v[1] for k, v in done.items()})
 
     @dg.asset(key=splits_key, group_name=naming.DATA, ins={"validated": dg.AssetIn(key=validated_key)})
-    def training_splits(context: dg.AssetExecutionContext, validated: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    def training_splits(context: dg.AssetExecutionContext, validated: DataFrameType) -> dg.Output[DataFrameType]:
         """Deterministic train / validation / test assignment of every validated row, with a hash per split."""
         window = training_window(context.instance, spec, validated) if spec.partitioned else None
         return split_rows(spec, validated, window)

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 
 from assets import naming, rollout_state
 from assets.profile import load_profile
 from assets.serving_client import latency_burst, percentile, sample_rows, smoke_decision
 from assets.spec import LoadedSpec, PipelineSpec
-from assets.wiring import Log
+from assets.wiring import DataFrameType, Log
 from core.keys import keys_dir as keys_folder
+from core.lazy import pd
 from core.names import OPERATOR_KEY_ID, SMOKE_KEY_ID, notice_prompt_name
 from core.server_config import ServerConfig, TlsFiles, parse_server_config
 from core.signing import PUBLIC_KEY
@@ -210,7 +210,7 @@ def server_config(loaded: LoadedSpec, home: str, tracking_uri: str, audit_url: s
 
 
 def deploy(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource, audit: AuditResource,
-           server: ServerLauncher, validated: pd.DataFrame, log: Log | None = None
+           server: ServerLauncher, validated: "pd.DataFrame", log: Log | None = None
            ) -> tuple[Deployed, dict[str, str], str | None, list[dict[str, Any]]]:
     """Start or reload the server on the champion; (Deployed, expected versions, smoke key, smoke rows)."""
     spec = loaded.spec
@@ -240,7 +240,7 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
                     "Open Inference Protocol v2), every decision on the hash-chained audit log.",
     )
     def deployment(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource,
-                   audit: AuditResource, server: ServerLauncher, validated: pd.DataFrame) -> dg.MaterializeResult:
+                   audit: AuditResource, server: ServerLauncher, validated: DataFrameType) -> dg.MaterializeResult:
         """Starts or reloads the inference server on the champion (a local process, or a KServe
         InferenceService on Kubernetes), waits until it serves that version, then sends a smoke decision and
         a short latency burst. Metadata: endpoint, versions served, traffic policy, where the log is."""

@@ -12,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
 from assets.spec import PipelineSpec
+from core.lazy import np, pd
 from core.names import DETECTORS_TAG
 from resources.mlflow import MlflowResource
 from resources.storage import StorageResource, atomic_write_bytes

@@ -13,8 +13,6 @@ import time
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
 from assets import naming
 from assets.checks.embedding_checks import build_embedding_checks
@@ -23,12 +21,13 @@ from assets.naming import LABEL, ROW_ID, asset_key
 from assets.partitions import (Frames, month_keys, partition_output, partitioned_asset_kwargs, quiet_preview,
                                run_keys, split_aligned, with_note)
 from assets.spec import LoadedSpec, PipelineSpec
-from assets.wiring import Log
+from assets.wiring import DataFrameType, Log
+from core.lazy import np, pd
 from resources.storage import StorageResource, frame_hash
 from resources.vectors import VectorIndexResource
 
 
-def embeddings_version(weights_hash: str, frame: pd.DataFrame, text_columns: list[str]) -> str:
+def embeddings_version(weights_hash: str, frame: "pd.DataFrame", text_columns: list[str]) -> str:
     """A hash of the model and every (row id, vector) of a text_embeddings frame: equal vectors, equal version."""
     h = hashlib.sha256(weights_hash.encode())
     h.update("\0".join(frame[ROW_ID].astype(str)).encode())
@@ -44,7 +43,7 @@ def _model_metadata(spec: PipelineSpec, loaded: LoadedSpec):
     return resolve_model(spec.embeddings.model, spec.name, loaded.path.parent)
 
 
-def _preview(validated: pd.DataFrame, frame: pd.DataFrame, text_columns: list[str], rows: int = 5) -> str:
+def _preview(validated: "pd.DataFrame", frame: "pd.DataFrame", text_columns: list[str], rows: int = 5) -> str:
     shown = pd.DataFrame({ROW_ID: frame[ROW_ID].head(rows)})
     for col in text_columns:
         shown[col] = validated[col].head(rows).map(lambda t: (t[:40] + "...") if len(t) > 40 else t)
@@ -53,8 +52,8 @@ def _preview(validated: pd.DataFrame, frame: pd.DataFrame, text_columns: list[st
     return shown.to_markdown(index=False)
 
 
-def _embed(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame, log: Log
-           ) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _embed(storage: StorageResource, loaded: LoadedSpec, validated: "pd.DataFrame", log: Log
+           ) -> "tuple[pd.DataFrame, dict[str, Any]]":
     """Vectors of every text column of `validated` through the cache, and what that cost (run-wide metadata)."""
     spec = loaded.spec
     text_columns = list(spec.features.text)
@@ -114,7 +113,7 @@ def _embed(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame
     }
 
 
-def _version_metadata(loaded: LoadedSpec, validated: pd.DataFrame, frame: pd.DataFrame, weights_hash: str
+def _version_metadata(loaded: LoadedSpec, validated: "pd.DataFrame", frame: "pd.DataFrame", weights_hash: str
                       ) -> dict[str, Any]:
     text_columns = list(loaded.spec.features.text)
     return {"embeddings_version": embeddings_version(weights_hash, frame, text_columns),
@@ -122,8 +121,8 @@ def _version_metadata(loaded: LoadedSpec, validated: pd.DataFrame, frame: pd.Dat
             "preview": dg.MetadataValue.md(_preview(validated, frame, text_columns))}
 
 
-def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame, log: Log
-                       ) -> dg.Output[pd.DataFrame]:
+def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: "pd.DataFrame", log: Log
+                       ) -> "dg.Output[pd.DataFrame]":
     """Sentence embeddings of every text column, L2-normalized, keyed by row_id, through the content-hash cache."""
     frame, meta = _embed(storage, loaded, validated, log)
     versioned = _version_metadata(loaded, validated, frame, meta["weights_hash"])
@@ -131,8 +130,8 @@ def embed_text_columns(storage: StorageResource, loaded: LoadedSpec, validated: 
                      metadata={**versioned, **meta})
 
 
-def embed_months(storage: StorageResource, loaded: LoadedSpec, validated: pd.DataFrame, keys: list[str], log: Log
-                 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]:
+def embed_months(storage: StorageResource, loaded: LoadedSpec, validated: "pd.DataFrame", keys: list[str], log: Log
+                 ) -> "tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]], dict[str, Any]]":
     """A run's months embedded at once (the cache embeds each new text once), then cut by month: each month's
     vectors and version, and what the run cost. Only texts the cache has never seen are encoded."""
     frame, meta = _embed(storage, loaded, validated, log)
@@ -143,7 +142,7 @@ def embed_months(storage: StorageResource, loaded: LoadedSpec, validated: pd.Dat
     return frames, metas, meta
 
 
-def index_rows(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: pd.DataFrame, validated: pd.DataFrame,
+def index_rows(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: "pd.DataFrame", validated: "pd.DataFrame",
                log: Log, partition: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each text column's LanceDB table brought to these rows (a partitioned spec's: this month's rows, the other
     months untouched); the summary (the asset's value) and metadata, with what the ANN index did."""
@@ -197,15 +196,15 @@ def index_rows(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: pd.
     return summary, meta if partition is None else {**meta, "partition": partition}
 
 
-def write_vector_index(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: pd.DataFrame,
-                       validated: pd.DataFrame, log: Log) -> dg.Output[dict]:
+def write_vector_index(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: "pd.DataFrame",
+                       validated: "pd.DataFrame", log: Log) -> dg.Output[dict]:
     """One LanceDB table per text column, written incrementally; the Lance version of each is recorded."""
     summary, meta = index_rows(vectors, loaded, embeddings, validated, log)
     return dg.Output(summary, data_version=dg.DataVersion(meta["content_hash"][:16]), metadata=meta)
 
 
-def index_months(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: pd.DataFrame,
-                 validated: pd.DataFrame, keys: list[str], log: Log
+def index_months(vectors: VectorIndexResource, loaded: LoadedSpec, embeddings: "pd.DataFrame",
+                 validated: "pd.DataFrame", keys: list[str], log: Log
                  ) -> tuple[dict[str, dict], dict[str, dict[str, Any]]]:
     """A run's months written into the tables one month at a time (a new month is appended), in time order."""
     months = month_keys(loaded.spec, validated[loaded.spec.time_column])
@@ -240,7 +239,7 @@ def _definitions(loaded: LoadedSpec) -> dg.Definitions:
     @dg.asset(key=embeddings_key, group_name=naming.EMBEDDINGS, ins={"validated": dg.AssetIn(key=validated_key)},
               **partitioned)
     def text_embeddings(context: dg.AssetExecutionContext, storage: StorageResource,
-                        validated: pd.DataFrame) -> dg.Output[Frames]:
+                        validated: DataFrameType) -> dg.Output[Frames]:
         """Sentence embeddings of every text column, L2-normalized, keyed by row_id.
 
         Texts are cached by content hash per model: only texts this model has never embedded are encoded.
@@ -255,8 +254,8 @@ def _definitions(loaded: LoadedSpec) -> dg.Definitions:
     @dg.asset(key=index_key, group_name=naming.EMBEDDINGS,
               ins={"embeddings": dg.AssetIn(key=embeddings_key), "validated": dg.AssetIn(key=validated_key)},
               **partitioned)
-    def vector_index(context: dg.AssetExecutionContext, vectors: VectorIndexResource, embeddings: pd.DataFrame,
-                     validated: pd.DataFrame) -> dg.Output[Any]:
+    def vector_index(context: dg.AssetExecutionContext, vectors: VectorIndexResource, embeddings: DataFrameType,
+                     validated: DataFrameType) -> dg.Output[Any]:
         """A LanceDB table per text column (row id, text, label, the row's other features, its vector) for
         similar-case lookups and text drift. Only changed rows are written; the Lance table version of each
         materialization is recorded. An ANN index (IVF-SQ) is trained once a table reaches the resource's

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
 from assets import naming
 from assets.attacks import attack_evidence, surface_for
@@ -23,6 +21,7 @@ from assets.features import build_feature_frame
 from assets.naming import CHALLENGER, CHAMPION, LABEL, LINEAGE_TAGS, ROW_ID, SPLIT, asset_key
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import Log, feature_asset, png_markdown
+from core.lazy import np, pd
 from resources.mlflow import MlflowResource, refuse_pickle
 from core.files import sha256_file
 from core.names import MANIFEST_TAG, THRESHOLD_TAG
@@ -99,13 +98,13 @@ def mlflow_pyfunc_load(local: Path):
 
 
 def _predict_fn(model):
-    def predict(frame: pd.DataFrame) -> np.ndarray:
+    def predict(frame: "pd.DataFrame") -> "np.ndarray":
         return model.predict(frame)["probability"].to_numpy(dtype=float)
     return predict
 
 
-def _plots(out_dir: Path, y: np.ndarray, p: np.ndarray, slices: dict[str, SliceMetrics], champion_p: np.ndarray | None
-           ) -> dict[str, str]:
+def _plots(out_dir: Path, y: "np.ndarray", p: "np.ndarray", slices: dict[str, SliceMetrics],
+           champion_p: "np.ndarray | None") -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +154,7 @@ def _plots(out_dir: Path, y: np.ndarray, p: np.ndarray, slices: dict[str, SliceM
     return paths
 
 
-def _governance(spec: PipelineSpec, tags: dict[str, str], validated: pd.DataFrame, splits: pd.DataFrame,
+def _governance(spec: PipelineSpec, tags: dict[str, str], validated: "pd.DataFrame", splits: "pd.DataFrame",
                 model: "PyFuncModel | None") -> Governance:
     """Do the version's lineage tags resolve to the data in place now, and which columns does it take?"""
     problems: list[str] = []
@@ -174,7 +173,7 @@ def _governance(spec: PipelineSpec, tags: dict[str, str], validated: pd.DataFram
     return Governance(problems=sorted(set(problems)), model_inputs=inputs, current=current)
 
 
-def split_features(feature_frame: pd.DataFrame, prep: dict) -> dict[str, np.ndarray]:
+def split_features(feature_frame: "pd.DataFrame", prep: dict) -> "dict[str, np.ndarray]":
     """The matrix the network reads, per split, built once for the baselines, the drift detectors and the attacks
     (a million rows' train matrix is the largest thing the evaluation holds)."""
     from assets.features import transform
@@ -182,8 +181,8 @@ def split_features(feature_frame: pd.DataFrame, prep: dict) -> dict[str, np.ndar
     return {s: transform(feature_frame[feature_frame[SPLIT] == s], prep) for s in ("train", "validation", "test")}
 
 
-def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path,
-                    matrices: dict[str, np.ndarray] | None = None) -> list[BaselineScore]:
+def score_baselines(spec: PipelineSpec, feature_frame: "pd.DataFrame", local: Path,
+                    matrices: "dict[str, np.ndarray] | None" = None) -> list[BaselineScore]:
     """Logistic regression and gradient boosting on the network's own inputs (the version's preprocessing);
     `matrices` (split_features) are emptied: the baselines are the evaluation's last and largest step."""
     from assets.baselines import fit_baselines, split_matrices
@@ -204,8 +203,8 @@ def score_baselines(spec: PipelineSpec, feature_frame: pd.DataFrame, local: Path
 
 
 def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
-                        run_id: str | None, feature_frame: pd.DataFrame, held_out_scores: np.ndarray | None,
-                        prep: dict | None = None, matrices: dict[str, np.ndarray] | None = None) -> str:
+                        run_id: str | None, feature_frame: "pd.DataFrame", held_out_scores: "np.ndarray | None",
+                        prep: dict | None = None, matrices: "dict[str, np.ndarray] | None" = None) -> str:
     """The version's drift detectors, fitted on (a sample of) its training split; see assets/detectors.py. With
     the version's preprocessing (`prep`), its out-of-distribution detector too, on the matrix the network reads:
     fitted on the training rows, its threshold set on the validation and test rows (core/ood.py); `matrices`
@@ -226,8 +225,8 @@ def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: Ml
     return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, held_out_scores, ood)
 
 
-def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResource, validated: pd.DataFrame,
-             splits: pd.DataFrame, embeddings: pd.DataFrame | None, log: Log) -> Evaluation:
+def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResource, validated: "pd.DataFrame",
+             splits: "pd.DataFrame", embeddings: "pd.DataFrame | None", log: Log) -> Evaluation:
     """Gather every piece of evidence for the challenger; a model that will not load is evidence too."""
     from assets.metrics import (binary_metrics, choose_threshold, permutation_importance, robustness,
                                 sensitive_groups, slice_metrics)
@@ -401,8 +400,8 @@ def evaluation_metadata(ev: Evaluation) -> dict[str, Any]:
 def definitions(loaded: LoadedSpec) -> dg.Definitions:
     spec = loaded.spec
 
-    def run(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
-            embeddings: pd.DataFrame | None) -> dg.Output[Evaluation]:
+    def run(context: dg.AssetExecutionContext, validated: "pd.DataFrame", splits: "pd.DataFrame",
+            embeddings: "pd.DataFrame | None") -> dg.Output[Evaluation]:
         r = context.resources
         ev = evaluate(spec, r.mlflow, r.storage, validated, splits, embeddings, context.log)
         return dg.Output(ev, metadata=evaluation_metadata(ev))

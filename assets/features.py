@@ -17,8 +17,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import pandas as pd
+from core.lazy import np, pd
 
 # The same names as assets.data: repeated because this file ships alone inside the registered model.
 ROW_ID = "row_id"

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import Any, TypeAlias
 
 from assets.evidence import GroupRates, MissingText, NumericNoise, Robustness, SliceMetrics, SplitMetrics
 from assets.spec import SensitiveFeature
+from core.lazy import np, pd
 
-PredictFn = Callable[[pd.DataFrame], np.ndarray]
+PredictFn: TypeAlias = "Callable[[pd.DataFrame], np.ndarray]"
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:

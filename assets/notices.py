@@ -13,14 +13,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 
 from assets import naming
 from assets.evidence import Evaluation, GateVerdict, NoticeEvidence, NoticeTemplateInfo
 from assets.naming import ROW_ID, SPLIT, asset_key
 from assets.notice_gate import TEMPLATE_VERSION_KEY, rules_of, template_of
 from assets.spec import LoadedSpec
-from assets.wiring import Log
+from assets.wiring import DataFrameType, Log
+from core.lazy import pd
 from core.names import THRESHOLD_TAG
 from core.notices.checks import CHECKS, Outcome, Rendered, render_one, run_checks
 from core.notices.template import NoticeRequest, NoticeTemplate, NoticeTemplateError
@@ -55,7 +55,7 @@ def _typical(preprocessing: dict[str, Any]) -> tuple[dict[str, float], list[str]
     return typical, citeable
 
 
-def adverse_requests(loaded: LoadedSpec, model: Any, threshold: float, template: NoticeTemplate, test: pd.DataFrame,
+def adverse_requests(loaded: LoadedSpec, model: Any, threshold: float, template: NoticeTemplate, test: "pd.DataFrame",
                   date: str) -> tuple[list[tuple[str, NoticeRequest]], dict[str, float], list[str]]:
     """(row id, request) for every adverse decision of the test rows, as the server would decide them; and the
     model's typical values and citeable features."""
@@ -78,7 +78,7 @@ def adverse_requests(loaded: LoadedSpec, model: Any, threshold: float, template:
 
 
 def render_notices(loaded: LoadedSpec, mlflow: MlflowResource, storage: StorageResource, ev: Evaluation,
-                   info: NoticeTemplateInfo, validated: pd.DataFrame, splits: pd.DataFrame, log: Log
+                   info: NoticeTemplateInfo, validated: "pd.DataFrame", splits: "pd.DataFrame", log: Log
                    ) -> tuple[NoticeEvidence, list[Outcome]]:
     """Render the challenger's adverse test decisions with the registered template version and check them."""
     from core.notices.registry import load
@@ -185,7 +185,7 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
               check_specs=[dg.AssetCheckSpec(name, asset=notices_key, blocking=True, description=doc)
                            for name, doc in CHECKS.items()])
     def notices(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
-                ev: Evaluation, info: NoticeTemplateInfo, validated: pd.DataFrame, splits: pd.DataFrame):
+                ev: Evaluation, info: NoticeTemplateInfo, validated: DataFrameType, splits: DataFrameType):
         """The notice of every adverse decision the challenger makes on the test split, rendered with the
         registered template version exactly as the server renders it, and checked: faithful to the decision's
         top factors, no sensitive attribute or proxy, the required disclosures, readable, within length bounds,

@@ -30,9 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
+from core.lazy import np, pd
 from core.onnx_runtime import (ENCODER_FP32, ENCODER_INT8, ENCODER_PATHS, MAX_AUC_DELTA, MAX_COSINE_TEXTS,
                                MAX_NETWORK_DIFF, MIN_COSINE, NETWORK_FILE, PARITY_FILE, PARITY_FORMAT, PYTORCH,
                                OnnxEncoder, OnnxNetwork)

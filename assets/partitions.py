@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 
 from assets import naming
 from assets.spec import PipelineSpec
+from core.lazy import pd
 from resources.storage import WINDOW_METADATA
 
 # What a partitioned asset returns: one month's frame, or a range's {month: frame} (Dagster types it as Any).

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
 from assets.metrics import sensitive_groups
 from assets.spec import PipelineSpec
 from core.audit import AuditRecord, AuditStore
 from core.audit.traffic import NOT_TRAFFIC_KEY_IDS
+from core.lazy import np, pd
 from core.rollout import RolloutPolicy, StepWindow, parse_partition, step_window
 from core.rollout_stats import (HOLD, PASS, ROLLBACK, Figure, compare_auc, compare_failures, compare_parity,
                                 group_rates, latency_exceedance, score_shift, verdict_of)

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
-
 from assets.spec import PipelineSpec
 from core.audit import AuditStore
+from core.lazy import pd
 from core.server_config import TlsFiles
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import re
 
-import pandas as pd
-
 from assets.spec import FileSource, LoadedSpec, RdatasetsSource, SqlSource
+from core.lazy import pd
 
 
 class SourceError(RuntimeError):

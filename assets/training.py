@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
 from assets import features as feature_module
 from assets import naming
@@ -25,7 +23,8 @@ from assets.onnx_parity import ENCODER_CHECK, NETWORK_CHECK, check_results
 from assets.naming import CHALLENGER, LABEL, SPLIT, asset_key
 from assets.partitions import WINDOW_HASH, WINDOW_KEY, WINDOW_PARTITIONS
 from assets.spec import REPO_ROOT, LoadedSpec, PipelineSpec, Training
-from assets.wiring import Log, feature_asset
+from assets.wiring import DataFrameType, Log, feature_asset
+from core.lazy import np, pd
 from resources.embedder import ModelRef, encoder_artifacts, encoder_description, model_files_hash, resolve_model
 from resources.launchers import TrainingLauncher, TrainRequest
 from resources.mlflow import MlflowResource, refuse_pickle
@@ -148,8 +147,8 @@ def model_inputs(loaded: LoadedSpec, run_dir: Path) -> tuple[dict[str, str], str
     return {}, ""
 
 
-def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: pd.DataFrame,
-                          embeddings: pd.DataFrame | None, run_dir: Path) -> dict[str, Any]:
+def prepare_training_data(spec: PipelineSpec, validated: "pd.DataFrame", splits: "pd.DataFrame",
+                          embeddings: "pd.DataFrame | None", run_dir: Path) -> dict[str, Any]:
     """Fit preprocessing on the train split, write data.npz and preprocessing.json into run_dir."""
     f = spec.features
     frame = build_feature_frame(validated, splits, f.numeric, f.categorical, f.text, embeddings, spec.name)
@@ -182,8 +181,8 @@ def prepare_training_data(spec: PipelineSpec, validated: pd.DataFrame, splits: p
             "n_features": prep["n_features"], "train_positive_rate": float(train[LABEL].mean())}
 
 
-def text_arrays(validated: pd.DataFrame, frames: dict[str, pd.DataFrame], arrays: dict[str, np.ndarray],
-                prep: dict[str, Any]) -> dict[str, np.ndarray]:
+def text_arrays(validated: "pd.DataFrame", frames: "dict[str, pd.DataFrame]", arrays: "dict[str, np.ndarray]",
+                prep: dict[str, Any]) -> "dict[str, np.ndarray]":
     """text_finetune embeds the texts itself: the tabular columns alone (`x_*`, the embedding columns cut off the
     end of the matrix) and the cleaned texts (`t_*`, one column per text feature in the preprocessing's order)."""
     from assets.features import ordered_items
@@ -226,7 +225,7 @@ def recorded_window(instance: dg.DagsterInstance, spec: PipelineSpec) -> dict[st
 
 
 def recorded_embeddings_version(instance: dg.DagsterInstance, spec: PipelineSpec,
-                                embeddings: pd.DataFrame | None, months: list[str] | None = None) -> str:
+                                embeddings: "pd.DataFrame | None", months: list[str] | None = None) -> str:
     """The version text_embeddings recorded for the vectors this run loaded ("none" without text); for a partitioned
     spec, a hash over the version each month of the window recorded."""
     if embeddings is None:
@@ -309,8 +308,8 @@ def prune_runs(runs_dir: Path, keep: int, current: Path) -> list[Path]:
 
 
 def train_checkpoint(loaded: LoadedSpec, storage: StorageResource, mlflow: MlflowResource,
-                     launcher: TrainingLauncher, context: dg.AssetExecutionContext, validated: pd.DataFrame,
-                     splits: pd.DataFrame, embeddings: pd.DataFrame | None) -> dg.Output[dict]:
+                     launcher: TrainingLauncher, context: dg.AssetExecutionContext, validated: "pd.DataFrame",
+                     splits: "pd.DataFrame", embeddings: "pd.DataFrame | None") -> dg.Output[dict]:
     """Prepare the run folder, launch the workload, verify what it exported and describe it."""
     spec = loaded.spec
     t = spec.training
@@ -429,8 +428,8 @@ def model_code(code_dir: Path) -> dict[str, Any]:
 
 
 def register_checkpoint(loaded: LoadedSpec, mlflow: MlflowResource, storage: StorageResource, checkpoint: dict,
-                        validated: pd.DataFrame, dagster_run_id: str, log: Log,
-                        splits: pd.DataFrame | None = None, **parity_bounds: float) -> tuple[dg.Output[dict], dict]:
+                        validated: "pd.DataFrame", dagster_run_id: str, log: Log,
+                        splits: "pd.DataFrame | None" = None, **parity_bounds: float) -> tuple[dg.Output[dict], dict]:
     """Log the trained network as a pyfunc from code (with the text encoder it was trained with), its whole folder
     under one manifest and signed (core/model_folder.py), register a version with lineage tags, check the
     registry's copy of it and that it loads without pickle and predicts, then point `challenger` at it.
@@ -547,8 +546,8 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
     several = spec.training.launcher == "trainjob" or spec.training.num_nodes > 1
     launcher_key = "trainjob_launcher" if several else "launcher"
 
-    def train(context: dg.AssetExecutionContext, validated: pd.DataFrame, splits: pd.DataFrame,
-              embeddings: pd.DataFrame | None) -> dg.Output[dict]:
+    def train(context: dg.AssetExecutionContext, validated: "pd.DataFrame", splits: "pd.DataFrame",
+              embeddings: "pd.DataFrame | None") -> dg.Output[dict]:
         r = context.resources
         return train_checkpoint(loaded, r.storage, r.mlflow, getattr(r, launcher_key), context, validated, splits,
                                 embeddings)
@@ -572,7 +571,7 @@ def definitions(loaded: LoadedSpec) -> dg.Definitions:
               ins={"checkpoint": dg.AssetIn(key=checkpoint_key), "validated": dg.AssetIn(key=validated_key),
                    "splits": dg.AssetIn(key=asset_key(spec.name, naming.TRAINING_SPLITS))})
     def registered_model(context: dg.AssetExecutionContext, mlflow: MlflowResource, storage: StorageResource,
-                         checkpoint: dict, validated: pd.DataFrame, splits: pd.DataFrame):
+                         checkpoint: dict, validated: DataFrameType, splits: DataFrameType):
         """A version of the spec's MLflow model (pyfunc from code, safetensors weights, no pickle) with lineage
         tags, its whole folder under one manifest and signed with the model-signing key; alias `challenger`
         points to it once the registry's copy passes that seal, loads without pickle and predicts sane

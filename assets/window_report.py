@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
 from assets.detectors import load_version_detectors, reference_of
 from assets.spec import LoadedSpec, PipelineSpec
 from assets.wiring import png_markdown
 from core.audit import AuditRecord, AuditStore
 from core.audit.traffic import record_features, window_bounds, window_records
+from core.lazy import np, pd
 from resources.mlflow import MlflowResource
 from resources.storage import StorageResource
 

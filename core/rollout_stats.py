@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
+from core.lazy import np
 
 PASS, HOLD, ROLLBACK = "pass", "hold", "rollback"
 POWER_Z = 0.8416  # z of 80% power

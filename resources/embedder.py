@@ -36,12 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from core.files import sha256_file
+from core.lazy import np, pa, pc, pq
 from core.onnx_runtime import ENCODER_PATHS, MAX_COSINE_TEXTS, MIN_COSINE, PYTORCH
 from resources.storage import atomic_write_bytes
 

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 from pydantic import BaseModel, Field
 from upath import UPath
 
 from core.files import atomic_write_local, json_bytes
+from core.lazy import np, pd
 
 
 def _is_local(path: UPath) -> bool:

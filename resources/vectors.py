@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
+from core.lazy import np, pd
 from resources.storage import StorageResource, atomic_write_json
 
 MANIFEST = "manifest.json"

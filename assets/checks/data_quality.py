@@ -11,9 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
-
 from assets.spec import PipelineSpec
+from core.lazy import pd
 
 # The asset checks on raw_dataset, in the order the UI lists them, with what each one guards.
 DATA_CHECKS: dict[str, str] = {

@@ -4,10 +4,10 @@ every validated row. A failure stops vector_index and training from reading bad 
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
 from assets.naming import ROW_ID
+from assets.wiring import DataFrameType
+from core.lazy import np, pd
 
 NORM_TOLERANCE = 1e-3
 
@@ -23,14 +23,14 @@ EMBEDDING_CHECKS = {
 BLOCK_ROWS = 65_536
 
 
-def _matrix(series: pd.Series) -> tuple[np.ndarray | None, set[int]]:
+def _matrix(series: "pd.Series") -> "tuple[np.ndarray | None, set[int]]":
     lengths = {len(v) for v in series}
     if len(lengths) != 1:
         return None, lengths
     return np.stack(series.to_numpy()), lengths
 
 
-def _finite_and_norm_errors(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _finite_and_norm_errors(matrix: "np.ndarray") -> "tuple[np.ndarray, np.ndarray]":
     """Which rows are finite, and |L2 norm - 1| of those, in float64 a block of rows at a time."""
     finite = np.empty(len(matrix), dtype=bool)
     errors = []
@@ -42,7 +42,7 @@ def _finite_and_norm_errors(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return finite, np.concatenate(errors) if errors else np.zeros(0)
 
 
-def evaluate(embeddings: pd.DataFrame, validated: pd.DataFrame,
+def evaluate(embeddings: "pd.DataFrame", validated: "pd.DataFrame",
              columns: dict[str, str]) -> dict[str, tuple[bool, str, dict[str, Any]]]:
     """Each check's (passed, description, metadata); plain function so tests can call it on any frame."""
     out: dict[str, tuple[bool, str, dict[str, Any]]] = {}
@@ -101,8 +101,8 @@ def build_embedding_checks(spec_name: str, embeddings_key: dg.AssetKey, validate
     @dg.multi_asset_check(specs=specs, name=f"{spec_name}__embedding_checks",
                           ins={"embeddings": dg.AssetIn(key=embeddings_key),
                                "validated": dg.AssetIn(key=validated_key)})
-    def embedding_checks(context: dg.AssetCheckExecutionContext, embeddings: pd.DataFrame,
-                         validated: pd.DataFrame):
+    def embedding_checks(context: dg.AssetCheckExecutionContext, embeddings: DataFrameType,
+                         validated: DataFrameType):
         """Dimension, finiteness, unit norm and coverage of every text column's vectors."""
         for name, (passed, description, metadata) in evaluate(embeddings, validated, columns).items():
             if not passed:
