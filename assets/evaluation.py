@@ -181,47 +181,38 @@ def split_features(feature_frame: "pd.DataFrame", prep: dict) -> "dict[str, np.n
     return {s: transform(feature_frame[feature_frame[SPLIT] == s], prep) for s in ("train", "validation", "test")}
 
 
-def score_baselines(spec: PipelineSpec, feature_frame: "pd.DataFrame", local: Path,
-                    matrices: "dict[str, np.ndarray] | None" = None) -> list[BaselineScore]:
-    """Logistic regression and gradient boosting on the network's own inputs (the version's preprocessing);
-    `matrices` (split_features) are emptied: the baselines are the evaluation's last and largest step."""
-    from assets.baselines import fit_baselines, split_matrices
+def score_baselines(spec: PipelineSpec, feature_frame: "pd.DataFrame", matrices: "dict[str, np.ndarray]"
+                    ) -> list[BaselineScore]:
+    """Logistic regression and gradient boosting on the network's own inputs (the version's preprocessing):
+    `matrices` (split_features) are taken over and emptied, since the baselines are the evaluation's last and
+    largest step: the float64 copies they read replace the float32 matrices, which nothing reads after them."""
+    from assets.baselines import fit_baselines
 
-    if matrices is None:
-        prep = json.loads((local / "artifacts" / "preprocessing.json").read_text())
-        inputs, validation = split_matrices(feature_frame, prep), None
-    else:  # the float64 copies the baselines read replace the float32 matrices, which nothing reads after them
-        labels = {s: feature_frame.loc[feature_frame[SPLIT] == s, LABEL].to_numpy(np.int64)
-                  for s in ("train", "validation", "test")}
-        x = {s: matrices.pop(s).astype(np.float64) for s in ("train", "validation", "test")}
-        matrices.clear()
-        inputs = (x["train"], labels["train"], x["test"], labels["test"])
-        validation = (x.pop("validation"), labels["validation"]) if len(labels["validation"]) else None
-        del x
+    labels = {s: feature_frame.loc[feature_frame[SPLIT] == s, LABEL].to_numpy(np.int64)
+              for s in ("train", "validation", "test")}
+    x = {s: matrices.pop(s).astype(np.float64) for s in ("train", "validation", "test")}
+    matrices.clear()
+    inputs = (x["train"], labels["train"], x["test"], labels["test"])
+    validation = (x.pop("validation"), labels["validation"]) if len(labels["validation"]) else None
+    del x
     return [BaselineScore(name=b.name, auc=b.auc, fit_seconds=round(b.fit_seconds, 2))
             for b in fit_baselines(*inputs, seed=spec.split.seed, validation=validation)]
 
 
 def fit_drift_detectors(spec: PipelineSpec, storage: StorageResource, mlflow: MlflowResource, version: str,
                         run_id: str | None, feature_frame: "pd.DataFrame", held_out_scores: "np.ndarray | None",
-                        prep: dict | None = None, matrices: "dict[str, np.ndarray] | None" = None) -> str:
-    """The version's drift detectors, fitted on (a sample of) its training split; see assets/detectors.py. With
-    the version's preprocessing (`prep`), its out-of-distribution detector too, on the matrix the network reads:
-    fitted on the training rows, its threshold set on the validation and test rows (core/ood.py); `matrices`
-    (split_features) are those rows already prepared."""
-    from assets.features import embedding_column, transform
+                        matrices: "dict[str, np.ndarray]") -> str:
+    """The version's drift detectors, fitted on (a sample of) its training split; see assets/detectors.py. Its
+    out-of-distribution detector too, on the matrix the network reads (`matrices`, split_features): fitted on the
+    training rows, its threshold set on the validation and test rows (core/ood.py)."""
+    from assets.features import embedding_column
 
     train = feature_frame[feature_frame[SPLIT] == "train"]
     if len(train) > spec.monitoring.reference_rows:
         train = train.sample(n=spec.monitoring.reference_rows, random_state=spec.split.seed)
     vectors = {c: np.stack(train[embedding_column(c)].to_numpy()).astype(np.float32) for c in spec.features.text}
     reference = train[[*spec.features.numeric, *spec.features.categorical]].reset_index(drop=True)
-    ood = None
-    if matrices is not None:
-        ood = (matrices["train"], np.concatenate([matrices["validation"], matrices["test"]]))
-    elif prep is not None:
-        held = feature_frame[feature_frame[SPLIT] != "train"]
-        ood = (transform(feature_frame[feature_frame[SPLIT] == "train"], prep), transform(held, prep))
+    ood = (matrices["train"], np.concatenate([matrices["validation"], matrices["test"]]))
     return fit_version_detectors(spec, storage, mlflow, version, run_id, reference, vectors, held_out_scores, ood)
 
 
@@ -304,7 +295,7 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
     try:
         detectors = fit_drift_detectors(spec, storage, mlflow, version, challenger.run_id, feature_frame,
                                         held_out if len(held_out) >= spec.monitoring.min_window else None,
-                                        prep, matrices)
+                                        matrices)
     except Exception as exc:  # monitoring is not a gate: the version is evaluated, and says it has no detectors
         log.warning(f"{name} v{version}: drift detectors not fitted ({type(exc).__name__}: {exc}); the drift sensor "
                     "cannot score windows this version serves")
@@ -315,7 +306,7 @@ def evaluate(spec: PipelineSpec, mlflow: MlflowResource, storage: StorageResourc
         spec.split.seed))
     if robust.attack_error:
         log.warning(f"{name} v{version}: {robust.attack_error}")
-    baselines = score_baselines(spec, feature_frame, local, matrices)  # last: it takes the matrices over
+    baselines = score_baselines(spec, feature_frame, matrices)  # last: it takes the matrices over
     ev = Evaluation(**head, test=metrics, slices=slices, champion=comparison, baselines=baselines,
                     drift_detectors=detectors, importance=importance, explanations=explanations,
                     robustness=robust, plots=plots, seconds=round(time.perf_counter() - started, 2))

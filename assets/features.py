@@ -143,19 +143,15 @@ def transform(frame: pd.DataFrame, prep: dict[str, Any]) -> np.ndarray:
     The matrix is allocated once and filled a block at a time (numbers computed in float64, then stored), so a
     million rows cost the matrix and one column's temporaries, never a float64 copy of every embedding.
     """
+    described = (2 * len(prep["numeric"])
+                 + sum(len(st["categories"]) + 1 for st in prep["categorical"].values())
+                 + sum(st["dim"] for st in prep["embeddings"].values()))
+    if described != prep["n_features"]:
+        raise FeatureError(f"the preprocessing describes {described} features but says n_features is "
+                           f"{prep['n_features']}: it is damaged; train the version again")
     n = len(frame)
-    x = np.empty((n, int(prep["n_features"])), dtype=np.float32)
+    x = np.empty((n, described), dtype=np.float32)
     at = 0
-
-    def put(block: np.ndarray) -> None:
-        nonlocal at
-        width = block.shape[1]
-        if at + width > x.shape[1]:
-            raise FeatureError(f"transform produced more than the {prep['n_features']} features the preprocessing "
-                               "expects")
-        x[:, at:at + width] = block
-        at += width
-
     for col, st in ordered_items(prep, "numeric"):
         if col not in frame.columns:
             raise FeatureError(f"numeric feature column {col!r} is missing from the input")
@@ -169,16 +165,15 @@ def transform(frame: pd.DataFrame, prep: dict[str, Any]) -> np.ndarray:
                 raise FeatureError(f"numeric feature column {col!r} holds a non-number: {exc}") from None
         missing = np.isnan(values)
         filled = np.where(missing, st["median"], values)
-        put(((filled - st["mean"]) / st["std"]).reshape(n, 1))
-        put(missing.astype("float64").reshape(n, 1))
+        x[:, at] = (filled - st["mean"]) / st["std"]
+        x[:, at + 1] = missing
+        at += 2
     for col, st in ordered_items(prep, "categorical"):
         if col not in frame.columns:
             raise FeatureError(f"categorical feature column {col!r} is missing from the input")
         cats = st["categories"]
         index = {c: i for i, c in enumerate(cats)}
         codes = np.array([index.get(_category(v), len(cats)) for v in frame[col].tolist()], dtype=np.int64)
-        if at + len(cats) + 1 > x.shape[1]:
-            put(np.zeros((n, len(cats) + 1)))  # raises: too many features
         x[:, at:at + len(cats) + 1] = 0.0
         x[np.arange(n), at + codes] = 1.0
         at += len(cats) + 1
@@ -190,15 +185,11 @@ def transform(frame: pd.DataFrame, prep: dict[str, Any]) -> np.ndarray:
         bad = [i for i, r in enumerate(rows) if r is None or len(r) != dim]
         if bad:
             raise FeatureError(f"{ecol}: row {bad[0]} is not a vector of {dim} floats")
-        if at + dim > x.shape[1]:
-            put(np.zeros((n, dim)))  # raises: too many features
         for start in range(0, n, EMBED_CHUNK):  # a float32 vector is exact in float64, so this equals the old cast
             chunk = rows[start:start + EMBED_CHUNK]
             x[start:start + len(chunk), at:at + dim] = np.asarray(
                 [np.asarray(r, dtype=np.float64) for r in chunk]).reshape(len(chunk), dim)
         at += dim
-    if at != x.shape[1]:
-        raise FeatureError(f"transform produced {at} features; the preprocessing expects {prep['n_features']}")
     return x
 
 

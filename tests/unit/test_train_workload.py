@@ -80,7 +80,7 @@ def test_transform_in_slices_equals_the_whole_float64_matrix(monkeypatch: pytest
     monkeypatch.setattr(features, "EMBED_CHUNK", 7)  # 143 slices, the last one short
     got = transform(frame, prep)
     assert got.dtype == np.float32 and np.array_equal(got, expected.astype(np.float32))
-    with pytest.raises(FeatureError, match="transform produced more than the 8 features"):
+    with pytest.raises(FeatureError, match="describes 9 features but says n_features is 8"):
         transform(frame, {**prep, "n_features": 8})
 
 
