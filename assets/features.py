@@ -1,8 +1,8 @@
 """Model inputs: the feature frame, and preprocessing fitted on the train split only, stored as JSON.
 
-This module imports numpy and pandas and nothing else of ours: the registered MLflow model ships this
-very file (`code_paths`) and calls `transform` at serving time, so training and serving can never disagree
-on how a raw row becomes a vector.
+This module imports numpy and pandas (inside the functions that use them, so loading the code location does not)
+and nothing else of ours: the registered MLflow model ships this very file (`code_paths`) and calls `transform`
+at serving time, so training and serving can never disagree on how a raw row becomes a vector.
 
 - numeric: median imputation, a missing indicator, then standardization with the train split's mean and std
 - categorical: one-hot over the `max_categories` most frequent train values plus "other" (missing is a value)
@@ -14,10 +14,13 @@ on how a raw row becomes a vector.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.lazy import np, pd
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 # The same names as assets.data: repeated because this file ships alone inside the registered model.
 ROW_ID = "row_id"
@@ -41,6 +44,8 @@ def clean_text(value: Any) -> str:
     validated_dataset stores it, text_embeddings embeds it and the served model applies it to each request,
     so a text is embedded the same way whichever way it arrives.
     """
+    import pandas as pd
+
     if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return ""
     return str(value).strip()
@@ -95,12 +100,14 @@ def build_feature_frame(validated: pd.DataFrame, splits: pd.DataFrame, numeric: 
 
 
 def _category(value: Any) -> str:
-    return MISSING if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+    return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def fit_preprocessing(train: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str],
                       text: Sequence[str] = (), max_categories: int = 30) -> dict[str, Any]:
     """Statistics of the train rows only, as a JSON-ready dict that `transform` reads."""
+    import pandas as pd
+
     if len(train) == 0:
         raise FeatureError("the train split is empty; nothing to fit preprocessing on")
     prep: dict[str, Any] = {"version": PREPROCESSING_VERSION, "numeric": {}, "categorical": {}, "embeddings": {}}
@@ -143,6 +150,9 @@ def transform(frame: pd.DataFrame, prep: dict[str, Any]) -> np.ndarray:
     The matrix is allocated once and filled a block at a time (numbers computed in float64, then stored), so a
     million rows cost the matrix and one column's temporaries, never a float64 copy of every embedding.
     """
+    import numpy as np
+    import pandas as pd
+
     described = (2 * len(prep["numeric"])
                  + sum(len(st["categories"]) + 1 for st in prep["categorical"].values())
                  + sum(st["dim"] for st in prep["embeddings"].values()))

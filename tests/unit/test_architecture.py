@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,6 +139,25 @@ def test_no_import_circle_no_sys_path_edit_no_oversized_module() -> None:
     assert not edits, f"sys.path edited in {edits}"
     big = {str(p.relative_to(REPO)): n for p in known.values() if (n := p.read_text().count("\n")) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_the_modules_a_model_version_ships_import_nothing_of_ours() -> None:
+    """A registered version carries these files and nothing else of the project (assets/training.py model_code):
+    an import of a project module in them works beside the repository and fails wherever the version is served."""
+    from assets.training import model_code
+
+    shipped = {"assets/features.py", "workloads/tabular_mlp.py", "core/onnx_runtime.py", "workloads/model_code.py"}
+    own = {"intelligentops_features", "tabular_mlp", "intelligentops_onnx"}
+    with tempfile.TemporaryDirectory() as tmp:
+        names = {Path(c).stem for c in model_code(Path(tmp))["code_paths"]}
+    assert names == own, f"model_code ships {sorted(names)}: update this test's list"
+    found = []
+    for rel in sorted(shipped):
+        for node in ast.walk(ast.parse((REPO / rel).read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            found += [f"{rel}: {t}" for t in targets if t.split(".")[0] in FLOORS]
+    assert not found, f"shipped with a version, these import the project: {found}"
 
 
 def test_readme_and_docs_name_only_files_in_the_repository() -> None:
