@@ -25,7 +25,10 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
+# The project's modules compiled once: every process (a Dagster step, a server worker, a torchrun rank) then reads
+# them compiled, also where PYTHONDONTWRITEBYTECODE keeps Python from writing them itself.
 setup: $(BIN)/.installed
+	@$(BIN)/python -m compileall -q -j 0 assets core orchestration resources workloads >/dev/null
 
 dagster-home:
 	mkdir -p $(DAGSTER_HOME)
